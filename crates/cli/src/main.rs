@@ -1,0 +1,209 @@
+//! `pg2`: score, predict with and inspect PaliGemma 2 checkpoints (Hugging Face model folders).
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Result};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use indicatif::{ProgressBar, ProgressStyle};
+use pg2_data::{image, source, Batch, EncodedExample, PgTokenizer, Record};
+use pg2_model::{checkpoint, generate, DecodeOptions, PaliGemma, RunOptions};
+use tch::{Device, Kind};
+
+#[derive(Parser)]
+#[command(name = "pg2", version, about = "PaliGemma 2 tools: score, predict, inspect checkpoints")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Log-probability of each record's suffix (+ <eos>) given image and prefix: one JSON line per record.
+    Score {
+        #[command(flatten)]
+        model: ModelArgs,
+        /// JSONL file of {"image", "prefix", "suffix"} records.
+        #[arg(long)]
+        data: PathBuf,
+        /// Records per forward pass.
+        #[arg(long, default_value_t = 8)]
+        batch_size: usize,
+    },
+    /// Decode a continuation of each record's prefix: one {"prediction": ...} JSON line per record.
+    Predict {
+        #[command(flatten)]
+        model: ModelArgs,
+        /// JSONL file of {"image", "prefix"} records (a "suffix" is ignored).
+        #[arg(long)]
+        data: PathBuf,
+        /// Beam size; 1 decodes greedily.
+        #[arg(long, default_value_t = 1)]
+        beam: usize,
+        /// Most tokens generated per record.
+        #[arg(long, default_value_t = 32)]
+        max_len: usize,
+        /// Beam hypotheses rank by sum logprob / length^penalty.
+        #[arg(long, default_value_t = 1.0)]
+        length_penalty: f64,
+        /// Records decoded together.
+        #[arg(long, default_value_t = 8)]
+        batch_size: usize,
+    },
+    /// Print a checkpoint's configuration, parameter counts per component and dtype.
+    Inspect {
+        /// Hugging Face model folder (config.json + safetensors).
+        #[arg(long)]
+        checkpoint: PathBuf,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum DtypeArg {
+    F32,
+    Bf16,
+}
+
+#[derive(Args)]
+struct ModelArgs {
+    /// Hugging Face model folder (config.json, safetensors, tokenizer.json).
+    #[arg(long)]
+    checkpoint: PathBuf,
+    /// Tokenizer file; defaults to CHECKPOINT/tokenizer.json.
+    #[arg(long)]
+    tokenizer: Option<PathBuf>,
+    /// Compute dtype.
+    #[arg(long, value_enum, default_value = "f32")]
+    dtype: DtypeArg,
+    /// cpu, cuda, cuda:N, or auto (the first GPU if there is one).
+    #[arg(long, default_value = "auto")]
+    device: String,
+    /// Switch off the attention and final-logit soft-caps (as transfer runs train without them).
+    #[arg(long)]
+    no_soft_caps: bool,
+    /// Apply the config's sliding window on its local layers, as transformers does
+    /// (big_vision, which trained the released weights, attends globally).
+    #[arg(long)]
+    sliding_window: bool,
+}
+
+impl ModelArgs {
+    fn device(&self) -> Result<Device> {
+        Ok(match self.device.as_str() {
+            "auto" => Device::cuda_if_available(),
+            "cpu" => Device::Cpu,
+            "cuda" => Device::Cuda(0),
+            other => match other.strip_prefix("cuda:").and_then(|n| n.parse().ok()) {
+                Some(n) => Device::Cuda(n),
+                None => bail!("--device {other}: expected cpu, cuda, cuda:N or auto"),
+            },
+        })
+    }
+
+    fn load(&self) -> Result<(PaliGemma, PgTokenizer)> {
+        let kind = match self.dtype {
+            DtypeArg::F32 => Kind::Float,
+            DtypeArg::Bf16 => Kind::BFloat16,
+        };
+        let options = RunOptions { soft_caps: !self.no_soft_caps, sliding_window: self.sliding_window };
+        let model = PaliGemma::load(&self.checkpoint, self.device()?, kind, options)?;
+        let tokenizer_path = self.tokenizer.clone().unwrap_or_else(|| self.checkpoint.join("tokenizer.json"));
+        let tokenizer = PgTokenizer::from_file(&tokenizer_path)?;
+        Ok((model, tokenizer))
+    }
+}
+
+fn progress(len: usize, what: &str) -> ProgressBar {
+    let bar = ProgressBar::new(len as u64);
+    bar.set_style(ProgressStyle::with_template("{msg} {bar:30} {pos}/{len} [{elapsed} < {eta}]").unwrap());
+    bar.set_message(what.to_string());
+    bar
+}
+
+/// Pixels `(batch, 3, res, res)` of the records' images.
+fn load_pixels(records: &[Record], res: u32) -> Result<tch::Tensor> {
+    let images = records
+        .iter()
+        .map(|r| Ok(image::preprocess(&r.load_image()?, res)))
+        .collect::<Result<Vec<_>, pg2_data::DataError>>()?;
+    Ok(image::stack(&images, res))
+}
+
+fn score(args: &ModelArgs, data: &Path, batch_size: usize) -> Result<()> {
+    let (model, tok) = args.load()?;
+    let records = source::read_jsonl(data)?;
+    let (res, n_image) = (model.config.vision.image_size as u32, model.config.vision.num_patches());
+    let bar = progress(records.len(), "score");
+    for chunk in records.chunks(batch_size.max(1)) {
+        let examples = chunk
+            .iter()
+            .map(|r| {
+                let suffix = r.suffix.as_deref().ok_or_else(|| r.error("record has no `suffix` to score"))?;
+                Ok(EncodedExample::new(&tok, n_image, &r.prefix, Some(suffix)))
+            })
+            .collect::<Result<Vec<_>, pg2_data::DataError>>()?;
+        let batch = Batch::collate(&examples, Some(load_pixels(chunk, res)?), tok.pad_id, model.device());
+        let logprobs = tch::no_grad(|| model.sequence_logprobs(&batch.inputs, &batch.loss_mask))?;
+        for (example, logprob) in examples.iter().zip(logprobs) {
+            bar.suspend(|| println!("{}", serde_json::json!({"logprob": logprob, "tokens": example.num_targets()})));
+        }
+        bar.inc(chunk.len() as u64);
+    }
+    bar.finish_and_clear();
+    Ok(())
+}
+
+fn predict(args: &ModelArgs, data: &Path, decode: DecodeOptions, batch_size: usize) -> Result<()> {
+    let (model, tok) = args.load()?;
+    let records = source::read_jsonl(data)?;
+    let (res, n_image) = (model.config.vision.image_size as u32, model.config.vision.num_patches());
+    let opts = DecodeOptions { eos_id: tok.eos_id, pad_id: tok.pad_id, ..decode };
+    let bar = progress(records.len(), "predict");
+    for chunk in records.chunks(batch_size.max(1)) {
+        let examples: Vec<_> = chunk.iter().map(|r| EncodedExample::new(&tok, n_image, &r.prefix, None)).collect();
+        let batch = Batch::collate(&examples, Some(load_pixels(chunk, res)?), tok.pad_id, model.device());
+        for tokens in generate(&model, &batch.inputs, &opts)? {
+            bar.suspend(|| println!("{}", serde_json::json!({"prediction": tok.decode(&tokens)})));
+        }
+        bar.inc(chunk.len() as u64);
+    }
+    bar.finish_and_clear();
+    Ok(())
+}
+
+fn inspect(dir: &Path) -> Result<()> {
+    let config = pg2_model::PaliGemmaConfig::from_file(&dir.join("config.json"))?;
+    let tensors = checkpoint::read_tensors(dir)?;
+    let (t, v) = (&config.text, &config.vision);
+    println!("checkpoint  {}", dir.display());
+    println!("vision      SigLIP {}px /{} patches ({} tokens), width {}, depth {}, MLP {}, {} heads",
+        v.image_size, v.patch_size, v.num_patches(), v.hidden_size, v.num_hidden_layers, v.intermediate_size, v.num_attention_heads);
+    println!("decoder     Gemma 2 width {}, depth {}, MLP {}, {} heads / {} KV heads of {}, query scale 1/sqrt({})",
+        t.hidden_size, t.num_hidden_layers, t.intermediate_size, t.num_attention_heads, t.num_key_value_heads, t.head_dim, t.query_pre_attn_scalar);
+    println!("            vocab {}, soft-caps attention {:?} final {:?}, rope theta {}, window {:?} (off unless asked)",
+        t.vocab_size, t.attn_logit_softcapping, t.final_logit_softcapping, t.rope_theta, t.sliding_window);
+    let mut counts = [("vision", 0i64), ("projector", 0), ("decoder", 0)];
+    let mut kinds = std::collections::BTreeSet::new();
+    for (name, tensor) in &tensors {
+        let part = if name.starts_with(checkpoint::VISION) { 0 } else if name.starts_with(checkpoint::PROJECTOR) { 1 } else { 2 };
+        counts[part].1 += tensor.numel() as i64;
+        kinds.insert(format!("{:?}", tensor.kind()));
+    }
+    for (part, n) in counts {
+        println!("params      {part:<10} {n:>15} ({:.3}B)", n as f64 / 1e9);
+    }
+    let total: i64 = counts.iter().map(|c| c.1).sum();
+    println!("params      {:<10} {total:>15} ({:.3}B)", "total", total as f64 / 1e9);
+    println!("dtype       {}", kinds.into_iter().collect::<Vec<_>>().join(", "));
+    Ok(())
+}
+
+fn main() -> Result<()> {
+    match Cli::parse().command {
+        Command::Score { model, data, batch_size } => score(&model, &data, batch_size),
+        Command::Predict { model, data, beam, max_len, length_penalty, batch_size } => {
+            let decode = DecodeOptions { max_new_tokens: max_len, beam_size: beam, eos_id: 0, pad_id: 0, length_penalty };
+            predict(&model, &data, decode, batch_size)
+        }
+        Command::Inspect { checkpoint } => inspect(&checkpoint),
+    }
+}

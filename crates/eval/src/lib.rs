@@ -1,0 +1,3 @@
+//! Evaluation for pg2: metrics (CIDEr, VQA accuracy, ANLS, RefCOCO IoU, ...) and the
+//! evaluators that run them during and after training (work in progress: see the
+//! evaluation issue; nothing here yet).

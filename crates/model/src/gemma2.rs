@@ -1,0 +1,489 @@
+//! Gemma 2 decoder, as transformers' `Gemma2Model` plus the tied output head.
+//!
+//! Exactly Gemma 2: RMSNorm with `(1 + w)` in f32, pre- and post-norms around both
+//! attention and MLP, GeGLU with tanh GELU, grouped-query attention, RoPE,
+//! `query_pre_attn_scalar^-0.5` scaling, attention soft-cap before the mask, final
+//! soft-cap, embeddings scaled by `sqrt(width)` rounded to the parameter dtype.
+//!
+//! The prefix-LM structure is given per token by `mask_ar` (big_vision's rule: token `i`
+//! attends to `j` iff `cumsum(mask_ar)[j] <= cumsum(mask_ar)[i]`) and a validity flag
+//! (padding is never attended to). Decoding state lives in a [`KvCache`] owned by the
+//! caller: the same `forward` serves training, scoring, prefill and each decoding step.
+
+use tch::{Device, Kind, Tensor};
+
+use crate::config::Gemma2Config;
+use crate::nn::{mask_value, soft_cap, Init, Linear, NamedTensors, RmsNorm, Weights};
+use crate::ModelError;
+
+/// Switches that change the computation without changing the weights.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RunOptions {
+    /// Apply the config's attention and final-logit soft-caps. On in pretraining
+    /// (stages 1-2), off in transfer, where the paper found they hurt.
+    pub soft_caps: bool,
+    /// Apply the config's sliding window on its `sliding_attention` layers, as
+    /// transformers does. Off by default, as in big_vision; it only matters past the
+    /// window (4096 tokens, so 896 px).
+    pub sliding_window: bool,
+}
+
+impl Default for RunOptions {
+    fn default() -> Self {
+        Self { soft_caps: true, sliding_window: false }
+    }
+}
+
+/// Which tokens of a forward call attend to which: see the module docs.
+pub struct TokenLayout {
+    /// `(batch, tokens)` integer: 0 joins the bidirectional block before it, 1 starts a causal step.
+    pub mask_ar: Tensor,
+    /// `(batch, tokens)` bool: false for padding.
+    pub valid: Tensor,
+}
+
+/// Keys and values of the tokens seen so far, with their layout, for incremental decoding.
+pub struct KvCache {
+    layers: Vec<Option<(Tensor, Tensor)>>,
+    /// `(batch, seen)`: cumsum of `mask_ar` of every cached token.
+    segments: Tensor,
+    /// `(batch, seen)`: which cached tokens are real.
+    valid: Tensor,
+    /// `(batch, seen)`: rotary position of every cached token.
+    positions: Tensor,
+}
+
+impl KvCache {
+    /// An empty cache for `batch` sequences of a model with `layers` layers.
+    pub fn new(layers: usize, batch: i64, device: Device) -> Self {
+        Self {
+            layers: (0..layers).map(|_| None).collect(),
+            segments: Tensor::zeros([batch, 0], (Kind::Int64, device)),
+            valid: Tensor::zeros([batch, 0], (Kind::Bool, device)),
+            positions: Tensor::zeros([batch, 0], (Kind::Int64, device)),
+        }
+    }
+
+    /// Number of cached tokens per sequence (padding included).
+    pub fn len(&self) -> i64 {
+        self.segments.size()[1]
+    }
+
+    /// True before the first forward.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Keeps the sequences at `index` (a 1-D int64 tensor), in that order: beam search
+    /// reorders and duplicates its hypotheses with this.
+    pub fn select(&mut self, index: &Tensor) {
+        for (k, v) in self.layers.iter_mut().flatten() {
+            *k = k.index_select(0, index);
+            *v = v.index_select(0, index);
+        }
+        self.segments = self.segments.index_select(0, index);
+        self.valid = self.valid.index_select(0, index);
+        self.positions = self.positions.index_select(0, index);
+    }
+}
+
+/// The masks and positions of one forward call, shared by all layers.
+struct Plan {
+    /// `(batch, tokens)` cumsum of `mask_ar`, continuing the cache.
+    segments: Tensor,
+    /// `(batch, tokens)` rotary positions.
+    positions: Tensor,
+    /// `(batch, 1, 1, tokens, keys)` true where attention is NOT allowed.
+    blocked: Tensor,
+    /// Same, with the sliding window added; `None` when no window applies.
+    blocked_windowed: Option<Tensor>,
+}
+
+/// Rotary tables `(batch, 1, tokens, head_dim)` for integer `positions` `(batch, tokens)`,
+/// computed in f32 and rounded to `kind` (as transformers).
+fn rotary_tables(positions: &Tensor, inv_freq: &Tensor, kind: Kind) -> (Tensor, Tensor) {
+    let freqs = positions.to_kind(Kind::Float).unsqueeze(-1) * inv_freq;
+    let angles = Tensor::cat(&[&freqs, &freqs], -1).unsqueeze(1);
+    (angles.cos().to_kind(kind), angles.sin().to_kind(kind))
+}
+
+/// Rotates each pair `(x[i], x[i + d/2])` of `x` `(batch, heads, tokens, d)` by its angle
+/// (the non-interleaved RoPE of Gemma and transformers).
+fn apply_rotary(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Tensor {
+    let half = x.size().last().unwrap() / 2;
+    let rotated = Tensor::cat(&[-x.narrow(-1, half, half), x.narrow(-1, 0, half)], -1);
+    x * cos + rotated * sin
+}
+
+struct Attention {
+    q_proj: Linear,
+    k_proj: Linear,
+    v_proj: Linear,
+    o_proj: Linear,
+    heads: i64,
+    kv_heads: i64,
+    head_dim: i64,
+    scale: f64,
+    soft_cap: Option<f64>,
+}
+
+impl Attention {
+    fn new(cfg: &Gemma2Config, w: &mut Weights, p: &str) -> Result<Self, ModelError> {
+        let d = cfg.hidden_size;
+        let q_dim = cfg.num_attention_heads * cfg.head_dim;
+        let kv_dim = cfg.num_key_value_heads * cfg.head_dim;
+        let init = Init::Normal(0.02);
+        Ok(Self {
+            q_proj: Linear::new(w, &format!("{p}.q_proj"), d, q_dim, false, init)?,
+            k_proj: Linear::new(w, &format!("{p}.k_proj"), d, kv_dim, false, init)?,
+            v_proj: Linear::new(w, &format!("{p}.v_proj"), d, kv_dim, false, init)?,
+            o_proj: Linear::new(w, &format!("{p}.o_proj"), q_dim, d, false, init)?,
+            heads: cfg.num_attention_heads as i64,
+            kv_heads: cfg.num_key_value_heads as i64,
+            head_dim: cfg.head_dim as i64,
+            scale: cfg.query_pre_attn_scalar.powf(-0.5),
+            soft_cap: cfg.attn_logit_softcapping,
+        })
+    }
+
+    fn forward(
+        &self,
+        x: &Tensor,
+        (cos, sin): (&Tensor, &Tensor),
+        blocked: &Tensor,
+        cache: Option<&mut Option<(Tensor, Tensor)>>,
+        soft_caps: bool,
+    ) -> Tensor {
+        let (b, t, _) = x.size3().unwrap();
+        let (hd, kvh) = (self.head_dim, self.kv_heads);
+        let rope = |y: &Tensor| apply_rotary(y, cos, sin);
+        let q = rope(&self.q_proj.forward(x).view([b, t, self.heads, hd]).transpose(1, 2));
+        let mut k = rope(&self.k_proj.forward(x).view([b, t, kvh, hd]).transpose(1, 2));
+        let mut v = self.v_proj.forward(x).view([b, t, kvh, hd]).transpose(1, 2);
+        if let Some(slot) = cache {
+            if let Some((k_past, v_past)) = slot.as_ref() {
+                k = Tensor::cat(&[k_past, &k], 2);
+                v = Tensor::cat(&[v_past, &v], 2);
+            }
+            *slot = Some((k.shallow_clone(), v.shallow_clone()));
+        }
+        // Grouped-query attention without copying keys: query heads of one KV head share a
+        // broadcast dimension (head h uses KV head h / group, as transformers' repeat_kv).
+        let group = self.heads / kvh;
+        let q = q.view([b, kvh, group, t, hd]);
+        let scores = q.matmul(&k.unsqueeze(2).transpose(-1, -2)) * self.scale;
+        let scores = soft_cap(&scores, self.soft_cap.filter(|_| soft_caps));
+        let scores = scores.masked_fill(blocked, mask_value(scores.kind()));
+        let probs = scores.softmax(-1, Kind::Float).to_kind(q.kind());
+        let y = probs.matmul(&v.unsqueeze(2)).view([b, self.heads, t, hd]);
+        self.o_proj.forward(&y.transpose(1, 2).reshape([b, t, self.heads * hd]))
+    }
+
+    fn parameters(&self, p: &str, out: &mut NamedTensors) {
+        self.q_proj.parameters(&format!("{p}.q_proj"), out);
+        self.k_proj.parameters(&format!("{p}.k_proj"), out);
+        self.v_proj.parameters(&format!("{p}.v_proj"), out);
+        self.o_proj.parameters(&format!("{p}.o_proj"), out);
+    }
+}
+
+struct DecoderLayer {
+    input_layernorm: RmsNorm,
+    self_attn: Attention,
+    post_attention_layernorm: RmsNorm,
+    pre_feedforward_layernorm: RmsNorm,
+    gate_proj: Linear,
+    up_proj: Linear,
+    down_proj: Linear,
+    post_feedforward_layernorm: RmsNorm,
+    windowed: bool,
+}
+
+impl DecoderLayer {
+    fn new(cfg: &Gemma2Config, w: &mut Weights, p: &str, index: usize) -> Result<Self, ModelError> {
+        let (d, m, eps) = (cfg.hidden_size, cfg.intermediate_size, cfg.rms_norm_eps);
+        let norm = |w: &mut Weights, name: &str| RmsNorm::new(w, &format!("{p}.{name}"), d, eps);
+        let init = Init::Normal(0.02);
+        Ok(Self {
+            input_layernorm: norm(w, "input_layernorm")?,
+            self_attn: Attention::new(cfg, w, &format!("{p}.self_attn"))?,
+            post_attention_layernorm: norm(w, "post_attention_layernorm")?,
+            pre_feedforward_layernorm: norm(w, "pre_feedforward_layernorm")?,
+            gate_proj: Linear::new(w, &format!("{p}.mlp.gate_proj"), d, m, false, init)?,
+            up_proj: Linear::new(w, &format!("{p}.mlp.up_proj"), d, m, false, init)?,
+            down_proj: Linear::new(w, &format!("{p}.mlp.down_proj"), m, d, false, init)?,
+            post_feedforward_layernorm: norm(w, "post_feedforward_layernorm")?,
+            windowed: cfg.sliding_layers[index],
+        })
+    }
+
+    fn forward(&self, x: &Tensor, rope: (&Tensor, &Tensor), plan: &Plan, cache: Option<&mut Option<(Tensor, Tensor)>>, soft_caps: bool) -> Tensor {
+        let blocked = match (&plan.blocked_windowed, self.windowed) {
+            (Some(windowed), true) => windowed,
+            _ => &plan.blocked,
+        };
+        let h = self.self_attn.forward(&self.input_layernorm.forward(x), rope, blocked, cache, soft_caps);
+        let x = x + self.post_attention_layernorm.forward(&h);
+        let h = self.pre_feedforward_layernorm.forward(&x);
+        let h = self.down_proj.forward(&(self.gate_proj.forward(&h).gelu("tanh") * self.up_proj.forward(&h)));
+        x + self.post_feedforward_layernorm.forward(&h)
+    }
+
+    fn parameters(&self, p: &str, out: &mut NamedTensors) {
+        self.input_layernorm.parameters(&format!("{p}.input_layernorm"), out);
+        self.self_attn.parameters(&format!("{p}.self_attn"), out);
+        self.post_attention_layernorm.parameters(&format!("{p}.post_attention_layernorm"), out);
+        self.pre_feedforward_layernorm.parameters(&format!("{p}.pre_feedforward_layernorm"), out);
+        self.gate_proj.parameters(&format!("{p}.mlp.gate_proj"), out);
+        self.up_proj.parameters(&format!("{p}.mlp.up_proj"), out);
+        self.down_proj.parameters(&format!("{p}.mlp.down_proj"), out);
+        self.post_feedforward_layernorm.parameters(&format!("{p}.post_feedforward_layernorm"), out);
+    }
+}
+
+/// The decoder and its output head. `prefix` names (e.g. `language_model.model`) are the
+/// checkpoint's; an untied head is read from `lm_head`.
+pub struct Gemma2 {
+    embed_tokens: Tensor,
+    layers: Vec<DecoderLayer>,
+    norm: RmsNorm,
+    /// `None` when the head is tied to `embed_tokens`.
+    lm_head: Option<Tensor>,
+    inv_freq: Tensor,
+    embed_scale: Tensor,
+    final_soft_cap: Option<f64>,
+    window: Option<i64>,
+}
+
+impl Gemma2 {
+    /// Builds the decoder from `prefix.*` tensors; `lm_head` names the untied head, read
+    /// only when `tied` is false.
+    pub fn new(cfg: &Gemma2Config, w: &mut Weights, prefix: &str, lm_head: &str, tied: bool) -> Result<Self, ModelError> {
+        let (v, d) = (cfg.vocab_size as i64, cfg.hidden_size as i64);
+        let embed_tokens = w.take(&format!("{prefix}.embed_tokens.weight"), &[v, d], Init::Normal(1.0 / (d as f64).sqrt()))?;
+        let layers = (0..cfg.num_hidden_layers)
+            .map(|i| DecoderLayer::new(cfg, w, &format!("{prefix}.layers.{i}"), i))
+            .collect::<Result<_, _>>()?;
+        let norm = RmsNorm::new(w, &format!("{prefix}.norm"), cfg.hidden_size, cfg.rms_norm_eps)?;
+        let lm_head = if tied { None } else { Some(w.take(lm_head, &[v, d], Init::Normal(0.02))?) };
+        let device = w.device();
+        let hd = cfg.head_dim as i64;
+        let exponents = Tensor::arange_start_step(0, hd, 2, (Kind::Int64, device)).to_kind(Kind::Float) / hd as f64;
+        let inv_freq = Tensor::pow_scalar(cfg.rope_theta, &exponents).reciprocal();
+        // sqrt(width) rounded to the parameter dtype first, as transformers and big_vision do
+        // (sqrt(3584) becomes 60.0 in bf16).
+        let embed_scale = Tensor::from((cfg.hidden_size as f64).sqrt()).to_kind(w.kind()).to_device(device);
+        Ok(Self {
+            embed_tokens,
+            layers,
+            norm,
+            lm_head,
+            inv_freq,
+            embed_scale,
+            final_soft_cap: cfg.final_logit_softcapping,
+            window: cfg.sliding_window.map(|n| n as i64),
+        })
+    }
+
+    /// Number of decoder layers (the length of a [`KvCache`]).
+    pub fn num_layers(&self) -> usize {
+        self.layers.len()
+    }
+
+    /// Scaled text embeddings of `ids` `(batch, tokens)`.
+    pub fn embed(&self, ids: &Tensor) -> Tensor {
+        Tensor::embedding(&self.embed_tokens, ids, -1, false, false) * &self.embed_scale
+    }
+
+    fn plan(&self, layout: &TokenLayout, cache: Option<&KvCache>, opts: RunOptions) -> Plan {
+        let valid = layout.valid.to_kind(Kind::Int64);
+        let segments = layout.mask_ar.to_kind(Kind::Int64).cumsum(1, Kind::Int64);
+        let positions = valid.cumsum(1, Kind::Int64);
+        // Continue the cached sequence: segments and positions carry on from its last token.
+        let (segments, positions, key_segments, key_valid, key_positions) = match cache.filter(|c| !c.is_empty()) {
+            Some(c) => {
+                let last = |t: &Tensor| t.narrow(1, c.len() - 1, 1);
+                let segments = segments + last(&c.segments);
+                let positions = positions + last(&c.positions);
+                let ks = Tensor::cat(&[&c.segments, &segments], 1);
+                let kv = Tensor::cat(&[&c.valid, &layout.valid], 1);
+                let kp = Tensor::cat(&[&c.positions, &positions], 1);
+                (segments, positions, ks, kv, kp)
+            }
+            None => {
+                let (s, p, v) = (segments.shallow_clone(), positions.shallow_clone(), layout.valid.shallow_clone());
+                (segments, positions, s, v, p)
+            }
+        };
+        // allowed[b, i, j] = segment[j] <= segment[i] and key j is real.
+        let allowed = key_segments.unsqueeze(1).le_tensor(&segments.unsqueeze(2)).logical_and(&key_valid.unsqueeze(1));
+        let blocked_windowed = match (opts.sliding_window, self.window) {
+            (true, Some(window)) => {
+                // As transformers: the window limits causal attention only; a bidirectional
+                // block (image + prefix) always sees all of itself.
+                let distance = positions.unsqueeze(2) - key_positions.unsqueeze(1);
+                let same_block = key_segments.unsqueeze(1).eq_tensor(&segments.unsqueeze(2));
+                let windowed = allowed.logical_and(&distance.lt(window).logical_or(&same_block));
+                Some(windowed.logical_not().unsqueeze(1).unsqueeze(1))
+            }
+            _ => None,
+        };
+        Plan { segments, positions, blocked: allowed.logical_not().unsqueeze(1).unsqueeze(1), blocked_windowed }
+    }
+
+    /// Runs the decoder over `embeds` `(batch, tokens, width)` and returns the final-normed
+    /// hidden states. With a cache, the tokens continue the cached sequences and are
+    /// appended to the cache.
+    pub fn forward(&self, embeds: &Tensor, layout: &TokenLayout, mut cache: Option<&mut KvCache>, opts: RunOptions) -> Tensor {
+        let plan = self.plan(layout, cache.as_deref(), opts);
+        let (cos, sin) = rotary_tables(&plan.positions, &self.inv_freq, embeds.kind());
+        let mut x = embeds.shallow_clone();
+        for (i, layer) in self.layers.iter().enumerate() {
+            let slot = cache.as_deref_mut().map(|c| &mut c.layers[i]);
+            x = layer.forward(&x, (&cos, &sin), &plan, slot, opts.soft_caps);
+        }
+        if let Some(c) = cache {
+            c.segments = Tensor::cat(&[&c.segments, &plan.segments], 1);
+            c.valid = Tensor::cat(&[&c.valid, &layout.valid], 1);
+            c.positions = Tensor::cat(&[&c.positions, &plan.positions], 1);
+        }
+        self.norm.forward(&x)
+    }
+
+    /// Output logits for hidden states (any leading shape), soft-capped when `opts` says so.
+    pub fn logits(&self, hidden: &Tensor, opts: RunOptions) -> Tensor {
+        let head = self.lm_head.as_ref().unwrap_or(&self.embed_tokens);
+        soft_cap(&hidden.matmul(&head.tr()), self.final_soft_cap.filter(|_| opts.soft_caps))
+    }
+
+    pub fn parameters(&self, prefix: &str, lm_head: &str, out: &mut NamedTensors) {
+        out.push((format!("{prefix}.embed_tokens.weight"), self.embed_tokens.shallow_clone()));
+        for (i, layer) in self.layers.iter().enumerate() {
+            layer.parameters(&format!("{prefix}.layers.{i}"), out);
+        }
+        self.norm.parameters(&format!("{prefix}.norm"), out);
+        if let Some(head) = &self.lm_head {
+            out.push((lm_head.to_string(), head.shallow_clone()));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tiny() -> Gemma2 {
+        tch::manual_seed(0);
+        let cfg = Gemma2Config {
+            vocab_size: 32,
+            hidden_size: 16,
+            intermediate_size: 24,
+            num_hidden_layers: 2,
+            num_attention_heads: 4,
+            num_key_value_heads: 2,
+            head_dim: 6,
+            query_pre_attn_scalar: 5.0,
+            rms_norm_eps: 1e-6,
+            rope_theta: 10_000.0,
+            attn_logit_softcapping: Some(50.0),
+            final_logit_softcapping: Some(30.0),
+            sliding_window: Some(2),
+            sliding_layers: vec![true, false],
+        };
+        Gemma2::new(&cfg, &mut Weights::random(Device::Cpu, Kind::Float), "m", "lm_head", true).unwrap()
+    }
+
+    fn layout(mask_ar: &[i64], valid: &[bool]) -> TokenLayout {
+        let n = mask_ar.len() as i64;
+        TokenLayout { mask_ar: Tensor::from_slice(mask_ar).view([1, n]), valid: Tensor::from_slice(valid).view([1, n]) }
+    }
+
+    fn allowed(blocked: &Tensor) -> Vec<Vec<i64>> {
+        let a = blocked.logical_not().squeeze().to_kind(Kind::Int64);
+        Vec::<Vec<i64>>::try_from(a).unwrap()
+    }
+
+    #[test]
+    fn prefix_is_bidirectional_suffix_causal_padding_hidden() {
+        let model = tiny();
+        // image/prefix x3, suffix x2, padding x1 (big_vision: padding has mask_ar 1).
+        let plan = model.plan(&layout(&[0, 0, 0, 1, 1, 1], &[true, true, true, true, true, false]), None, RunOptions::default());
+        assert_eq!(
+            allowed(&plan.blocked),
+            vec![
+                vec![1, 1, 1, 0, 0, 0],
+                vec![1, 1, 1, 0, 0, 0],
+                vec![1, 1, 1, 0, 0, 0],
+                vec![1, 1, 1, 1, 0, 0],
+                vec![1, 1, 1, 1, 1, 0],
+                vec![1, 1, 1, 1, 1, 0],
+            ]
+        );
+        assert_eq!(Vec::<i64>::try_from(plan.positions.squeeze()).unwrap(), vec![1, 2, 3, 4, 5, 5]);
+        assert!(plan.blocked_windowed.is_none(), "no window unless asked for");
+    }
+
+    #[test]
+    fn window_limits_causal_attention_only() {
+        let model = tiny();
+        let opts = RunOptions { sliding_window: true, ..RunOptions::default() };
+        let plan = model.plan(&layout(&[0, 0, 0, 1, 1], &[true; 5]), None, opts);
+        assert_eq!(
+            allowed(plan.blocked_windowed.as_ref().unwrap()),
+            vec![
+                vec![1, 1, 1, 0, 0],
+                vec![1, 1, 1, 0, 0],
+                vec![1, 1, 1, 0, 0],
+                vec![0, 0, 1, 1, 0],
+                vec![0, 0, 0, 1, 1],
+            ]
+        );
+    }
+
+    #[test]
+    fn rotary_rotates_pairs_by_position_times_frequency() {
+        // head_dim 4: frequencies 1 and 1/100 for theta 10000.
+        let inv_freq = Tensor::from_slice(&[1.0f32, 0.01]);
+        let (cos, sin) = rotary_tables(&Tensor::from_slice(&[3i64]).view([1, 1]), &inv_freq, Kind::Float);
+        let x = Tensor::from_slice(&[1.0f32, 2.0, 3.0, 4.0]).view([1, 1, 1, 4]);
+        let y = Vec::<f32>::try_from(apply_rotary(&x, &cos, &sin).view([-1])).unwrap();
+        let (a, b) = (3.0f32, 0.03f32);
+        let want = [1.0 * a.cos() - 3.0 * a.sin(), 2.0 * b.cos() - 4.0 * b.sin(), 3.0 * a.cos() + 1.0 * a.sin(), 4.0 * b.cos() + 2.0 * b.sin()];
+        for (g, w) in y.iter().zip(want) {
+            assert!((g - w).abs() < 1e-5, "{y:?} vs {want:?}");
+        }
+    }
+
+    #[test]
+    fn rotary_scores_depend_only_on_distance() {
+        let model = tiny();
+        let q = Tensor::randn([1, 1, 1, 6], (Kind::Float, Device::Cpu));
+        let k = Tensor::randn([1, 1, 1, 6], (Kind::Float, Device::Cpu));
+        let score = |pq: i64, pk: i64| {
+            let (cq, sq) = rotary_tables(&Tensor::from_slice(&[pq]).view([1, 1]), &model.inv_freq, Kind::Float);
+            let (ck, sk) = rotary_tables(&Tensor::from_slice(&[pk]).view([1, 1]), &model.inv_freq, Kind::Float);
+            (apply_rotary(&q, &cq, &sq) * apply_rotary(&k, &ck, &sk)).sum(Kind::Float).double_value(&[])
+        };
+        assert!((score(7, 3) - score(104, 100)).abs() < 1e-4);
+        assert!((score(7, 3) - score(7, 4)).abs() > 1e-4);
+    }
+
+    #[test]
+    fn cached_decoding_equals_one_full_pass() {
+        let model = tiny();
+        let embeds = Tensor::randn([2, 6, 16], (Kind::Float, Device::Cpu));
+        let mask_ar = Tensor::from_slice(&[0i64, 0, 0, 0, 1, 1]).view([1, 6]).repeat([2, 1]);
+        let valid = Tensor::ones([2, 6], (Kind::Bool, Device::Cpu));
+        let opts = RunOptions { sliding_window: true, ..RunOptions::default() };
+        let full = model.forward(&embeds, &TokenLayout { mask_ar: mask_ar.shallow_clone(), valid: valid.shallow_clone() }, None, opts);
+        let mut cache = KvCache::new(model.num_layers(), 2, Device::Cpu);
+        let mut parts = vec![];
+        for (start, len) in [(0, 4), (4, 1), (5, 1)] {
+            let part = TokenLayout { mask_ar: mask_ar.narrow(1, start, len), valid: valid.narrow(1, start, len) };
+            parts.push(model.forward(&embeds.narrow(1, start, len), &part, Some(&mut cache), opts));
+        }
+        assert_eq!(cache.len(), 6);
+        let stepped = Tensor::cat(&parts, 1);
+        assert!(full.allclose(&stepped, 1e-5, 1e-5, false), "max diff {}", (full - stepped).abs().max().double_value(&[]));
+    }
+}

@@ -1,0 +1,275 @@
+//! The few layers PaliGemma is built from, and the weight source they are made from.
+//!
+//! A module is created with `new(cfg, weights, prefix)` and run with a plain `forward`.
+//! [`Weights`] hands out tensors by checkpoint name: from a checkpoint (shape-checked)
+//! or freshly initialised, so a loaded model and a random one are built by the same code.
+
+use std::collections::BTreeMap;
+use tch::{Device, Kind, Tensor};
+
+use crate::ModelError;
+
+/// How a parameter is initialised when the model is created from scratch.
+#[derive(Debug, Clone, Copy)]
+pub enum Init {
+    Zeros,
+    Ones,
+    /// Normal with mean 0 and this standard deviation.
+    Normal(f64),
+}
+
+/// Where parameters come from.
+enum Source {
+    /// Tensors read from a checkpoint, by canonical name; taken out as the model is built.
+    Checkpoint { tensors: BTreeMap<String, Tensor>, origin: String },
+    /// Fresh initialisation (draws from libtorch's global generator; seed it first).
+    Random,
+}
+
+/// The parameters a model is built from.
+pub struct Weights {
+    source: Source,
+    device: Device,
+    kind: Kind,
+}
+
+impl Weights {
+    /// Parameters read from a checkpoint (`origin` names it in errors).
+    pub fn from_tensors(tensors: BTreeMap<String, Tensor>, origin: impl Into<String>, device: Device, kind: Kind) -> Self {
+        Self { source: Source::Checkpoint { tensors, origin: origin.into() }, device, kind }
+    }
+
+    /// Freshly initialised parameters.
+    pub fn random(device: Device, kind: Kind) -> Self {
+        Self { source: Source::Random, device, kind }
+    }
+
+    /// The device parameters are placed on.
+    pub fn device(&self) -> Device {
+        self.device
+    }
+
+    /// The floating-point kind parameters are stored in.
+    pub fn kind(&self) -> Kind {
+        self.kind
+    }
+
+    /// The parameter `name` with the expected `shape`.
+    pub fn take(&mut self, name: &str, shape: &[i64], init: Init) -> Result<Tensor, ModelError> {
+        let (device, kind) = (self.device, self.kind);
+        let tensor = match &mut self.source {
+            Source::Random => {
+                let opts = (Kind::Float, Device::Cpu);
+                match init {
+                    Init::Zeros => Tensor::zeros(shape, opts),
+                    Init::Ones => Tensor::ones(shape, opts),
+                    Init::Normal(std) => Tensor::randn(shape, opts) * std,
+                }
+            }
+            Source::Checkpoint { tensors, origin } => {
+                let t = tensors
+                    .remove(name)
+                    .ok_or_else(|| ModelError::Checkpoint(format!("{origin}: tensor `{name}` is missing")))?;
+                if t.size() != shape {
+                    return Err(ModelError::Checkpoint(format!(
+                        "{origin}: tensor `{name}` has shape {:?}, the config implies {shape:?}",
+                        t.size()
+                    )));
+                }
+                t
+            }
+        };
+        Ok(tensor.to_device(device).to_kind(kind).detach())
+    }
+
+    /// Removes a tensor the model may or may not need (an untied `lm_head`), if present.
+    pub fn take_optional(&mut self, name: &str) -> Option<Tensor> {
+        match &mut self.source {
+            Source::Random => None,
+            Source::Checkpoint { tensors, .. } => tensors.remove(name),
+        }
+    }
+
+    /// Errors if the checkpoint holds tensors the model did not use.
+    pub fn finish(self) -> Result<(), ModelError> {
+        if let Source::Checkpoint { tensors, origin } = self.source {
+            if let Some(name) = tensors.keys().next() {
+                let more = tensors.len() - 1;
+                let tail = if more > 0 { format!(" (and {more} more)") } else { String::new() };
+                return Err(ModelError::Checkpoint(format!(
+                    "{origin}: unknown tensor `{name}`{tail}: it belongs to no part of this PaliGemma config"
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Collects `(checkpoint name, tensor)` pairs; the tensors share storage with the model.
+pub type NamedTensors = Vec<(String, Tensor)>;
+
+/// Fully connected layer `x W^T + b`.
+pub struct Linear {
+    pub weight: Tensor,
+    pub bias: Option<Tensor>,
+}
+
+impl Linear {
+    pub fn new(w: &mut Weights, prefix: &str, in_dim: usize, out_dim: usize, bias: bool, init: Init) -> Result<Self, ModelError> {
+        let weight = w.take(&format!("{prefix}.weight"), &[out_dim as i64, in_dim as i64], init)?;
+        let bias = if bias { Some(w.take(&format!("{prefix}.bias"), &[out_dim as i64], Init::Zeros)?) } else { None };
+        Ok(Self { weight, bias })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Tensor {
+        x.linear(&self.weight, self.bias.as_ref())
+    }
+
+    pub fn parameters(&self, prefix: &str, out: &mut NamedTensors) {
+        out.push((format!("{prefix}.weight"), self.weight.shallow_clone()));
+        if let Some(b) = &self.bias {
+            out.push((format!("{prefix}.bias"), b.shallow_clone()));
+        }
+    }
+}
+
+/// LayerNorm with weight and bias (SigLIP).
+pub struct LayerNorm {
+    weight: Tensor,
+    bias: Tensor,
+    eps: f64,
+}
+
+impl LayerNorm {
+    pub fn new(w: &mut Weights, prefix: &str, dim: usize, eps: f64) -> Result<Self, ModelError> {
+        Ok(Self {
+            weight: w.take(&format!("{prefix}.weight"), &[dim as i64], Init::Ones)?,
+            bias: w.take(&format!("{prefix}.bias"), &[dim as i64], Init::Zeros)?,
+            eps,
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Tensor {
+        let dim = *self.weight.size().last().unwrap();
+        x.layer_norm([dim], Some(&self.weight), Some(&self.bias), self.eps, true)
+    }
+
+    pub fn parameters(&self, prefix: &str, out: &mut NamedTensors) {
+        out.push((format!("{prefix}.weight"), self.weight.shallow_clone()));
+        out.push((format!("{prefix}.bias"), self.bias.shallow_clone()));
+    }
+}
+
+/// Gemma's RMSNorm: `x * rsqrt(mean(x^2) + eps) * (1 + w)`, computed in f32.
+pub struct RmsNorm {
+    weight: Tensor,
+    eps: f64,
+}
+
+impl RmsNorm {
+    pub fn new(w: &mut Weights, prefix: &str, dim: usize, eps: f64) -> Result<Self, ModelError> {
+        // The stored weight is the offset from 1, so a fresh norm starts at zero.
+        Ok(Self { weight: w.take(&format!("{prefix}.weight"), &[dim as i64], Init::Zeros)?, eps })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Tensor {
+        let xf = x.to_kind(Kind::Float);
+        let rms = (xf.square().mean_dim(-1, true, Kind::Float) + self.eps).rsqrt();
+        // Scale in f32 and round once, as transformers does ((x * w).to(dtype), not x.to(dtype) * w).
+        (xf * rms * (self.weight.to_kind(Kind::Float) + 1.0)).to_kind(x.kind())
+    }
+
+    pub fn parameters(&self, prefix: &str, out: &mut NamedTensors) {
+        out.push((format!("{prefix}.weight"), self.weight.shallow_clone()));
+    }
+}
+
+/// The smallest finite value of `kind`: the masked-out score, as in transformers
+/// (finite, so a row with nothing to attend to gives a uniform softmax, never NaN).
+pub fn mask_value(kind: Kind) -> f64 {
+    match kind {
+        Kind::BFloat16 => -3.3895313892515355e38,
+        Kind::Half => -65504.0,
+        Kind::Double => f64::MIN,
+        _ => f32::MIN as f64,
+    }
+}
+
+/// `tanh(x / cap) * cap`: Gemma 2's soft-capping.
+pub fn soft_cap(x: &Tensor, cap: Option<f64>) -> Tensor {
+    match cap {
+        Some(c) => (x / c).tanh() * c,
+        None => x.shallow_clone(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rms_norm_matches_the_formula() {
+        let mut w = Weights::from_tensors(
+            BTreeMap::from([("n.weight".to_string(), Tensor::from_slice(&[0.5f32, -1.0, 0.0]))]),
+            "test",
+            Device::Cpu,
+            Kind::Float,
+        );
+        let norm = RmsNorm::new(&mut w, "n", 3, 1e-6).unwrap();
+        let x = Tensor::from_slice(&[1.0f32, 2.0, 3.0]).view([1, 3]);
+        let y: Vec<f32> = norm.forward(&x).view([-1]).try_into().unwrap();
+        let rms = ((1.0f32 + 4.0 + 9.0) / 3.0 + 1e-6).sqrt();
+        let want = [1.0 / rms * 1.5, 2.0 / rms * 0.0, 3.0 / rms * 1.0];
+        for (a, b) in y.iter().zip(want) {
+            assert!((a - b).abs() < 1e-6, "{y:?} vs {want:?}");
+        }
+    }
+
+    #[test]
+    fn rms_norm_runs_in_f32_for_bf16_input() {
+        let mut w = Weights::random(Device::Cpu, Kind::BFloat16);
+        let norm = RmsNorm::new(&mut w, "n", 4, 1e-6).unwrap();
+        // Squares of 300 overflow nothing in f32; in bf16 the mean would lose precision.
+        let x = Tensor::from_slice(&[300.0f32, -300.0, 300.0, -300.0]).view([1, 4]).to_kind(Kind::BFloat16);
+        let y = norm.forward(&x);
+        assert_eq!(y.kind(), Kind::BFloat16);
+        let y: Vec<f32> = y.to_kind(Kind::Float).view([-1]).try_into().unwrap();
+        assert_eq!(y, vec![1.0, -1.0, 1.0, -1.0]);
+    }
+
+    #[test]
+    fn soft_cap_bounds_and_is_identity_when_off() {
+        let x = Tensor::from_slice(&[-1000.0f32, 0.1, 1000.0]);
+        let y: Vec<f32> = soft_cap(&x, Some(30.0)).try_into().unwrap();
+        assert!((y[0] + 30.0).abs() < 1e-4 && (y[2] - 30.0).abs() < 1e-4);
+        assert!((y[1] - 0.1).abs() < 1e-6);
+        let same: Vec<f32> = soft_cap(&x, None).try_into().unwrap();
+        assert_eq!(same, vec![-1000.0, 0.1, 1000.0]);
+    }
+
+    #[test]
+    fn missing_and_misshapen_tensors_are_named() {
+        let mut w = Weights::from_tensors(
+            BTreeMap::from([("a.weight".to_string(), Tensor::zeros([2, 3], (Kind::Float, Device::Cpu)))]),
+            "ckpt",
+            Device::Cpu,
+            Kind::Float,
+        );
+        let err = Linear::new(&mut w, "a", 2, 3, false, Init::Zeros).err().unwrap().to_string();
+        assert!(err.contains("`a.weight`") && err.contains("[2, 3]") && err.contains("[3, 2]"), "{err}");
+        let err = Linear::new(&mut w, "b", 2, 3, false, Init::Zeros).err().unwrap().to_string();
+        assert!(err.contains("`b.weight` is missing"), "{err}");
+    }
+
+    #[test]
+    fn leftover_tensors_are_reported() {
+        let w = Weights::from_tensors(
+            BTreeMap::from([("extra.bias".to_string(), Tensor::zeros([1], (Kind::Float, Device::Cpu)))]),
+            "ckpt",
+            Device::Cpu,
+            Kind::Float,
+        );
+        let err = w.finish().unwrap_err().to_string();
+        assert!(err.contains("unknown tensor `extra.bias`"), "{err}");
+    }
+}

@@ -1,0 +1,157 @@
+//! PaliGemma 2: SigLIP image tokens, projected to the decoder's width, take the places of
+//! the `<image>` placeholders; the Gemma 2 decoder runs over them and the text as a
+//! prefix-LM.
+
+use std::path::Path;
+
+use tch::{Device, Kind, Tensor};
+
+use crate::checkpoint::{self, LM_HEAD, PROJECTOR, TEXT, VISION};
+use crate::config::PaliGemmaConfig;
+use crate::gemma2::{Gemma2, KvCache, RunOptions, TokenLayout};
+use crate::nn::{Init, Linear, NamedTensors, Weights};
+use crate::siglip::SiglipVision;
+use crate::ModelError;
+
+/// One forward call's input.
+pub struct Inputs {
+    /// `(batch, 3, res, res)` pixels in [-1, 1]; `None` for decoding steps after the prefill.
+    pub pixels: Option<Tensor>,
+    /// `(batch, tokens)` int64 token ids, with one `<image>` placeholder per image token.
+    pub ids: Tensor,
+    /// Which tokens attend to which.
+    pub layout: TokenLayout,
+}
+
+/// The composite model.
+pub struct PaliGemma {
+    pub config: PaliGemmaConfig,
+    pub options: RunOptions,
+    vision: SiglipVision,
+    projector: Linear,
+    text: Gemma2,
+}
+
+impl PaliGemma {
+    /// Builds the model from `weights` (a checkpoint or fresh initialisation).
+    pub fn new(config: PaliGemmaConfig, weights: &mut Weights, options: RunOptions) -> Result<Self, ModelError> {
+        let vision = SiglipVision::new(&config.vision, weights, VISION)?;
+        // big_vision zero-initialises the projector (its ViT `head`).
+        let projector = Linear::new(weights, PROJECTOR, config.vision.hidden_size, config.text.hidden_size, true, Init::Zeros)?;
+        let tied = config.tie_word_embeddings;
+        let text = Gemma2::new(&config.text, weights, TEXT, LM_HEAD, tied)?;
+        Ok(Self { config, options, vision, projector, text })
+    }
+
+    /// Loads a Hugging Face model folder onto `device`, computing in `kind`.
+    pub fn load(dir: &Path, device: Device, kind: Kind, options: RunOptions) -> Result<Self, ModelError> {
+        let config = PaliGemmaConfig::from_file(&dir.join("config.json"))?;
+        let mut tensors = checkpoint::read_tensors(dir)?;
+        if config.tie_word_embeddings {
+            // Some exports store the tied head anyway; it must then be the embedding.
+            if let Some(head) = tensors.remove(LM_HEAD) {
+                let embed = &tensors.get(&format!("{TEXT}.embed_tokens.weight"));
+                if !embed.is_some_and(|e| e.size() == head.size() && e.equal(&head)) {
+                    return Err(ModelError::Checkpoint(format!(
+                        "{}: lm_head.weight differs from embed_tokens although config.json says tie_word_embeddings",
+                        dir.display()
+                    )));
+                }
+            }
+        }
+        let mut weights = Weights::from_tensors(tensors, dir.display().to_string(), device, kind);
+        let model = Self::new(config, &mut weights, options)?;
+        weights.finish()?;
+        Ok(model)
+    }
+
+    /// Writes a Hugging Face model folder (config.json + safetensors in the released layout).
+    pub fn save(&self, dir: &Path, kind: Kind) -> Result<(), ModelError> {
+        checkpoint::write_tensors(dir, &self.parameters(), kind)?;
+        let config = serde_json::to_string_pretty(&self.config.to_json()).unwrap();
+        let path = dir.join("config.json");
+        std::fs::write(&path, config).map_err(|e| ModelError::io(&path, e))
+    }
+
+    /// Every parameter with its checkpoint name; the tensors share storage with the model.
+    pub fn parameters(&self) -> NamedTensors {
+        let mut out = Vec::new();
+        self.vision.parameters(VISION, &mut out);
+        self.projector.parameters(PROJECTOR, &mut out);
+        self.text.parameters(TEXT, LM_HEAD, &mut out);
+        out
+    }
+
+    /// Number of decoder layers, for [`KvCache::new`].
+    pub fn num_layers(&self) -> usize {
+        self.text.num_layers()
+    }
+
+    /// Device of the parameters.
+    pub fn device(&self) -> Device {
+        self.projector.weight.device()
+    }
+
+    /// Compute kind of the parameters.
+    pub fn kind(&self) -> Kind {
+        self.projector.weight.kind()
+    }
+
+    /// Projected image tokens `(batch, patches, width)` for pixels `(batch, 3, res, res)`.
+    pub fn encode_images(&self, pixels: &Tensor) -> Tensor {
+        self.projector.forward(&self.vision.forward(pixels))
+    }
+
+    /// Input embeddings: scaled text embeddings, with image tokens (unscaled) placed at
+    /// the `<image>` placeholders in order.
+    pub fn embed(&self, ids: &Tensor, pixels: Option<&Tensor>) -> Result<Tensor, ModelError> {
+        let is_image = ids.eq(self.config.image_token_id);
+        // The placeholder id lies past the embedding table; any row will do, it is replaced.
+        let text_ids = ids.where_scalarother(&is_image.logical_not(), 0);
+        let embeds = self.text.embed(&text_ids);
+        let placeholders = is_image.sum(Kind::Int64).int64_value(&[]);
+        match pixels {
+            None if placeholders == 0 => Ok(embeds),
+            None => Err(ModelError::Invalid(format!("{placeholders} <image> tokens but no pixels"))),
+            Some(pixels) => {
+                let features = self.encode_images(pixels);
+                if placeholders != features.size()[0] * features.size()[1] {
+                    return Err(ModelError::Invalid(format!(
+                        "{placeholders} <image> tokens for {} images of {} tokens each",
+                        features.size()[0],
+                        features.size()[1]
+                    )));
+                }
+                Ok(embeds.masked_scatter(&is_image.unsqueeze(-1), &features.to_kind(embeds.kind())))
+            }
+        }
+    }
+
+    /// Final hidden states `(batch, tokens, width)`; with a cache, continues and extends it.
+    pub fn forward(&self, inputs: &Inputs, cache: Option<&mut KvCache>) -> Result<Tensor, ModelError> {
+        let embeds = self.embed(&inputs.ids, inputs.pixels.as_ref())?;
+        Ok(self.text.forward(&embeds, &inputs.layout, cache, self.options))
+    }
+
+    /// Output logits for hidden states.
+    pub fn logits(&self, hidden: &Tensor) -> Tensor {
+        self.text.logits(hidden, self.options)
+    }
+
+    /// Sum of log-probabilities of the tokens where `loss_mask` is true, given all tokens
+    /// before them, per sequence, in f64 on the CPU; `loss_mask` is `(batch, tokens)` bool.
+    pub fn sequence_logprobs(&self, inputs: &Inputs, loss_mask: &Tensor) -> Result<Vec<f64>, ModelError> {
+        let hidden = self.forward(inputs, None)?;
+        let (b, t) = inputs.ids.size2().unwrap();
+        // Position i predicts token i + 1: keep only the rows whose target is supervised.
+        let targets_mask = loss_mask.narrow(1, 1, t - 1);
+        let rows = targets_mask.nonzero();
+        let select = |x: &Tensor| x.index(&[Some(rows.select(1, 0)), Some(rows.select(1, 1))]);
+        let hidden = select(&hidden.narrow(1, 0, t - 1));
+        let targets = select(&inputs.ids.narrow(1, 1, t - 1));
+        let logprobs = self.logits(&hidden).to_kind(Kind::Float).log_softmax(-1, Kind::Float);
+        let picked = logprobs.gather(1, &targets.unsqueeze(1), false).squeeze_dim(1).to_kind(Kind::Double);
+        let sums = Tensor::zeros([b], (Kind::Double, picked.device())).index_add(0, &rows.select(1, 0), &picked);
+        Ok(Vec::<f64>::try_from(sums.to_device(Device::Cpu)).unwrap())
+    }
+}

@@ -1,0 +1,141 @@
+//! SigLIP vision tower (So400m/14 in PaliGemma 2), as transformers' `SiglipVisionModel`
+//! without the pooling head: patch embedding, learned position embeddings, pre-norm
+//! transformer blocks with tanh-GELU MLPs, final LayerNorm.
+
+use tch::{Kind, Tensor};
+
+use crate::config::SiglipVisionConfig;
+use crate::nn::{Init, LayerNorm, Linear, NamedTensors, Weights};
+use crate::ModelError;
+
+struct Attention {
+    q_proj: Linear,
+    k_proj: Linear,
+    v_proj: Linear,
+    out_proj: Linear,
+    heads: i64,
+}
+
+impl Attention {
+    fn new(cfg: &SiglipVisionConfig, w: &mut Weights, p: &str) -> Result<Self, ModelError> {
+        let d = cfg.hidden_size;
+        let init = Init::Normal(0.02);
+        Ok(Self {
+            q_proj: Linear::new(w, &format!("{p}.q_proj"), d, d, true, init)?,
+            k_proj: Linear::new(w, &format!("{p}.k_proj"), d, d, true, init)?,
+            v_proj: Linear::new(w, &format!("{p}.v_proj"), d, d, true, init)?,
+            out_proj: Linear::new(w, &format!("{p}.out_proj"), d, d, true, init)?,
+            heads: cfg.num_attention_heads as i64,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> Tensor {
+        let (b, t, d) = x.size3().unwrap();
+        let split = |y: Tensor| y.view([b, t, self.heads, d / self.heads]).transpose(1, 2);
+        let q = split(self.q_proj.forward(x));
+        let k = split(self.k_proj.forward(x));
+        let v = split(self.v_proj.forward(x));
+        // Unmasked, uncapped attention: libtorch's fused kernel computes exactly softmax(q k^T / sqrt(d)) v.
+        let y = Tensor::scaled_dot_product_attention(&q, &k, &v, None::<Tensor>, 0.0, false, None, false);
+        self.out_proj.forward(&y.transpose(1, 2).reshape([b, t, d]))
+    }
+
+    fn parameters(&self, p: &str, out: &mut NamedTensors) {
+        self.q_proj.parameters(&format!("{p}.q_proj"), out);
+        self.k_proj.parameters(&format!("{p}.k_proj"), out);
+        self.v_proj.parameters(&format!("{p}.v_proj"), out);
+        self.out_proj.parameters(&format!("{p}.out_proj"), out);
+    }
+}
+
+struct EncoderLayer {
+    layer_norm1: LayerNorm,
+    self_attn: Attention,
+    layer_norm2: LayerNorm,
+    fc1: Linear,
+    fc2: Linear,
+}
+
+impl EncoderLayer {
+    fn new(cfg: &SiglipVisionConfig, w: &mut Weights, p: &str) -> Result<Self, ModelError> {
+        let (d, eps) = (cfg.hidden_size, cfg.layer_norm_eps);
+        let init = Init::Normal(0.02);
+        Ok(Self {
+            layer_norm1: LayerNorm::new(w, &format!("{p}.layer_norm1"), d, eps)?,
+            self_attn: Attention::new(cfg, w, &format!("{p}.self_attn"))?,
+            layer_norm2: LayerNorm::new(w, &format!("{p}.layer_norm2"), d, eps)?,
+            fc1: Linear::new(w, &format!("{p}.mlp.fc1"), d, cfg.intermediate_size, true, init)?,
+            fc2: Linear::new(w, &format!("{p}.mlp.fc2"), cfg.intermediate_size, d, true, init)?,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> Tensor {
+        let x = x + self.self_attn.forward(&self.layer_norm1.forward(x));
+        let h = self.fc1.forward(&self.layer_norm2.forward(&x)).gelu("tanh");
+        x + self.fc2.forward(&h)
+    }
+
+    fn parameters(&self, p: &str, out: &mut NamedTensors) {
+        self.layer_norm1.parameters(&format!("{p}.layer_norm1"), out);
+        self.self_attn.parameters(&format!("{p}.self_attn"), out);
+        self.layer_norm2.parameters(&format!("{p}.layer_norm2"), out);
+        self.fc1.parameters(&format!("{p}.mlp.fc1"), out);
+        self.fc2.parameters(&format!("{p}.mlp.fc2"), out);
+    }
+}
+
+/// The vision tower; parameters are named as under `vision_tower.vision_model.` in checkpoints.
+pub struct SiglipVision {
+    patch_weight: Tensor,
+    patch_bias: Tensor,
+    position_embedding: Tensor,
+    layers: Vec<EncoderLayer>,
+    post_layernorm: LayerNorm,
+    patch_size: i64,
+}
+
+impl SiglipVision {
+    pub fn new(cfg: &SiglipVisionConfig, w: &mut Weights, p: &str) -> Result<Self, ModelError> {
+        let (d, ps) = (cfg.hidden_size as i64, cfg.patch_size as i64);
+        Ok(Self {
+            patch_weight: w.take(&format!("{p}.embeddings.patch_embedding.weight"), &[d, 3, ps, ps], Init::Normal(0.02))?,
+            patch_bias: w.take(&format!("{p}.embeddings.patch_embedding.bias"), &[d], Init::Zeros)?,
+            position_embedding: w.take(
+                &format!("{p}.embeddings.position_embedding.weight"),
+                &[cfg.num_patches() as i64, d],
+                Init::Normal(1.0 / (d as f64).sqrt()),
+            )?,
+            layers: (0..cfg.num_hidden_layers)
+                .map(|i| EncoderLayer::new(cfg, w, &format!("{p}.encoder.layers.{i}")))
+                .collect::<Result<_, _>>()?,
+            post_layernorm: LayerNorm::new(w, &format!("{p}.post_layernorm"), cfg.hidden_size, cfg.layer_norm_eps)?,
+            patch_size: ps,
+        })
+    }
+
+    /// Pixels `(batch, 3, res, res)` in [-1, 1] to patch features `(batch, patches, width)`.
+    pub fn forward(&self, pixels: &Tensor) -> Tensor {
+        let x = pixels.to_kind(self.patch_weight.kind());
+        let x = x.conv2d(&self.patch_weight, Some(&self.patch_bias), [self.patch_size], [0], [1], 1);
+        let mut x = x.flatten(2, 3).transpose(1, 2) + &self.position_embedding;
+        for layer in &self.layers {
+            x = layer.forward(&x);
+        }
+        self.post_layernorm.forward(&x)
+    }
+
+    pub fn parameters(&self, p: &str, out: &mut NamedTensors) {
+        out.push((format!("{p}.embeddings.patch_embedding.weight"), self.patch_weight.shallow_clone()));
+        out.push((format!("{p}.embeddings.patch_embedding.bias"), self.patch_bias.shallow_clone()));
+        out.push((format!("{p}.embeddings.position_embedding.weight"), self.position_embedding.shallow_clone()));
+        for (i, layer) in self.layers.iter().enumerate() {
+            layer.parameters(&format!("{p}.encoder.layers.{i}"), out);
+        }
+        self.post_layernorm.parameters(&format!("{p}.post_layernorm"), out);
+    }
+
+    /// Floating-point kind of the parameters.
+    pub fn kind(&self) -> Kind {
+        self.patch_weight.kind()
+    }
+}
