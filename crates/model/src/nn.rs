@@ -22,7 +22,8 @@ pub enum Init {
 enum Source {
     /// Tensors read from a checkpoint, by canonical name; taken out as the model is built.
     Checkpoint { tensors: BTreeMap<String, Tensor>, origin: String },
-    /// Fresh initialisation (draws from libtorch's global generator; seed it first).
+    /// Fresh initialisation on the target device (draws from libtorch's generator of that
+    /// device; seed it first).
     Random,
 }
 
@@ -59,7 +60,7 @@ impl Weights {
         let (device, kind) = (self.device, self.kind);
         let tensor = match &mut self.source {
             Source::Random => {
-                let opts = (Kind::Float, Device::Cpu);
+                let opts = (Kind::Float, device);
                 match init {
                     Init::Zeros => Tensor::zeros(shape, opts),
                     Init::Ones => Tensor::ones(shape, opts),

@@ -138,20 +138,28 @@ impl PaliGemma {
         self.text.logits(hidden, self.options)
     }
 
-    /// Sum of log-probabilities of the tokens where `loss_mask` is true, given all tokens
-    /// before them, per sequence, in f64 on the CPU; `loss_mask` is `(batch, tokens)` bool.
-    pub fn sequence_logprobs(&self, inputs: &Inputs, loss_mask: &Tensor) -> Result<Vec<f64>, ModelError> {
+    /// Log-probabilities of the tokens where `loss_mask` `(batch, tokens)` is true, given
+    /// all tokens before them: `(logprobs, example)`, both `(n,)`, batch-major, with the
+    /// batch row of each. Differentiable: the training loss is built from these.
+    pub fn target_logprobs(&self, inputs: &Inputs, loss_mask: &Tensor) -> Result<(Tensor, Tensor), ModelError> {
         let hidden = self.forward(inputs, None)?;
-        let (b, t) = inputs.ids.size2().unwrap();
-        // Position i predicts token i + 1: keep only the rows whose target is supervised.
-        let targets_mask = loss_mask.narrow(1, 1, t - 1);
-        let rows = targets_mask.nonzero();
-        let select = |x: &Tensor| x.index(&[Some(rows.select(1, 0)), Some(rows.select(1, 1))]);
+        let t = inputs.ids.size()[1];
+        // Position i predicts token i + 1: keep only the rows whose target is supervised,
+        // so the vocabulary-sized logits exist for those alone.
+        let rows = loss_mask.narrow(1, 1, t - 1).nonzero();
+        let (example, position) = (rows.select(1, 0), rows.select(1, 1));
+        let select = |x: &Tensor| x.index(&[Some(&example), Some(&position)]);
         let hidden = select(&hidden.narrow(1, 0, t - 1));
         let targets = select(&inputs.ids.narrow(1, 1, t - 1));
         let logprobs = self.logits(&hidden).to_kind(Kind::Float).log_softmax(-1, Kind::Float);
-        let picked = logprobs.gather(1, &targets.unsqueeze(1), false).squeeze_dim(1).to_kind(Kind::Double);
-        let sums = Tensor::zeros([b], (Kind::Double, picked.device())).index_add(0, &rows.select(1, 0), &picked);
+        Ok((logprobs.gather(1, &targets.unsqueeze(1), false).squeeze_dim(1), example))
+    }
+
+    /// Sum of the target log-probabilities of each sequence, in f64 on the CPU.
+    pub fn sequence_logprobs(&self, inputs: &Inputs, loss_mask: &Tensor) -> Result<Vec<f64>, ModelError> {
+        let (logprobs, example) = self.target_logprobs(inputs, loss_mask)?;
+        let b = inputs.ids.size()[0];
+        let sums = Tensor::zeros([b], (Kind::Double, logprobs.device())).index_add(0, &example, &logprobs.to_kind(Kind::Double));
         Ok(Vec::<f64>::try_from(sums.to_device(Device::Cpu)).unwrap())
     }
 }
