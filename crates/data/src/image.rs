@@ -1,9 +1,9 @@
 //! Image preprocessing as big_vision does it: decode, resize to `res x res` (bilinear with
 //! antialiasing, aspect ratio not kept), map [0, 255] to [-1, 1].
 //!
-//! The resize runs in f32 (no rounding back to 8 bits, as TensorFlow's resize in
-//! big_vision) with fast_image_resize's convolution, which is Pillow's algorithm: a
-//! triangle filter widened by the downscale factor.
+//! The resize keeps 16 bits per channel (no rounding back to 8 bits: TensorFlow's resize in
+//! big_vision works in floats) with fast_image_resize's convolution, which is Pillow's
+//! algorithm: a triangle filter widened by the downscale factor.
 
 use std::path::Path;
 
@@ -22,17 +22,19 @@ pub fn load_rgb(path: &Path) -> Result<RgbImage, String> {
 
 /// Resizes to `res x res` and returns channel-first pixels in [-1, 1] (`3 * res * res`).
 pub fn preprocess(img: &RgbImage, res: u32) -> Vec<f32> {
-    let floats: Vec<u8> = img.as_raw().iter().flat_map(|&v| f32::from(v).to_ne_bytes()).collect();
-    let src = Image::from_vec_u8(img.width(), img.height(), floats, PixelType::F32x3).expect("buffer matches size");
-    let mut dst = Image::new(res, res, PixelType::F32x3);
+    // Resized at 16 bits (v * 257): the SIMD kernels of fast_image_resize, with rounding
+    // errors below 1e-5 of the value range, where the f32 kernels are twice as slow.
+    let wide: Vec<u8> = img.as_raw().iter().flat_map(|&v| (u16::from(v) * 257).to_ne_bytes()).collect();
+    let src = Image::from_vec_u8(img.width(), img.height(), wide, PixelType::U16x3).expect("buffer matches size");
+    let mut dst = Image::new(res, res, PixelType::U16x3);
     let options = ResizeOptions::new().resize_alg(ResizeAlg::Convolution(FilterType::Bilinear));
     Resizer::new().resize(&src, &mut dst, &options).expect("same pixel type");
-    let hwc: Vec<f32> = dst.buffer().chunks_exact(4).map(|b| f32::from_ne_bytes(b.try_into().unwrap())).collect();
     let plane = (res * res) as usize;
     let mut chw = vec![0f32; 3 * plane];
-    for (i, px) in hwc.chunks_exact(3).enumerate() {
+    for (i, px) in dst.buffer().chunks_exact(6).enumerate() {
         for c in 0..3 {
-            chw[c * plane + i] = px[c] / 127.5 - 1.0;
+            let v = u16::from_ne_bytes([px[2 * c], px[2 * c + 1]]);
+            chw[c * plane + i] = f32::from(v) / 32767.5 - 1.0;
         }
     }
     chw

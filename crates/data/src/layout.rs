@@ -13,6 +13,27 @@ use tch::{Device, Kind, Tensor};
 
 use crate::tokenizer::PgTokenizer;
 
+/// Token limits of one task, in tokens of text (image tokens and `<bos>` not counted).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct TextLimits {
+    /// Most tokens of `prefix + "\n"`; longer prompts are cut at the end.
+    pub max_prefix_tokens: Option<usize>,
+    /// Most tokens of `suffix` plus `<eos>`; longer targets are cut at the end.
+    pub max_suffix_tokens: Option<usize>,
+    /// When cutting a target, keep `<eos>` as its last token (the model then learns to stop
+    /// early) instead of dropping it (big_vision's plain cut).
+    pub keep_eos: bool,
+}
+
+/// What a cut removed from one example; summed into the pipeline's counters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Truncation {
+    pub prefix: bool,
+    pub suffix: bool,
+    /// The target lost its `<eos>`.
+    pub eos_dropped: bool,
+}
+
 /// One example's tokens before padding.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct EncodedExample {
@@ -26,20 +47,47 @@ pub struct EncodedExample {
 impl EncodedExample {
     /// Lays out `num_image_tokens` placeholders, the prompt and, when given, the target.
     pub fn new(tok: &PgTokenizer, num_image_tokens: usize, prefix: &str, suffix: Option<&str>) -> Self {
+        Self::with_limits(tok, num_image_tokens, prefix, suffix, &TextLimits::default()).0
+    }
+
+    /// As [`EncodedExample::new`], cutting prompt and target to `limits`.
+    pub fn with_limits(
+        tok: &PgTokenizer,
+        num_image_tokens: usize,
+        prefix: &str,
+        suffix: Option<&str>,
+        limits: &TextLimits,
+    ) -> (Self, Truncation) {
+        let mut cut = Truncation::default();
+        let mut prompt = tok.encode(&format!("{prefix}\n"));
+        if let Some(max) = limits.max_prefix_tokens.filter(|&m| prompt.len() > m) {
+            prompt.truncate(max);
+            cut.prefix = true;
+        }
+        let mut target = match suffix {
+            Some(suffix) => [tok.encode(suffix), vec![tok.eos_id]].concat(),
+            None => vec![],
+        };
+        if let Some(max) = limits.max_suffix_tokens.filter(|&m| target.len() > m) {
+            target.truncate(max);
+            cut.suffix = true;
+            if limits.keep_eos && max > 0 {
+                target[max - 1] = tok.eos_id;
+            } else {
+                cut.eos_dropped = true;
+            }
+        }
         let mut ids = vec![tok.image_id; num_image_tokens];
         ids.push(tok.bos_id);
-        ids.extend(tok.encode(&format!("{prefix}\n")));
+        ids.extend(prompt);
         let prompt_len = ids.len();
-        if let Some(suffix) = suffix {
-            ids.extend(tok.encode(suffix));
-            ids.push(tok.eos_id);
-        }
-        let causal = ids.len() - prompt_len;
-        Self {
-            mask_ar: [vec![0; prompt_len], vec![1; causal]].concat(),
-            loss: [vec![false; prompt_len], vec![true; causal]].concat(),
+        ids.extend(&target);
+        let example = Self {
+            mask_ar: [vec![0; prompt_len], vec![1; target.len()]].concat(),
+            loss: [vec![false; prompt_len], vec![true; target.len()]].concat(),
             ids,
-        }
+        };
+        (example, cut)
     }
 
     /// Number of supervised tokens.
@@ -58,7 +106,14 @@ pub struct Batch {
 impl Batch {
     /// Right-pads `examples` to the longest one and attaches `pixels` `(batch, 3, res, res)`.
     pub fn collate(examples: &[EncodedExample], pixels: Option<Tensor>, pad_id: i64, device: Device) -> Self {
-        let len = examples.iter().map(|e| e.ids.len()).max().unwrap_or(0);
+        Self::collate_to(examples, pixels, pad_id, device, None)
+    }
+
+    /// As [`Batch::collate`], padding to at least `min_len` tokens (a fixed length keeps
+    /// tensor shapes constant from step to step).
+    pub fn collate_to(examples: &[EncodedExample], pixels: Option<Tensor>, pad_id: i64, device: Device, min_len: Option<usize>) -> Self {
+        let longest = examples.iter().map(|e| e.ids.len()).max().unwrap_or(0);
+        let len = longest.max(min_len.unwrap_or(0));
         let mut ids = Vec::with_capacity(examples.len() * len);
         let mut mask_ar = Vec::with_capacity(ids.capacity());
         let mut valid = Vec::with_capacity(ids.capacity());
@@ -80,5 +135,47 @@ impl Batch {
             },
             loss_mask: tensor(Tensor::from_slice(&loss)).to_kind(Kind::Bool),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    fn tokenizer() -> PgTokenizer {
+        PgTokenizer::from_file(&Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/paligemma/tokenizer.json")).unwrap()
+    }
+
+    #[test]
+    fn prompt_only_examples_have_no_targets() {
+        let tok = tokenizer();
+        let e = EncodedExample::new(&tok, 3, "caption en", None);
+        assert_eq!(&e.ids[..4], &[tok.image_id, tok.image_id, tok.image_id, tok.bos_id]);
+        assert_eq!(e.num_targets(), 0);
+        assert!(e.mask_ar.iter().all(|&m| m == 0));
+    }
+
+    #[test]
+    fn long_targets_are_cut_and_the_cut_is_reported() {
+        let tok = tokenizer();
+        let suffix = "a red circle above a blue square";
+        let full = EncodedExample::new(&tok, 1, "caption en", Some(suffix));
+        let n = full.num_targets();
+        assert!(n > 4);
+        let limits = TextLimits { max_suffix_tokens: Some(4), ..TextLimits::default() };
+        let (cut, t) = EncodedExample::with_limits(&tok, 1, "caption en", Some(suffix), &limits);
+        assert_eq!(cut.num_targets(), 4);
+        assert_eq!(t, Truncation { prefix: false, suffix: true, eos_dropped: true });
+        assert_ne!(*cut.ids.last().unwrap(), tok.eos_id);
+        let keep = TextLimits { keep_eos: true, ..limits };
+        let (cut, t) = EncodedExample::with_limits(&tok, 1, "caption en", Some(suffix), &keep);
+        assert_eq!((*cut.ids.last().unwrap(), t.eos_dropped, cut.num_targets()), (tok.eos_id, false, 4));
+        let prompt = TextLimits { max_prefix_tokens: Some(2), ..TextLimits::default() };
+        let (cut, t) = EncodedExample::with_limits(&tok, 1, "answer en how many circles are there", Some("2"), &prompt);
+        assert!(t.prefix && !t.suffix);
+        assert_eq!(cut.mask_ar.iter().filter(|&&m| m == 0).count(), 1 + 1 + 2);
+        let (_, t) = EncodedExample::with_limits(&tok, 1, "ocr", Some("4"), &TextLimits { max_suffix_tokens: Some(8), ..keep });
+        assert_eq!(t, Truncation::default());
     }
 }

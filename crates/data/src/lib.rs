@@ -1,13 +1,20 @@
-//! pg2's data: tokenizer, the PaliGemma input layout, image preprocessing and JSONL
-//! sources, turned into model inputs.
+//! pg2's data: tokenizer, the PaliGemma input layout, image preprocessing, JSONL sources,
+//! converters from public formats, weighted resumable mixtures, the prefetching input
+//! pipeline and the embedded synthetic dataset.
 
+pub mod convert;
 pub mod image;
 pub mod layout;
+pub mod mixture;
+pub mod pipeline;
 pub mod source;
+pub mod synth;
 pub mod tokenizer;
 
-pub use layout::{Batch, EncodedExample};
-pub use source::Record;
+pub use layout::{Batch, EncodedExample, TextLimits, Truncation};
+pub use mixture::{Mixture, MixturePosition, MixtureSource, RunLength, SourceData, StreamSource, TaskFormat};
+pub use pipeline::{LoadedBatch, OnBadRecord, Pipeline, PipelineConfig};
+pub use source::{OnBadLine, Record};
 pub use tokenizer::PgTokenizer;
 
 /// Errors from reading or preparing data; each names the file (and line) at fault.

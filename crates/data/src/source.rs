@@ -36,34 +36,77 @@ impl Record {
     }
 }
 
-/// Reads every record of a JSONL file; blank lines are skipped.
+/// Reads every record of a JSONL file; blank lines are skipped, any bad line is an error.
 pub fn read_jsonl(path: &Path) -> Result<Vec<Record>, DataError> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| DataError::File { path: path.display().to_string(), msg: e.to_string() })?;
-    let dir = path.parent().unwrap_or(Path::new("."));
-    let mut records = Vec::new();
-    for (i, line) in text.lines().enumerate() {
-        if line.trim().is_empty() {
-            continue;
+    Ok(read_source(path, OnBadLine::Error)?.0)
+}
+
+/// What to do with a line that is not a valid record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum OnBadLine {
+    /// Stop with an error naming the file and line.
+    #[default]
+    Error,
+    /// Leave it out and count it.
+    Skip,
+}
+
+/// Reads a JSONL file, or every `*.jsonl` shard of a folder in name order. Returns the
+/// records and how many bad lines were skipped.
+pub fn read_source(path: &Path, policy: OnBadLine) -> Result<(Vec<Record>, usize), DataError> {
+    let files = if path.is_dir() { shard_files(path)? } else { vec![path.to_path_buf()] };
+    let (mut records, mut skipped) = (Vec::new(), 0);
+    for file in files {
+        let text = std::fs::read_to_string(&file)
+            .map_err(|e| DataError::File { path: file.display().to_string(), msg: e.to_string() })?;
+        for (i, line) in text.lines().enumerate() {
+            if line.trim().is_empty() {
+                continue;
+            }
+            match parse_line(&file, i + 1, line) {
+                Ok(record) => records.push(record),
+                Err(_) if policy == OnBadLine::Skip => skipped += 1,
+                Err(e) => return Err(e),
+            }
         }
-        let err = |msg: String| DataError::Record { path: path.display().to_string(), line: i + 1, msg };
-        let mut fields = match serde_json::from_str::<Value>(line) {
-            Ok(Value::Object(map)) => map,
-            Ok(_) => return Err(err("expected a JSON object".into())),
-            Err(e) => return Err(err(format!("invalid JSON: {e}"))),
-        };
-        let mut text_field = |key: &str, required: bool| match fields.remove(key) {
-            Some(Value::String(s)) => Ok(Some(s)),
-            None | Some(Value::Null) if !required => Ok(None),
-            None | Some(Value::Null) => Err(err(format!("record has no `{key}`"))),
-            Some(other) => Err(err(format!("`{key}` must be a string, found {other}"))),
-        };
-        let image = text_field("image", true)?.unwrap();
-        let prefix = text_field("prefix", true)?.unwrap();
-        let suffix = text_field("suffix", false)?;
-        records.push(Record { image: dir.join(image), prefix, suffix, extra: fields, file: path.to_path_buf(), line: i + 1 });
     }
-    Ok(records)
+    Ok((records, skipped))
+}
+
+/// The `*.jsonl` shards of a folder, in name order.
+pub(crate) fn shard_files(dir: &Path) -> Result<Vec<PathBuf>, DataError> {
+    let err = |msg: String| DataError::File { path: dir.display().to_string(), msg };
+    let mut shards: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map_err(|e| err(e.to_string()))?
+        .filter_map(|entry| entry.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|ext| ext == "jsonl"))
+        .collect();
+    shards.sort();
+    if shards.is_empty() {
+        return Err(err("folder holds no .jsonl shards".into()));
+    }
+    Ok(shards)
+}
+
+/// One line of a JSONL file as a record; errors name the file and line.
+pub(crate) fn parse_line(path: &Path, line_number: usize, line: &str) -> Result<Record, DataError> {
+    let err = |msg: String| DataError::Record { path: path.display().to_string(), line: line_number, msg };
+    let mut fields = match serde_json::from_str::<Value>(line) {
+        Ok(Value::Object(map)) => map,
+        Ok(_) => return Err(err("expected a JSON object".into())),
+        Err(e) => return Err(err(format!("invalid JSON: {e}"))),
+    };
+    let mut text_field = |key: &str, required: bool| match fields.remove(key) {
+        Some(Value::String(s)) => Ok(Some(s)),
+        None | Some(Value::Null) if !required => Ok(None),
+        None | Some(Value::Null) => Err(err(format!("record has no `{key}`"))),
+        Some(other) => Err(err(format!("`{key}` must be a string, found {other}"))),
+    };
+    let image = text_field("image", true)?.unwrap();
+    let prefix = text_field("prefix", true)?.unwrap();
+    let suffix = text_field("suffix", false)?;
+    let dir = path.parent().unwrap_or(Path::new("."));
+    Ok(Record { image: dir.join(image), prefix, suffix, extra: fields, file: path.to_path_buf(), line: line_number })
 }
 
 #[cfg(test)]
@@ -98,6 +141,20 @@ mod tests {
         assert!(read_jsonl(&path).unwrap_err().to_string().contains("data.jsonl:1: invalid JSON"));
         let path = write("type", "{\"image\": 3, \"prefix\": \"x\"}\n");
         assert!(read_jsonl(&path).unwrap_err().to_string().contains("`image` must be a string"));
+    }
+
+    #[test]
+    fn skip_policy_counts_bad_lines_and_folders_read_all_shards() {
+        let path = write("skip", "{\"image\": \"a.png\", \"prefix\": \"x\"}\nnot json\n{\"image\": \"a.png\"}\n");
+        let (records, skipped) = read_source(&path, OnBadLine::Skip).unwrap();
+        assert_eq!((records.len(), skipped), (1, 2));
+        let dir = path.parent().unwrap();
+        std::fs::write(dir.join("b.jsonl"), "{\"image\": \"b.png\", \"prefix\": \"y\"}\n").unwrap();
+        std::fs::write(dir.join("notes.txt"), "ignored").unwrap();
+        let (records, skipped) = read_source(dir, OnBadLine::Skip).unwrap();
+        assert_eq!(skipped, 2);
+        let prefixes: Vec<_> = records.iter().map(|r| r.prefix.as_str()).collect();
+        assert_eq!(prefixes, ["y", "x"], "b.jsonl sorts before data.jsonl");
     }
 
     #[test]

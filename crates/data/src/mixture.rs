@@ -1,0 +1,475 @@
+//! Weighted mixtures of sources: deterministic from a seed, resumable from a saved
+//! position, and shardable over data-parallel ranks.
+//!
+//! The global stream is a pure function of the seed: example `i` picks its source with a
+//! generator seeded by `(seed, i)`, and the `k`-th pick of a source takes element
+//! `k % len` of that source's permutation for epoch `k / len`. A [`MixturePosition`] (the
+//! next example index and how many examples each source has given) therefore restores the
+//! stream exactly, and every rank walks the same stream, keeping only its own share.
+
+use rand::seq::SliceRandom;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+
+use std::fs::File;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+
+use crate::layout::TextLimits;
+use crate::source::{parse_line, OnBadLine, Record};
+use crate::DataError;
+
+/// How a task turns a record into text.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct TaskFormat {
+    /// Prompt template such as `"answer en {question}"`: `{name}` takes the record's field
+    /// `name` (`prefix`, `suffix` or any extra field). `None` keeps the record's prefix.
+    pub prefix: Option<String>,
+    /// Token limits and the truncation policy.
+    pub limits: TextLimits,
+}
+
+impl TaskFormat {
+    /// The prompt of `record` under this format.
+    pub fn prompt(&self, record: &Record) -> Result<String, DataError> {
+        let Some(template) = &self.prefix else { return Ok(record.prefix.clone()) };
+        let mut out = String::new();
+        let mut rest = template.as_str();
+        while let Some(open) = rest.find('{') {
+            let close = rest[open..].find('}').map(|c| open + c).ok_or_else(|| record.error(format!("prompt template {template:?} has an unclosed `{{`")))?;
+            out.push_str(&rest[..open]);
+            let name = &rest[open + 1..close];
+            let value = match name {
+                "prefix" => Some(record.prefix.clone()),
+                "suffix" => record.suffix.clone(),
+                _ => record.extra.get(name).map(|v| v.as_str().map(str::to_string).unwrap_or_else(|| v.to_string())),
+            };
+            out.push_str(&value.ok_or_else(|| record.error(format!("prompt template {template:?} needs field `{name}`, which the record lacks")))?);
+            rest = &rest[close + 1..];
+        }
+        out.push_str(rest);
+        Ok(out)
+    }
+}
+
+/// One weighted source of a mixture (records only; images load lazily).
+#[derive(Debug)]
+pub struct MixtureSource {
+    pub name: String,
+    pub data: SourceData,
+    pub weight: f64,
+    pub format: TaskFormat,
+}
+
+/// Where a source's records come from.
+#[derive(Debug)]
+pub enum SourceData {
+    /// Every record in memory; each epoch is a fresh permutation.
+    Memory(Vec<Record>),
+    /// Shards read lazily through a shuffle buffer, for sources too large for memory.
+    Stream(StreamSource),
+}
+
+impl SourceData {
+    /// Records per epoch.
+    pub fn len(&self) -> usize {
+        match self {
+            SourceData::Memory(records) => records.len(),
+            SourceData::Stream(stream) => stream.len,
+        }
+    }
+
+    /// True for a source without records.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// A JSONL source read lazily: each epoch visits the shards in a shuffled order and emits
+/// records through a shuffle buffer, so only `buffer` records are held at a time. The
+/// order is a pure function of the seed and the epoch; seeking replays the current epoch
+/// up to the position (reading JSON only, no images).
+#[derive(Debug)]
+pub struct StreamSource {
+    shards: Vec<PathBuf>,
+    buffer: usize,
+    policy: OnBadLine,
+    len: usize,
+    state: Option<StreamEpoch>,
+}
+
+#[derive(Debug)]
+struct StreamEpoch {
+    epoch: u64,
+    emitted: usize,
+    pending: std::vec::IntoIter<PathBuf>,
+    lines: Option<(PathBuf, std::iter::Enumerate<std::io::Lines<BufReader<File>>>)>,
+    buffer: Vec<Record>,
+    rng: ChaCha8Rng,
+}
+
+impl StreamSource {
+    /// Opens a JSONL file or folder of shards, counting its records once.
+    pub fn open(path: &Path, buffer: usize, policy: OnBadLine) -> Result<Self, DataError> {
+        let shards = if path.is_dir() { crate::source::shard_files(path)? } else { vec![path.to_path_buf()] };
+        let mut source = Self { shards, buffer: buffer.max(1), policy, len: 0, state: None };
+        let mut count = 0;
+        let mut epoch = source.start_epoch(0, 0)?;
+        while source.read_line(&mut epoch)?.is_some() {
+            count += 1;
+        }
+        source.len = count;
+        Ok(source)
+    }
+
+    fn start_epoch(&self, seed: u64, epoch: u64) -> Result<StreamEpoch, DataError> {
+        let mut rng = rng_for(seed, u64::MAX, epoch);
+        let mut shards = self.shards.clone();
+        shards.shuffle(&mut rng);
+        Ok(StreamEpoch { epoch, emitted: 0, pending: shards.into_iter(), lines: None, buffer: Vec::new(), rng })
+    }
+
+    /// The next good record of the epoch's shard order, or `None` at its end.
+    fn read_line(&self, e: &mut StreamEpoch) -> Result<Option<Record>, DataError> {
+        loop {
+            if e.lines.is_none() {
+                let Some(file) = e.pending.next() else { return Ok(None) };
+                let f = File::open(&file).map_err(|err| DataError::File { path: file.display().to_string(), msg: err.to_string() })?;
+                e.lines = Some((file, BufReader::new(f).lines().enumerate()));
+            }
+            let (file, lines) = e.lines.as_mut().unwrap();
+            match lines.next() {
+                None => e.lines = None,
+                Some((_, Err(err))) => return Err(DataError::File { path: file.display().to_string(), msg: err.to_string() }),
+                Some((_, Ok(line))) if line.trim().is_empty() => {}
+                Some((i, Ok(line))) => match parse_line(file, i + 1, &line) {
+                    Ok(record) => return Ok(Some(record)),
+                    Err(_) if self.policy == OnBadLine::Skip => {}
+                    Err(err) => return Err(err),
+                },
+            }
+        }
+    }
+
+    /// The `k`-th record this source emits (`k` counts over all epochs).
+    fn record(&mut self, seed: u64, k: u64) -> Result<Record, DataError> {
+        let (epoch, offset) = (k / self.len as u64, (k % self.len as u64) as usize);
+        let mut state = match self.state.take() {
+            Some(s) if s.epoch == epoch && s.emitted <= offset => s,
+            _ => self.start_epoch(seed, epoch)?,
+        };
+        loop {
+            while state.buffer.len() < self.buffer {
+                match self.read_line(&mut state)? {
+                    Some(record) => state.buffer.push(record),
+                    None => break,
+                }
+            }
+            let pick = state.rng.random_range(0..state.buffer.len());
+            let record = state.buffer.swap_remove(pick);
+            state.emitted += 1;
+            if state.emitted > offset {
+                self.state = Some(state);
+                return Ok(record);
+            }
+        }
+    }
+}
+
+/// How long a run lasts: pretraining counts examples (the paper's 1B for stage 1),
+/// transfer counts epochs of its one dataset.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum RunLength {
+    Steps(u64),
+    Examples(u64),
+    Epochs(f64),
+}
+
+impl RunLength {
+    /// Optimizer steps for a global batch of `global_batch` examples over a mixture of
+    /// `records` records per epoch (a partial last batch counts as a step).
+    pub fn steps(&self, records: usize, global_batch: usize) -> u64 {
+        let batches = |examples: f64| (examples / global_batch as f64).ceil() as u64;
+        match *self {
+            RunLength::Steps(n) => n,
+            RunLength::Examples(n) => batches(n as f64),
+            RunLength::Epochs(e) => batches(e * records as f64),
+        }
+    }
+}
+
+/// Where a mixture stands: saved with checkpoints, restored with [`Mixture::seek`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MixturePosition {
+    /// Index of the next example of the global stream.
+    pub next: u64,
+    /// Examples taken from each source so far.
+    pub consumed: Vec<u64>,
+}
+
+/// The global example stream of a list of weighted sources.
+pub struct Mixture {
+    sources: Vec<MixtureSource>,
+    /// Cumulative normalised weights, for picking a source.
+    cumulative: Vec<f64>,
+    seed: u64,
+    position: MixturePosition,
+    /// Each source's current epoch and its permutation.
+    orders: Vec<Option<(u64, Vec<u32>)>>,
+}
+
+/// A generator for one purpose and index, independent of every other (ChaCha streams).
+fn rng_for(seed: u64, stream: u64, index: u64) -> ChaCha8Rng {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed ^ index.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+    rng.set_stream(stream);
+    rng
+}
+
+impl Mixture {
+    /// A mixture starting at its first example. Sources need at least one record and a
+    /// positive weight.
+    pub fn new(sources: Vec<MixtureSource>, seed: u64) -> Result<Self, DataError> {
+        let total: f64 = sources.iter().map(|s| s.weight).sum();
+        for s in &sources {
+            if s.data.is_empty() || !(s.weight > 0.0) {
+                return Err(DataError::File { path: s.name.clone(), msg: "a mixture source needs records and a positive weight".into() });
+            }
+        }
+        if sources.is_empty() {
+            return Err(DataError::File { path: "mixture".into(), msg: "no sources".into() });
+        }
+        let cumulative = sources.iter().scan(0.0, |acc, s| { *acc += s.weight / total; Some(*acc) }).collect();
+        let position = MixturePosition { next: 0, consumed: vec![0; sources.len()] };
+        let orders = sources.iter().map(|_| None).collect();
+        Ok(Self { sources, cumulative, seed, position, orders })
+    }
+
+    /// The sources, in recipe order.
+    pub fn sources(&self) -> &[MixtureSource] {
+        &self.sources
+    }
+
+    /// Records over all sources (one epoch of a single-source transfer run).
+    pub fn total_records(&self) -> usize {
+        self.sources.iter().map(|s| s.data.len()).sum()
+    }
+
+    /// Where the stream stands.
+    pub fn position(&self) -> &MixturePosition {
+        &self.position
+    }
+
+    /// Continues from a saved position.
+    pub fn seek(&mut self, position: MixturePosition) -> Result<(), DataError> {
+        if position.consumed.len() != self.sources.len() {
+            return Err(DataError::File {
+                path: "mixture".into(),
+                msg: format!("saved position has {} sources, the recipe {}", position.consumed.len(), self.sources.len()),
+            });
+        }
+        self.position = position;
+        Ok(())
+    }
+
+    /// Source index of global example `index`.
+    fn pick(&self, index: u64) -> usize {
+        let u: f64 = rng_for(self.seed, 0, index).random();
+        self.cumulative.iter().position(|&c| u < c).unwrap_or(self.sources.len() - 1)
+    }
+
+    /// The `k`-th example of source `s`.
+    fn element(&mut self, s: usize, k: u64) -> Result<Record, DataError> {
+        let seed = self.seed;
+        match &mut self.sources[s].data {
+            SourceData::Memory(records) => {
+                let len = records.len() as u64;
+                let epoch = k / len;
+                if self.orders[s].as_ref().is_none_or(|(e, _)| *e != epoch) {
+                    let mut order: Vec<u32> = (0..len as u32).collect();
+                    order.shuffle(&mut rng_for(seed, 1 + s as u64, epoch));
+                    self.orders[s] = Some((epoch, order));
+                }
+                Ok(records[self.orders[s].as_ref().unwrap().1[(k % len) as usize] as usize].clone())
+            }
+            SourceData::Stream(stream) => stream.record(seed ^ ((s as u64) << 32), k),
+        }
+    }
+
+    /// The next example of the global stream, with the index of its source.
+    pub fn next_example(&mut self) -> Result<(usize, Record), DataError> {
+        let s = self.pick(self.position.next);
+        let k = self.position.consumed[s];
+        self.position.next += 1;
+        self.position.consumed[s] += 1;
+        Ok((s, self.element(s, k)?))
+    }
+
+    /// The examples of data-parallel `rank` (of `world`) for the next global batch of
+    /// `world * per_rank` examples: ranks take consecutive slices, so together they see
+    /// exactly what one process with the whole batch would.
+    pub fn next_batch(&mut self, per_rank: usize, rank: usize, world: usize) -> Result<Vec<(usize, Record)>, DataError> {
+        let mut mine = Vec::with_capacity(per_rank);
+        for i in 0..per_rank * world {
+            let example = self.next_example()?;
+            if i / per_rank == rank {
+                mine.push(example);
+            }
+        }
+        Ok(mine)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::PathBuf;
+
+    fn source(name: &str, n: usize, weight: f64) -> MixtureSource {
+        let records = (0..n)
+            .map(|i| Record {
+                image: PathBuf::from(format!("{name}-{i}.png")),
+                prefix: format!("{name} {i}"),
+                suffix: None,
+                extra: serde_json::Map::from_iter([("question".to_string(), serde_json::json!(format!("q{i}")))]),
+                file: PathBuf::from(format!("{name}.jsonl")),
+                line: i + 1,
+            })
+            .collect();
+        MixtureSource { name: name.into(), data: SourceData::Memory(records), weight, format: TaskFormat::default() }
+    }
+
+    /// An example as (source, record prefix), comparable across runs.
+    fn key(example: Result<(usize, Record), DataError>) -> (usize, String) {
+        let (s, r) = example.unwrap();
+        (s, r.prefix)
+    }
+
+    fn mixture() -> Mixture {
+        Mixture::new(vec![source("a", 7, 1.0), source("b", 11, 3.0)], 42).unwrap()
+    }
+
+    #[test]
+    fn run_lengths_become_steps() {
+        assert_eq!(RunLength::Steps(7).steps(100, 8), 7);
+        assert_eq!(RunLength::Examples(1000).steps(100, 8), 125);
+        assert_eq!(RunLength::Epochs(2.5).steps(100, 8), 32, "250 examples: 31 full batches and a partial one");
+    }
+
+    #[test]
+    fn weights_are_respected() {
+        let mut m = mixture();
+        let n = 20_000;
+        let from_b = (0..n).filter(|_| m.next_example().unwrap().0 == 1).count() as f64;
+        // Binomial(20000, 0.75): standard deviation ~61; allow 5 of them.
+        assert!((from_b - 0.75 * n as f64).abs() < 5.0 * 61.3, "{from_b}");
+    }
+
+    #[test]
+    fn each_epoch_visits_every_record_once() {
+        let mut m = Mixture::new(vec![source("a", 7, 1.0)], 3).unwrap();
+        let mut seen: Vec<usize> = (0..7).map(|_| m.next_example().unwrap().1.line - 1).collect();
+        let first = seen.clone();
+        seen.sort();
+        assert_eq!(seen, (0..7).collect::<Vec<_>>());
+        let second: Vec<usize> = (0..7).map(|_| m.next_example().unwrap().1.line - 1).collect();
+        assert_ne!(first, second, "each epoch reshuffles");
+    }
+
+    #[test]
+    fn same_seed_same_stream_other_seed_other_stream() {
+        let run = |seed| {
+            let mut m = Mixture::new(vec![source("a", 7, 1.0), source("b", 11, 3.0)], seed).unwrap();
+            (0..100).map(|_| key(m.next_example())).collect::<Vec<_>>()
+        };
+        assert_eq!(run(1), run(1));
+        assert_ne!(run(1), run(2));
+    }
+
+    #[test]
+    fn resuming_from_a_position_continues_exactly() {
+        let mut whole = mixture();
+        let all: Vec<_> = (0..300).map(|_| key(whole.next_example())).collect();
+        let mut first = mixture();
+        for _ in 0..123 {
+            first.next_example().unwrap();
+        }
+        let saved = serde_json::to_string(first.position()).unwrap();
+        let mut resumed = mixture();
+        resumed.seek(serde_json::from_str(&saved).unwrap()).unwrap();
+        let rest: Vec<_> = (123..300).map(|_| key(resumed.next_example())).collect();
+        assert_eq!(rest, all[123..]);
+    }
+
+    #[test]
+    fn ranks_are_disjoint_and_together_the_single_process_stream() {
+        let (world, per_rank) = (3, 4);
+        let mut single = mixture();
+        let whole: Vec<_> = (0..5).flat_map(|_| single.next_batch(per_rank * world, 0, 1).unwrap()).map(|e| key(Ok(e))).collect();
+        let mut ranks: Vec<Mixture> = (0..world).map(|_| mixture()).collect();
+        let mut union = Vec::new();
+        for _ in 0..5 {
+            for (r, m) in ranks.iter_mut().enumerate() {
+                union.extend(m.next_batch(per_rank, r, world).unwrap().into_iter().map(|e| key(Ok(e))));
+            }
+        }
+        assert_eq!(union, whole);
+        assert!(ranks.iter().all(|m| m.position() == single.position()));
+    }
+
+    #[test]
+    fn prompt_templates_fill_fields_and_name_missing_ones() {
+        let SourceData::Memory(records) = source("a", 1, 1.0).data else { unreachable!() };
+        let format = TaskFormat { prefix: Some("answer en {question}".into()), ..TaskFormat::default() };
+        assert_eq!(format.prompt(&records[0]).unwrap(), "answer en q0");
+        assert_eq!(TaskFormat::default().prompt(&records[0]).unwrap(), "a 0");
+        let format = TaskFormat { prefix: Some("detect {classes}".into()), ..TaskFormat::default() };
+        let err = format.prompt(&records[0]).unwrap_err().to_string();
+        assert!(err.contains("a.jsonl:1") && err.contains("`classes`"), "{err}");
+    }
+}
+
+#[cfg(test)]
+mod stream_tests {
+    use super::*;
+
+    /// 3 shards of 5 records: prefixes "s{shard} {i}".
+    fn shards(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("pg2-stream-{}-{name}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        for shard in 0..3 {
+            let lines: String = (0..5).map(|i| format!("{{\"image\": \"x.png\", \"prefix\": \"s{shard} {i}\"}}\n")).collect();
+            std::fs::write(dir.join(format!("{shard}.jsonl")), lines).unwrap();
+        }
+        dir
+    }
+
+    fn stream_mixture(dir: &Path, buffer: usize) -> Mixture {
+        let data = SourceData::Stream(StreamSource::open(dir, buffer, OnBadLine::Error).unwrap());
+        Mixture::new(vec![MixtureSource { name: "s".into(), data, weight: 1.0, format: TaskFormat::default() }], 9).unwrap()
+    }
+
+    fn prefixes(m: &mut Mixture, n: usize) -> Vec<String> {
+        (0..n).map(|_| m.next_example().unwrap().1.prefix).collect()
+    }
+
+    #[test]
+    fn buffered_stream_shuffles_each_epoch_and_resumes_exactly() {
+        let dir = shards("resume");
+        let mut m = stream_mixture(&dir, 4);
+        assert_eq!(m.total_records(), 15);
+        let all = prefixes(&mut m, 45);
+        let mut epoch: Vec<_> = all[..15].to_vec();
+        epoch.sort();
+        let mut want: Vec<String> = (0..3).flat_map(|s| (0..5).map(move |i| format!("s{s} {i}"))).collect();
+        want.sort();
+        assert_eq!(epoch, want, "every record once per epoch");
+        assert_ne!(all[..15], all[15..30], "epochs differ");
+        let mut resumed = stream_mixture(&dir, 4);
+        let mut first = stream_mixture(&dir, 4);
+        prefixes(&mut first, 22);
+        resumed.seek(first.position().clone()).unwrap();
+        assert_eq!(prefixes(&mut resumed, 23), all[22..]);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+}

@@ -1,0 +1,297 @@
+//! The input pipeline: a background thread walks the mixture, a pool of worker threads
+//! decodes, resizes and tokenizes each batch's examples in parallel, and finished batches
+//! wait in a bounded queue, so the training step never waits on data when the machine has
+//! the cores.
+
+use std::sync::mpsc::{sync_channel, Receiver};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use rayon::prelude::*;
+use tch::Device;
+
+use crate::layout::{Batch, EncodedExample, Truncation};
+use crate::mixture::{Mixture, MixturePosition, TaskFormat};
+use crate::source::Record;
+use crate::tokenizer::PgTokenizer;
+use crate::{image, DataError};
+
+/// What to do with a record whose image is missing or corrupt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum OnBadRecord {
+    /// Stop with an error naming the record.
+    #[default]
+    Error,
+    /// Count it and use another good example of the same batch in its place (a
+    /// duplicate keeps the batch shape; one bad record among thousands changes nothing).
+    Skip,
+}
+
+/// Pipeline settings.
+#[derive(Debug, Clone)]
+pub struct PipelineConfig {
+    /// Image side in pixels.
+    pub resolution: u32,
+    /// `<image>` placeholders per example.
+    pub image_tokens: usize,
+    /// Examples per batch on this rank.
+    pub batch_size: usize,
+    /// This process's data-parallel rank and the number of ranks.
+    pub rank: usize,
+    pub world: usize,
+    /// Decoding threads.
+    pub workers: usize,
+    /// Finished batches kept ready.
+    pub prefetch: usize,
+    /// Pad every batch to at least this many tokens (`None`: to its longest example).
+    pub pad_to: Option<usize>,
+    pub on_bad_record: OnBadRecord,
+}
+
+/// Counters a batch adds to the run's totals.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct BatchStats {
+    /// Records replaced because their image could not be read.
+    pub skipped: usize,
+    pub prefix_truncated: usize,
+    pub suffix_truncated: usize,
+    pub eos_dropped: usize,
+}
+
+/// A batch ready for the model (on the CPU), with where the stream stands after it.
+pub struct LoadedBatch {
+    pub batch: Batch,
+    /// The records, for evaluation and error messages.
+    pub records: Vec<Record>,
+    /// Save this with a checkpoint taken after training on this batch.
+    pub position: MixturePosition,
+    pub stats: BatchStats,
+}
+
+/// A running pipeline; batches come out in stream order.
+pub struct Pipeline {
+    batches: Receiver<Result<LoadedBatch, DataError>>,
+    _producer: JoinHandle<()>,
+}
+
+impl Pipeline {
+    /// Starts producing batches from `mixture`'s current position.
+    pub fn start(mut mixture: Mixture, tokenizer: Arc<PgTokenizer>, config: PipelineConfig) -> Result<Self, DataError> {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(config.workers.max(1))
+            .thread_name(|i| format!("pg2-data-{i}"))
+            .build()
+            .map_err(|e| DataError::File { path: "data pipeline".into(), msg: e.to_string() })?;
+        let (send, batches) = sync_channel(config.prefetch.max(1));
+        let producer = std::thread::Builder::new()
+            .name("pg2-data".into())
+            .spawn(move || loop {
+                let loaded = mixture
+                    .next_batch(config.batch_size, config.rank, config.world)
+                    .and_then(|picks| pool.install(|| load_batch(&mixture, &tokenizer, &config, picks)));
+                let failed = loaded.is_err();
+                if send.send(loaded).is_err() || failed {
+                    return; // the consumer hung up, or the run must stop on this error
+                }
+            })
+            .map_err(|e| DataError::File { path: "data pipeline".into(), msg: e.to_string() })?;
+        Ok(Self { batches, _producer: producer })
+    }
+
+    /// The next batch (the stream is endless; the trainer decides when to stop).
+    pub fn next_batch(&self) -> Result<LoadedBatch, DataError> {
+        self.batches.recv().expect("the data thread ends only after sending an error")
+    }
+}
+
+/// An example ready to collate.
+#[derive(Clone)]
+struct Prepared {
+    record: Record,
+    pixels: Vec<f32>,
+    tokens: EncodedExample,
+    truncation: Truncation,
+}
+
+/// An example's image either decoded or not.
+enum Outcome {
+    Ready(Prepared),
+    BadImage(DataError),
+}
+
+fn load_batch(mixture: &Mixture, tok: &PgTokenizer, config: &PipelineConfig, picks: Vec<(usize, Record)>) -> Result<LoadedBatch, DataError> {
+    let outcomes: Vec<Outcome> = picks
+        .into_par_iter()
+        .map(|(s, record)| prepare(&mixture.sources()[s].format, tok, config, record))
+        .collect::<Result<_, _>>()?;
+    let mut stats = BatchStats::default();
+    let ready: Vec<Prepared> = outcomes.iter().filter_map(|o| if let Outcome::Ready(p) = o { Some(p.clone()) } else { None }).collect();
+    let mut prepared = Vec::with_capacity(outcomes.len());
+    for (i, outcome) in outcomes.into_iter().enumerate() {
+        match outcome {
+            Outcome::Ready(p) => prepared.push(p),
+            Outcome::BadImage(e) if config.on_bad_record == OnBadRecord::Error || ready.is_empty() => return Err(e),
+            // A pure function of the batch, so every rank and every resumed run agrees.
+            Outcome::BadImage(_) => {
+                stats.skipped += 1;
+                prepared.push(ready[i % ready.len()].clone());
+            }
+        }
+    }
+    let (mut records, mut pixels, mut tokens) = (vec![], vec![], vec![]);
+    for p in prepared {
+        stats.prefix_truncated += p.truncation.prefix as usize;
+        stats.suffix_truncated += p.truncation.suffix as usize;
+        stats.eos_dropped += p.truncation.eos_dropped as usize;
+        records.push(p.record);
+        pixels.push(p.pixels);
+        tokens.push(p.tokens);
+    }
+    let pixels = image::stack(&pixels, config.resolution);
+    let batch = Batch::collate_to(&tokens, Some(pixels), tok.pad_id, Device::Cpu, config.pad_to);
+    Ok(LoadedBatch { batch, records, position: mixture.position().clone(), stats })
+}
+
+/// Decodes, resizes and tokenizes one record. A bad image is reported as such (the policy
+/// decides); a prompt template that does not fit the record is always an error.
+fn prepare(format: &TaskFormat, tok: &PgTokenizer, config: &PipelineConfig, record: Record) -> Result<Outcome, DataError> {
+    let img = match record.load_image() {
+        Ok(img) => img,
+        Err(e) => return Ok(Outcome::BadImage(e)),
+    };
+    let prompt = format.prompt(&record)?;
+    let (tokens, truncation) = EncodedExample::with_limits(tok, config.image_tokens, &prompt, record.suffix.as_deref(), &format.limits);
+    let pixels = image::preprocess(&img, config.resolution);
+    Ok(Outcome::Ready(Prepared { record, pixels, tokens, truncation }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::layout::TextLimits;
+    use crate::mixture::{MixtureSource, SourceData};
+    use crate::source::read_jsonl;
+    use std::path::{Path, PathBuf};
+
+    fn tokenizer() -> Arc<PgTokenizer> {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/paligemma/tokenizer.json");
+        Arc::new(PgTokenizer::from_file(&path).unwrap())
+    }
+
+    /// Six records with solid-colour images (grey level 10 * i); record 2's image is corrupt.
+    fn dataset(name: &str) -> (PathBuf, Vec<Record>) {
+        let dir = std::env::temp_dir().join(format!("pg2-pipeline-{}-{name}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut lines = String::new();
+        for i in 0..6 {
+            let file = format!("{i}.png");
+            if i == 2 {
+                std::fs::write(dir.join(&file), b"corrupt").unwrap();
+            } else {
+                let v = 10 * i as u8;
+                ::image::RgbImage::from_pixel(9, 7, ::image::Rgb([v, v, v])).save(dir.join(&file)).unwrap();
+            }
+            lines += &format!("{{\"image\": \"{file}\", \"prefix\": \"caption en\", \"suffix\": \"three\", \"n\": {i}}}\n");
+        }
+        std::fs::write(dir.join("data.jsonl"), lines).unwrap();
+        let records = read_jsonl(&dir.join("data.jsonl")).unwrap();
+        (dir, records)
+    }
+
+    fn config(on_bad_record: OnBadRecord) -> PipelineConfig {
+        PipelineConfig {
+            resolution: 4,
+            image_tokens: 2,
+            batch_size: 2,
+            rank: 0,
+            world: 1,
+            workers: 2,
+            prefetch: 2,
+            pad_to: None,
+            on_bad_record,
+        }
+    }
+
+    fn mixture(records: &[Record]) -> Mixture {
+        let format = TaskFormat { prefix: None, limits: TextLimits::default() };
+        let data = SourceData::Memory(records.to_vec());
+        Mixture::new(vec![MixtureSource { name: "s".into(), data, weight: 1.0, format }], 5).unwrap()
+    }
+
+    fn ids_of(b: &LoadedBatch) -> Vec<i64> {
+        b.records.iter().map(|r| r.extra["n"].as_i64().unwrap()).collect()
+    }
+
+    #[test]
+    fn batches_are_laid_out_token_by_token() {
+        let (dir, records) = dataset("layout");
+        let tok = tokenizer();
+        let p = Pipeline::start(mixture(&records[..2]), tok.clone(), config(OnBadRecord::Error)).unwrap();
+        let b = p.next_batch().unwrap();
+        let prompt = tok.encode("caption en\n");
+        let target = [tok.encode("three"), vec![tok.eos_id]].concat();
+        let want_ids = [vec![tok.image_id; 2], vec![tok.bos_id], prompt.clone(), target.clone()].concat();
+        let n = want_ids.len() as i64;
+        let ids = Vec::<i64>::try_from(b.batch.inputs.ids.view([-1])).unwrap();
+        assert_eq!(ids, [want_ids.clone(), want_ids].concat());
+        let prompt_len = 3 + prompt.len();
+        let mask_ar: Vec<i64> = (0..n as usize).map(|i| (i >= prompt_len) as i64).collect();
+        assert_eq!(Vec::<i64>::try_from(b.batch.inputs.layout.mask_ar.get(0)).unwrap(), mask_ar);
+        let loss: Vec<bool> = mask_ar.iter().map(|&m| m == 1).collect();
+        assert_eq!(Vec::<bool>::try_from(b.batch.loss_mask.get(1)).unwrap(), loss);
+        assert_eq!(b.batch.inputs.pixels.as_ref().unwrap().size(), [2, 3, 4, 4]);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn fixed_length_padding_is_masked_out() {
+        let (dir, records) = dataset("pad");
+        let tok = tokenizer();
+        let p = Pipeline::start(mixture(&records[..2]), tok.clone(), PipelineConfig { pad_to: Some(40), ..config(OnBadRecord::Error) }).unwrap();
+        let b = p.next_batch().unwrap();
+        assert_eq!(b.batch.inputs.ids.size(), [2, 40]);
+        let row = Vec::<i64>::try_from(b.batch.inputs.ids.get(0)).unwrap();
+        let valid = Vec::<bool>::try_from(b.batch.inputs.layout.valid.get(0)).unwrap();
+        let real = valid.iter().filter(|&&v| v).count();
+        assert!(row[real..].iter().all(|&id| id == tok.pad_id));
+        assert!(!Vec::<bool>::try_from(b.batch.loss_mask.get(0)).unwrap()[real..].contains(&true));
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn stream_is_deterministic_and_resumes_exactly() {
+        let (dir, records) = dataset("resume");
+        let good: Vec<Record> = records.iter().filter(|r| r.line != 3).cloned().collect();
+        let run = |m: Mixture, n: usize| {
+            let p = Pipeline::start(m, tokenizer(), config(OnBadRecord::Error)).unwrap();
+            (0..n).map(|_| p.next_batch().unwrap()).collect::<Vec<_>>()
+        };
+        let whole = run(mixture(&good), 6);
+        assert_eq!(whole.iter().map(ids_of).collect::<Vec<_>>(), run(mixture(&good), 6).iter().map(ids_of).collect::<Vec<_>>());
+        let mut resumed = mixture(&good);
+        resumed.seek(whole[2].position.clone()).unwrap();
+        let rest = run(resumed, 3);
+        assert_eq!(rest.iter().map(ids_of).collect::<Vec<_>>(), whole[3..].iter().map(ids_of).collect::<Vec<_>>());
+        assert!(rest[0].batch.inputs.pixels.as_ref().unwrap().equal(whole[3].batch.inputs.pixels.as_ref().unwrap()));
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn bad_images_stop_the_run_or_are_skipped_and_counted() {
+        let (dir, records) = dataset("bad");
+        let p = Pipeline::start(mixture(&records), tokenizer(), config(OnBadRecord::Error)).unwrap();
+        let err = (0..3).find_map(|_| p.next_batch().err()).expect("record 2 is met in the first epoch").to_string();
+        assert!(err.contains("data.jsonl:3") && err.contains("2.png"), "{err}");
+        let p = Pipeline::start(mixture(&records), tokenizer(), config(OnBadRecord::Skip)).unwrap();
+        let batches: Vec<_> = (0..3).map(|_| p.next_batch().unwrap()).collect();
+        assert_eq!(batches.iter().map(|b| b.stats.skipped).sum::<usize>(), 1);
+        let seen: Vec<i64> = batches.iter().flat_map(ids_of).collect();
+        assert!(!seen.contains(&2), "{seen:?}");
+        assert_eq!(seen.len(), 6, "the batch keeps its size");
+        let mut distinct = seen.clone();
+        distinct.sort();
+        distinct.dedup();
+        assert_eq!(distinct.len(), 5, "one good record stands in for record 2: {seen:?}");
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+}
