@@ -1,11 +1,13 @@
 //! `pg2`: score, predict with and inspect PaliGemma 2 checkpoints (Hugging Face model folders).
 
+mod bench;
+
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
-use pg2_data::{image, source, Batch, EncodedExample, PgTokenizer, Record};
+use pg2_data::{convert, image, source, synth, Batch, EncodedExample, PgTokenizer, Record};
 use pg2_model::{checkpoint, generate, DecodeOptions, PaliGemma, RunOptions};
 use tch::{Device, Kind};
 
@@ -55,6 +57,103 @@ enum Command {
         #[arg(long)]
         checkpoint: PathBuf,
     },
+    /// Benchmarks that print pg2's figures next to the same work done by transformers.
+    #[command(subcommand)]
+    Bench(BenchCommand),
+    /// Convert a public dataset's annotation files into pg2 JSONL.
+    #[command(after_help = format!("Formats and their inputs:\n{}", convert::Format::help()))]
+    Convert {
+        /// Dataset format (see below).
+        format: convert::Format,
+        /// Annotation files, in the order the format lists them (repeat the flag).
+        #[arg(long = "input", required = true)]
+        inputs: Vec<PathBuf>,
+        /// The folder the dataset's image names are relative to.
+        #[arg(long)]
+        images: PathBuf,
+        /// The JSONL file to write (image paths are written relative to it).
+        #[arg(long)]
+        output: PathBuf,
+        /// Keep one split (ocrvqa, refcoco).
+        #[arg(long)]
+        split: Option<String>,
+        /// Leave out records whose image is missing instead of failing.
+        #[arg(long)]
+        skip_missing: bool,
+    },
+    /// The embedded demo data.
+    #[command(subcommand)]
+    Data(DataCommand),
+}
+
+#[derive(Subcommand)]
+enum DataCommand {
+    /// Write the synthetic multitask dataset (shapes, counts, colours, boxes, digits) with
+    /// its tokenizer; deterministic from the seed.
+    Synth {
+        /// Output folder.
+        #[arg(long, default_value = "data/synth")]
+        out: PathBuf,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Training examples.
+        #[arg(long, default_value_t = synth::SynthOptions::default().train)]
+        train: usize,
+        /// Validation examples.
+        #[arg(long, default_value_t = synth::SynthOptions::default().val)]
+        val: usize,
+        /// Image side in pixels.
+        #[arg(long, default_value_t = synth::SynthOptions::default().canvas)]
+        canvas: u32,
+    },
+}
+
+#[derive(Subcommand)]
+enum BenchCommand {
+    /// Images/s per core of decode + resize + normalise, against transformers' SigLIP image
+    /// processor (PIL + numpy) on the same files.
+    Data {
+        /// Folder of JPEG/PNG images; by default 640x480 JPEGs are generated.
+        #[arg(long)]
+        images: Option<PathBuf>,
+        /// Images to time.
+        #[arg(long, default_value_t = 64)]
+        count: usize,
+        /// Output resolutions.
+        #[arg(long, value_delimiter = ',', default_value = "224,448,896")]
+        resolutions: Vec<u32>,
+        /// Python with transformers and pillow, for the baseline.
+        #[arg(long, default_value = "python3")]
+        python: String,
+    },
+    /// Step time and FLOP utilisation of a released-shape PaliGemma 2 with random weights.
+    Model {
+        /// Model size in billions: 3, 10 or 28.
+        #[arg(long, default_value_t = 3)]
+        size: u32,
+        /// Image resolution: 224, 448 or 896.
+        #[arg(long, default_value_t = 224)]
+        resolution: usize,
+        #[arg(long, default_value_t = 8)]
+        batch: i64,
+        /// Text tokens per example (half prompt, half target).
+        #[arg(long, default_value_t = 128)]
+        text_len: i64,
+        #[arg(long, value_enum, default_value = "bf16")]
+        dtype: DtypeArg,
+        /// cpu, cuda, cuda:N, or auto.
+        #[arg(long, default_value = "auto")]
+        device: String,
+        /// Timed steps (after one warm-up step).
+        #[arg(long, default_value_t = 5)]
+        steps: usize,
+        /// Time forward + backward instead of forward alone.
+        #[arg(long)]
+        train: bool,
+        /// The accelerator's dense peak in TFLOP/s for the utilisation figure (H100/H200 bf16: 989).
+        #[arg(long, default_value_t = 989.0)]
+        peak_tflops: f64,
+    },
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -86,26 +185,35 @@ struct ModelArgs {
     sliding_window: bool,
 }
 
-impl ModelArgs {
-    fn device(&self) -> Result<Device> {
-        Ok(match self.device.as_str() {
-            "auto" => Device::cuda_if_available(),
-            "cpu" => Device::Cpu,
-            "cuda" => Device::Cuda(0),
-            other => match other.strip_prefix("cuda:").and_then(|n| n.parse().ok()) {
-                Some(n) => Device::Cuda(n),
-                None => bail!("--device {other}: expected cpu, cuda, cuda:N or auto"),
-            },
-        })
-    }
-
-    fn load(&self) -> Result<(PaliGemma, PgTokenizer)> {
-        let kind = match self.dtype {
+impl DtypeArg {
+    fn kind(self) -> Kind {
+        match self {
             DtypeArg::F32 => Kind::Float,
             DtypeArg::Bf16 => Kind::BFloat16,
-        };
+        }
+    }
+}
+
+/// `--device`: cpu, cuda, cuda:N, or auto (the first GPU if there is one).
+fn parse_device(name: &str) -> Result<Device> {
+    Ok(match name {
+        "auto" => Device::cuda_if_available(),
+        "cpu" => Device::Cpu,
+        "cuda" => Device::Cuda(0),
+        other => match other.strip_prefix("cuda:").and_then(|n| n.parse().ok()) {
+            Some(n) => Device::Cuda(n),
+            None => bail!("--device {other}: expected cpu, cuda, cuda:N or auto"),
+        },
+    })
+}
+
+impl ModelArgs {
+    fn load(&self) -> Result<(PaliGemma, PgTokenizer)> {
+        let kind = self.dtype.kind();
         let options = RunOptions { soft_caps: !self.no_soft_caps, sliding_window: self.sliding_window };
-        let model = PaliGemma::load(&self.checkpoint, self.device()?, kind, options)?;
+        let device = parse_device(&self.device)?;
+        eprintln!("pg2: loading {} on {device:?} in {kind:?}", self.checkpoint.display());
+        let model = PaliGemma::load(&self.checkpoint, device, kind, options)?;
         let tokenizer_path = self.tokenizer.clone().unwrap_or_else(|| self.checkpoint.join("tokenizer.json"));
         let tokenizer = PgTokenizer::from_file(&tokenizer_path)?;
         Ok((model, tokenizer))
@@ -205,5 +313,37 @@ fn main() -> Result<()> {
             predict(&model, &data, decode, batch_size)
         }
         Command::Inspect { checkpoint } => inspect(&checkpoint),
+        Command::Convert { format, inputs, images, output, split, skip_missing } => {
+            let summary = convert::convert(&convert::ConvertArgs { format, inputs, images, output: output.clone(), split, skip_missing })?;
+            eprintln!("pg2 convert: wrote {} records to {}", summary.records, output.display());
+            if summary.skipped_records > 0 {
+                eprintln!("pg2 convert: left out {} records whose {} images are missing, e.g. {}",
+                    summary.skipped_records, summary.missing_images.len(), summary.missing_images[0].display());
+            }
+            Ok(())
+        }
+        Command::Data(DataCommand::Synth { out, seed, train, val, canvas }) => {
+            let start = std::time::Instant::now();
+            let summary = synth::write_synth(&out, &synth::SynthOptions { seed, train, val, canvas })?;
+            eprintln!("pg2 data synth: {} train and {} val examples of {} in {} ({:.1}s), tokenizer of {} tokens",
+                summary.train, summary.val, summary.tasks.join(", "), out.display(), start.elapsed().as_secs_f64(), summary.vocab_size);
+            Ok(())
+        }
+        Command::Bench(BenchCommand::Data { images, count, resolutions, python }) => {
+            bench::data(images.as_deref(), count, &resolutions, &python)
+        }
+        Command::Bench(BenchCommand::Model { size, resolution, batch, text_len, dtype, device, steps, train, peak_tflops }) => {
+            bench::model(&bench::ModelBench {
+                size_b: size,
+                resolution,
+                batch,
+                text_len,
+                kind: dtype.kind(),
+                device: parse_device(&device)?,
+                steps: steps.max(1),
+                train,
+                peak_tflops,
+            })
+        }
     }
 }

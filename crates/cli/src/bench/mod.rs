@@ -1,0 +1,193 @@
+//! `pg2 bench ...`: benchmarks that print figures next to the same work done by the
+//! tools users compare pg2 with, in the same run.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use pg2_data::image;
+
+const BASELINE: &str = include_str!("siglip_baseline.py");
+
+/// Writes `count` photo-like JPEGs (640x480, smooth colours plus noise, as COCO-sized
+/// inputs) so the benchmark needs no download.
+fn sample_images(dir: &Path, count: usize) -> Result<Vec<PathBuf>> {
+    std::fs::create_dir_all(dir)?;
+    (0..count)
+        .map(|i| {
+            let mut state = 0x2545_F491_4F6C_DD1Du64.wrapping_add(i as u64);
+            let img = ::image::RgbImage::from_fn(640, 480, |x, y| {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                let noise = (state % 32) as u32;
+                let c = |k: u32| ((x * k / 7 + y * (9 - k) / 5 + i as u32 * 37 + noise) % 256) as u8;
+                ::image::Rgb([c(1), c(4), c(8)])
+            });
+            let path = dir.join(format!("{i:03}.jpg"));
+            img.save(&path).with_context(|| format!("writing {}", path.display()))?;
+            Ok(path)
+        })
+        .collect()
+}
+
+/// Images per second of pg2's decode + resize + normalise on one thread.
+fn pg2_rate(files: &[PathBuf], res: u32) -> Result<f64> {
+    let start = Instant::now();
+    for f in files {
+        let img = image::load_rgb(f).map_err(anyhow::Error::msg)?;
+        std::hint::black_box(image::preprocess(&img, res));
+    }
+    Ok(files.len() as f64 / start.elapsed().as_secs_f64())
+}
+
+/// Runs the Python baseline; `None` (with the reason printed) when it cannot run here.
+fn baseline_rates(python: &str, files: &[PathBuf], resolutions: &[u32]) -> Result<Option<Vec<f64>>> {
+    let script = std::env::temp_dir().join(format!("pg2-siglip-baseline-{}.py", std::process::id()));
+    std::fs::File::create(&script)?.write_all(BASELINE.as_bytes())?;
+    let list: Vec<String> = resolutions.iter().map(u32::to_string).collect();
+    let out = Command::new(python).arg(&script).arg(list.join(",")).args(files).output();
+    std::fs::remove_file(&script).ok();
+    let out = match out {
+        Ok(out) if out.status.success() => out,
+        Ok(out) => {
+            eprintln!("baseline unavailable: {python} failed: {}", String::from_utf8_lossy(&out.stderr).lines().last().unwrap_or(""));
+            return Ok(None);
+        }
+        Err(e) => {
+            eprintln!("baseline unavailable: cannot run {python}: {e}");
+            return Ok(None);
+        }
+    };
+    let rates = String::from_utf8(out.stdout)?
+        .lines()
+        .map(|l| Ok(serde_json::from_str::<serde_json::Value>(l)?["images_per_s"].as_f64().context("baseline output")?))
+        .collect::<Result<Vec<f64>>>()?;
+    if rates.len() != resolutions.len() {
+        bail!("the baseline printed {} results for {} resolutions", rates.len(), resolutions.len());
+    }
+    Ok(Some(rates))
+}
+
+/// `pg2 bench data`: decode + resize at each resolution, pg2 against transformers.
+pub fn data(images: Option<&Path>, count: usize, resolutions: &[u32], python: &str) -> Result<()> {
+    let tmp = std::env::temp_dir().join(format!("pg2-bench-data-{}", std::process::id()));
+    let files = match images {
+        Some(dir) => {
+            let mut files: Vec<PathBuf> = std::fs::read_dir(dir)?
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| p.extension().is_some_and(|x| ["jpg", "jpeg", "png"].contains(&x.to_string_lossy().to_lowercase().as_str())))
+                .collect();
+            files.sort();
+            files.truncate(count);
+            files
+        }
+        None => sample_images(&tmp, count)?,
+    };
+    if files.is_empty() {
+        bail!("no JPEG or PNG images to benchmark");
+    }
+    println!("decode + resize (bilinear, antialiased) + normalise, {} images, one thread each", files.len());
+    let baseline = baseline_rates(python, &files, resolutions)?;
+    println!("{:>10} {:>16} {:>22} {:>8}", "resolution", "pg2 images/s", "transformers images/s", "ratio");
+    for (i, &res) in resolutions.iter().enumerate() {
+        let ours = pg2_rate(&files, res)?;
+        match &baseline {
+            Some(rates) => println!("{res:>10} {ours:>16.1} {:>22.1} {:>7.2}x", rates[i], ours / rates[i]),
+            None => println!("{res:>10} {ours:>16.1} {:>22} {:>8}", "n/a", "n/a"),
+        }
+    }
+    if images.is_none() {
+        std::fs::remove_dir_all(&tmp).ok();
+    }
+    Ok(())
+}
+
+/// Settings of `pg2 bench model`.
+pub struct ModelBench {
+    pub size_b: u32,
+    pub resolution: usize,
+    pub batch: i64,
+    pub text_len: i64,
+    pub kind: tch::Kind,
+    pub device: tch::Device,
+    pub steps: usize,
+    pub train: bool,
+    pub peak_tflops: f64,
+}
+
+/// `pg2 bench model`: forward (and backward) time of a released-shape PaliGemma 2 with
+/// random weights on random inputs, with the FLOP count behind the utilisation figure.
+pub fn model(b: &ModelBench) -> Result<()> {
+    use pg2_model::{Inputs, PaliGemma, PaliGemmaConfig, RunOptions, TokenLayout, Weights};
+    use tch::{Device, Kind, Tensor};
+
+    let config = PaliGemmaConfig::paligemma2(b.size_b, b.resolution)?;
+    let (t, v) = (&config.text, &config.vision);
+    tch::manual_seed(0);
+    let start = Instant::now();
+    let model = PaliGemma::new(config.clone(), &mut Weights::random(b.device, b.kind), RunOptions::default())?;
+    let mut params = model.parameters();
+    let count = |prefix: &str| params.iter().filter(|(n, _)| n.starts_with(prefix)).map(|(_, p)| p.numel() as f64).sum::<f64>();
+    let (vision_params, text_params) = (count("vision_tower"), count("language_model") + count("multi_modal_projector"));
+    println!("PaliGemma 2 {}B at {} px: {:.3}B parameters, built in {:.1}s on {:?} in {:?}", b.size_b, b.resolution,
+        (vision_params + text_params) / 1e9, start.elapsed().as_secs_f64(), b.device, b.kind);
+    if b.train {
+        for (_, p) in &params {
+            let _ = p.set_requires_grad(true);
+        }
+    }
+    let patches = v.num_patches() as i64;
+    let seq = patches + b.text_len;
+    let opts = (Kind::Int64, b.device);
+    let text = Tensor::randint_low(4, 256_000, [b.batch, b.text_len], opts);
+    let ids = Tensor::cat(&[Tensor::full([b.batch, patches], config.image_token_id, opts), text], 1);
+    // Half the text is prompt (bidirectional), half target (causal, supervised).
+    let position = Tensor::arange(seq, opts).unsqueeze(0).expand([b.batch, seq], false);
+    let mask_ar = position.ge(patches + b.text_len / 2).to_kind(Kind::Int64);
+    let inputs = Inputs {
+        pixels: Some(Tensor::rand([b.batch, 3, b.resolution as i64, b.resolution as i64], (Kind::Float, b.device)) * 2.0 - 1.0),
+        ids,
+        layout: TokenLayout { mask_ar: mask_ar.shallow_clone(), valid: Tensor::ones([b.batch, seq], (Kind::Bool, b.device)) },
+    };
+    let loss_mask = mask_ar.to_kind(Kind::Bool);
+    let mut step = || -> Result<()> {
+        if b.train {
+            let (logprobs, _) = model.target_logprobs(&inputs, &loss_mask)?;
+            (-logprobs.mean(Kind::Float)).backward();
+            for (_, p) in params.iter_mut() {
+                p.zero_grad();
+            }
+        } else {
+            tch::no_grad(|| model.target_logprobs(&inputs, &loss_mask)).map(drop)?;
+        }
+        if let Device::Cuda(i) = b.device {
+            tch::Cuda::synchronize(i as i64);
+        }
+        Ok(())
+    };
+    step()?; // warm-up: kernel selection, allocator
+    let start = Instant::now();
+    for _ in 0..b.steps {
+        step()?;
+    }
+    let per_step = start.elapsed().as_secs_f64() / b.steps as f64;
+    // Matmul FLOPs: 2 per parameter per token (vision over patches, decoder over all tokens,
+    // output head over supervised tokens), plus attention's two matmuls, 4 * T^2 * width per layer.
+    let embed = (t.vocab_size * t.hidden_size) as f64;
+    let (bt, targets) = (b.batch as f64, (b.text_len / 2) as f64);
+    let vision = 2.0 * vision_params * patches as f64 + 4.0 * (patches as f64).powi(2) * (v.hidden_size * v.num_hidden_layers) as f64;
+    let text = 2.0 * (text_params - embed) * seq as f64
+        + 2.0 * embed * targets
+        + 4.0 * (seq as f64).powi(2) * (t.num_attention_heads * t.head_dim * t.num_hidden_layers) as f64;
+    let flops = bt * (vision + text) * if b.train { 3.0 } else { 1.0 };
+    println!("{} of batch {} x {} tokens: {:.1} ms/step, {:.0} tokens/s, {:.1} TFLOP/s = {:.1}% of {} TFLOP/s peak",
+        if b.train { "forward+backward" } else { "forward" }, b.batch, seq, per_step * 1e3, bt * seq as f64 / per_step,
+        flops / per_step / 1e12, 100.0 * flops / per_step / 1e12 / b.peak_tflops, b.peak_tflops);
+    if let Device::Cuda(_) = b.device {
+        println!("(eager attention materialises the soft-capped scores; fused paths come with the performance issue)");
+    }
+    Ok(())
+}
