@@ -1,2 +1,184 @@
-//! Optimizers, learning-rate schedules and sweeps for pg2 (work in progress: see the
-//! optimizer issue; nothing here yet).
+//! Optimizers and learning-rate schedules for pg2, with big_vision's semantics: clip the
+//! global gradient norm, take Adam's direction, scale it by the base learning rate, add
+//! decoupled weight decay (not scaled by the base rate), and scale the sum by the schedule.
+
+use tch::{Kind, Tensor};
+
+/// Adam's hyper-parameters (big_vision's defaults: b1 0.9, b2 0.999, eps 1e-8).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AdamConfig {
+    pub lr: f64,
+    pub b1: f64,
+    pub b2: f64,
+    pub eps: f64,
+    /// Decoupled decay: `param -= schedule * weight_decay * param` (big_vision's
+    /// `add_decayed_weights` after the learning rate, so not multiplied by it).
+    pub weight_decay: f64,
+}
+
+impl Default for AdamConfig {
+    fn default() -> Self {
+        Self { lr: 1e-3, b1: 0.9, b2: 0.999, eps: 1e-8, weight_decay: 0.0 }
+    }
+}
+
+/// Adam over named parameters, with f32 moments.
+pub struct Adam {
+    pub config: AdamConfig,
+    params: Vec<(String, Tensor)>,
+    m: Vec<Tensor>,
+    v: Vec<Tensor>,
+    steps: i64,
+}
+
+impl Adam {
+    /// Takes the parameters to update (they must require gradients).
+    pub fn new(params: Vec<(String, Tensor)>, config: AdamConfig) -> Self {
+        let zeros = |p: &Tensor| Tensor::zeros_like(p).to_kind(Kind::Float);
+        let m = params.iter().map(|(_, p)| zeros(p)).collect();
+        let v = params.iter().map(|(_, p)| zeros(p)).collect();
+        Self { config, params, m, v, steps: 0 }
+    }
+
+    /// Updates done so far.
+    pub fn steps(&self) -> i64 {
+        self.steps
+    }
+
+    /// Global L2 norm of the gradients; scales them down to `max_norm` when larger.
+    /// Returns the norm before clipping.
+    pub fn clip_grad_norm(&mut self, max_norm: Option<f64>) -> f64 {
+        let grads: Vec<Tensor> = self.params.iter().map(|(_, p)| p.grad()).filter(Tensor::defined).collect();
+        let squares: Vec<Tensor> = grads.iter().map(|g| g.to_kind(Kind::Float).square().sum(Kind::Float)).collect();
+        let norm = Tensor::stack(&squares, 0).sum(Kind::Float).sqrt().double_value(&[]);
+        if let Some(max) = max_norm.filter(|&m| norm > m) {
+            let scale = max / norm;
+            tch::no_grad(|| {
+                for g in &grads {
+                    let _ = g.shallow_clone().g_mul_scalar_(scale);
+                }
+            });
+        }
+        norm
+    }
+
+    /// One update with the schedule's factor for this step; clears the gradients.
+    pub fn step(&mut self, schedule: f64) {
+        let AdamConfig { lr, b1, b2, eps, weight_decay } = self.config;
+        self.steps += 1;
+        let (c1, c2) = (1.0 - b1.powi(self.steps as i32), 1.0 - b2.powi(self.steps as i32));
+        tch::no_grad(|| {
+            for (i, (_, p)) in self.params.iter_mut().enumerate() {
+                let g = p.grad();
+                if !g.defined() {
+                    continue;
+                }
+                let g = g.to_kind(Kind::Float);
+                self.m[i] = &self.m[i] * b1 + &g * (1.0 - b1);
+                self.v[i] = &self.v[i] * b2 + g.square() * (1.0 - b2);
+                let direction = (&self.m[i] / c1) / ((&self.v[i] / c2).sqrt() + eps);
+                let p32 = p.to_kind(Kind::Float);
+                let update = (direction * lr + &p32 * weight_decay) * schedule;
+                p.copy_(&(p32 - update));
+                p.zero_grad();
+            }
+        });
+    }
+
+    /// The moments, named `m.<param>` and `v.<param>`, for checkpoints.
+    pub fn state(&self) -> Vec<(String, Tensor)> {
+        let named = |prefix: &str, ts: &[Tensor]| -> Vec<(String, Tensor)> {
+            self.params.iter().zip(ts).map(|((n, _), t)| (format!("{prefix}.{n}"), t.shallow_clone())).collect()
+        };
+        let mut state = named("m", &self.m);
+        state.extend(named("v", &self.v));
+        state
+    }
+
+    /// Restores moments and the step count saved with [`Adam::state`].
+    pub fn load_state(&mut self, mut state: std::collections::BTreeMap<String, Tensor>, steps: i64) -> Result<(), String> {
+        for (i, (name, p)) in self.params.iter().enumerate() {
+            for (prefix, slot) in [("m", &mut self.m[i]), ("v", &mut self.v[i])] {
+                let t = state.remove(&format!("{prefix}.{name}")).ok_or_else(|| format!("optimizer state lacks `{prefix}.{name}`"))?;
+                *slot = t.to_kind(Kind::Float).to_device(p.device());
+            }
+        }
+        self.steps = steps;
+        Ok(())
+    }
+}
+
+/// Learning-rate schedule: linear warmup from 0, then cosine decay to 0 (big_vision's
+/// transfer schedule), as a factor on the base rate.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct WarmupCosine {
+    pub warmup_steps: u64,
+    pub total_steps: u64,
+}
+
+impl WarmupCosine {
+    /// The factor for 0-based `step`.
+    pub fn factor(&self, step: u64) -> f64 {
+        if step < self.warmup_steps {
+            return (step + 1) as f64 / self.warmup_steps as f64;
+        }
+        let span = self.total_steps.saturating_sub(self.warmup_steps).max(1) as f64;
+        let progress = ((step - self.warmup_steps) as f64 / span).min(1.0);
+        0.5 * (1.0 + (std::f64::consts::PI * progress).cos())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn param(values: &[f32]) -> Tensor {
+        Tensor::from_slice(values).set_requires_grad(true)
+    }
+
+    #[test]
+    fn first_adam_step_moves_by_lr_against_the_gradient_sign() {
+        let p = param(&[1.0, -2.0, 3.0]);
+        (&p * Tensor::from_slice(&[0.5f32, -4.0, 0.0])).sum(Kind::Float).backward();
+        let mut adam = Adam::new(vec![("w".into(), p.shallow_clone())], AdamConfig { lr: 0.1, ..AdamConfig::default() });
+        adam.step(1.0);
+        let got = Vec::<f32>::try_from(p.detach()).unwrap();
+        // m_hat = g, v_hat = g^2: the direction is g / (|g| + eps) = sign(g); a zero gradient stays put.
+        let want = [0.9f32, -1.9, 3.0];
+        for (g, w) in got.iter().zip(want) {
+            assert!((g - w).abs() < 1e-6, "{got:?}");
+        }
+        assert!(!p.grad().defined() || p.grad().abs().sum(Kind::Float).double_value(&[]) == 0.0);
+    }
+
+    #[test]
+    fn weight_decay_is_not_scaled_by_the_learning_rate() {
+        let p = param(&[2.0]);
+        (&p * 0.0).sum(Kind::Float).backward();
+        let mut adam = Adam::new(vec![("w".into(), p.shallow_clone())], AdamConfig { lr: 1e-3, weight_decay: 0.1, ..AdamConfig::default() });
+        adam.step(0.5);
+        // param -= schedule * wd * param = 0.5 * 0.1 * 2
+        assert!((p.double_value(&[0]) - 1.9).abs() < 1e-6);
+    }
+
+    #[test]
+    fn clipping_scales_to_the_max_norm_and_reports_the_original() {
+        let p = param(&[0.0, 0.0]);
+        (&p * Tensor::from_slice(&[3.0f32, 4.0])).sum(Kind::Float).backward();
+        let mut adam = Adam::new(vec![("w".into(), p.shallow_clone())], AdamConfig::default());
+        assert!((adam.clip_grad_norm(Some(1.0)) - 5.0).abs() < 1e-6);
+        let g = Vec::<f32>::try_from(p.grad()).unwrap();
+        assert!((g[0] - 0.6).abs() < 1e-6 && (g[1] - 0.8).abs() < 1e-6, "{g:?}");
+        assert!((adam.clip_grad_norm(None) - 1.0).abs() < 1e-6);
+    }
+
+    #[test]
+    fn warmup_then_cosine() {
+        let s = WarmupCosine { warmup_steps: 10, total_steps: 110 };
+        assert!((s.factor(0) - 0.1).abs() < 1e-12);
+        assert!((s.factor(9) - 1.0).abs() < 1e-12);
+        assert!((s.factor(10) - 1.0).abs() < 1e-12);
+        assert!((s.factor(60) - 0.5).abs() < 1e-12);
+        assert!(s.factor(110).abs() < 1e-12);
+    }
+}
