@@ -91,22 +91,10 @@ fn kind_of(dtype: Dtype) -> Option<Kind> {
 pub fn read_tensors(dir: &Path) -> Result<BTreeMap<String, Tensor>, ModelError> {
     let mut out = BTreeMap::new();
     for path in weight_files(dir)? {
-        let file = File::open(&path).map_err(|e| ModelError::io(&path, e))?;
-        // SAFETY: the file is only read; a concurrent writer would be a user error that
-        // safetensors' header checks turn into an error rather than UB in practice.
-        let mmap = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| ModelError::io(&path, e))?;
-        let st = SafeTensors::deserialize(&mmap)
-            .map_err(|e| ModelError::Checkpoint(format!("{}: not a valid safetensors file: {e}", path.display())))?;
-        for (name, view) in st.tensors() {
+        for (name, tensor) in read_file(&path)? {
             let canonical = canonical_name(&name).ok_or_else(|| {
                 ModelError::Checkpoint(format!("{}: unknown tensor `{name}`: not part of a PaliGemma checkpoint", path.display()))
             })?;
-            let kind = kind_of(view.dtype()).ok_or_else(|| {
-                ModelError::Checkpoint(format!("{}: tensor `{name}` has dtype {:?}; pg2 reads f32, bf16, f16", path.display(), view.dtype()))
-            })?;
-            let shape: Vec<i64> = view.shape().iter().map(|&d| d as i64).collect();
-            let tensor = Tensor::f_from_data_size(view.data(), &shape, kind)
-                .map_err(|e| ModelError::Checkpoint(format!("{}: tensor `{name}`: {e}", path.display())))?;
             if out.insert(canonical.clone(), tensor).is_some() {
                 return Err(ModelError::Checkpoint(format!(
                     "{}: tensor `{name}` appears twice (as `{canonical}` under another naming)",
@@ -116,6 +104,35 @@ pub fn read_tensors(dir: &Path) -> Result<BTreeMap<String, Tensor>, ModelError> 
         }
     }
     Ok(out)
+}
+
+/// Every tensor of one safetensors file, by its stored name, on the CPU.
+pub fn read_file(path: &Path) -> Result<Vec<(String, Tensor)>, ModelError> {
+    let file = File::open(path).map_err(|e| ModelError::io(path, e))?;
+    // SAFETY: the file is only read; a concurrent writer would be a user error that
+    // safetensors' header checks turn into an error rather than UB in practice.
+    let mmap = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| ModelError::io(path, e))?;
+    let st = SafeTensors::deserialize(&mmap)
+        .map_err(|e| ModelError::Checkpoint(format!("{}: not a valid safetensors file: {e}", path.display())))?;
+    st.tensors()
+        .into_iter()
+        .map(|(name, view)| {
+            let kind = kind_of(view.dtype()).ok_or_else(|| {
+                ModelError::Checkpoint(format!("{}: tensor `{name}` has dtype {:?}; pg2 reads f32, bf16, f16", path.display(), view.dtype()))
+            })?;
+            let shape: Vec<i64> = view.shape().iter().map(|&d| d as i64).collect();
+            let tensor = Tensor::f_from_data_size(view.data(), &shape, kind)
+                .map_err(|e| ModelError::Checkpoint(format!("{}: tensor `{name}`: {e}", path.display())))?;
+            Ok((name, tensor))
+        })
+        .collect()
+}
+
+/// Writes `tensors` as one safetensors file, converted to `kind`.
+pub fn write_file(path: &Path, tensors: &[(String, Tensor)], kind: Kind) -> Result<(), ModelError> {
+    let views = tensors.iter().map(|(n, t)| Ok((n.clone(), TensorBytes::new(t, kind)?))).collect::<Result<Vec<_>, ModelError>>()?;
+    let metadata = Some(HashMap::from([("format".to_string(), "pt".to_string())]));
+    safetensors::serialize_to_file(views, metadata, path).map_err(|e| ModelError::Checkpoint(format!("{}: {e}", path.display())))
 }
 
 /// A CPU tensor's bytes, for the safetensors writer.
@@ -163,32 +180,28 @@ const MAX_SHARD_BYTES: usize = 5 << 30;
 /// when they exceed 5 GB, converted to `kind`.
 pub fn write_tensors(dir: &Path, tensors: &[(String, Tensor)], kind: Kind) -> Result<(), ModelError> {
     std::fs::create_dir_all(dir).map_err(|e| ModelError::io(dir, e))?;
-    let mut shards: Vec<Vec<(String, TensorBytes)>> = vec![vec![]];
+    let bytes_of = |t: &Tensor| t.numel() * kind.elt_size_in_bytes();
+    let mut shards: Vec<Vec<(String, Tensor)>> = vec![vec![]];
     let mut shard_bytes = 0;
     for (name, t) in tensors {
-        let bytes = TensorBytes::new(t, kind)?;
-        if shard_bytes > 0 && shard_bytes + bytes.data.len() > MAX_SHARD_BYTES {
+        if shard_bytes > 0 && shard_bytes + bytes_of(t) > MAX_SHARD_BYTES {
             shards.push(vec![]);
             shard_bytes = 0;
         }
-        shard_bytes += bytes.data.len();
-        shards.last_mut().unwrap().push((name.clone(), bytes));
+        shard_bytes += bytes_of(t);
+        shards.last_mut().unwrap().push((name.clone(), t.shallow_clone()));
     }
-    let metadata = Some(HashMap::from([("format".to_string(), "pt".to_string())]));
     let n = shards.len();
     let mut weight_map = serde_json::Map::new();
-    let mut total = 0;
-    for (i, shard) in shards.into_iter().enumerate() {
+    for (i, shard) in shards.iter().enumerate() {
         let file = if n == 1 { "model.safetensors".to_string() } else { format!("model-{:05}-of-{n:05}.safetensors", i + 1) };
-        for (name, bytes) in &shard {
+        for (name, _) in shard {
             weight_map.insert(name.clone(), file.clone().into());
-            total += bytes.data.len();
         }
-        let path = dir.join(&file);
-        safetensors::serialize_to_file(shard, metadata.clone(), &path)
-            .map_err(|e| ModelError::Checkpoint(format!("{}: {e}", path.display())))?;
+        write_file(&dir.join(&file), shard, kind)?;
     }
     if n > 1 {
+        let total: usize = tensors.iter().map(|(_, t)| bytes_of(t)).sum();
         let index = serde_json::json!({"metadata": {"total_size": total}, "weight_map": weight_map});
         let path = dir.join("model.safetensors.index.json");
         std::fs::write(&path, serde_json::to_string_pretty(&index).unwrap()).map_err(|e| ModelError::io(&path, e))?;

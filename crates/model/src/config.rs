@@ -398,6 +398,43 @@ impl PaliGemmaConfig {
         })
     }
 
+    /// A tiny PaliGemma 2 for CPU runs on the embedded demo data: the same architecture
+    /// (GQA, soft-caps, pre/post norms) at a few hundred thousand parameters; 8x8 patches.
+    pub fn tiny(vocab_size: usize, image_token_id: i64, resolution: usize) -> Result<Self, ModelError> {
+        if resolution % 8 != 0 {
+            return Err(ModelError::Invalid(format!("the tiny model needs a resolution divisible by its 8-pixel patches, not {resolution}")));
+        }
+        Ok(Self {
+            text: Gemma2Config {
+                vocab_size,
+                hidden_size: 128,
+                intermediate_size: 256,
+                num_hidden_layers: 2,
+                num_attention_heads: 4,
+                num_key_value_heads: 2,
+                head_dim: 32,
+                query_pre_attn_scalar: 32.0,
+                rms_norm_eps: 1e-6,
+                rope_theta: 10_000.0,
+                attn_logit_softcapping: Some(50.0),
+                final_logit_softcapping: Some(30.0),
+                sliding_window: None,
+                sliding_layers: vec![true, false],
+            },
+            vision: SiglipVisionConfig {
+                hidden_size: 64,
+                intermediate_size: 128,
+                num_hidden_layers: 2,
+                num_attention_heads: 2,
+                image_size: resolution,
+                patch_size: 8,
+                layer_norm_eps: 1e-6,
+            },
+            image_token_id,
+            tie_word_embeddings: true,
+        })
+    }
+
     /// The released PaliGemma 2 shapes: `size` is 3, 10 or 28 (billions), `resolution` 224, 448 or 896.
     pub fn paligemma2(size_b: u32, resolution: usize) -> Result<Self, ModelError> {
         let (hidden, layers, mlp, heads, kv, head_dim, qpas) = match size_b {
