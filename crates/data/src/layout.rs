@@ -104,6 +104,18 @@ pub struct Batch {
 }
 
 impl Batch {
+    /// The same batch on `device`.
+    pub fn to_device(&self, device: Device) -> Self {
+        Self {
+            inputs: Inputs {
+                pixels: self.inputs.pixels.as_ref().map(|p| p.to_device(device)),
+                ids: self.inputs.ids.to_device(device),
+                layout: TokenLayout { mask_ar: self.inputs.layout.mask_ar.to_device(device), valid: self.inputs.layout.valid.to_device(device) },
+            },
+            loss_mask: self.loss_mask.to_device(device),
+        }
+    }
+
     /// Right-pads `examples` to the longest one and attaches `pixels` `(batch, 3, res, res)`.
     pub fn collate(examples: &[EncodedExample], pixels: Option<Tensor>, pad_id: i64, device: Device) -> Self {
         Self::collate_to(examples, pixels, pad_id, device, None)

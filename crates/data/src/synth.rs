@@ -36,7 +36,7 @@
 
 use std::fmt::Display;
 use std::fs;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use image::{Rgb, RgbImage};
 use rand::seq::SliceRandom;
@@ -628,6 +628,7 @@ mod tests {
     use std::collections::{BTreeMap, HashSet};
 
     use super::*;
+    use std::path::PathBuf;
     use crate::source::{read_jsonl, Record};
     use crate::tokenizer::PgTokenizer;
 

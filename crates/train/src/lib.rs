@@ -1,6 +1,7 @@
-//! pg2's training: recipes, the trainer, checkpoints and logging. So far the recipe
-//! format (a first cut that the trainer issue extends); the trainer comes with that issue.
+//! pg2's training: recipes, the trainer loop, checkpoints and run logging.
 
 pub mod recipe;
+pub mod trainer;
 
 pub use recipe::Recipe;
+pub use trainer::{train, LaunchOptions, TrainSummary};

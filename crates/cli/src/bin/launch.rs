@@ -1,25 +1,50 @@
-//! `launch RECIPE.toml`: runs one training stage described by a recipe. This version
-//! reads and checks the recipe; the trainer arrives with the trainer issue.
+//! `launch RECIPE.toml`: trains one stage described by a recipe.
 
 use std::path::PathBuf;
 
-use anyhow::Result;
+use anyhow::{bail, Result};
 use clap::Parser;
-use pg2_train::Recipe;
+use pg2_train::{train, LaunchOptions, Recipe};
+use tch::Device;
 
 #[derive(Parser)]
 #[command(name = "launch", version, about = "Train a PaliGemma 2 stage from a TOML recipe")]
 struct Cli {
     /// The recipe, e.g. recipes/tiny/stage1.toml.
     recipe: PathBuf,
+    /// Run folder (default: runs/<recipe name>).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Continue from the run folder's latest checkpoint.
+    #[arg(long)]
+    resume: bool,
+    /// Start over in a run folder that already holds checkpoints.
+    #[arg(long, conflicts_with = "resume")]
+    overwrite: bool,
+    /// cpu, cuda, cuda:N, or auto (the first GPU if there is one).
+    #[arg(long, default_value = "auto")]
+    device: String,
 }
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
     let recipe = Recipe::from_file(&cli.recipe)?;
-    let name = recipe.name.clone().unwrap_or_else(|| cli.recipe.file_stem().unwrap().to_string_lossy().into_owned());
-    eprintln!("launch: recipe {} is valid (run `{name}`: {} steps of batch {} at {} px, lr {})",
-        cli.recipe.display(), recipe.train.steps, recipe.train.batch_size, recipe.model.resolution, recipe.train.lr);
-    eprintln!("launch: training is not implemented yet in this version of pg2; nothing was trained");
+    let name = recipe.name.clone().unwrap_or_default();
+    let device = match cli.device.as_str() {
+        "auto" => Device::cuda_if_available(),
+        "cpu" => Device::Cpu,
+        "cuda" => Device::Cuda(0),
+        other => match other.strip_prefix("cuda:").and_then(|n| n.parse().ok()) {
+            Some(n) => Device::Cuda(n),
+            None => bail!("--device {other}: expected cpu, cuda, cuda:N or auto"),
+        },
+    };
+    let out = cli.out.unwrap_or_else(|| PathBuf::from("runs").join(&name));
+    eprintln!("launch: {} on {device:?} -> {}", cli.recipe.display(), out.display());
+    let opts = LaunchOptions { out, resume: cli.resume, overwrite: cli.overwrite, device };
+    let summary = train(&recipe, &cli.recipe, &opts)?;
+    if let (Some(first), Some(last)) = (summary.losses.first(), summary.losses.last()) {
+        eprintln!("launch: loss {first:.4} -> {last:.4}; checkpoint {}", summary.checkpoint.display());
+    }
     Ok(())
 }

@@ -1,0 +1,257 @@
+//! The training loop: one recipe, one run folder.
+//!
+//! `runs/<name>/` holds `recipe.toml` (the recipe as given), `metrics.jsonl` (one line per
+//! logged step) and `checkpoints/step-NNNNNN/` (a Hugging Face model folder plus
+//! `optimizer.safetensors` and `trainer_state.json`), with `checkpoints/latest` naming the
+//! newest. Checkpoints are written to a temporary folder and renamed, and `latest` is
+//! replaced by a rename, so a kill at any moment leaves the previous checkpoint valid.
+
+use std::collections::BTreeMap;
+use std::io::{IsTerminal, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use indicatif::{ProgressBar, ProgressStyle};
+use pg2_data::{
+    source, synth, Mixture, MixturePosition, MixtureSource, OnBadLine, OnBadRecord, PgTokenizer, Pipeline, PipelineConfig,
+    SourceData, TaskFormat, TextLimits,
+};
+use pg2_model::{checkpoint, PaliGemma, PaliGemmaConfig, RunOptions, Weights};
+use pg2_optim::{Adam, AdamConfig, WarmupCosine};
+use serde::{Deserialize, Serialize};
+use tch::{Device, Kind, Tensor};
+
+use crate::recipe::Recipe;
+
+/// How `launch` was asked to run a recipe.
+#[derive(Debug, Clone)]
+pub struct LaunchOptions {
+    /// The run folder (default `runs/<recipe name>`).
+    pub out: PathBuf,
+    /// Continue from the run folder's latest checkpoint.
+    pub resume: bool,
+    /// Start over in a run folder that holds checkpoints.
+    pub overwrite: bool,
+    pub device: Device,
+}
+
+/// What a finished run reports.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TrainSummary {
+    /// Loss of every step this process ran, in order.
+    pub losses: Vec<f64>,
+    /// The last checkpoint written.
+    pub checkpoint: PathBuf,
+}
+
+/// Saved beside each checkpoint's weights.
+#[derive(Debug, Serialize, Deserialize)]
+struct TrainerState {
+    step: u64,
+    position: MixturePosition,
+    seed: u64,
+}
+
+fn kind_of(recipe: &Recipe) -> Kind {
+    if recipe.model.dtype == "bf16" { Kind::BFloat16 } else { Kind::Float }
+}
+
+/// The mixture the recipe describes, from its first example.
+fn mixture(recipe: &Recipe) -> Result<Mixture> {
+    let d = &recipe.data;
+    let limits = TextLimits { max_prefix_tokens: d.max_prefix_tokens, max_suffix_tokens: d.max_suffix_tokens, keep_eos: d.keep_eos };
+    let sources = d
+        .mixture
+        .iter()
+        .map(|s| {
+            let (records, skipped) = source::read_source(&s.path, OnBadLine::Error)?;
+            if skipped > 0 {
+                eprintln!("launch: {} bad lines skipped in {}", skipped, s.path.display());
+            }
+            Ok(MixtureSource {
+                name: s.path.display().to_string(),
+                data: SourceData::Memory(records),
+                weight: s.weight,
+                format: TaskFormat { prefix: s.prefix.clone(), limits },
+            })
+        })
+        .collect::<Result<Vec<_>, pg2_data::DataError>>()?;
+    Ok(Mixture::new(sources, recipe.seed)?)
+}
+
+/// A fresh model of the recipe's preset, or its starting checkpoint.
+fn build_model(recipe: &Recipe, tok: &PgTokenizer, device: Device) -> Result<PaliGemma> {
+    let options = RunOptions { soft_caps: recipe.model.soft_caps, sliding_window: false };
+    let kind = kind_of(recipe);
+    if recipe.model.init != "random" {
+        return Ok(PaliGemma::load(Path::new(&recipe.model.init), device, kind, options)?);
+    }
+    let res = recipe.model.resolution;
+    let config = match recipe.model.preset.as_deref() {
+        Some("tiny") => PaliGemmaConfig::tiny(tok.vocab_size(), tok.image_id, res)?,
+        Some(preset) => {
+            let size = preset.trim_start_matches("paligemma2-").trim_end_matches('b').parse().context("model.preset")?;
+            PaliGemmaConfig::paligemma2(size, res)?
+        }
+        None => unreachable!("the recipe check requires a preset"),
+    };
+    tch::manual_seed(recipe.seed as i64);
+    Ok(PaliGemma::new(config, &mut Weights::random(device, kind), options)?)
+}
+
+/// big_vision's loss: each example's summed target NLL over its own target count,
+/// averaged over the batch.
+fn loss(model: &PaliGemma, batch: &pg2_data::Batch) -> Result<Tensor> {
+    let (logprobs, example) = model.target_logprobs(&batch.inputs, &batch.loss_mask)?;
+    let b = batch.inputs.ids.size()[0];
+    let t = batch.inputs.ids.size()[1];
+    let sums = Tensor::zeros([b], (Kind::Float, logprobs.device())).index_add(0, &example, &(-logprobs));
+    let counts = batch.loss_mask.narrow(1, 1, t - 1).sum_dim_intlist(1, false, Kind::Float).clamp_min(1.0);
+    Ok((sums / counts).mean(Kind::Float))
+}
+
+/// The newest checkpoint of a run folder, if any.
+pub fn latest_checkpoint(out: &Path) -> Result<Option<PathBuf>> {
+    let pointer = out.join("checkpoints/latest");
+    if !pointer.exists() {
+        return Ok(None);
+    }
+    let name = std::fs::read_to_string(&pointer).with_context(|| format!("reading {}", pointer.display()))?;
+    Ok(Some(out.join("checkpoints").join(name.trim())))
+}
+
+/// Writes `path` by a rename, so readers see the old or the new content, never a part.
+fn write_atomically(path: &Path, content: &[u8]) -> Result<()> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, content).with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("renaming {}", tmp.display()))?;
+    Ok(())
+}
+
+fn save_checkpoint(out: &Path, step: u64, model: &PaliGemma, adam: &Adam, tokenizer: &Path, state: &TrainerState, kind: Kind) -> Result<PathBuf> {
+    let dir = out.join("checkpoints");
+    let name = format!("step-{step:06}");
+    let tmp = dir.join(format!(".{name}.tmp"));
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp)?;
+    }
+    model.save(&tmp, kind)?;
+    std::fs::copy(tokenizer, tmp.join("tokenizer.json")).context("copying the tokenizer into the checkpoint")?;
+    checkpoint::write_file(&tmp.join("optimizer.safetensors"), &adam.state(), Kind::Float)?;
+    std::fs::write(tmp.join("trainer_state.json"), serde_json::to_string_pretty(state)?)?;
+    let final_dir = dir.join(&name);
+    if final_dir.exists() {
+        std::fs::remove_dir_all(&final_dir)?;
+    }
+    std::fs::rename(&tmp, &final_dir)?;
+    write_atomically(&dir.join("latest"), name.as_bytes())?;
+    Ok(final_dir)
+}
+
+/// Runs the recipe to its last step (or from the latest checkpoint with `resume`).
+pub fn train(recipe: &Recipe, recipe_file: &Path, opts: &LaunchOptions) -> Result<TrainSummary> {
+    let out = &opts.out;
+    let latest = latest_checkpoint(out)?;
+    match (&latest, opts.resume, opts.overwrite) {
+        (Some(_), false, false) => bail!(
+            "{} already holds checkpoints: pass --resume to continue the run or --overwrite to start over",
+            out.display()
+        ),
+        (Some(_), _, true) => std::fs::remove_dir_all(out.join("checkpoints"))?,
+        (None, true, _) => eprintln!("launch: nothing to resume in {}; starting from step 0", out.display()),
+        _ => {}
+    }
+    let resume_from = latest.filter(|_| opts.resume && !opts.overwrite);
+    std::fs::create_dir_all(out)?;
+    std::fs::copy(recipe_file, out.join("recipe.toml"))?;
+    if let Some(dir) = recipe.data.synth.as_ref().filter(|d| !d.exists()) {
+        eprintln!("launch: writing the synthetic demo data to {} (once)", dir.display());
+        synth::write_synth(dir, &synth::SynthOptions::default())?;
+    }
+    let tokenizer = Arc::new(PgTokenizer::from_file(&recipe.data.tokenizer)?);
+    let kind = kind_of(recipe);
+    let (model, mixture, first_step) = match &resume_from {
+        None => (build_model(recipe, &tokenizer, opts.device)?, mixture(recipe)?, 0),
+        Some(dir) => {
+            let options = RunOptions { soft_caps: recipe.model.soft_caps, sliding_window: false };
+            let model = PaliGemma::load(dir, opts.device, kind, options)?;
+            let state: TrainerState = serde_json::from_str(&std::fs::read_to_string(dir.join("trainer_state.json"))?)?;
+            let mut m = mixture(recipe)?;
+            m.seek(state.position)?;
+            eprintln!("launch: resuming from {} (step {})", dir.display(), state.step);
+            (model, m, state.step)
+        }
+    };
+    let params: Vec<(String, Tensor)> = model.parameters();
+    for (_, p) in &params {
+        let _ = p.set_requires_grad(true);
+    }
+    let t = &recipe.train;
+    let mut adam = Adam::new(params, AdamConfig { lr: t.lr, b2: t.b2, weight_decay: t.weight_decay, ..AdamConfig::default() });
+    if let Some(dir) = &resume_from {
+        let state: BTreeMap<String, Tensor> = checkpoint::read_file(&dir.join("optimizer.safetensors"))?.into_iter().collect();
+        adam.load_state(state, first_step as i64).map_err(anyhow::Error::msg)?;
+    }
+    let schedule = WarmupCosine { warmup_steps: t.warmup_steps, total_steps: t.steps };
+    let pipeline_config = PipelineConfig {
+        resolution: model.config.vision.image_size as u32,
+        image_tokens: model.config.vision.num_patches(),
+        batch_size: t.batch_size,
+        rank: 0,
+        world: 1,
+        workers: recipe.data.workers,
+        prefetch: recipe.data.prefetch,
+        pad_to: None,
+        on_bad_record: if recipe.data.on_bad_record == "skip" { OnBadRecord::Skip } else { OnBadRecord::Error },
+    };
+    let pipeline = Pipeline::start(mixture, tokenizer.clone(), pipeline_config)?;
+    let mut metrics = std::fs::OpenOptions::new().create(true).append(true).open(out.join("metrics.jsonl"))?;
+    let interactive = std::io::stderr().is_terminal();
+    let bar = if interactive { ProgressBar::new(t.steps) } else { ProgressBar::hidden() };
+    bar.set_style(ProgressStyle::with_template("{prefix} {bar:30} {pos}/{len} {msg} [{elapsed} < {eta}]").unwrap());
+    bar.set_prefix(recipe.name.clone().unwrap_or_default());
+    bar.set_position(first_step);
+    let (mut losses, mut last_checkpoint) = (Vec::new(), PathBuf::new());
+    let (mut window_start, mut window_examples) = (Instant::now(), 0usize);
+    let mut skipped = 0;
+    for step in first_step..t.steps {
+        let loaded = pipeline.next_batch()?;
+        skipped += loaded.stats.skipped;
+        let loss = loss(&model, &loaded.batch.to_device(opts.device))?;
+        let value = loss.double_value(&[]);
+        if !value.is_finite() {
+            bail!("step {step}: the loss is {value}; stopping before it reaches the weights");
+        }
+        loss.backward();
+        let grad_norm = adam.clip_grad_norm(Some(t.grad_clip).filter(|&c| c > 0.0));
+        let lr = t.lr * schedule.factor(step);
+        adam.step(schedule.factor(step));
+        losses.push(value);
+        window_examples += t.batch_size;
+        let done = step + 1;
+        if done % t.log_every == 0 || done == t.steps {
+            let rate = window_examples as f64 / window_start.elapsed().as_secs_f64();
+            let line = serde_json::json!({"step": done, "loss": value, "lr": lr, "grad_norm": grad_norm,
+                "examples_per_s": rate, "skipped_records": skipped});
+            writeln!(metrics, "{line}")?;
+            if interactive {
+                bar.set_message(format!("loss {value:.4} | {rate:.1} ex/s"));
+            } else {
+                eprintln!("step {done}/{} loss {value:.4} lr {lr:.3e} grad_norm {grad_norm:.3} {rate:.1} ex/s", t.steps);
+            }
+            (window_start, window_examples) = (Instant::now(), 0);
+        }
+        bar.set_position(done);
+        if t.checkpoint_every.is_some_and(|n| done % n == 0) || done == t.steps {
+            let state = TrainerState { step: done, position: loaded.position.clone(), seed: recipe.seed };
+            last_checkpoint = save_checkpoint(out, done, &model, &adam, &recipe.data.tokenizer, &state, kind)?;
+        }
+    }
+    bar.finish_and_clear();
+    if last_checkpoint.as_os_str().is_empty() {
+        last_checkpoint = latest_checkpoint(out)?.unwrap_or_default();
+    }
+    Ok(TrainSummary { losses, checkpoint: last_checkpoint })
+}
