@@ -89,7 +89,7 @@ fn build_model(recipe: &Recipe, tok: &PgTokenizer, device: Device) -> Result<Pal
         return Ok(PaliGemma::load(Path::new(&recipe.model.init), device, kind, options)?);
     }
     let res = recipe.model.resolution;
-    let config = match recipe.model.preset.as_deref() {
+    let mut config = match recipe.model.preset.as_deref() {
         Some("tiny") => PaliGemmaConfig::tiny(tok.vocab_size(), tok.image_id, res)?,
         Some(preset) => {
             let size = preset.trim_start_matches("paligemma2-").trim_end_matches('b').parse().context("model.preset")?;
@@ -97,6 +97,16 @@ fn build_model(recipe: &Recipe, tok: &PgTokenizer, device: Device) -> Result<Pal
         }
         None => unreachable!("the recipe check requires a preset"),
     };
+    // A fresh model takes its placeholder id from the tokenizer it is trained with.
+    config.image_token_id = tok.image_id;
+    if tok.vocab_size() > config.text.vocab_size {
+        bail!(
+            "{}: {} tokens do not fit the model's {}-row embedding",
+            recipe.data.tokenizer.display(),
+            tok.vocab_size(),
+            config.text.vocab_size
+        );
+    }
     tch::manual_seed(recipe.seed as i64);
     Ok(PaliGemma::new(config, &mut Weights::random(device, kind), options)?)
 }
