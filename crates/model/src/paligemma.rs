@@ -10,7 +10,7 @@ use crate::checkpoint::{self, LM_HEAD, PROJECTOR, TEXT, VISION};
 use crate::config::PaliGemmaConfig;
 use crate::gemma2::{Gemma2, KvCache, RunOptions, TokenLayout};
 use crate::nn::{Init, Linear, NamedTensors, Weights};
-use crate::siglip::SiglipVision;
+use crate::siglip::{resample_positions, SiglipVision};
 use crate::ModelError;
 
 /// One forward call's input.
@@ -45,8 +45,24 @@ impl PaliGemma {
 
     /// Loads a Hugging Face model folder onto `device`, computing in `kind`.
     pub fn load(dir: &Path, device: Device, kind: Kind, options: RunOptions) -> Result<Self, ModelError> {
-        let config = PaliGemmaConfig::from_file(&dir.join("config.json"))?;
+        Self::load_at(dir, None, device, kind, options)
+    }
+
+    /// As [`PaliGemma::load`], moved to another image `resolution` when given: the position
+    /// embedding grid is resampled bilinearly (stage chaining 224 -> 448 -> 896 px).
+    pub fn load_at(dir: &Path, resolution: Option<usize>, device: Device, kind: Kind, options: RunOptions) -> Result<Self, ModelError> {
+        let mut config = PaliGemmaConfig::from_file(&dir.join("config.json"))?;
         let mut tensors = checkpoint::read_tensors(dir)?;
+        if let Some(res) = resolution.filter(|&r| r != config.vision.image_size) {
+            if res % config.vision.patch_size != 0 {
+                return Err(ModelError::Invalid(format!("resolution {res} is not a multiple of the patch size {}", config.vision.patch_size)));
+            }
+            config.vision.image_size = res;
+            let name = format!("{VISION}.embeddings.position_embedding.weight");
+            if let Some(positions) = tensors.remove(&name) {
+                tensors.insert(name, resample_positions(&positions, config.vision.grid() as i64));
+            }
+        }
         if config.tie_word_embeddings {
             // Some exports store the tied head anyway; it must then be the embedding.
             if let Some(head) = tensors.remove(LM_HEAD) {

@@ -84,6 +84,17 @@ impl EncoderLayer {
     }
 }
 
+/// Moves learned position embeddings `(grid^2, width)` to a `to_grid x to_grid` grid by
+/// bilinear resampling (half-pixel centres), as PaliGemma's stage 2 does when the
+/// resolution grows from 224 to 448 and 896 px.
+pub fn resample_positions(positions: &Tensor, to_grid: i64) -> Tensor {
+    let (n, width) = positions.size2().unwrap();
+    let grid = (n as f64).sqrt().round() as i64;
+    let image = positions.to_kind(Kind::Float).view([1, grid, grid, width]).permute([0, 3, 1, 2]);
+    let resized = image.upsample_bilinear2d([to_grid, to_grid], false, None, None);
+    resized.permute([0, 2, 3, 1]).reshape([to_grid * to_grid, width]).to_kind(positions.kind())
+}
+
 /// The vision tower; parameters are named as under `vision_tower.vision_model.` in checkpoints.
 pub struct SiglipVision {
     patch_weight: Tensor,
@@ -137,5 +148,25 @@ impl SiglipVision {
     /// Floating-point kind of the parameters.
     pub fn kind(&self) -> Kind {
         self.patch_weight.kind()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resampling_keeps_a_linear_ramp_linear_and_its_corners() {
+        // A 2x2 grid whose value is x + 10 y, upsampled to 4x4 with half-pixel centres:
+        // the interior interpolates, the border clamps (as jax.image.resize and torch).
+        let pos = Tensor::from_slice(&[0.0f32, 1.0, 10.0, 11.0]).view([4, 1]);
+        let up = Vec::<f32>::try_from(resample_positions(&pos, 4).view([-1])).unwrap();
+        let row = |y: f32| [0.0, 0.25, 0.75, 1.0].map(|x| x + 10.0 * y);
+        let want: Vec<f32> = [0.0, 0.25, 0.75, 1.0].iter().flat_map(|&y| row(y)).collect();
+        for (g, w) in up.iter().zip(&want) {
+            assert!((g - w).abs() < 1e-5, "{up:?}");
+        }
+        let same = resample_positions(&pos, 2);
+        assert!(same.allclose(&pos, 1e-6, 1e-6, false));
     }
 }
