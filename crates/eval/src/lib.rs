@@ -1,3 +1,247 @@
-//! Evaluation for pg2: metrics (CIDEr, VQA accuracy, ANLS, RefCOCO IoU, ...) and the
-//! evaluators that run them during and after training (work in progress: see the
-//! evaluation issue; nothing here yet).
+//! Evaluation metrics for pg2, each matching the scorer the PaliGemma 2 paper reports with.
+//!
+//! A metric reads a list of examples, JSON objects holding the model's `prediction` and the
+//! references that metric needs, and returns named scores plus the example count `n`:
+//!
+//! | metric | fields besides `prediction` | scores |
+//! |---|---|---|
+//! | `cider` | `references`: list of strings | `cider` (pycocoevalcap's CIDEr-D; the paper's 141.3 is 1.413 here) |
+//! | `bleu4` | `references`: list of strings | `bleu1` .. `bleu4` (pycocoevalcap's corpus BLEU) |
+//! | `vqa` | `answers`: list of strings (10 in VQAv2) | `vqa` (official VQAv2 accuracy) |
+//! | `anls` | `answers`: list of strings | `anls` (DocVQA, threshold 0.5) |
+//! | `relaxed` | `answers`: list of strings | `relaxed` (ChartQA relaxed accuracy) |
+//! | `exact` | `answers`: list of strings | `exact` |
+//! | `refcoco` | `boxes`: list of `[y1, x1, y2, x2]` (pixels; the first is used), `width`, `height` | `accuracy` (IoU >= 0.5), `mean_iou` |
+//!
+//! Every score is a fraction (1.0 = perfect; CIDEr can exceed 1): the paper's tables print
+//! them times 100 (the official VQA script prints its mean times 100, rounded to 2
+//! decimals). Scores are unrounded means over the examples.
+//!
+//! ```
+//! use pg2_eval::{score, Metric};
+//! let ex = serde_json::json!({"prediction": "Two", "answers": ["2", "2"]});
+//! let out = score(Metric::Exact, &[ex]).unwrap();
+//! assert_eq!(out["exact"], 0.0);
+//! assert_eq!(out["n"], 1);
+//! ```
+//!
+//! The modules hold typed per-example functions for use without JSON.
+
+pub mod anls;
+pub mod caption;
+pub mod example;
+pub mod ptb;
+pub mod qa;
+pub mod refcoco;
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+use serde_json::{Map, Value};
+
+use example::Example;
+
+/// An evaluation metric; `FromStr` takes the lower-case names listed in [`Metric::ALL`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Metric {
+    /// CIDEr-D as pycocoevalcap computes it, after PTB tokenisation.
+    Cider,
+    /// BLEU-1..4 as pycocoevalcap computes it, after PTB tokenisation.
+    Bleu4,
+    /// VQAv2 accuracy as the official `vqaEval.py`.
+    Vqa,
+    /// Average normalised Levenshtein similarity (DocVQA).
+    Anls,
+    /// ChartQA relaxed accuracy.
+    Relaxed,
+    /// Exact match after trimming and lower-casing.
+    Exact,
+    /// Referring expression detection: accuracy at IoU >= 0.5 and mean IoU.
+    RefCoco,
+}
+
+impl Metric {
+    /// Every metric with its name, in declaration order.
+    pub const ALL: [(Metric, &'static str); 7] = [
+        (Metric::Cider, "cider"),
+        (Metric::Bleu4, "bleu4"),
+        (Metric::Vqa, "vqa"),
+        (Metric::Anls, "anls"),
+        (Metric::Relaxed, "relaxed"),
+        (Metric::Exact, "exact"),
+        (Metric::RefCoco, "refcoco"),
+    ];
+
+    /// The metric's name, as `FromStr` accepts it.
+    pub fn name(self) -> &'static str {
+        Self::ALL
+            .iter()
+            .find(|(m, _)| *m == self)
+            .map(|(_, n)| *n)
+            .unwrap_or_default()
+    }
+}
+
+impl fmt::Display for Metric {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl FromStr for Metric {
+    type Err = EvalError;
+
+    fn from_str(s: &str) -> Result<Self, EvalError> {
+        Self::ALL
+            .iter()
+            .find(|(_, n)| *n == s)
+            .map(|(m, _)| *m)
+            .ok_or_else(|| EvalError::UnknownMetric(s.to_string()))
+    }
+}
+
+/// Why a set of examples could not be scored.
+#[derive(Debug, thiserror::Error)]
+pub enum EvalError {
+    #[error("unknown metric {0:?} (known: cider, bleu4, vqa, anls, relaxed, exact, refcoco)")]
+    UnknownMetric(String),
+    #[error("no examples to score")]
+    Empty,
+    /// An example lacks a field, or the field has the wrong type; `index` counts from 0.
+    #[error("example {index}: field `{field}` {problem}")]
+    Field {
+        index: usize,
+        field: &'static str,
+        problem: String,
+    },
+    #[error("{}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    /// A line of a JSONL file that is not JSON or not a valid example; `line` counts from 1.
+    #[error("{}:{line}: {message}", path.display())]
+    Line {
+        path: PathBuf,
+        line: usize,
+        message: String,
+    },
+}
+
+/// Scores `examples` (JSON objects, fields as in the crate docs) with `metric`.
+///
+/// Returns the metric's named scores and `n`, the number of examples; an empty list is an
+/// error rather than a NaN score.
+pub fn score(metric: Metric, examples: &[Value]) -> Result<Map<String, Value>, EvalError> {
+    if examples.is_empty() {
+        return Err(EvalError::Empty);
+    }
+    let examples: Vec<Example> = examples
+        .iter()
+        .enumerate()
+        .map(|(i, v)| Example::new(i, v))
+        .collect();
+    let scores = match metric {
+        Metric::Cider => vec![("cider", mean(&caption::cider(&caption_pairs(&examples)?)))],
+        Metric::Bleu4 => {
+            let bleu = caption::bleu(&caption_pairs(&examples)?);
+            ["bleu1", "bleu2", "bleu3", "bleu4"]
+                .into_iter()
+                .zip(bleu)
+                .collect()
+        }
+        Metric::Vqa => vec![("vqa", mean_over(&examples, "answers", qa::vqa_accuracy)?)],
+        Metric::Anls => vec![("anls", mean_over(&examples, "answers", anls::anls)?)],
+        Metric::Relaxed => vec![(
+            "relaxed",
+            mean_over(&examples, "answers", qa::relaxed_accuracy)?,
+        )],
+        Metric::Exact => vec![("exact", mean_over(&examples, "answers", qa::exact_match)?)],
+        Metric::RefCoco => refcoco_scores(&examples)?,
+    };
+    let mut out: Map<String, Value> = scores
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), Value::from(v)))
+        .collect();
+    out.insert("n".into(), Value::from(examples.len()));
+    Ok(out)
+}
+
+/// Scores a JSONL file of examples (one JSON object a line; blank lines are skipped).
+///
+/// Errors name the file and the 1-based line of the offending example.
+pub fn score_file(metric: Metric, path: &Path) -> Result<Map<String, Value>, EvalError> {
+    let text = std::fs::read_to_string(path).map_err(|source| EvalError::Io {
+        path: path.into(),
+        source,
+    })?;
+    let line_error = |line: usize, message: String| EvalError::Line {
+        path: path.into(),
+        line,
+        message,
+    };
+    let mut lines = Vec::new();
+    let mut examples = Vec::new();
+    for (i, line) in text
+        .lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+    {
+        examples.push(serde_json::from_str(line).map_err(|e| line_error(i + 1, e.to_string()))?);
+        lines.push(i + 1);
+    }
+    score(metric, &examples).map_err(|e| match e {
+        EvalError::Field {
+            index,
+            field,
+            problem,
+        } => line_error(lines[index], format!("field `{field}` {problem}")),
+        EvalError::Empty => line_error(0, "no examples to score".into()),
+        e => e,
+    })
+}
+
+/// (prediction, references) of every example, for the caption metrics.
+fn caption_pairs<'a>(examples: &[Example<'a>]) -> Result<Vec<(&'a str, Vec<&'a str>)>, EvalError> {
+    examples
+        .iter()
+        .map(|e| Ok((e.prediction()?, e.non_empty_strings("references")?)))
+        .collect()
+}
+
+/// Mean over the examples of `f(prediction, answers)`, answers read from `field`.
+fn mean_over(
+    examples: &[Example],
+    field: &'static str,
+    f: fn(&str, &[&str]) -> f64,
+) -> Result<f64, EvalError> {
+    let values = examples
+        .iter()
+        .map(|e| Ok(f(e.prediction()?, &e.non_empty_strings(field)?)))
+        .collect::<Result<Vec<f64>, EvalError>>()?;
+    Ok(mean(&values))
+}
+
+fn refcoco_scores(examples: &[Example]) -> Result<Vec<(&'static str, f64)>, EvalError> {
+    let ious = examples
+        .iter()
+        .map(|e| {
+            Ok(refcoco::prediction_iou(
+                e.prediction()?,
+                e.first_box()?,
+                e.number("width")?,
+                e.number("height")?,
+            ))
+        })
+        .collect::<Result<Vec<f64>, EvalError>>()?;
+    let hits: Vec<f64> = ious
+        .iter()
+        .map(|&iou| f64::from(u8::from(iou >= refcoco::IOU_THRESHOLD)))
+        .collect();
+    Ok(vec![("accuracy", mean(&hits)), ("mean_iou", mean(&ious))])
+}
+
+fn mean(values: &[f64]) -> f64 {
+    values.iter().sum::<f64>() / values.len() as f64
+}

@@ -1,0 +1,81 @@
+//! Typed access to the fields of one JSON example, with errors naming the example and field.
+
+use serde_json::Value;
+
+use crate::refcoco::Box;
+use crate::EvalError;
+
+/// One example of a list being scored: its 0-based index (for errors) and its JSON object.
+pub struct Example<'a> {
+    index: usize,
+    value: &'a Value,
+}
+
+impl<'a> Example<'a> {
+    pub fn new(index: usize, value: &'a Value) -> Self {
+        Example { index, value }
+    }
+
+    /// The `prediction` string.
+    pub fn prediction(&self) -> Result<&'a str, EvalError> {
+        self.field("prediction")?
+            .as_str()
+            .ok_or_else(|| self.error("prediction", "is not a string"))
+    }
+
+    /// A non-empty list of strings (`references`, `answers`).
+    pub fn non_empty_strings(&self, name: &'static str) -> Result<Vec<&'a str>, EvalError> {
+        let list = self
+            .field(name)?
+            .as_array()
+            .ok_or_else(|| self.error(name, "is not a list of strings"))?;
+        if list.is_empty() {
+            return Err(self.error(name, "is empty"));
+        }
+        list.iter()
+            .map(|v| {
+                v.as_str()
+                    .ok_or_else(|| self.error(name, "is not a list of strings"))
+            })
+            .collect()
+    }
+
+    /// A number (`width`, `height`).
+    pub fn number(&self, name: &'static str) -> Result<f64, EvalError> {
+        self.field(name)?
+            .as_f64()
+            .ok_or_else(|| self.error(name, "is not a number"))
+    }
+
+    /// The first box of `boxes`, a list of `[y1, x1, y2, x2]` pixel boxes.
+    pub fn first_box(&self) -> Result<Box, EvalError> {
+        let bad = || self.error("boxes", "is not a non-empty list of [y1, x1, y2, x2] boxes");
+        let first = self
+            .field("boxes")?
+            .as_array()
+            .and_then(|b| b.first())
+            .ok_or_else(bad)?;
+        let coords: Vec<f64> = first
+            .as_array()
+            .ok_or_else(bad)?
+            .iter()
+            .filter_map(Value::as_f64)
+            .collect();
+        let coords: [f64; 4] = coords.try_into().map_err(|_| bad())?;
+        Ok(Box::from_yxyx(coords))
+    }
+
+    fn field(&self, name: &'static str) -> Result<&'a Value, EvalError> {
+        self.value
+            .get(name)
+            .ok_or_else(|| self.error(name, "is missing"))
+    }
+
+    fn error(&self, field: &'static str, problem: &str) -> EvalError {
+        EvalError::Field {
+            index: self.index,
+            field,
+            problem: problem.to_string(),
+        }
+    }
+}

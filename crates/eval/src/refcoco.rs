@@ -1,0 +1,77 @@
+//! Referring expression detection (RefCOCO): the predicted box, read from PaliGemma's
+//! `<locNNNN>` tokens, against the reference box.
+//!
+//! PaliGemma writes a box as four tokens `<locY1><locX1><locY2><locX2>`, each
+//! `round(coord / size * 1023)` with `size` the image height (y) or width (x) in pixels. We
+//! invert that as `value / 1023 * size` (exact up to the rounding, half a bin: `size / 2046`).
+
+/// A prediction is correct when its IoU with the reference reaches this.
+pub const IOU_THRESHOLD: f64 = 0.5;
+
+/// An axis-aligned box in pixels.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Box {
+    pub y1: f64,
+    pub x1: f64,
+    pub y2: f64,
+    pub x2: f64,
+}
+
+impl Box {
+    /// From `[y1, x1, y2, x2]`.
+    pub fn from_yxyx([y1, x1, y2, x2]: [f64; 4]) -> Self {
+        Box { y1, x1, y2, x2 }
+    }
+
+    /// Area, 0 for a box whose corners are swapped.
+    pub fn area(&self) -> f64 {
+        (self.y2 - self.y1).max(0.0) * (self.x2 - self.x1).max(0.0)
+    }
+
+    /// Intersection over union; 0 when the union is empty.
+    pub fn iou(&self, other: &Box) -> f64 {
+        let inter = Box {
+            y1: self.y1.max(other.y1),
+            x1: self.x1.max(other.x1),
+            y2: self.y2.min(other.y2),
+            x2: self.x2.min(other.x2),
+        }
+        .area();
+        let union = self.area() + other.area() - inter;
+        if union > 0.0 {
+            inter / union
+        } else {
+            0.0
+        }
+    }
+}
+
+/// The box of the first four `<locNNNN>` tokens of `text` (four digits each, 0..=1023), in
+/// pixels of a `width` x `height` image; `None` when there are fewer than four.
+pub fn parse_box(text: &str, width: f64, height: f64) -> Option<Box> {
+    let values: Vec<f64> = loc_values(text).take(4).collect();
+    let [y1, x1, y2, x2] = values.try_into().ok()?;
+    Some(Box {
+        y1: y1 / 1023.0 * height,
+        x1: x1 / 1023.0 * width,
+        y2: y2 / 1023.0 * height,
+        x2: x2 / 1023.0 * width,
+    })
+}
+
+/// IoU of the box `prediction` names with `reference`; 0 when it names none.
+pub fn prediction_iou(prediction: &str, reference: Box, width: f64, height: f64) -> f64 {
+    parse_box(prediction, width, height).map_or(0.0, |b| b.iou(&reference))
+}
+
+/// The values of the `<locNNNN>` tokens of `text`, in order.
+fn loc_values(text: &str) -> impl Iterator<Item = f64> + '_ {
+    text.match_indices("<loc").filter_map(move |(k, _)| {
+        let digits = text.get(k + 4..k + 8)?;
+        let value: u16 = digits
+            .parse()
+            .ok()
+            .filter(|_| digits.bytes().all(|b| b.is_ascii_digit()))?;
+        (text[k + 8..].starts_with('>') && value <= 1023).then_some(f64::from(value))
+    })
+}
