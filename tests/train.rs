@@ -21,8 +21,7 @@ fn setup(name: &str, steps: u64, checkpoint_every: u64) -> PathBuf {
         r#"name = "{name}"
 seed = 3
 [model]
-init = "random"
-preset = "tiny"
+init = "tiny"
 resolution = 32
 [data]
 tokenizer = "synth/tokenizer.json"
@@ -77,7 +76,10 @@ fn tiny_run_learns_and_its_checkpoint_scores() {
         assert!(metrics[key].as_f64().unwrap().is_finite(), "{key}");
     }
     assert_eq!(std::fs::read_to_string(dir.join("run/checkpoints/latest")).unwrap(), "step-000040");
-    assert!(dir.join("run/recipe.toml").exists());
+    let resolved = std::fs::read_to_string(dir.join("run/recipe.toml")).unwrap();
+    assert!(resolved.contains("steps = 40") && resolved.contains("synth/tokenizer.json"), "{resolved}");
+    let events: Vec<_> = std::fs::read_dir(dir.join("run/tb")).unwrap().collect();
+    assert_eq!(events.len(), 1, "one TensorBoard events file");
     // The checkpoint is a Hugging Face folder pg2 score reads.
     let score = Command::new(env!("CARGO_BIN_EXE_pg2"))
         .args(["score", "--device", "cpu", "--checkpoint"])
@@ -115,5 +117,25 @@ fn resumed_run_repeats_the_uninterrupted_losses_exactly() {
     assert_eq!(rest.iter().map(|x| x.0).collect::<Vec<_>>(), vec![5, 6, 7, 8]);
     assert_eq!(rest, whole[4..], "bit-identical losses after resuming");
     assert_eq!(std::fs::read_to_string(ckpts.join("latest")).unwrap(), "step-000008");
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn next_stage_starts_from_the_run_at_a_higher_resolution() {
+    let dir = setup("chain", 3, 3);
+    assert!(launch(&dir, &[]).status.success());
+    // Stage 2: the run folder as init, twice the resolution, a --set override.
+    let out = Command::new(env!("CARGO_BIN_EXE_launch"))
+        .arg(dir.join("recipe.toml"))
+        .args(["--device", "cpu", "--set"])
+        .arg(format!("model.init=\"{}\"", dir.join("run").display()))
+        .args(["--set", "model.resolution=64", "--set", "train.steps=2", "--out"])
+        .arg(dir.join("run2"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let config: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("run2/checkpoints/step-000002/config.json")).unwrap()).unwrap();
+    assert_eq!(config["vision_config"]["image_size"], 64);
+    assert_eq!(config["vision_config"]["num_image_tokens"], 64, "8x8 patches of 8 px");
     std::fs::remove_dir_all(dir).unwrap();
 }

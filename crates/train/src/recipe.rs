@@ -1,10 +1,18 @@
-//! Training recipes: one TOML file describes one stage. Unknown keys are errors naming the
-//! key and the line, so a typo never silently falls back to a default. Paths are relative
-//! to the recipe file.
+//! Training recipes: one TOML file describes one stage.
+//!
+//! - `base = "other.toml"` inherits another recipe; tables merge key by key, anything else
+//!   (arrays included) is replaced.
+//! - `--set key.path=value` overrides one key (the value is TOML, or else a string).
+//! - Relative paths are relative to the file that sets them (the current folder for
+//!   `--set`); a source path starting with `$DATA/` is relative to the data root
+//!   (`data.root`, or the `PG2_DATA_ROOT` environment variable, which wins).
+//! - Unknown keys, wrong types and impossible values are errors naming the key and the
+//!   file, with the closest valid key for a typo.
 
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
+use toml::{Table, Value};
 
 /// A parsed recipe, with paths resolved against its folder.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -24,10 +32,10 @@ pub struct Recipe {
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct ModelSection {
-    /// `"random"`, or a Hugging Face checkpoint folder to start from.
+    /// Where the weights come from: a preset shape with fresh random weights (`"tiny"`,
+    /// `"paligemma2-3b"`, `"paligemma2-10b"`, `"paligemma2-28b"`), or a checkpoint: a
+    /// Hugging Face model folder, or a run folder (its `checkpoints/latest`).
     pub init: String,
-    /// Shape of a random model: `"tiny"`, `"paligemma2-3b"`, `"paligemma2-10b"`, `"paligemma2-28b"`.
-    pub preset: Option<String>,
     /// Image side in pixels.
     pub resolution: usize,
     /// `"f32"` or `"bf16"`.
@@ -42,6 +50,8 @@ pub struct ModelSection {
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct DataSection {
+    /// Root of the sources written `$DATA/...`.
+    pub root: Option<PathBuf>,
     /// The tokenizer (`tokenizer.json`).
     pub tokenizer: PathBuf,
     /// Write the synthetic demo data into this folder first when it is missing.
@@ -75,6 +85,8 @@ pub struct Source {
     pub weight: f64,
     /// Prompt template such as `"answer en {question}"`; the records' own prefix by default.
     pub prefix: Option<String>,
+    /// How to make a missing source (shown when it is missing), e.g. a `pg2 convert` line.
+    pub make: Option<String>,
 }
 
 /// How long and how fast to train.
@@ -136,37 +148,166 @@ pub struct RecipeError {
     pub msg: String,
 }
 
+/// `model.init` values that mean fresh weights of that shape.
+pub const PRESETS: [&str; 4] = ["tiny", "paligemma2-3b", "paligemma2-10b", "paligemma2-28b"];
+
+/// Keys whose relative paths resolve against the folder of the file that sets them.
+const PATH_KEYS: [(&str, &str); 4] = [("model", "init"), ("data", "tokenizer"), ("data", "synth"), ("data", "root")];
+
+/// Reads `path` and the chain of its `base` recipes into one table, resolving each file's
+/// relative paths against its own folder.
+fn load_table(path: &Path, depth: usize) -> Result<Table, RecipeError> {
+    let err = |msg: String| RecipeError { file: path.display().to_string(), msg };
+    if depth > 8 {
+        return Err(err("`base` recipes nest more than 8 deep (a cycle?)".into()));
+    }
+    let text = std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?;
+    let mut table: Table = toml::from_str(&text).map_err(|e| err(e.to_string()))?;
+    let dir = path.parent().unwrap_or(Path::new("."));
+    resolve_paths(&mut table, dir);
+    match table.remove("base") {
+        None => Ok(table),
+        Some(Value::String(base)) => {
+            let mut merged = load_table(&dir.join(base), depth + 1)?;
+            merge(&mut merged, table);
+            Ok(merged)
+        }
+        Some(other) => Err(err(format!("`base` must be a file name, found {other}"))),
+    }
+}
+
+fn resolve_paths(table: &mut Table, dir: &Path) {
+    let join = |v: &mut Value| {
+        if let Value::String(p) = v {
+            if !PRESETS.contains(&p.as_str()) && !p.starts_with("$DATA/") {
+                *p = dir.join(&*p).display().to_string();
+            }
+        }
+    };
+    for (section, key) in PATH_KEYS {
+        if let Some(v) = table.get_mut(section).and_then(Value::as_table_mut).and_then(|t| t.get_mut(key)) {
+            join(v);
+        }
+    }
+    let sources = table.get_mut("data").and_then(Value::as_table_mut).and_then(|d| d.get_mut("mixture")).and_then(Value::as_array_mut);
+    for source in sources.into_iter().flatten() {
+        if let Some(v) = source.as_table_mut().and_then(|s| s.get_mut("path")) {
+            join(v);
+        }
+    }
+}
+
+/// Merges `over` into `base`: tables key by key, anything else replaced.
+fn merge(base: &mut Table, over: Table) {
+    for (key, value) in over {
+        match (base.get_mut(&key), value) {
+            (Some(Value::Table(b)), Value::Table(o)) => merge(b, o),
+            (_, value) => {
+                base.insert(key, value);
+            }
+        }
+    }
+}
+
+/// Applies `key.path=value`; the value is read as TOML, or else taken as a string.
+fn set(table: &mut Table, assignment: &str) -> Result<(), String> {
+    let (key, raw) = assignment.split_once('=').ok_or_else(|| format!("--set {assignment}: expected key.path=value"))?;
+    let value = toml::from_str::<Table>(&format!("v = {raw}"))
+        .ok()
+        .and_then(|mut t| t.remove("v"))
+        .unwrap_or_else(|| Value::String(raw.to_string()));
+    let mut parts: Vec<&str> = key.trim().split('.').collect();
+    let last = parts.pop().filter(|k| !k.is_empty()).ok_or_else(|| format!("--set {assignment}: empty key"))?;
+    let mut node = table;
+    for part in parts {
+        node = node
+            .entry(part)
+            .or_insert_with(|| Value::Table(Table::new()))
+            .as_table_mut()
+            .ok_or_else(|| format!("--set {assignment}: `{part}` is not a table"))?;
+    }
+    node.insert(last.to_string(), value);
+    Ok(())
+}
+
+/// Levenshtein distance, for "did you mean" hints.
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut diagonal = row[0];
+        row[0] = i + 1;
+        for (j, &cb) in b.iter().enumerate() {
+            let next = (diagonal + usize::from(ca != cb)).min(row[j] + 1).min(row[j + 1] + 1);
+            diagonal = row[j + 1];
+            row[j + 1] = next;
+        }
+    }
+    row[b.len()]
+}
+
+/// Adds the closest valid key to serde's "unknown field `x`, expected one of `a`, `b`".
+fn with_hint(msg: String) -> String {
+    let Some(rest) = msg.split("unknown field `").nth(1) else { return msg };
+    let unknown = rest.split('`').next().unwrap_or_default();
+    let valid: Vec<&str> = rest.split("expected ").nth(1).unwrap_or_default().split('`').skip(1).step_by(2).collect();
+    match valid.iter().min_by_key(|v| edit_distance(unknown, v)) {
+        Some(best) if edit_distance(unknown, best) <= best.len().max(unknown.len()) / 2 => format!("{msg} (did you mean `{best}`?)"),
+        _ => msg,
+    }
+}
+
 impl Recipe {
-    /// Reads and checks a recipe file, resolving its paths against the file's folder.
+    /// Reads and checks a recipe file (no overrides).
     pub fn from_file(path: &Path) -> Result<Self, RecipeError> {
+        Self::load(path, &[]).map(|(recipe, _)| recipe)
+    }
+
+    /// Reads a recipe with its `base` chain and `--set` overrides; returns it with the fully
+    /// resolved table (what the run folder keeps as `recipe.toml`).
+    pub fn load(path: &Path, overrides: &[String]) -> Result<(Self, Table), RecipeError> {
         let err = |msg: String| RecipeError { file: path.display().to_string(), msg };
-        let text = std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?;
-        let mut recipe: Recipe = toml::from_str(&text).map_err(|e| err(e.to_string()))?;
+        let mut table = load_table(path, 0)?;
+        for assignment in overrides {
+            set(&mut table, assignment).map_err(err)?;
+        }
+        if let Ok(root) = std::env::var("PG2_DATA_ROOT") {
+            set(&mut table, &format!("data.root={}", Value::String(root))).map_err(err)?;
+        }
+        if !table.contains_key("name") {
+            let stem = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+            table.insert("name".into(), Value::String(stem));
+        }
+        let mut recipe: Recipe = Value::Table(table.clone()).try_into().map_err(|e: toml::de::Error| err(with_hint(e.to_string())))?;
         recipe.check().map_err(err)?;
-        let dir = path.parent().unwrap_or(Path::new("."));
-        let resolve = |p: &mut PathBuf| *p = dir.join(&*p);
-        resolve(&mut recipe.data.tokenizer);
-        recipe.data.synth.as_mut().map(resolve);
-        recipe.data.mixture.iter_mut().for_each(|s| resolve(&mut s.path));
-        if recipe.model.init != "random" {
-            recipe.model.init = dir.join(&recipe.model.init).display().to_string();
+        for source in &mut recipe.data.mixture {
+            if let Ok(rest) = source.path.strip_prefix("$DATA") {
+                let root = recipe.data.root.as_ref().ok_or_else(|| {
+                    err(format!("source {} needs a data root: set data.root, --set data.root=DIR or PG2_DATA_ROOT", source.path.display()))
+                })?;
+                source.path = root.join(rest);
+            }
         }
-        if recipe.name.is_none() {
-            recipe.name = path.file_stem().map(|s| s.to_string_lossy().into_owned());
-        }
-        Ok(recipe)
+        Ok((recipe, table))
+    }
+
+    /// Sources that do not exist, each with how to make it.
+    pub fn missing_sources(&self) -> Vec<String> {
+        let synth = self.data.synth.is_some();
+        self.data
+            .mixture
+            .iter()
+            .filter(|s| !s.path.exists() && !synth)
+            .map(|s| match &s.make {
+                Some(how) => format!("{} (make it with: {how})", s.path.display()),
+                None => s.path.display().to_string(),
+            })
+            .collect()
     }
 
     fn check(&self) -> Result<(), String> {
         if !["f32", "bf16"].contains(&self.model.dtype.as_str()) {
             return Err(format!("model.dtype = {:?}: expected \"f32\" or \"bf16\"", self.model.dtype));
-        }
-        match (self.model.init.as_str(), self.model.preset.as_deref()) {
-            ("random", None) => return Err("model.init = \"random\" needs model.preset (tiny, paligemma2-3b, -10b or -28b)".into()),
-            ("random", Some("tiny" | "paligemma2-3b" | "paligemma2-10b" | "paligemma2-28b")) => {}
-            ("random", Some(other)) => return Err(format!("model.preset = {other:?}: expected tiny, paligemma2-3b, paligemma2-10b or paligemma2-28b")),
-            (_, Some(_)) => return Err("model.preset applies to model.init = \"random\" only; a checkpoint brings its own shape".into()),
-            _ => {}
         }
         if !["error", "skip"].contains(&self.data.on_bad_record.as_str()) {
             return Err(format!("data.on_bad_record = {:?}: expected \"error\" or \"skip\"", self.data.on_bad_record));
@@ -188,8 +329,7 @@ mod tests {
 
     const GOOD: &str = r#"
 [model]
-init = "random"
-preset = "tiny"
+init = "tiny"
 resolution = 64
 
 [data]
@@ -222,18 +362,41 @@ lr = 1e-5
     }
 
     #[test]
-    fn unknown_key_names_key_and_line() {
+    fn unknown_key_names_key_and_section() {
         let err = parse(&GOOD.replace("lr = 1e-5", "lr = 1e-5\nlearning_rate = 3")).unwrap_err().to_string();
-        assert!(err.contains("learning_rate") && err.contains("line 15"), "{err}");
+        assert!(err.contains("learning_rate") && err.contains("train"), "{err}");
+    }
+
+    #[test]
+    fn typos_get_the_closest_key() {
+        let err = parse(&GOOD.replace("lr = 1e-5", "lr = 1e-5\nbatch_sise = 3")).unwrap_err().to_string();
+        assert!(err.contains("did you mean `batch_size`?"), "{err}");
+    }
+
+    #[test]
+    fn base_recipes_merge_and_overrides_win() {
+        let dir = std::env::temp_dir().join(format!("pg2-recipe-base-{}", std::process::id()));
+        std::fs::create_dir_all(dir.join("sub")).unwrap();
+        std::fs::write(dir.join("base.toml"), GOOD).unwrap();
+        let child = "base = \"../base.toml\"\nname = \"child\"\n[train]\nsteps = 99\n[data]\ntokenizer = \"tok.json\"\n";
+        std::fs::write(dir.join("sub/child.toml"), child).unwrap();
+        let overrides = ["train.lr=0.5".to_string(), "data.mixture=[{path = \"$DATA/x.jsonl\", weight = 2.0}]".into(), "data.root=/data".into()];
+        let (r, table) = Recipe::load(&dir.join("sub/child.toml"), &overrides).unwrap();
+        assert_eq!((r.name.as_deref(), r.train.steps, r.train.batch_size, r.train.lr), (Some("child"), 99, 4, 0.5));
+        assert_eq!(r.data.tokenizer, dir.join("sub/tok.json"), "paths resolve against the file that sets them");
+        assert_eq!(r.data.mixture[0].path, PathBuf::from("/data/x.jsonl"));
+        assert_eq!(table["train"]["steps"].as_integer(), Some(99));
+        assert!(r.missing_sources()[0].starts_with("/data/x.jsonl"));
+        std::fs::remove_dir_all(dir).unwrap();
     }
 
     #[test]
     fn impossible_values_are_rejected() {
-        let err = parse(&GOOD.replace("preset = \"tiny\"", "preset = \"huge\"")).unwrap_err().to_string();
-        assert!(err.contains("huge"), "{err}");
+        let err = parse(&GOOD.replace("dtype", "x").replace("resolution = 64", "resolution = 64\ndtype = \"f16\"")).unwrap_err().to_string();
+        assert!(err.contains("f16"), "{err}");
         let err = parse(&GOOD.replace("weight = 1.0", "weight = 0.0")).unwrap_err().to_string();
         assert!(err.contains("positive weight"), "{err}");
         let err = parse(&GOOD.replace("steps = 10", "steps = \"ten\"")).unwrap_err().to_string();
-        assert!(err.contains("steps") && err.contains("line 12"), "{err}");
+        assert!(err.contains("steps") && err.contains("ten"), "{err}");
     }
 }

@@ -1,7 +1,8 @@
 //! The training loop: one recipe, one run folder.
 //!
-//! `runs/<name>/` holds `recipe.toml` (the recipe as given), `metrics.jsonl` (one line per
-//! logged step) and `checkpoints/step-NNNNNN/` (a Hugging Face model folder plus
+//! `runs/<name>/` holds `recipe.toml` (the fully resolved recipe), `metrics.jsonl` (one
+//! line per logged step), TensorBoard event files under `tb/` (`train/loss`, `train/lr`,
+//! `train/grad_norm`) and `checkpoints/step-NNNNNN/` (a Hugging Face model folder plus
 //! `optimizer.safetensors` and `trainer_state.json`), with `checkpoints/latest` naming the
 //! newest. Checkpoints are written to a temporary folder and renamed, and `latest` is
 //! replaced by a rename, so a kill at any moment leaves the previous checkpoint valid.
@@ -23,7 +24,8 @@ use pg2_optim::{Adam, AdamConfig, WarmupCosine};
 use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
 
-use crate::recipe::Recipe;
+use crate::recipe::{Recipe, PRESETS};
+use crate::tensorboard::EventWriter;
 
 /// How `launch` was asked to run a recipe.
 #[derive(Debug, Clone)]
@@ -85,17 +87,18 @@ fn mixture(recipe: &Recipe) -> Result<Mixture> {
 fn build_model(recipe: &Recipe, tok: &PgTokenizer, device: Device) -> Result<PaliGemma> {
     let options = RunOptions { soft_caps: recipe.model.soft_caps, sliding_window: false };
     let kind = kind_of(recipe);
-    if recipe.model.init != "random" {
-        return Ok(PaliGemma::load(Path::new(&recipe.model.init), device, kind, options)?);
+    if !PRESETS.contains(&recipe.model.init.as_str()) {
+        let dir = checkpoint_dir(Path::new(&recipe.model.init))?;
+        eprintln!("launch: starting from {}", dir.display());
+        return Ok(PaliGemma::load_at(&dir, Some(recipe.model.resolution), device, kind, options)?);
     }
     let res = recipe.model.resolution;
-    let mut config = match recipe.model.preset.as_deref() {
-        Some("tiny") => PaliGemmaConfig::tiny(tok.vocab_size(), tok.image_id, res)?,
-        Some(preset) => {
-            let size = preset.trim_start_matches("paligemma2-").trim_end_matches('b').parse().context("model.preset")?;
+    let mut config = match recipe.model.init.as_str() {
+        "tiny" => PaliGemmaConfig::tiny(tok.vocab_size(), tok.image_id, res)?,
+        preset => {
+            let size = preset.trim_start_matches("paligemma2-").trim_end_matches('b').parse().context("model.init")?;
             PaliGemmaConfig::paligemma2(size, res)?
         }
-        None => unreachable!("the recipe check requires a preset"),
     };
     // A fresh model takes its placeholder id from the tokenizer it is trained with.
     config.image_token_id = tok.image_id;
@@ -120,6 +123,18 @@ fn loss(model: &PaliGemma, batch: &pg2_data::Batch) -> Result<Tensor> {
     let sums = Tensor::zeros([b], (Kind::Float, logprobs.device())).index_add(0, &example, &(-logprobs));
     let counts = batch.loss_mask.narrow(1, 1, t - 1).sum_dim_intlist(1, false, Kind::Float).clamp_min(1.0);
     Ok((sums / counts).mean(Kind::Float))
+}
+
+/// A checkpoint folder, following a run's `checkpoints/latest` pointer (given as the
+/// pointer file, the `checkpoints` folder or the run folder).
+fn checkpoint_dir(path: &Path) -> Result<PathBuf> {
+    if path.join("config.json").exists() {
+        return Ok(path.to_path_buf());
+    }
+    let pointer = [path.to_path_buf(), path.join("latest"), path.join("checkpoints/latest")].into_iter().find(|p| p.is_file());
+    let Some(pointer) = pointer else { bail!("{}: neither a model folder nor a run with checkpoints", path.display()) };
+    let name = std::fs::read_to_string(&pointer).with_context(|| format!("reading {}", pointer.display()))?;
+    Ok(pointer.parent().unwrap().join(name.trim()))
 }
 
 /// The newest checkpoint of a run folder, if any.
@@ -161,7 +176,7 @@ fn save_checkpoint(out: &Path, step: u64, model: &PaliGemma, adam: &Adam, tokeni
 }
 
 /// Runs the recipe to its last step (or from the latest checkpoint with `resume`).
-pub fn train(recipe: &Recipe, recipe_file: &Path, opts: &LaunchOptions) -> Result<TrainSummary> {
+pub fn train(recipe: &Recipe, resolved: &toml::Table, opts: &LaunchOptions) -> Result<TrainSummary> {
     let out = &opts.out;
     let latest = latest_checkpoint(out)?;
     match (&latest, opts.resume, opts.overwrite) {
@@ -174,8 +189,12 @@ pub fn train(recipe: &Recipe, recipe_file: &Path, opts: &LaunchOptions) -> Resul
         _ => {}
     }
     let resume_from = latest.filter(|_| opts.resume && !opts.overwrite);
+    let missing = recipe.missing_sources();
+    if !missing.is_empty() {
+        bail!("the recipe's data is missing; nothing was trained:\n  {}", missing.join("\n  "));
+    }
     std::fs::create_dir_all(out)?;
-    std::fs::copy(recipe_file, out.join("recipe.toml"))?;
+    std::fs::write(out.join("recipe.toml"), toml::to_string_pretty(resolved)?)?;
     if let Some(dir) = recipe.data.synth.as_ref().filter(|d| !d.exists()) {
         eprintln!("launch: writing the synthetic demo data to {} (once)", dir.display());
         synth::write_synth(dir, &synth::SynthOptions::default())?;
@@ -218,6 +237,7 @@ pub fn train(recipe: &Recipe, recipe_file: &Path, opts: &LaunchOptions) -> Resul
     };
     let pipeline = Pipeline::start(mixture, tokenizer.clone(), pipeline_config)?;
     let mut metrics = std::fs::OpenOptions::new().create(true).append(true).open(out.join("metrics.jsonl"))?;
+    let mut events = EventWriter::create(&out.join("tb"))?;
     let interactive = std::io::stderr().is_terminal();
     let bar = if interactive { ProgressBar::new(t.steps) } else { ProgressBar::hidden() };
     bar.set_style(ProgressStyle::with_template("{prefix} {bar:30} {pos}/{len} {msg} [{elapsed} < {eta}]").unwrap());
@@ -246,6 +266,10 @@ pub fn train(recipe: &Recipe, recipe_file: &Path, opts: &LaunchOptions) -> Resul
             let line = serde_json::json!({"step": done, "loss": value, "lr": lr, "grad_norm": grad_norm,
                 "examples_per_s": rate, "skipped_records": skipped});
             writeln!(metrics, "{line}")?;
+            for (tag, v) in [("train/loss", value), ("train/lr", lr), ("train/grad_norm", grad_norm)] {
+                events.scalar(tag, v, done)?;
+            }
+            events.flush()?;
             if interactive {
                 bar.set_message(format!("loss {value:.4} | {rate:.1} ex/s"));
             } else {

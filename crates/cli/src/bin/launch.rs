@@ -12,6 +12,9 @@ use tch::Device;
 struct Cli {
     /// The recipe, e.g. recipes/tiny/stage1.toml.
     recipe: PathBuf,
+    /// Override a recipe key, e.g. --set train.lr=3e-5 (repeatable; values are TOML).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    overrides: Vec<String>,
     /// Run folder (default: runs/<recipe name>).
     #[arg(long)]
     out: Option<PathBuf>,
@@ -28,7 +31,7 @@ struct Cli {
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
-    let recipe = Recipe::from_file(&cli.recipe)?;
+    let (recipe, resolved) = Recipe::load(&cli.recipe, &cli.overrides)?;
     let name = recipe.name.clone().unwrap_or_default();
     let device = match cli.device.as_str() {
         "auto" => Device::cuda_if_available(),
@@ -42,7 +45,7 @@ fn main() -> Result<()> {
     let out = cli.out.unwrap_or_else(|| PathBuf::from("runs").join(&name));
     eprintln!("launch: {} on {device:?} -> {}", cli.recipe.display(), out.display());
     let opts = LaunchOptions { out, resume: cli.resume, overwrite: cli.overwrite, device };
-    let summary = train(&recipe, &cli.recipe, &opts)?;
+    let summary = train(&recipe, &resolved, &opts)?;
     if let (Some(first), Some(last)) = (summary.losses.first(), summary.losses.last()) {
         eprintln!("launch: loss {first:.4} -> {last:.4}; checkpoint {}", summary.checkpoint.display());
     }
