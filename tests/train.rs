@@ -34,6 +34,11 @@ lr = 3e-3
 warmup_steps = 2
 log_every = 1
 checkpoint_every = {checkpoint_every}
+[eval]
+data = "synth/tasks/count/val.jsonl"
+metric = "vqa"
+every = 20
+max_len = 4
 "#
     );
     std::fs::write(dir.join("recipe.toml"), recipe).unwrap();
@@ -50,15 +55,12 @@ fn launch(dir: &Path, extra: &[&str]) -> Output {
         .unwrap()
 }
 
+fn metric_lines(dir: &Path) -> Vec<Value> {
+    std::fs::read_to_string(dir.join("run/metrics.jsonl")).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+}
+
 fn losses(dir: &Path) -> Vec<(u64, f64)> {
-    std::fs::read_to_string(dir.join("run/metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| {
-            let v: Value = serde_json::from_str(l).unwrap();
-            (v["step"].as_u64().unwrap(), v["loss"].as_f64().unwrap())
-        })
-        .collect()
+    metric_lines(dir).iter().filter(|v| v.get("loss").is_some()).map(|v| (v["step"].as_u64().unwrap(), v["loss"].as_f64().unwrap())).collect()
 }
 
 #[test]
@@ -71,11 +73,19 @@ fn tiny_run_learns_and_its_checkpoint_scores() {
     let mean = |xs: &[(u64, f64)]| xs.iter().map(|x| x.1).sum::<f64>() / xs.len() as f64;
     let (first, last) = (mean(&l[..5]), mean(&l[35..]));
     assert!(last < 0.5 * first, "loss should at least halve: {first} -> {last}");
-    let metrics: Value = serde_json::from_str(std::fs::read_to_string(dir.join("run/metrics.jsonl")).unwrap().lines().last().unwrap()).unwrap();
+    let lines = metric_lines(&dir);
+    let metrics = lines.iter().rev().find(|v| v.get("loss").is_some()).unwrap();
     for key in ["lr", "grad_norm", "examples_per_s"] {
         assert!(metrics[key].as_f64().unwrap().is_finite(), "{key}");
     }
     assert_eq!(std::fs::read_to_string(dir.join("run/checkpoints/latest")).unwrap(), "step-000040");
+    // Evaluated before training, every 20 steps and at the end, predictions kept.
+    let evals: Vec<(u64, f64)> = lines.iter().filter_map(|v| Some((v["step"].as_u64()?, v.get("eval/vqa")?.as_f64()?))).collect();
+    assert_eq!(evals.iter().map(|e| e.0).collect::<Vec<_>>(), vec![0, 20, 40]);
+    assert!(evals.iter().all(|e| (0.0..=1.0).contains(&e.1)), "{evals:?}");
+    let predictions = std::fs::read_to_string(dir.join("run/eval/step-000040.jsonl")).unwrap();
+    let first: Value = serde_json::from_str(predictions.lines().next().unwrap()).unwrap();
+    assert!(first["prediction"].is_string() && first["answers"].is_array(), "{first}");
     let resolved = std::fs::read_to_string(dir.join("run/recipe.toml")).unwrap();
     assert!(resolved.contains("steps = 40") && resolved.contains("synth/tokenizer.json"), "{resolved}");
     let events: Vec<_> = std::fs::read_dir(dir.join("run/tb")).unwrap().collect();

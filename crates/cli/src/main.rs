@@ -84,6 +84,15 @@ enum Command {
     /// The embedded demo data.
     #[command(subcommand)]
     Data(DataCommand),
+    /// Score predictions: prints one JSON object, e.g. {"cider": 1.0132, "n": 40}.
+    Metric {
+        /// cider, bleu4, vqa, anls, relaxed, exact or refcoco.
+        #[arg(long)]
+        metric: pg2_eval::Metric,
+        /// JSONL with `prediction` and the references the metric needs.
+        #[arg(long)]
+        predictions: PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
@@ -313,6 +322,10 @@ fn main() -> Result<()> {
             predict(&model, &data, decode, batch_size)
         }
         Command::Inspect { checkpoint } => inspect(&checkpoint),
+        Command::Metric { metric, predictions } => {
+            println!("{}", serde_json::Value::Object(pg2_eval::score_file(metric, &predictions)?));
+            Ok(())
+        }
         Command::Convert { format, inputs, images, output, split, skip_missing } => {
             let summary = convert::convert(&convert::ConvertArgs { format, inputs, images, output: output.clone(), split, skip_missing })?;
             eprintln!("pg2 convert: wrote {} records to {}", summary.records, output.display());

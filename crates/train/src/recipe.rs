@@ -26,6 +26,43 @@ pub struct Recipe {
     pub model: ModelSection,
     pub data: DataSection,
     pub train: TrainSection,
+    /// Evaluation during training (before the first step, every `every` steps, at the end).
+    pub eval: Option<EvalSection>,
+}
+
+/// Decode a held-out set and score it.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct EvalSection {
+    /// JSONL records with the fields the metric needs (`answers`, `references`, ...).
+    pub data: PathBuf,
+    /// `cider`, `bleu4`, `vqa`, `anls`, `relaxed`, `exact` or `refcoco`.
+    pub metric: String,
+    #[serde(default = "default_eval_every")]
+    pub every: u64,
+    /// Evaluate the first N records only.
+    pub max_examples: Option<usize>,
+    /// 1 decodes greedily; more runs beam search.
+    #[serde(default = "default_beam")]
+    pub beam: usize,
+    /// Most tokens decoded per example.
+    #[serde(default = "default_max_len")]
+    pub max_len: usize,
+    #[serde(default = "default_eval_batch")]
+    pub batch_size: usize,
+}
+
+fn default_eval_every() -> u64 {
+    100
+}
+fn default_beam() -> usize {
+    1
+}
+fn default_max_len() -> usize {
+    32
+}
+fn default_eval_batch() -> usize {
+    16
 }
 
 /// What model to train and how to run it.
@@ -152,7 +189,7 @@ pub struct RecipeError {
 pub const PRESETS: [&str; 4] = ["tiny", "paligemma2-3b", "paligemma2-10b", "paligemma2-28b"];
 
 /// Keys whose relative paths resolve against the folder of the file that sets them.
-const PATH_KEYS: [(&str, &str); 4] = [("model", "init"), ("data", "tokenizer"), ("data", "synth"), ("data", "root")];
+const PATH_KEYS: [(&str, &str); 5] = [("model", "init"), ("data", "tokenizer"), ("data", "synth"), ("data", "root"), ("eval", "data")];
 
 /// Reads `path` and the chain of its `base` recipes into one table, resolving each file's
 /// relative paths against its own folder.
@@ -314,6 +351,12 @@ impl Recipe {
         }
         if self.data.mixture.is_empty() || self.data.mixture.iter().any(|s| !(s.weight > 0.0)) {
             return Err("data.mixture needs at least one source, each with a positive weight".into());
+        }
+        if let Some(e) = &self.eval {
+            e.metric.parse::<pg2_eval::Metric>().map_err(|err| format!("eval.metric: {err}"))?;
+            if e.every == 0 || e.beam == 0 || e.batch_size == 0 {
+                return Err("eval.every, eval.beam and eval.batch_size must be positive".into());
+            }
         }
         let t = &self.train;
         if t.batch_size == 0 || t.steps == 0 || !(t.lr > 0.0) || t.log_every == 0 || t.checkpoint_every == Some(0) {

@@ -1,7 +1,8 @@
 //! The training loop: one recipe, one run folder.
 //!
 //! `runs/<name>/` holds `recipe.toml` (the fully resolved recipe), `metrics.jsonl` (one
-//! line per logged step), TensorBoard event files under `tb/` (`train/loss`, `train/lr`,
+//! line per logged step, and per evaluation with `eval/<metric>`), `eval/step-NNNNNN.jsonl`
+//! (predictions with their references), TensorBoard event files under `tb/` (`train/loss`, `train/lr`,
 //! `train/grad_norm`) and `checkpoints/step-NNNNNN/` (a Hugging Face model folder plus
 //! `optimizer.safetensors` and `trainer_state.json`), with `checkpoints/latest` naming the
 //! newest. Checkpoints are written to a temporary folder and renamed, and `latest` is
@@ -19,12 +20,14 @@ use pg2_data::{
     source, synth, Mixture, MixturePosition, MixtureSource, OnBadLine, OnBadRecord, PgTokenizer, Pipeline, PipelineConfig,
     SourceData, TaskFormat, TextLimits,
 };
-use pg2_model::{checkpoint, PaliGemma, PaliGemmaConfig, RunOptions, Weights};
+use pg2_data::{image, Batch, EncodedExample, Record};
+use pg2_model::{checkpoint, generate, DecodeOptions, PaliGemma, PaliGemmaConfig, RunOptions, Weights};
+use serde_json::{Map, Value};
 use pg2_optim::{Adam, AdamConfig, WarmupCosine};
 use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
 
-use crate::recipe::{Recipe, PRESETS};
+use crate::recipe::{EvalSection, Recipe, PRESETS};
 use crate::tensorboard::EventWriter;
 
 /// How `launch` was asked to run a recipe.
@@ -137,6 +140,34 @@ fn checkpoint_dir(path: &Path) -> Result<PathBuf> {
     Ok(pointer.parent().unwrap().join(name.trim()))
 }
 
+/// Decodes the evaluation records, scores them, writes `eval/step-NNNNNN.jsonl` (each
+/// record with its prediction) and returns the scores.
+fn evaluate(model: &PaliGemma, tok: &PgTokenizer, spec: &EvalSection, records: &[Record], step: u64, out: &Path) -> Result<Map<String, Value>> {
+    let metric: pg2_eval::Metric = spec.metric.parse().map_err(anyhow::Error::msg)?;
+    let (res, n_image) = (model.config.vision.image_size as u32, model.config.vision.num_patches());
+    let decode = DecodeOptions { max_new_tokens: spec.max_len, beam_size: spec.beam, eos_id: tok.eos_id, pad_id: tok.pad_id, length_penalty: 1.0 };
+    let mut rows = Vec::with_capacity(records.len());
+    for chunk in records.chunks(spec.batch_size) {
+        let examples: Vec<_> = chunk.iter().map(|r| EncodedExample::new(tok, n_image, &r.prefix, None)).collect();
+        let pixels = chunk.iter().map(|r| Ok(image::preprocess(&r.load_image()?, res))).collect::<Result<Vec<_>, pg2_data::DataError>>()?;
+        let batch = Batch::collate(&examples, Some(image::stack(&pixels, res)), tok.pad_id, model.device());
+        for (record, tokens) in chunk.iter().zip(generate(model, &batch.inputs, &decode)?) {
+            let mut row = record.extra.clone();
+            row.insert("prefix".into(), record.prefix.clone().into());
+            if let Some(suffix) = &record.suffix {
+                row.insert("suffix".into(), suffix.clone().into());
+            }
+            row.insert("prediction".into(), tok.decode(&tokens).into());
+            rows.push(Value::Object(row));
+        }
+    }
+    let dir = out.join("eval");
+    std::fs::create_dir_all(&dir)?;
+    let lines: String = rows.iter().map(|r| format!("{r}\n")).collect();
+    write_atomically(&dir.join(format!("step-{step:06}.jsonl")), lines.as_bytes())?;
+    Ok(pg2_eval::score(metric, &rows)?)
+}
+
 /// The newest checkpoint of a run folder, if any.
 pub fn latest_checkpoint(out: &Path) -> Result<Option<PathBuf>> {
     let pointer = out.join("checkpoints/latest");
@@ -238,6 +269,35 @@ pub fn train(recipe: &Recipe, resolved: &toml::Table, opts: &LaunchOptions) -> R
     let pipeline = Pipeline::start(mixture, tokenizer.clone(), pipeline_config)?;
     let mut metrics = std::fs::OpenOptions::new().create(true).append(true).open(out.join("metrics.jsonl"))?;
     let mut events = EventWriter::create(&out.join("tb"))?;
+    let eval_records = match &recipe.eval {
+        Some(spec) => {
+            let mut records = source::read_jsonl(&spec.data)?;
+            records.truncate(spec.max_examples.unwrap_or(usize::MAX));
+            records
+        }
+        None => vec![],
+    };
+    // Scores go to metrics.jsonl as `eval/<name>` and to TensorBoard.
+    let log_eval = |step: u64, model: &PaliGemma, metrics: &mut std::fs::File, events: &mut EventWriter| -> Result<()> {
+        let Some(spec) = &recipe.eval else { return Ok(()) };
+        let scores = evaluate(model, &tokenizer, spec, &eval_records, step, out)?;
+        let mut line = Map::new();
+        line.insert("step".into(), step.into());
+        for (name, value) in scores.iter().filter(|(name, _)| name.as_str() != "n") {
+            let tag = format!("eval/{name}");
+            if let Some(v) = value.as_f64() {
+                events.scalar(&tag, v, step)?;
+                eprintln!("step {step} {tag} {v:.4}");
+            }
+            line.insert(tag, value.clone());
+        }
+        writeln!(metrics, "{}", Value::Object(line))?;
+        events.flush()?;
+        Ok(())
+    };
+    if first_step == 0 {
+        log_eval(0, &model, &mut metrics, &mut events)?;
+    }
     let interactive = std::io::stderr().is_terminal();
     let bar = if interactive { ProgressBar::new(t.steps) } else { ProgressBar::hidden() };
     bar.set_style(ProgressStyle::with_template("{prefix} {bar:30} {pos}/{len} {msg} [{elapsed} < {eta}]").unwrap());
@@ -276,6 +336,9 @@ pub fn train(recipe: &Recipe, resolved: &toml::Table, opts: &LaunchOptions) -> R
                 eprintln!("step {done}/{} loss {value:.4} lr {lr:.3e} grad_norm {grad_norm:.3} {rate:.1} ex/s", t.steps);
             }
             (window_start, window_examples) = (Instant::now(), 0);
+        }
+        if recipe.eval.as_ref().is_some_and(|e| done % e.every == 0 || done == t.steps) {
+            bar.suspend(|| log_eval(done, &model, &mut metrics, &mut events))?;
         }
         bar.set_position(done);
         if t.checkpoint_every.is_some_and(|n| done % n == 0) || done == t.steps {
