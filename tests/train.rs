@@ -149,3 +149,26 @@ fn next_stage_starts_from_the_run_at_a_higher_resolution() {
     assert_eq!(config["vision_config"]["num_image_tokens"], 64, "8x8 patches of 8 px");
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+#[test]
+fn frozen_parts_stay_bit_identical() {
+    let dir = setup("freeze", 2, 2);
+    assert!(launch(&dir, &[]).status.success());
+    let out = Command::new(env!("CARGO_BIN_EXE_launch"))
+        .arg(dir.join("recipe.toml"))
+        .args(["--device", "cpu", "--set", "model.freeze=[\"vision\", \"projector\"]", "--set"])
+        .arg(format!("model.init=\"{}\"", dir.join("run").display()))
+        .args(["--set", "train.label_smoothing=0.1", "--out"])
+        .arg(dir.join("run2"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let before = pg2_model::checkpoint::read_tensors(&dir.join("run/checkpoints/step-000002")).unwrap();
+    let after = pg2_model::checkpoint::read_tensors(&dir.join("run2/checkpoints/step-000002")).unwrap();
+    for (name, t) in &before {
+        let same = t.equal(&after[name]);
+        let frozen = name.starts_with("vision_tower.") || name.starts_with("multi_modal_projector.");
+        assert_eq!(same, frozen, "{name}: frozen parts must not move, trained ones must");
+    }
+    std::fs::remove_dir_all(dir).unwrap();
+}

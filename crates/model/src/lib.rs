@@ -17,7 +17,7 @@ pub use config::{Gemma2Config, PaliGemmaConfig, SiglipVisionConfig};
 pub use decode::{generate, DecodeOptions};
 pub use gemma2::{KvCache, RunOptions, TokenLayout};
 pub use nn::Weights;
-pub use paligemma::{Inputs, PaliGemma};
+pub use paligemma::{Inputs, PaliGemma, Targets};
 
 use std::path::Path;
 

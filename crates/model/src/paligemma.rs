@@ -23,6 +23,16 @@ pub struct Inputs {
     pub layout: TokenLayout,
 }
 
+/// Predicted distributions at the supervised positions of a batch.
+pub struct Targets {
+    /// `(n, vocab)` f32 log-probabilities.
+    pub log_probs: Tensor,
+    /// `(n,)` the target token ids.
+    pub targets: Tensor,
+    /// `(n,)` the batch row of each.
+    pub example: Tensor,
+}
+
 /// The composite model.
 pub struct PaliGemma {
     pub config: PaliGemmaConfig,
@@ -154,10 +164,10 @@ impl PaliGemma {
         self.text.logits(hidden, self.options)
     }
 
-    /// Log-probabilities of the tokens where `loss_mask` `(batch, tokens)` is true, given
-    /// all tokens before them: `(logprobs, example)`, both `(n,)`, batch-major, with the
-    /// batch row of each. Differentiable: the training loss is built from these.
-    pub fn target_logprobs(&self, inputs: &Inputs, loss_mask: &Tensor) -> Result<(Tensor, Tensor), ModelError> {
+    /// The predicted distributions at the tokens where `loss_mask` `(batch, tokens)` is
+    /// true, given all tokens before them, batch-major. Differentiable: training losses
+    /// are built from these.
+    pub fn target_distributions(&self, inputs: &Inputs, loss_mask: &Tensor) -> Result<Targets, ModelError> {
         let hidden = self.forward(inputs, None)?;
         let t = inputs.ids.size()[1];
         // Position i predicts token i + 1: keep only the rows whose target is supervised,
@@ -167,8 +177,14 @@ impl PaliGemma {
         let select = |x: &Tensor| x.index(&[Some(&example), Some(&position)]);
         let hidden = select(&hidden.narrow(1, 0, t - 1));
         let targets = select(&inputs.ids.narrow(1, 1, t - 1));
-        let logprobs = self.logits(&hidden).to_kind(Kind::Float).log_softmax(-1, Kind::Float);
-        Ok((logprobs.gather(1, &targets.unsqueeze(1), false).squeeze_dim(1), example))
+        let log_probs = self.logits(&hidden).to_kind(Kind::Float).log_softmax(-1, Kind::Float);
+        Ok(Targets { log_probs, targets, example })
+    }
+
+    /// Log-probabilities of the target tokens: `(logprobs, example)`, both `(n,)`.
+    pub fn target_logprobs(&self, inputs: &Inputs, loss_mask: &Tensor) -> Result<(Tensor, Tensor), ModelError> {
+        let t = self.target_distributions(inputs, loss_mask)?;
+        Ok((t.log_probs.gather(1, &t.targets.unsqueeze(1), false).squeeze_dim(1), t.example))
     }
 
     /// Sum of the target log-probabilities of each sequence, in f64 on the CPU.

@@ -22,22 +22,32 @@ impl Default for AdamConfig {
     }
 }
 
+/// Whether a parameter gets weight decay by default: matrices do; norms, biases and
+/// embeddings (token and position) do not, as big_vision decays only kernels.
+pub fn decays_by_default(name: &str, param: &Tensor) -> bool {
+    param.dim() > 1 && !name.contains("embed")
+}
+
 /// Adam over named parameters, with f32 moments.
 pub struct Adam {
     pub config: AdamConfig,
     params: Vec<(String, Tensor)>,
+    /// Per parameter: does weight decay apply?
+    decay: Vec<bool>,
     m: Vec<Tensor>,
     v: Vec<Tensor>,
     steps: i64,
 }
 
 impl Adam {
-    /// Takes the parameters to update (they must require gradients).
+    /// Takes the parameters to update (they must require gradients); weight decay applies
+    /// where [`decays_by_default`] says so.
     pub fn new(params: Vec<(String, Tensor)>, config: AdamConfig) -> Self {
         let zeros = |p: &Tensor| Tensor::zeros_like(p).to_kind(Kind::Float);
         let m = params.iter().map(|(_, p)| zeros(p)).collect();
         let v = params.iter().map(|(_, p)| zeros(p)).collect();
-        Self { config, params, m, v, steps: 0 }
+        let decay = params.iter().map(|(n, p)| decays_by_default(n, p)).collect();
+        Self { config, params, decay, m, v, steps: 0 }
     }
 
     /// Updates done so far.
@@ -49,6 +59,9 @@ impl Adam {
     /// Returns the norm before clipping.
     pub fn clip_grad_norm(&mut self, max_norm: Option<f64>) -> f64 {
         let grads: Vec<Tensor> = self.params.iter().map(|(_, p)| p.grad()).filter(Tensor::defined).collect();
+        if grads.is_empty() {
+            return 0.0;
+        }
         let squares: Vec<Tensor> = grads.iter().map(|g| g.to_kind(Kind::Float).square().sum(Kind::Float)).collect();
         let norm = Tensor::stack(&squares, 0).sum(Kind::Float).sqrt().double_value(&[]);
         if let Some(max) = max_norm.filter(|&m| norm > m) {
@@ -78,11 +91,19 @@ impl Adam {
                 self.v[i] = &self.v[i] * b2 + g.square() * (1.0 - b2);
                 let direction = (&self.m[i] / c1) / ((&self.v[i] / c2).sqrt() + eps);
                 let p32 = p.to_kind(Kind::Float);
-                let update = (direction * lr + &p32 * weight_decay) * schedule;
+                let decay = if self.decay[i] { weight_decay } else { 0.0 };
+                let update = (direction * lr + &p32 * decay) * schedule;
                 p.copy_(&(p32 - update));
                 p.zero_grad();
             }
         });
+    }
+
+    /// Drops the gradients without updating (a skipped step).
+    pub fn zero_grad(&mut self) {
+        for (_, p) in self.params.iter_mut() {
+            p.zero_grad();
+        }
     }
 
     /// The moments, named `m.<param>` and `v.<param>`, for checkpoints.
@@ -152,13 +173,17 @@ mod tests {
     }
 
     #[test]
-    fn weight_decay_is_not_scaled_by_the_learning_rate() {
-        let p = param(&[2.0]);
-        (&p * 0.0).sum(Kind::Float).backward();
-        let mut adam = Adam::new(vec![("w".into(), p.shallow_clone())], AdamConfig { lr: 1e-3, weight_decay: 0.1, ..AdamConfig::default() });
+    fn weight_decay_is_not_scaled_by_the_learning_rate_and_spares_norms_biases_embeddings() {
+        let w = Tensor::from_slice(&[2.0f32]).view([1, 1]).set_requires_grad(true);
+        let bias = param(&[2.0]);
+        let embed = Tensor::from_slice(&[2.0f32]).view([1, 1]).set_requires_grad(true);
+        ((&w + &bias + &embed) * 0.0).sum(Kind::Float).backward();
+        let params = vec![("l.weight".into(), w.shallow_clone()), ("l.bias".into(), bias.shallow_clone()), ("embed_tokens.weight".into(), embed.shallow_clone())];
+        let mut adam = Adam::new(params, AdamConfig { lr: 1e-3, weight_decay: 0.1, ..AdamConfig::default() });
         adam.step(0.5);
         // param -= schedule * wd * param = 0.5 * 0.1 * 2
-        assert!((p.double_value(&[0]) - 1.9).abs() < 1e-6);
+        assert!((w.double_value(&[0, 0]) - 1.9).abs() < 1e-6);
+        assert_eq!((bias.double_value(&[0]), embed.double_value(&[0, 0])), (2.0, 2.0));
     }
 
     #[test]

@@ -11,6 +11,7 @@
 
 use std::path::{Path, PathBuf};
 
+use pg2_data::RunLength;
 use serde::Deserialize;
 use toml::{Table, Value};
 
@@ -81,7 +82,13 @@ pub struct ModelSection {
     /// Attention and final-logit soft-caps: on in pretraining, off in transfer.
     #[serde(default = "default_true")]
     pub soft_caps: bool,
+    /// Parts left untouched (no gradient, no optimizer state): `vision`, `projector`, `decoder`.
+    #[serde(default)]
+    pub freeze: Vec<String>,
 }
+
+/// Checkpoint-name prefix of each part `model.freeze` may name.
+pub const PARTS: [(&str, &str); 3] = [("vision", "vision_tower."), ("projector", "multi_modal_projector."), ("decoder", "language_model.")];
 
 /// Where the examples come from and how they become tokens.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -130,7 +137,10 @@ pub struct Source {
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct TrainSection {
-    pub steps: u64,
+    /// The length: exactly one of `steps`, `examples` (pretraining) and `epochs` (transfer).
+    pub steps: Option<u64>,
+    pub examples: Option<u64>,
+    pub epochs: Option<f64>,
     pub batch_size: usize,
     /// Base learning rate of Adam.
     pub lr: f64,
@@ -150,6 +160,24 @@ pub struct TrainSection {
     pub log_every: u64,
     /// Steps between checkpoints; the last step always saves one.
     pub checkpoint_every: Option<u64>,
+    /// big_vision's label smoothing: the target keeps `1 - s`, the other tokens share `s`.
+    #[serde(default)]
+    pub label_smoothing: f64,
+    /// A non-finite loss or gradient: `"stop"` naming the step, or `"skip"` the update and count it.
+    #[serde(default = "default_nonfinite")]
+    pub on_nonfinite: String,
+}
+
+impl TrainSection {
+    /// The run's length in the mixture's terms.
+    pub fn length(&self) -> RunLength {
+        match (self.steps, self.examples, self.epochs) {
+            (Some(n), _, _) => RunLength::Steps(n),
+            (_, Some(n), _) => RunLength::Examples(n),
+            (_, _, Some(e)) => RunLength::Epochs(e),
+            _ => unreachable!("checked when the recipe is read"),
+        }
+    }
 }
 
 fn default_dtype() -> String {
@@ -172,6 +200,9 @@ fn default_clip() -> f64 {
 }
 fn default_b2() -> f64 {
     0.999
+}
+fn default_nonfinite() -> String {
+    "stop".into()
 }
 fn default_log_every() -> u64 {
     10
@@ -359,8 +390,22 @@ impl Recipe {
             }
         }
         let t = &self.train;
-        if t.batch_size == 0 || t.steps == 0 || !(t.lr > 0.0) || t.log_every == 0 || t.checkpoint_every == Some(0) {
-            return Err("train.steps, train.batch_size, train.lr, train.log_every and train.checkpoint_every must be positive".into());
+        let lengths = [t.steps.is_some(), t.examples.is_some(), t.epochs.is_some()].iter().filter(|&&x| x).count();
+        if lengths != 1 {
+            return Err("set exactly one of train.steps, train.examples and train.epochs".into());
+        }
+        let positive_length = t.steps.is_none_or(|n| n > 0) && t.examples.is_none_or(|n| n > 0) && t.epochs.is_none_or(|e| e > 0.0);
+        if !positive_length || t.batch_size == 0 || !(t.lr > 0.0) || t.log_every == 0 || t.checkpoint_every == Some(0) {
+            return Err("the length, train.batch_size, train.lr, train.log_every and train.checkpoint_every must be positive".into());
+        }
+        if !(0.0..1.0).contains(&t.label_smoothing) {
+            return Err(format!("train.label_smoothing = {}: expected a value in [0, 1)", t.label_smoothing));
+        }
+        if !["stop", "skip"].contains(&t.on_nonfinite.as_str()) {
+            return Err(format!("train.on_nonfinite = {:?}: expected \"stop\" or \"skip\"", t.on_nonfinite));
+        }
+        if let Some(part) = self.model.freeze.iter().find(|p| !PARTS.iter().any(|(name, _)| name == p)) {
+            return Err(format!("model.freeze: unknown part {part:?}; expected vision, projector or decoder"));
         }
         Ok(())
     }
@@ -425,7 +470,7 @@ lr = 1e-5
         std::fs::write(dir.join("sub/child.toml"), child).unwrap();
         let overrides = ["train.lr=0.5".to_string(), "data.mixture=[{path = \"$DATA/x.jsonl\", weight = 2.0}]".into(), "data.root=/data".into()];
         let (r, table) = Recipe::load(&dir.join("sub/child.toml"), &overrides).unwrap();
-        assert_eq!((r.name.as_deref(), r.train.steps, r.train.batch_size, r.train.lr), (Some("child"), 99, 4, 0.5));
+        assert_eq!((r.name.as_deref(), r.train.steps, r.train.batch_size, r.train.lr), (Some("child"), Some(99), 4, 0.5));
         assert_eq!(r.data.tokenizer, dir.join("sub/tok.json"), "paths resolve against the file that sets them");
         assert_eq!(r.data.mixture[0].path, PathBuf::from("/data/x.jsonl"));
         assert_eq!(table["train"]["steps"].as_integer(), Some(99));
@@ -439,6 +484,10 @@ lr = 1e-5
         assert!(err.contains("f16"), "{err}");
         let err = parse(&GOOD.replace("weight = 1.0", "weight = 0.0")).unwrap_err().to_string();
         assert!(err.contains("positive weight"), "{err}");
+        let err = parse(&GOOD.replace("steps = 10", "steps = 10\nepochs = 2.0")).unwrap_err().to_string();
+        assert!(err.contains("exactly one of"), "{err}");
+        let err = parse(&GOOD.replace("resolution = 64", "resolution = 64\nfreeze = [\"vit\"]")).unwrap_err().to_string();
+        assert!(err.contains("\"vit\""), "{err}");
         let err = parse(&GOOD.replace("steps = 10", "steps = \"ten\"")).unwrap_err().to_string();
         assert!(err.contains("steps") && err.contains("ten"), "{err}");
     }

@@ -27,7 +27,7 @@ use pg2_optim::{Adam, AdamConfig, WarmupCosine};
 use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
 
-use crate::recipe::{EvalSection, Recipe, PRESETS};
+use crate::recipe::{EvalSection, Recipe, PARTS, PRESETS};
 use crate::tensorboard::EventWriter;
 
 /// How `launch` was asked to run a recipe.
@@ -118,12 +118,14 @@ fn build_model(recipe: &Recipe, tok: &PgTokenizer, device: Device) -> Result<Pal
 }
 
 /// big_vision's loss: each example's summed target NLL over its own target count,
-/// averaged over the batch.
-fn loss(model: &PaliGemma, batch: &pg2_data::Batch) -> Result<Tensor> {
-    let (logprobs, example) = model.target_logprobs(&batch.inputs, &batch.loss_mask)?;
+/// averaged over the batch. With label smoothing `s` the target keeps `1 - s` and every
+/// other token gets `s / (V - 1)`.
+fn loss(model: &PaliGemma, batch: &pg2_data::Batch, smoothing: f64) -> Result<Tensor> {
+    let targets = model.target_distributions(&batch.inputs, &batch.loss_mask)?;
+    let nll = smoothed_nll(&targets.log_probs, &targets.targets, smoothing);
     let b = batch.inputs.ids.size()[0];
     let t = batch.inputs.ids.size()[1];
-    let sums = Tensor::zeros([b], (Kind::Float, logprobs.device())).index_add(0, &example, &(-logprobs));
+    let sums = Tensor::zeros([b], (Kind::Float, nll.device())).index_add(0, &targets.example, &nll);
     let counts = batch.loss_mask.narrow(1, 1, t - 1).sum_dim_intlist(1, false, Kind::Float).clamp_min(1.0);
     Ok((sums / counts).mean(Kind::Float))
 }
@@ -166,6 +168,18 @@ fn evaluate(model: &PaliGemma, tok: &PgTokenizer, spec: &EvalSection, records: &
     let lines: String = rows.iter().map(|r| format!("{r}\n")).collect();
     write_atomically(&dir.join(format!("step-{step:06}.jsonl")), lines.as_bytes())?;
     Ok(pg2_eval::score(metric, &rows)?)
+}
+
+/// Per-token cross-entropy against the target smoothed by `s`: `(1 - s)` on the target,
+/// `s / (V - 1)` on each other token (big_vision's label smoothing).
+fn smoothed_nll(log_probs: &Tensor, targets: &Tensor, s: f64) -> Tensor {
+    let picked = log_probs.gather(1, &targets.unsqueeze(1), false).squeeze_dim(1);
+    if s == 0.0 {
+        return -picked;
+    }
+    let others = log_probs.sum_dim_intlist(1, false, Kind::Float) - &picked;
+    let vocab = log_probs.size()[1] as f64;
+    -(picked * (1.0 - s) + others * (s / (vocab - 1.0)))
 }
 
 /// The newest checkpoint of a run folder, if any.
@@ -244,7 +258,9 @@ pub fn train(recipe: &Recipe, resolved: &toml::Table, opts: &LaunchOptions) -> R
             (model, m, state.step)
         }
     };
-    let params: Vec<(String, Tensor)> = model.parameters();
+    // Frozen parts get no gradient and no optimizer state.
+    let frozen: Vec<&str> = PARTS.iter().filter(|(part, _)| recipe.model.freeze.iter().any(|f| f == part)).map(|(_, prefix)| *prefix).collect();
+    let params: Vec<(String, Tensor)> = model.parameters().into_iter().filter(|(name, _)| !frozen.iter().any(|f| name.starts_with(f))).collect();
     for (_, p) in &params {
         let _ = p.set_requires_grad(true);
     }
@@ -254,7 +270,8 @@ pub fn train(recipe: &Recipe, resolved: &toml::Table, opts: &LaunchOptions) -> R
         let state: BTreeMap<String, Tensor> = checkpoint::read_file(&dir.join("optimizer.safetensors"))?.into_iter().collect();
         adam.load_state(state, first_step as i64).map_err(anyhow::Error::msg)?;
     }
-    let schedule = WarmupCosine { warmup_steps: t.warmup_steps, total_steps: t.steps };
+    let total_steps = t.length().steps(mixture.total_records(), t.batch_size);
+    let schedule = WarmupCosine { warmup_steps: t.warmup_steps, total_steps };
     let pipeline_config = PipelineConfig {
         resolution: model.config.vision.image_size as u32,
         image_tokens: model.config.vision.num_patches(),
@@ -299,32 +316,40 @@ pub fn train(recipe: &Recipe, resolved: &toml::Table, opts: &LaunchOptions) -> R
         log_eval(0, &model, &mut metrics, &mut events)?;
     }
     let interactive = std::io::stderr().is_terminal();
-    let bar = if interactive { ProgressBar::new(t.steps) } else { ProgressBar::hidden() };
+    let bar = if interactive { ProgressBar::new(total_steps) } else { ProgressBar::hidden() };
     bar.set_style(ProgressStyle::with_template("{prefix} {bar:30} {pos}/{len} {msg} [{elapsed} < {eta}]").unwrap());
     bar.set_prefix(recipe.name.clone().unwrap_or_default());
     bar.set_position(first_step);
     let (mut losses, mut last_checkpoint) = (Vec::new(), PathBuf::new());
     let (mut window_start, mut window_examples) = (Instant::now(), 0usize);
     let mut skipped = 0;
-    for step in first_step..t.steps {
+    let mut skipped_steps = 0;
+    for step in first_step..total_steps {
         let loaded = pipeline.next_batch()?;
         skipped += loaded.stats.skipped;
-        let loss = loss(&model, &loaded.batch.to_device(opts.device))?;
+        let loss = loss(&model, &loaded.batch.to_device(opts.device), t.label_smoothing)?;
         let value = loss.double_value(&[]);
-        if !value.is_finite() {
-            bail!("step {step}: the loss is {value}; stopping before it reaches the weights");
+        if value.is_finite() {
+            loss.backward();
         }
-        loss.backward();
         let grad_norm = adam.clip_grad_norm(Some(t.grad_clip).filter(|&c| c > 0.0));
         let lr = t.lr * schedule.factor(step);
-        adam.step(schedule.factor(step));
+        if value.is_finite() && grad_norm.is_finite() {
+            adam.step(schedule.factor(step));
+        } else if t.on_nonfinite == "skip" {
+            adam.zero_grad();
+            skipped_steps += 1;
+            eprintln!("launch: step {}: non-finite loss {value} or gradient norm {grad_norm}; update skipped ({skipped_steps} so far)", step + 1);
+        } else {
+            bail!("step {}: non-finite loss {value} or gradient norm {grad_norm}; stopped before it reached the weights (train.on_nonfinite = \"skip\" skips such steps)", step + 1);
+        }
         losses.push(value);
         window_examples += t.batch_size;
         let done = step + 1;
-        if done % t.log_every == 0 || done == t.steps {
+        if done % t.log_every == 0 || done == total_steps {
             let rate = window_examples as f64 / window_start.elapsed().as_secs_f64();
             let line = serde_json::json!({"step": done, "loss": value, "lr": lr, "grad_norm": grad_norm,
-                "examples_per_s": rate, "skipped_records": skipped});
+                "examples_per_s": rate, "skipped_records": skipped, "skipped_steps": skipped_steps});
             writeln!(metrics, "{line}")?;
             for (tag, v) in [("train/loss", value), ("train/lr", lr), ("train/grad_norm", grad_norm)] {
                 events.scalar(tag, v, done)?;
@@ -333,15 +358,15 @@ pub fn train(recipe: &Recipe, resolved: &toml::Table, opts: &LaunchOptions) -> R
             if interactive {
                 bar.set_message(format!("loss {value:.4} | {rate:.1} ex/s"));
             } else {
-                eprintln!("step {done}/{} loss {value:.4} lr {lr:.3e} grad_norm {grad_norm:.3} {rate:.1} ex/s", t.steps);
+                eprintln!("step {done}/{total_steps} loss {value:.4} lr {lr:.3e} grad_norm {grad_norm:.3} {rate:.1} ex/s");
             }
             (window_start, window_examples) = (Instant::now(), 0);
         }
-        if recipe.eval.as_ref().is_some_and(|e| done % e.every == 0 || done == t.steps) {
+        if recipe.eval.as_ref().is_some_and(|e| done % e.every == 0 || done == total_steps) {
             bar.suspend(|| log_eval(done, &model, &mut metrics, &mut events))?;
         }
         bar.set_position(done);
-        if t.checkpoint_every.is_some_and(|n| done % n == 0) || done == t.steps {
+        if t.checkpoint_every.is_some_and(|n| done % n == 0) || done == total_steps {
             let state = TrainerState { step: done, position: loaded.position.clone(), seed: recipe.seed };
             last_checkpoint = save_checkpoint(out, done, &model, &adam, &recipe.data.tokenizer, &state, kind)?;
         }
@@ -351,4 +376,21 @@ pub fn train(recipe: &Recipe, resolved: &toml::Table, opts: &LaunchOptions) -> R
         last_checkpoint = latest_checkpoint(out)?.unwrap_or_default();
     }
     Ok(TrainSummary { losses, checkpoint: last_checkpoint })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn label_smoothing_spreads_mass_over_the_other_tokens() {
+        let probs = [0.7f64, 0.2, 0.1];
+        let log_probs = Tensor::from_slice(&probs.map(|p| p.ln() as f32)).view([1, 3]);
+        let target = Tensor::from_slice(&[0i64]);
+        let plain = smoothed_nll(&log_probs, &target, 0.0).double_value(&[0]);
+        assert!((plain + 0.7f64.ln()).abs() < 1e-6);
+        // s = 0.3: 0.7 on the target, 0.15 on each of the two others.
+        let want = -(0.7 * 0.7f64.ln() + 0.15 * 0.2f64.ln() + 0.15 * 0.1f64.ln());
+        assert!((smoothed_nll(&log_probs, &target, 0.3).double_value(&[0]) - want).abs() < 1e-6);
+    }
 }
