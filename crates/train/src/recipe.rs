@@ -51,6 +51,10 @@ pub struct EvalSection {
     pub max_len: usize,
     #[serde(default = "default_eval_batch")]
     pub batch_size: usize,
+    /// The paper's result for this task, by `"<size>-<resolution>"` (e.g. `"3b-224"`), on
+    /// the metric's scale as pg2 reports it; `pg2 report` prints it beside the run's.
+    #[serde(default)]
+    pub paper: std::collections::BTreeMap<String, f64>,
 }
 
 fn default_eval_every() -> u64 {
@@ -348,13 +352,21 @@ impl Recipe {
         }
         let mut recipe: Recipe = Value::Table(table.clone()).try_into().map_err(|e: toml::de::Error| err(with_hint(e.to_string())))?;
         recipe.check().map_err(err)?;
-        for source in &mut recipe.data.mixture {
-            if let Ok(rest) = source.path.strip_prefix("$DATA") {
-                let root = recipe.data.root.as_ref().ok_or_else(|| {
-                    err(format!("source {} needs a data root: set data.root, --set data.root=DIR or PG2_DATA_ROOT", source.path.display()))
+        let root = recipe.data.root.clone();
+        let place = |path: &mut PathBuf| -> Result<(), RecipeError> {
+            if let Ok(rest) = path.strip_prefix("$DATA") {
+                let root = root.as_ref().ok_or_else(|| {
+                    err(format!("{} needs a data root: set data.root, --set data.root=DIR or PG2_DATA_ROOT", path.display()))
                 })?;
-                source.path = root.join(rest);
+                *path = root.join(rest);
             }
+            Ok(())
+        };
+        for source in &mut recipe.data.mixture {
+            place(&mut source.path)?;
+        }
+        if let Some(eval) = &mut recipe.eval {
+            place(&mut eval.data)?;
         }
         Ok((recipe, table))
     }

@@ -1,0 +1,35 @@
+//! Every shipped recipe parses and resolves: keys known, values possible, bases found,
+//! `$DATA` sources placed under a data root.
+
+use std::path::{Path, PathBuf};
+
+use pg2_train::Recipe;
+
+fn recipes(dir: &Path, out: &mut Vec<PathBuf>) {
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            recipes(&path, out);
+        } else if path.extension().is_some_and(|e| e == "toml") {
+            out.push(path);
+        }
+    }
+}
+
+#[test]
+fn every_shipped_recipe_resolves() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../recipes");
+    let mut files = Vec::new();
+    recipes(&root, &mut files);
+    assert!(files.iter().any(|f| f.ends_with("tiny/stage1.toml")), "{files:?}");
+    for file in &files {
+        let (recipe, _) = Recipe::load(file, &["data.root=\"/data\"".to_string()])
+            .unwrap_or_else(|e| panic!("{}: {e}", file.display()));
+        for source in &recipe.data.mixture {
+            assert!(source.path.is_absolute(), "{}: {}", file.display(), source.path.display());
+        }
+        if let Some(eval) = &recipe.eval {
+            assert!(eval.data.is_absolute(), "{}: {}", file.display(), eval.data.display());
+        }
+    }
+}
