@@ -2,7 +2,8 @@
 //!
 //! - `base = "other.toml"` inherits another recipe; tables merge key by key, anything else
 //!   (arrays included) is replaced.
-//! - `--set key.path=value` overrides one key (the value is TOML, or else a string).
+//! - `--set key.path=value` overrides one key (the value is TOML, or else a string); a key
+//!   set to `""` is cleared, so a recipe can drop what its base sets.
 //! - Relative paths are relative to the file that sets them (the current folder for
 //!   `--set`); a source path starting with `$DATA/` is relative to the data root
 //!   (`data.root`, or the `PG2_DATA_ROOT` environment variable, which wins).
@@ -86,6 +87,12 @@ pub struct ModelSection {
     /// Attention and final-logit soft-caps: on in pretraining, off in transfer.
     #[serde(default = "default_true")]
     pub soft_caps: bool,
+    /// With a preset `init`: a SigLIP checkpoint (transformers' `SiglipVisionModel` or
+    /// `SiglipModel` folder, `vision_model.*`) for the vision tower, as stage 1 starts.
+    pub vision_init: Option<String>,
+    /// With a preset `init`: a Gemma 2 checkpoint (`Gemma2ForCausalLM` folder, `model.*`)
+    /// for the decoder; rows past its vocabulary (loc/seg/`<image>`) keep their fresh values.
+    pub text_init: Option<String>,
     /// Parts left untouched (no gradient, no optimizer state): `vision`, `projector`, `decoder`.
     #[serde(default)]
     pub freeze: Vec<String>,
@@ -224,7 +231,15 @@ pub struct RecipeError {
 pub const PRESETS: [&str; 4] = ["tiny", "paligemma2-3b", "paligemma2-10b", "paligemma2-28b"];
 
 /// Keys whose relative paths resolve against the folder of the file that sets them.
-const PATH_KEYS: [(&str, &str); 5] = [("model", "init"), ("data", "tokenizer"), ("data", "synth"), ("data", "root"), ("eval", "data")];
+const PATH_KEYS: [(&str, &str); 7] = [
+    ("model", "init"),
+    ("model", "vision_init"),
+    ("model", "text_init"),
+    ("data", "tokenizer"),
+    ("data", "synth"),
+    ("data", "root"),
+    ("eval", "data"),
+];
 
 /// Reads `path` and the chain of its `base` recipes into one table, resolving each file's
 /// relative paths against its own folder.
@@ -251,7 +266,7 @@ fn load_table(path: &Path, depth: usize) -> Result<Table, RecipeError> {
 fn resolve_paths(table: &mut Table, dir: &Path) {
     let join = |v: &mut Value| {
         if let Value::String(p) = v {
-            if !PRESETS.contains(&p.as_str()) && !p.starts_with("$DATA/") {
+            if !p.is_empty() && !PRESETS.contains(&p.as_str()) && !p.starts_with("$DATA/") {
                 *p = dir.join(&*p).display().to_string();
             }
         }
@@ -265,6 +280,19 @@ fn resolve_paths(table: &mut Table, dir: &Path) {
     for source in sources.into_iter().flatten() {
         if let Some(v) = source.as_table_mut().and_then(|s| s.get_mut("path")) {
             join(v);
+        }
+    }
+}
+
+/// Drops keys set to `""`: how a recipe clears a value its base sets.
+fn drop_cleared(table: &mut Table) {
+    let cleared: Vec<String> = table.iter().filter(|(_, v)| v.as_str() == Some("")).map(|(k, _)| k.clone()).collect();
+    for key in cleared {
+        table.remove(&key);
+    }
+    for (_, v) in table.iter_mut() {
+        if let Value::Table(t) = v {
+            drop_cleared(t);
         }
     }
 }
@@ -346,6 +374,7 @@ impl Recipe {
         if let Ok(root) = std::env::var("PG2_DATA_ROOT") {
             set(&mut table, &format!("data.root={}", Value::String(root))).map_err(err)?;
         }
+        drop_cleared(&mut table);
         if !table.contains_key("name") {
             let stem = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
             table.insert("name".into(), Value::String(stem));
@@ -415,6 +444,10 @@ impl Recipe {
         }
         if !["stop", "skip"].contains(&t.on_nonfinite.as_str()) {
             return Err(format!("train.on_nonfinite = {:?}: expected \"stop\" or \"skip\"", t.on_nonfinite));
+        }
+        let from_parts = self.model.vision_init.is_some() || self.model.text_init.is_some();
+        if from_parts && !PRESETS.contains(&self.model.init.as_str()) {
+            return Err("model.vision_init and model.text_init need a preset model.init (the shape to fill)".into());
         }
         if let Some(part) = self.model.freeze.iter().find(|p| !PARTS.iter().any(|(name, _)| name == p)) {
             return Err(format!("model.freeze: unknown part {part:?}; expected vision, projector or decoder"));

@@ -114,7 +114,65 @@ fn build_model(recipe: &Recipe, tok: &PgTokenizer, device: Device) -> Result<Pal
         );
     }
     tch::manual_seed(recipe.seed as i64);
-    Ok(PaliGemma::new(config, &mut Weights::random(device, kind), options)?)
+    let model = PaliGemma::new(config, &mut Weights::random(device, kind), options)?;
+    if let Some(dir) = &recipe.model.vision_init {
+        load_part(&model, Path::new(dir), Part::Vision)?;
+    }
+    if let Some(dir) = &recipe.model.text_init {
+        load_part(&model, Path::new(dir), Part::Text)?;
+    }
+    Ok(model)
+}
+
+/// Which separate checkpoint a stage-1 model starts from.
+#[derive(Clone, Copy, PartialEq)]
+enum Part {
+    /// SigLIP: `vision_model.*` (its text tower, logit scale/bias and pooling head are not
+    /// part of PaliGemma and are left out).
+    Vision,
+    /// Gemma 2: `model.*` (a tied `lm_head` is the embedding).
+    Text,
+}
+
+/// Copies a SigLIP or Gemma 2 checkpoint into the matching part of `model`. Every
+/// parameter of that part must be found with its shape, except that the embedding may be
+/// shorter (its first rows are copied) and position embeddings of another grid are resampled.
+fn load_part(model: &PaliGemma, dir: &Path, part: Part) -> Result<()> {
+    let params: BTreeMap<String, Tensor> = model.parameters().into_iter().collect();
+    let (from, to) = match part {
+        Part::Vision => ("vision_model.", checkpoint::VISION),
+        Part::Text => ("model.", checkpoint::TEXT),
+    };
+    let mut filled = std::collections::BTreeSet::new();
+    for file in checkpoint::weight_files(dir)? {
+        for (name, tensor) in checkpoint::read_file(&file)? {
+            let Some(rest) = name.strip_prefix(from) else { continue };
+            if part == Part::Vision && rest.starts_with("head.") {
+                continue;
+            }
+            let target = format!("{to}.{rest}");
+            let param = params.get(&target).with_context(|| format!("{}: `{name}` has no place in the model", file.display()))?;
+            let mut value = tensor.to_kind(param.kind()).to_device(param.device());
+            if rest == "embeddings.position_embedding.weight" && value.size() != param.size() {
+                value = pg2_model::siglip::resample_positions(&value, (param.size()[0] as f64).sqrt().round() as i64);
+            }
+            tch::no_grad(|| -> Result<()> {
+                if rest == "embed_tokens.weight" && value.size()[0] <= param.size()[0] && value.size()[1] == param.size()[1] {
+                    param.narrow(0, 0, value.size()[0]).copy_(&value);
+                } else if value.size() == param.size() {
+                    param.shallow_clone().copy_(&value);
+                } else {
+                    bail!("{}: `{name}` has shape {:?}, the model needs {:?}", file.display(), value.size(), param.size());
+                }
+                Ok(())
+            })?;
+            filled.insert(target);
+        }
+    }
+    if let Some(missing) = params.keys().filter(|n| n.starts_with(to)).find(|n| !filled.contains(*n)) {
+        bail!("{}: no tensor for `{missing}`", dir.display());
+    }
+    Ok(())
 }
 
 /// big_vision's loss: each example's summed target NLL over its own target count,
@@ -381,6 +439,44 @@ pub fn train(recipe: &Recipe, resolved: &toml::Table, opts: &LaunchOptions) -> R
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn stage_one_parts_load_from_siglip_and_gemma_checkpoints() {
+        let config = PaliGemmaConfig::tiny(40, 39, 32).unwrap();
+        tch::manual_seed(1);
+        let source = PaliGemma::new(config.clone(), &mut Weights::random(Device::Cpu, Kind::Float), RunOptions::default()).unwrap();
+        let dir = std::env::temp_dir().join(format!("pg2-parts-{}", std::process::id()));
+        // transformers' names: SiglipModel has a text tower too; Gemma 2's vocabulary is shorter.
+        let mut vision = vec![("text_model.final_layer_norm.weight".to_string(), Tensor::ones([4], (Kind::Float, Device::Cpu)))];
+        let mut text = vec![];
+        for (name, t) in source.parameters() {
+            if let Some(rest) = name.strip_prefix("vision_tower.") {
+                vision.push((rest.to_string(), t));
+            } else if let Some(rest) = name.strip_prefix("language_model.") {
+                let t = if rest.ends_with("embed_tokens.weight") { t.narrow(0, 0, 30) } else { t };
+                text.push((rest.to_string(), t));
+            }
+        }
+        for (folder, tensors) in [("siglip", &vision), ("gemma", &text)] {
+            std::fs::create_dir_all(dir.join(folder)).unwrap();
+            checkpoint::write_file(&dir.join(folder).join("model.safetensors"), tensors, Kind::Float).unwrap();
+        }
+        tch::manual_seed(2);
+        let model = PaliGemma::new(config, &mut Weights::random(Device::Cpu, Kind::Float), RunOptions::default()).unwrap();
+        load_part(&model, &dir.join("siglip"), Part::Vision).unwrap();
+        load_part(&model, &dir.join("gemma"), Part::Text).unwrap();
+        for ((name, got), (_, want)) in model.parameters().iter().zip(source.parameters()) {
+            if name.ends_with("embed_tokens.weight") {
+                assert!(got.narrow(0, 0, 30).equal(&want.narrow(0, 0, 30)));
+                assert!(!got.narrow(0, 30, 10).equal(&want.narrow(0, 30, 10)), "rows past Gemma's vocabulary stay fresh");
+            } else if name.starts_with("multi_modal_projector") {
+                assert_eq!(got.abs().sum(Kind::Float).double_value(&[]), 0.0, "the projector starts at zero");
+            } else {
+                assert!(got.equal(&want), "{name}");
+            }
+        }
+        std::fs::remove_dir_all(dir).unwrap();
+    }
 
     #[test]
     fn label_smoothing_spreads_mass_over_the_other_tokens() {
