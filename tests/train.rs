@@ -90,6 +90,10 @@ fn tiny_run_learns_and_its_checkpoint_scores() {
     assert!(resolved.contains("steps = 40") && resolved.contains("synth/tokenizer.json"), "{resolved}");
     let events: Vec<_> = std::fs::read_dir(dir.join("run/tb")).unwrap().collect();
     assert_eq!(events.len(), 1, "one TensorBoard events file");
+    let report = Command::new(env!("CARGO_BIN_EXE_pg2")).arg("report").arg(dir.join("run")).output().unwrap();
+    assert!(report.status.success(), "{}", String::from_utf8_lossy(&report.stderr));
+    let table = String::from_utf8(report.stdout).unwrap();
+    assert!(table.lines().nth(2).is_some_and(|row| row.starts_with("| learn | vqa (vqa) | custom-32 |") && row.ends_with("| n/a |")), "{table}");
     // The checkpoint is a Hugging Face folder pg2 score reads.
     let score = Command::new(env!("CARGO_BIN_EXE_pg2"))
         .args(["score", "--device", "cpu", "--checkpoint"])

@@ -4,7 +4,7 @@ mod bench;
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 use pg2_data::{convert, image, source, synth, Batch, EncodedExample, PgTokenizer, Record};
@@ -84,6 +84,12 @@ enum Command {
     /// The embedded demo data.
     #[command(subcommand)]
     Data(DataCommand),
+    /// A Markdown table of finished runs: task, metric, pg2's last evaluation, the paper's result.
+    Report {
+        /// Run folders (runs/<name>).
+        #[arg(required = true)]
+        runs: Vec<PathBuf>,
+    },
     /// Score predictions: prints one JSON object, e.g. {"cider": 1.0132, "n": 40}.
     Metric {
         /// cider, bleu4, vqa, anls, relaxed, exact or refcoco.
@@ -314,6 +320,37 @@ fn inspect(dir: &Path) -> Result<()> {
     Ok(())
 }
 
+/// One row of `pg2 report`: the run's last `eval/<metric>` line against the paper's number
+/// for the checkpoint's size and resolution (the recipe's `eval.paper`).
+fn report_row(run: &Path) -> Result<String> {
+    let (recipe, _) = pg2_train::Recipe::load(&run.join("recipe.toml"), &[])?;
+    let eval = recipe.eval.as_ref().with_context(|| format!("{}: the recipe has no [eval]", run.display()))?;
+    let metrics = std::fs::read_to_string(run.join("metrics.jsonl")).with_context(|| format!("{}: no metrics.jsonl", run.display()))?;
+    let lines: Vec<serde_json::Value> = metrics.lines().filter_map(|l| serde_json::from_str(l).ok()).collect();
+    let last = lines.iter().rev().find_map(|v| {
+        let (key, value) = v.as_object()?.iter().find(|(k, _)| k.starts_with("eval/"))?;
+        Some((key.trim_start_matches("eval/").to_string(), value.as_f64()?, v["step"].as_u64()?))
+    });
+    let Some((key, value, step)) = last else { bail!("{}: no evaluation logged yet", run.display()) };
+    let checkpoint = std::fs::read_to_string(run.join("checkpoints/latest")).map(|n| run.join("checkpoints").join(n.trim()));
+    let shape = checkpoint.ok().and_then(|dir| pg2_model::PaliGemmaConfig::from_file(&dir.join("config.json")).ok()).map(|c| {
+        let size = match c.text.hidden_size { 2304 => "3b", 3584 => "10b", 4608 => "28b", _ => "custom" };
+        format!("{size}-{}", c.vision.image_size)
+    });
+    let paper = shape.as_ref().and_then(|s| eval.paper.get(s)).map_or("n/a".to_string(), |p| format!("{p:.4}"));
+    let name = recipe.name.clone().unwrap_or_default();
+    Ok(format!("| {name} | {} ({key}) | {} | {value:.4} (step {step}) | {paper} |", eval.metric, shape.unwrap_or_default()))
+}
+
+fn report(runs: &[PathBuf]) -> Result<()> {
+    println!("| task | metric | model | pg2 | paper |");
+    println!("|---|---|---|---|---|");
+    for run in runs {
+        println!("{}", report_row(run)?);
+    }
+    Ok(())
+}
+
 fn main() -> Result<()> {
     match Cli::parse().command {
         Command::Score { model, data, batch_size } => score(&model, &data, batch_size),
@@ -322,6 +359,7 @@ fn main() -> Result<()> {
             predict(&model, &data, decode, batch_size)
         }
         Command::Inspect { checkpoint } => inspect(&checkpoint),
+        Command::Report { runs } => report(&runs),
         Command::Metric { metric, predictions } => {
             println!("{}", serde_json::Value::Object(pg2_eval::score_file(metric, &predictions)?));
             Ok(())
