@@ -5,8 +5,9 @@
 //! - no rpath, so binaries and tests only start with `LD_LIBRARY_PATH` set;
 //! - the linker's `--as-needed` drops `libtorch_cuda.so`, because no symbol of
 //!   it is referenced directly, and CUDA then silently stays unavailable.
-//! Both are fixed with link arguments for this crate's binaries and tests only
-//! (global rustflags would also reach proc-macros, which must not link libtorch).
+//!
+//! Both are fixed with link arguments for this crate's binaries and tests only (global
+//! rustflags would also reach proc-macros, which must not link libtorch).
 use std::path::PathBuf;
 
 fn main() {

@@ -9,7 +9,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 use pg2_data::{convert, image, source, synth, Batch, EncodedExample, PgTokenizer, Record};
 use pg2_model::{checkpoint, generate, DecodeOptions, PaliGemma, RunOptions};
-use tch::{Device, Kind};
+use tch::Kind;
 
 #[derive(Parser)]
 #[command(name = "pg2", version, about = "PaliGemma 2 tools: score, predict, inspect checkpoints")]
@@ -209,24 +209,11 @@ impl DtypeArg {
     }
 }
 
-/// `--device`: cpu, cuda, cuda:N, or auto (the first GPU if there is one).
-fn parse_device(name: &str) -> Result<Device> {
-    Ok(match name {
-        "auto" => Device::cuda_if_available(),
-        "cpu" => Device::Cpu,
-        "cuda" => Device::Cuda(0),
-        other => match other.strip_prefix("cuda:").and_then(|n| n.parse().ok()) {
-            Some(n) => Device::Cuda(n),
-            None => bail!("--device {other}: expected cpu, cuda, cuda:N or auto"),
-        },
-    })
-}
-
 impl ModelArgs {
     fn load(&self) -> Result<(PaliGemma, PgTokenizer)> {
         let kind = self.dtype.kind();
         let options = RunOptions { soft_caps: !self.no_soft_caps, sliding_window: self.sliding_window };
-        let device = parse_device(&self.device)?;
+        let device = pg2_model::parse_device(&self.device)?;
         eprintln!("pg2: loading {} on {device:?} in {kind:?}", self.checkpoint.display());
         let model = PaliGemma::load(&self.checkpoint, device, kind, options)?;
         let tokenizer_path = self.tokenizer.clone().unwrap_or_else(|| self.checkpoint.join("tokenizer.json"));
@@ -390,7 +377,7 @@ fn main() -> Result<()> {
                 batch,
                 text_len,
                 kind: dtype.kind(),
-                device: parse_device(&device)?,
+                device: pg2_model::parse_device(&device)?,
                 steps: steps.max(1),
                 train,
                 peak_tflops,

@@ -202,14 +202,14 @@ impl Gemma2Config {
         let num_hidden_layers = k.usize("num_hidden_layers", 26)?;
         let num_attention_heads = k.usize("num_attention_heads", 8)?;
         let num_key_value_heads = k.usize("num_key_value_heads", 4)?;
-        if num_attention_heads % num_key_value_heads != 0 {
+        if !num_attention_heads.is_multiple_of(num_key_value_heads) {
             return Err(k.err(
                 "num_key_value_heads",
                 format!("{num_key_value_heads} does not divide num_attention_heads = {num_attention_heads}"),
             ));
         }
         let head_dim = k.usize("head_dim", 256)?;
-        if head_dim % 2 != 0 {
+        if !head_dim.is_multiple_of(2) {
             return Err(k.err("head_dim", "must be even for rotary embeddings"));
         }
         let rope_theta = Self::rope_theta(&mut k)?;
@@ -290,10 +290,10 @@ impl SiglipVisionConfig {
             patch_size: k.usize("patch_size", 16)?,
             layer_norm_eps: k.f64("layer_norm_eps", 1e-6)?,
         };
-        if cfg.image_size % cfg.patch_size != 0 {
+        if !cfg.image_size.is_multiple_of(cfg.patch_size) {
             return Err(k.err("image_size", format!("{} is not a multiple of patch_size {}", cfg.image_size, cfg.patch_size)));
         }
-        if cfg.hidden_size % cfg.num_attention_heads != 0 {
+        if !cfg.hidden_size.is_multiple_of(cfg.num_attention_heads) {
             return Err(k.err("num_attention_heads", "does not divide hidden_size"));
         }
         for key in ["num_image_tokens", "num_positions"] {
@@ -401,7 +401,7 @@ impl PaliGemmaConfig {
     /// A tiny PaliGemma 2 for CPU runs on the embedded demo data: the same architecture
     /// (GQA, soft-caps, pre/post norms) at a few hundred thousand parameters; 8x8 patches.
     pub fn tiny(vocab_size: usize, image_token_id: i64, resolution: usize) -> Result<Self, ModelError> {
-        if resolution % 8 != 0 {
+        if !resolution.is_multiple_of(8) {
             return Err(ModelError::Invalid(format!("the tiny model needs a resolution divisible by its 8-pixel patches, not {resolution}")));
         }
         Ok(Self {

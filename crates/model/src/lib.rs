@@ -47,3 +47,16 @@ impl ModelError {
         Self::Io { path: path.display().to_string(), source }
     }
 }
+
+/// A device by name: `cpu`, `cuda`, `cuda:N`, or `auto` (the first GPU if there is one).
+pub fn parse_device(name: &str) -> Result<tch::Device, ModelError> {
+    Ok(match name {
+        "auto" => tch::Device::cuda_if_available(),
+        "cpu" => tch::Device::Cpu,
+        "cuda" => tch::Device::Cuda(0),
+        other => match other.strip_prefix("cuda:").and_then(|n| n.parse().ok()) {
+            Some(n) => tch::Device::Cuda(n),
+            None => return Err(ModelError::Invalid(format!("device {other:?}: expected cpu, cuda, cuda:N or auto"))),
+        },
+    })
+}

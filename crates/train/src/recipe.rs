@@ -13,6 +13,7 @@
 use std::path::{Path, PathBuf};
 
 use pg2_data::RunLength;
+use pg2_eval::anls::levenshtein;
 use serde::Deserialize;
 use toml::{Table, Value};
 
@@ -330,29 +331,13 @@ fn set(table: &mut Table, assignment: &str) -> Result<(), String> {
     Ok(())
 }
 
-/// Levenshtein distance, for "did you mean" hints.
-fn edit_distance(a: &str, b: &str) -> usize {
-    let b: Vec<char> = b.chars().collect();
-    let mut row: Vec<usize> = (0..=b.len()).collect();
-    for (i, ca) in a.chars().enumerate() {
-        let mut diagonal = row[0];
-        row[0] = i + 1;
-        for (j, &cb) in b.iter().enumerate() {
-            let next = (diagonal + usize::from(ca != cb)).min(row[j] + 1).min(row[j + 1] + 1);
-            diagonal = row[j + 1];
-            row[j + 1] = next;
-        }
-    }
-    row[b.len()]
-}
-
 /// Adds the closest valid key to serde's "unknown field `x`, expected one of `a`, `b`".
 fn with_hint(msg: String) -> String {
     let Some(rest) = msg.split("unknown field `").nth(1) else { return msg };
     let unknown = rest.split('`').next().unwrap_or_default();
     let valid: Vec<&str> = rest.split("expected ").nth(1).unwrap_or_default().split('`').skip(1).step_by(2).collect();
-    match valid.iter().min_by_key(|v| edit_distance(unknown, v)) {
-        Some(best) if edit_distance(unknown, best) <= best.len().max(unknown.len()) / 2 => format!("{msg} (did you mean `{best}`?)"),
+    match valid.iter().min_by_key(|v| levenshtein(unknown, v)) {
+        Some(best) if levenshtein(unknown, best) <= best.len().max(unknown.len()) / 2 => format!("{msg} (did you mean `{best}`?)"),
         _ => msg,
     }
 }

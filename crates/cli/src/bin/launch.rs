@@ -2,10 +2,9 @@
 
 use std::path::PathBuf;
 
-use anyhow::{bail, Result};
+use anyhow::Result;
 use clap::Parser;
 use pg2_train::{train, LaunchOptions, Recipe};
-use tch::Device;
 
 #[derive(Parser)]
 #[command(name = "launch", version, about = "Train a PaliGemma 2 stage from a TOML recipe")]
@@ -33,15 +32,7 @@ fn main() -> Result<()> {
     let cli = Cli::parse();
     let (recipe, resolved) = Recipe::load(&cli.recipe, &cli.overrides)?;
     let name = recipe.name.clone().unwrap_or_default();
-    let device = match cli.device.as_str() {
-        "auto" => Device::cuda_if_available(),
-        "cpu" => Device::Cpu,
-        "cuda" => Device::Cuda(0),
-        other => match other.strip_prefix("cuda:").and_then(|n| n.parse().ok()) {
-            Some(n) => Device::Cuda(n),
-            None => bail!("--device {other}: expected cpu, cuda, cuda:N or auto"),
-        },
-    };
+    let device = pg2_model::parse_device(&cli.device)?;
     let out = cli.out.unwrap_or_else(|| PathBuf::from("runs").join(&name));
     eprintln!("launch: {} on {device:?} -> {}", cli.recipe.display(), out.display());
     let opts = LaunchOptions { out, resume: cli.resume, overwrite: cli.overwrite, device };
