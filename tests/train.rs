@@ -155,6 +155,17 @@ fn next_stage_starts_from_the_run_at_a_higher_resolution() {
 }
 
 #[test]
+fn streamed_sources_fixed_padding_and_per_task_limits_train() {
+    let dir = setup("stream", 3, 3);
+    // --set paths are relative to the current folder, so give an absolute one.
+    let mixture = format!("data.mixture=[{{path = {:?}, weight = 1.0, shuffle_buffer = 16, max_suffix_tokens = 6}}]", dir.join("synth/train.jsonl"));
+    let out = launch(&dir, &["--set", &mixture, "--set", "data.pad_to=96"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(losses(&dir).len(), 3);
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
 fn frozen_parts_stay_bit_identical() {
     let dir = setup("freeze", 2, 2);
     assert!(launch(&dir, &[]).status.success());

@@ -121,7 +121,10 @@ pub struct DataSection {
     /// Keep `<eos>` when cutting a target.
     #[serde(default)]
     pub keep_eos: bool,
-    /// `"error"` (stop, naming the record) or `"skip"` (count and go on) for bad records.
+    /// Pad every batch to this many tokens (constant shapes) instead of to its longest example.
+    pub pad_to: Option<usize>,
+    /// `"error"` (stop, naming the record) or `"skip"` (count and go on) for bad records:
+    /// unreadable lines, records without a prompt, missing or corrupt images.
     #[serde(default = "default_policy")]
     pub on_bad_record: String,
     /// Decoding threads.
@@ -143,6 +146,12 @@ pub struct Source {
     pub prefix: Option<String>,
     /// How to make a missing source (shown when it is missing), e.g. a `pg2 convert` line.
     pub make: Option<String>,
+    /// This task's own prompt and target limits (default: the `[data]` ones).
+    pub max_prefix_tokens: Option<usize>,
+    pub max_suffix_tokens: Option<usize>,
+    /// Read the source lazily through a shuffle buffer of this many records instead of
+    /// holding it in memory (for sources too large for memory).
+    pub shuffle_buffer: Option<usize>,
 }
 
 /// How long and how fast to train.

@@ -18,7 +18,7 @@ use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use pg2_data::{
     source, synth, Mixture, MixturePosition, MixtureSource, OnBadLine, OnBadRecord, PgTokenizer, Pipeline, PipelineConfig,
-    SourceData, TaskFormat, TextLimits,
+    SourceData, StreamSource, TaskFormat, TextLimits,
 };
 use pg2_data::{image, Batch, EncodedExample, Record};
 use pg2_model::{checkpoint, generate, DecodeOptions, PaliGemma, PaliGemmaConfig, RunOptions, Weights};
@@ -66,21 +66,27 @@ fn kind_of(recipe: &Recipe) -> Kind {
 /// The mixture the recipe describes, from its first example.
 fn mixture(recipe: &Recipe) -> Result<Mixture> {
     let d = &recipe.data;
-    let limits = TextLimits { max_prefix_tokens: d.max_prefix_tokens, max_suffix_tokens: d.max_suffix_tokens, keep_eos: d.keep_eos };
+    let policy = if d.on_bad_record == "skip" { OnBadLine::Skip } else { OnBadLine::Error };
     let sources = d
         .mixture
         .iter()
         .map(|s| {
-            let (records, skipped) = source::read_source(&s.path, OnBadLine::Error)?;
-            if skipped > 0 {
-                eprintln!("launch: {} bad lines skipped in {}", skipped, s.path.display());
-            }
-            Ok(MixtureSource {
-                name: s.path.display().to_string(),
-                data: SourceData::Memory(records),
-                weight: s.weight,
-                format: TaskFormat { prefix: s.prefix.clone(), limits },
-            })
+            let data = match s.shuffle_buffer {
+                Some(buffer) => SourceData::Stream(StreamSource::open(&s.path, buffer, policy)?),
+                None => {
+                    let (records, skipped) = source::read_source(&s.path, policy)?;
+                    if skipped > 0 {
+                        eprintln!("launch: {} bad lines skipped in {}", skipped, s.path.display());
+                    }
+                    SourceData::Memory(records)
+                }
+            };
+            let limits = TextLimits {
+                max_prefix_tokens: s.max_prefix_tokens.or(d.max_prefix_tokens),
+                max_suffix_tokens: s.max_suffix_tokens.or(d.max_suffix_tokens),
+                keep_eos: d.keep_eos,
+            };
+            Ok(MixtureSource { name: s.path.display().to_string(), data, weight: s.weight, format: TaskFormat { prefix: s.prefix.clone(), limits } })
         })
         .collect::<Result<Vec<_>, pg2_data::DataError>>()?;
     Ok(Mixture::new(sources, recipe.seed)?)
@@ -338,7 +344,7 @@ pub fn train(recipe: &Recipe, resolved: &toml::Table, opts: &LaunchOptions) -> R
         world: 1,
         workers: recipe.data.workers,
         prefetch: recipe.data.prefetch,
-        pad_to: None,
+        pad_to: recipe.data.pad_to,
         on_bad_record: if recipe.data.on_bad_record == "skip" { OnBadRecord::Skip } else { OnBadRecord::Error },
     };
     let pipeline = Pipeline::start(mixture, tokenizer.clone(), pipeline_config)?;
