@@ -537,6 +537,8 @@ fn refcoco(inputs: &[PathBuf], split: Option<&str>) -> Result<Vec<Example>, Data
                     "image_id": image_id.value,
                     "split": ref_split,
                     "boxes": [corners],
+                    "width": width,
+                    "height": height,
                 })),
             });
         }
@@ -1256,6 +1258,8 @@ mod tests {
             (&extra["image_id"], &extra["split"]),
             (&json!(9), &json!("train"))
         );
+        // The refcoco metric maps <loc> tokens back to pixels with the image size.
+        assert!(extra["width"].as_f64().is_some_and(|w| w > 0.0) && extra["height"].as_f64().is_some_and(|h| h > 0.0));
         assert_image(&records[0], f, "train2014/COCO_train2014_000000000009.jpg");
         // The whole 2 x 2 image: 0 and 2 * 1023 / 2.
         assert_eq!(

@@ -41,6 +41,8 @@ pub struct EvalSection {
     pub data: PathBuf,
     /// `cider`, `bleu4`, `vqa`, `anls`, `relaxed`, `exact` or `refcoco`.
     pub metric: String,
+    /// Prompt template, as a source's `prefix`; the records' own prefix by default.
+    pub prefix: Option<String>,
     #[serde(default = "default_eval_every")]
     pub every: u64,
     /// Evaluate the first N records only.

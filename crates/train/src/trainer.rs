@@ -212,14 +212,18 @@ fn evaluate(model: &PaliGemma, tok: &PgTokenizer, spec: &EvalSection, records: &
     let metric: pg2_eval::Metric = spec.metric.parse().map_err(anyhow::Error::msg)?;
     let (res, n_image) = (model.config.vision.image_size as u32, model.config.vision.num_patches());
     let decode = DecodeOptions { max_new_tokens: spec.max_len, beam_size: spec.beam, eos_id: tok.eos_id, pad_id: tok.pad_id, length_penalty: 1.0 };
+    let format = TaskFormat { prefix: spec.prefix.clone(), ..TaskFormat::default() };
     let mut rows = Vec::with_capacity(records.len());
     for chunk in records.chunks(spec.batch_size) {
-        let examples: Vec<_> = chunk.iter().map(|r| EncodedExample::new(tok, n_image, &r.prefix, None)).collect();
+        let examples = chunk
+            .iter()
+            .map(|r| Ok(EncodedExample::new(tok, n_image, &format.prompt(r)?, None)))
+            .collect::<Result<Vec<_>, pg2_data::DataError>>()?;
         let pixels = chunk.iter().map(|r| Ok(image::preprocess(&r.load_image()?, res))).collect::<Result<Vec<_>, pg2_data::DataError>>()?;
         let batch = Batch::collate(&examples, Some(image::stack(&pixels, res)), tok.pad_id, model.device());
         for (record, tokens) in chunk.iter().zip(generate(model, &batch.inputs, &decode)?) {
             let mut row = record.extra.clone();
-            row.insert("prefix".into(), record.prefix.clone().into());
+            row.insert("prefix".into(), format.prompt(record)?.into());
             if let Some(suffix) = &record.suffix {
                 row.insert("suffix".into(), suffix.clone().into());
             }
