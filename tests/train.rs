@@ -94,6 +94,20 @@ fn tiny_run_learns_and_its_checkpoint_scores() {
     assert!(report.status.success(), "{}", String::from_utf8_lossy(&report.stderr));
     let table = String::from_utf8(report.stdout).unwrap();
     assert!(table.lines().nth(2).is_some_and(|row| row.starts_with("| learn | vqa (vqa) | custom-32 |") && row.ends_with("| n/a |")), "{table}");
+    // pg2 eval repeats the final evaluation outside training.
+    let eval = Command::new(env!("CARGO_BIN_EXE_pg2"))
+        .args(["eval", "--device", "cpu", "--checkpoint"])
+        .arg(dir.join("run"))
+        .arg("--recipe")
+        .arg(dir.join("recipe.toml"))
+        .arg("--out")
+        .arg(dir.join("again"))
+        .output()
+        .unwrap();
+    assert!(eval.status.success(), "{}", String::from_utf8_lossy(&eval.stderr));
+    let scores: Value = serde_json::from_slice(&eval.stdout).unwrap();
+    assert_eq!(scores["vqa"].as_f64(), Some(evals[2].1), "same checkpoint, same records, same score");
+    assert!(dir.join("again/eval/step-000040.jsonl").exists());
     // The checkpoint is a Hugging Face folder pg2 score reads.
     let score = Command::new(env!("CARGO_BIN_EXE_pg2"))
         .args(["score", "--device", "cpu", "--checkpoint"])

@@ -84,6 +84,24 @@ enum Command {
     /// The embedded demo data.
     #[command(subcommand)]
     Data(DataCommand),
+    /// Evaluate a checkpoint with a recipe's [eval] block: prints the scores as JSON and
+    /// writes the predictions to OUT/eval/step-NNNNNN.jsonl.
+    Eval {
+        /// A model folder, or a run folder (its checkpoints/latest).
+        #[arg(long)]
+        checkpoint: PathBuf,
+        /// The recipe whose [eval] block (and model settings) to use.
+        #[arg(long)]
+        recipe: PathBuf,
+        /// Override a recipe key (repeatable).
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        overrides: Vec<String>,
+        /// Where the predictions go.
+        #[arg(long, default_value = ".")]
+        out: PathBuf,
+        #[arg(long, default_value = "auto")]
+        device: String,
+    },
     /// A Markdown table of finished runs: task, metric, pg2's last evaluation, the paper's result.
     Report {
         /// Run folders (runs/<name>).
@@ -347,6 +365,12 @@ fn main() -> Result<()> {
         }
         Command::Inspect { checkpoint } => inspect(&checkpoint),
         Command::Report { runs } => report(&runs),
+        Command::Eval { checkpoint, recipe, overrides, out, device } => {
+            let (recipe, _) = pg2_train::Recipe::load(&recipe, &overrides)?;
+            let scores = pg2_train::evaluate_checkpoint(&recipe, &checkpoint, pg2_model::parse_device(&device)?, &out)?;
+            println!("{}", serde_json::Value::Object(scores));
+            Ok(())
+        }
         Command::Metric { metric, predictions } => {
             println!("{}", serde_json::Value::Object(pg2_eval::score_file(metric, &predictions)?));
             Ok(())

@@ -238,6 +238,23 @@ fn evaluate(model: &PaliGemma, tok: &PgTokenizer, spec: &EvalSection, records: &
     Ok(pg2_eval::score(metric, &rows)?)
 }
 
+/// `pg2 eval`: evaluates a checkpoint with a recipe's `[eval]` block (and its model
+/// settings: resolution, dtype, soft-caps), writing `out/eval/step-NNNNNN.jsonl`.
+pub fn evaluate_checkpoint(recipe: &Recipe, checkpoint: &Path, device: Device, out: &Path) -> Result<Map<String, Value>> {
+    let spec = recipe.eval.as_ref().context("the recipe has no [eval] block")?;
+    let dir = checkpoint_dir(checkpoint)?;
+    let options = RunOptions { soft_caps: recipe.model.soft_caps, sliding_window: false };
+    let model = PaliGemma::load_at(&dir, Some(recipe.model.resolution), device, kind_of(recipe), options)?;
+    let tokenizer = PgTokenizer::from_file(&recipe.data.tokenizer)?;
+    let mut records = source::read_jsonl(&spec.data)?;
+    records.truncate(spec.max_examples.unwrap_or(usize::MAX));
+    let step = std::fs::read_to_string(dir.join("trainer_state.json"))
+        .ok()
+        .and_then(|s| serde_json::from_str::<TrainerState>(&s).ok())
+        .map_or(0, |s| s.step);
+    evaluate(&model, &tokenizer, spec, &records, step, out)
+}
+
 /// Per-token cross-entropy against the target smoothed by `s`: `(1 - s)` on the target,
 /// `s / (V - 1)` on each other token (big_vision's label smoothing).
 fn smoothed_nll(log_probs: &Tensor, targets: &Tensor, s: f64) -> Tensor {
