@@ -6,43 +6,11 @@ use std::process::{Command, Output};
 
 use serde_json::Value;
 
-/// A scratch folder with a small synthetic dataset and a recipe over it.
+mod common;
+
+/// A tiny run of `steps` steps, evaluated every 20 steps.
 fn setup(name: &str, steps: u64, checkpoint_every: u64) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("pg2-train-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    let synth = Command::new(env!("CARGO_BIN_EXE_pg2"))
-        .args(["data", "synth", "--train", "64", "--val", "8", "--canvas", "64", "--out"])
-        .arg(dir.join("synth"))
-        .output()
-        .unwrap();
-    assert!(synth.status.success(), "{}", String::from_utf8_lossy(&synth.stderr));
-    let recipe = format!(
-        r#"name = "{name}"
-seed = 3
-[model]
-init = "tiny"
-resolution = 32
-[data]
-tokenizer = "synth/tokenizer.json"
-mixture = [{{ path = "synth/train.jsonl", weight = 1.0 }}]
-workers = 1
-[train]
-steps = {steps}
-batch_size = 8
-lr = 3e-3
-warmup_steps = 2
-log_every = 1
-checkpoint_every = {checkpoint_every}
-[eval]
-data = "synth/tasks/count/val.jsonl"
-metric = "vqa"
-every = 20
-max_len = 4
-"#
-    );
-    std::fs::write(dir.join("recipe.toml"), recipe).unwrap();
-    dir
+    common::scratch("train", name, common::Tiny { steps, batch_size: 8, lr: 3e-3, warmup_steps: 2, checkpoint_every, eval_every: 20 })
 }
 
 fn launch(dir: &Path, extra: &[&str]) -> Output {
