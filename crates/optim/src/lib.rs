@@ -11,15 +11,33 @@ pub struct AdamConfig {
     pub b1: f64,
     pub b2: f64,
     pub eps: f64,
-    /// Decoupled decay: `param -= schedule * weight_decay * param` (big_vision's
-    /// `add_decayed_weights` after the learning rate, so not multiplied by it).
     pub weight_decay: f64,
+    /// How weight decay enters the update.
+    pub decay: Decay,
+}
+
+/// The two weight-decay conventions a recipe can name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Decay {
+    /// big_vision's `add_decayed_weights` after the learning rate:
+    /// `param -= schedule * weight_decay * param`, not multiplied by the base rate (the
+    /// paper's transfer configs assume this).
+    Decoupled,
+    /// AdamW's (torch.optim.AdamW): `param -= lr * schedule * weight_decay * param`.
+    LrCoupled,
 }
 
 impl Default for AdamConfig {
     fn default() -> Self {
-        Self { lr: 1e-3, b1: 0.9, b2: 0.999, eps: 1e-8, weight_decay: 0.0 }
+        Self { lr: 1e-3, b1: 0.9, b2: 0.999, eps: 1e-8, weight_decay: 0.0, decay: Decay::Decoupled }
     }
+}
+
+/// Per-parameter settings: a learning-rate multiplier and whether weight decay applies.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ParamGroup {
+    pub lr_mult: f64,
+    pub decay: bool,
 }
 
 /// Whether a parameter gets weight decay by default: matrices do; norms, biases and
@@ -32,8 +50,7 @@ pub fn decays_by_default(name: &str, param: &Tensor) -> bool {
 pub struct Adam {
     pub config: AdamConfig,
     params: Vec<(String, Tensor)>,
-    /// Per parameter: does weight decay apply?
-    decay: Vec<bool>,
+    groups: Vec<ParamGroup>,
     m: Vec<Tensor>,
     v: Vec<Tensor>,
     steps: i64,
@@ -41,13 +58,18 @@ pub struct Adam {
 
 impl Adam {
     /// Takes the parameters to update (they must require gradients); weight decay applies
-    /// where [`decays_by_default`] says so.
+    /// where [`decays_by_default`] says so, at the base learning rate.
     pub fn new(params: Vec<(String, Tensor)>, config: AdamConfig) -> Self {
+        Self::with_groups(params, config, |name, p| ParamGroup { lr_mult: 1.0, decay: decays_by_default(name, p) })
+    }
+
+    /// As [`Adam::new`], each parameter's settings chosen by `group(name, param)`.
+    pub fn with_groups(params: Vec<(String, Tensor)>, config: AdamConfig, group: impl Fn(&str, &Tensor) -> ParamGroup) -> Self {
         let zeros = |p: &Tensor| Tensor::zeros_like(p).to_kind(Kind::Float);
         let m = params.iter().map(|(_, p)| zeros(p)).collect();
         let v = params.iter().map(|(_, p)| zeros(p)).collect();
-        let decay = params.iter().map(|(n, p)| decays_by_default(n, p)).collect();
-        Self { config, params, decay, m, v, steps: 0 }
+        let groups = params.iter().map(|(n, p)| group(n, p)).collect();
+        Self { config, params, groups, m, v, steps: 0 }
     }
 
     /// Updates done so far.
@@ -77,7 +99,7 @@ impl Adam {
 
     /// One update with the schedule's factor for this step; clears the gradients.
     pub fn step(&mut self, schedule: f64) {
-        let AdamConfig { lr, b1, b2, eps, weight_decay } = self.config;
+        let AdamConfig { lr, b1, b2, eps, weight_decay, decay } = self.config;
         self.steps += 1;
         let (c1, c2) = (1.0 - b1.powi(self.steps as i32), 1.0 - b2.powi(self.steps as i32));
         tch::no_grad(|| {
@@ -91,8 +113,14 @@ impl Adam {
                 self.v[i] = &self.v[i] * b2 + g.square() * (1.0 - b2);
                 let direction = (&self.m[i] / c1) / ((&self.v[i] / c2).sqrt() + eps);
                 let p32 = p.to_kind(Kind::Float);
-                let decay = if self.decay[i] { weight_decay } else { 0.0 };
-                let update = (direction * lr + &p32 * decay) * schedule;
+                let group = self.groups[i];
+                let lr = lr * group.lr_mult;
+                let wd = match (group.decay, decay) {
+                    (false, _) => 0.0,
+                    (true, Decay::Decoupled) => weight_decay,
+                    (true, Decay::LrCoupled) => weight_decay * lr,
+                };
+                let update = (direction * lr + &p32 * wd) * schedule;
                 p.copy_(&(p32 - update));
                 p.zero_grad();
             }
@@ -129,15 +157,29 @@ impl Adam {
     }
 }
 
-/// Learning-rate schedule: linear warmup from 0, then cosine decay to 0 (big_vision's
-/// transfer schedule), as a factor on the base rate.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct WarmupCosine {
-    pub warmup_steps: u64,
-    pub total_steps: u64,
+/// What follows the warmup.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DecayShape {
+    /// Half a cosine down to 0 (big_vision's transfer schedule).
+    Cosine,
+    /// A straight line down to 0.
+    Linear,
+    /// `sqrt(warmup / step)`, never reaching 0 (big_vision's pretraining `rsqrt`).
+    Rsqrt,
+    /// Stays at the base rate.
+    Constant,
 }
 
-impl WarmupCosine {
+/// Learning-rate schedule: linear warmup from 0, then the decay shape, as a factor on the
+/// base rate.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Schedule {
+    pub warmup_steps: u64,
+    pub total_steps: u64,
+    pub shape: DecayShape,
+}
+
+impl Schedule {
     /// The factor for 0-based `step`.
     pub fn factor(&self, step: u64) -> f64 {
         if step < self.warmup_steps {
@@ -145,7 +187,12 @@ impl WarmupCosine {
         }
         let span = self.total_steps.saturating_sub(self.warmup_steps).max(1) as f64;
         let progress = ((step - self.warmup_steps) as f64 / span).min(1.0);
-        0.5 * (1.0 + (std::f64::consts::PI * progress).cos())
+        match self.shape {
+            DecayShape::Cosine => 0.5 * (1.0 + (std::f64::consts::PI * progress).cos()),
+            DecayShape::Linear => 1.0 - progress,
+            DecayShape::Rsqrt => (self.warmup_steps.max(1) as f64 / (step + 1) as f64).sqrt().min(1.0),
+            DecayShape::Constant => 1.0,
+        }
     }
 }
 
@@ -198,12 +245,29 @@ mod tests {
     }
 
     #[test]
-    fn warmup_then_cosine() {
-        let s = WarmupCosine { warmup_steps: 10, total_steps: 110 };
-        assert!((s.factor(0) - 0.1).abs() < 1e-12);
-        assert!((s.factor(9) - 1.0).abs() < 1e-12);
-        assert!((s.factor(10) - 1.0).abs() < 1e-12);
-        assert!((s.factor(60) - 0.5).abs() < 1e-12);
-        assert!(s.factor(110).abs() < 1e-12);
+    fn warmup_then_each_decay_shape() {
+        let at = |shape, step| Schedule { warmup_steps: 10, total_steps: 110, shape }.factor(step);
+        for shape in [DecayShape::Cosine, DecayShape::Linear, DecayShape::Rsqrt, DecayShape::Constant] {
+            assert!((at(shape, 0) - 0.1).abs() < 1e-12 && (at(shape, 9) - 1.0).abs() < 1e-12, "{shape:?} warmup");
+        }
+        assert!((at(DecayShape::Cosine, 60) - 0.5).abs() < 1e-12);
+        assert!(at(DecayShape::Cosine, 110).abs() < 1e-12);
+        assert!((at(DecayShape::Linear, 35) - 0.75).abs() < 1e-12);
+        assert!((at(DecayShape::Rsqrt, 39) - 0.5).abs() < 1e-12, "sqrt(10 / 40)");
+        assert_eq!(at(DecayShape::Constant, 100), 1.0);
+    }
+
+    #[test]
+    fn lr_multipliers_and_coupled_decay() {
+        let a = param(&[1.0]);
+        let b = param(&[1.0]);
+        ((&a + &b) * 1.0).sum(Kind::Float).backward();
+        let params = vec![("slow.w".into(), a.shallow_clone()), ("fast.w".into(), b.shallow_clone())];
+        let config = AdamConfig { lr: 0.1, weight_decay: 0.5, decay: Decay::LrCoupled, ..AdamConfig::default() };
+        let mut adam = Adam::with_groups(params, config, |name, _| ParamGroup { lr_mult: if name.starts_with("slow") { 0.1 } else { 1.0 }, decay: true });
+        adam.step(1.0);
+        // p -= lr' * (sign(g) + wd * p) with lr' = 0.01 and 0.1.
+        assert!((a.double_value(&[0]) - (1.0 - 0.01 * 1.5)).abs() < 1e-6);
+        assert!((b.double_value(&[0]) - (1.0 - 0.1 * 1.5)).abs() < 1e-6);
     }
 }

@@ -170,9 +170,24 @@ pub struct TrainSection {
     /// Linear warmup steps before the cosine decay.
     #[serde(default)]
     pub warmup_steps: u64,
-    /// Decoupled weight decay (big_vision's: scaled by the schedule, not the base rate).
+    /// After the warmup: `"cosine"` (default), `"linear"`, `"rsqrt"` or `"constant"`.
+    #[serde(default = "default_schedule")]
+    pub schedule: String,
+    /// Weight decay on matrices (not on norms, biases, embeddings).
     #[serde(default)]
     pub weight_decay: f64,
+    /// `"decoupled"` (big_vision's, default: scaled by the schedule, not the base rate) or
+    /// `"lr_coupled"` (AdamW's: scaled by the learning rate too).
+    #[serde(default = "default_decay_mode")]
+    pub weight_decay_mode: String,
+    /// Learning-rate multipliers by checkpoint-name prefix, e.g.
+    /// `{ "vision_tower." = 0.1 }`; the longest matching prefix wins.
+    #[serde(default)]
+    pub lr_mults: std::collections::BTreeMap<String, f64>,
+    /// Batches whose gradients are summed per update (the update sees
+    /// `batch_size * grad_accumulation` examples).
+    #[serde(default = "default_accumulation")]
+    pub grad_accumulation: usize,
     /// Global gradient-norm clip (big_vision: 1.0); 0 turns it off.
     #[serde(default = "default_clip")]
     pub grad_clip: f64,
@@ -223,6 +238,15 @@ fn default_clip() -> f64 {
 }
 fn default_b2() -> f64 {
     0.999
+}
+fn default_schedule() -> String {
+    "cosine".into()
+}
+fn default_decay_mode() -> String {
+    "decoupled".into()
+}
+fn default_accumulation() -> usize {
+    1
 }
 fn default_nonfinite() -> String {
     "stop".into()
@@ -437,6 +461,15 @@ impl Recipe {
         }
         if !(0.0..1.0).contains(&t.label_smoothing) {
             return Err(format!("train.label_smoothing = {}: expected a value in [0, 1)", t.label_smoothing));
+        }
+        if !["cosine", "linear", "rsqrt", "constant"].contains(&t.schedule.as_str()) {
+            return Err(format!("train.schedule = {:?}: expected cosine, linear, rsqrt or constant", t.schedule));
+        }
+        if !["decoupled", "lr_coupled"].contains(&t.weight_decay_mode.as_str()) {
+            return Err(format!("train.weight_decay_mode = {:?}: expected decoupled or lr_coupled", t.weight_decay_mode));
+        }
+        if t.grad_accumulation == 0 || t.lr_mults.values().any(|&m| !(m >= 0.0)) {
+            return Err("train.grad_accumulation must be positive and train.lr_mults non-negative".into());
         }
         if !["stop", "skip"].contains(&t.on_nonfinite.as_str()) {
             return Err(format!("train.on_nonfinite = {:?}: expected \"stop\" or \"skip\"", t.on_nonfinite));

@@ -23,7 +23,7 @@ use pg2_data::{
 use pg2_data::{image, Batch, EncodedExample, Record};
 use pg2_model::{checkpoint, generate, DecodeOptions, PaliGemma, PaliGemmaConfig, RunOptions, Weights};
 use serde_json::{Map, Value};
-use pg2_optim::{Adam, AdamConfig, WarmupCosine};
+use pg2_optim::{decays_by_default, Adam, AdamConfig, Decay, DecayShape, ParamGroup, Schedule};
 use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
 
@@ -350,13 +350,24 @@ pub fn train(recipe: &Recipe, resolved: &toml::Table, opts: &LaunchOptions) -> R
         let _ = p.set_requires_grad(true);
     }
     let t = &recipe.train;
-    let mut adam = Adam::new(params, AdamConfig { lr: t.lr, b2: t.b2, weight_decay: t.weight_decay, ..AdamConfig::default() });
+    let decay = if t.weight_decay_mode == "lr_coupled" { Decay::LrCoupled } else { Decay::Decoupled };
+    let config = AdamConfig { lr: t.lr, b2: t.b2, weight_decay: t.weight_decay, decay, ..AdamConfig::default() };
+    let mut adam = Adam::with_groups(params, config, |name, p| {
+        let mult = t.lr_mults.iter().filter(|(prefix, _)| name.starts_with(prefix.as_str())).max_by_key(|(prefix, _)| prefix.len());
+        ParamGroup { lr_mult: mult.map_or(1.0, |(_, &m)| m), decay: decays_by_default(name, p) }
+    });
     if let Some(dir) = &resume_from {
         let state: BTreeMap<String, Tensor> = checkpoint::read_file(&dir.join("optimizer.safetensors"))?.into_iter().collect();
         adam.load_state(state, first_step as i64).map_err(anyhow::Error::msg)?;
     }
-    let total_steps = t.length().steps(mixture.total_records(), t.batch_size);
-    let schedule = WarmupCosine { warmup_steps: t.warmup_steps, total_steps };
+    let total_steps = t.length().steps(mixture.total_records(), t.batch_size * t.grad_accumulation);
+    let shape = match t.schedule.as_str() {
+        "linear" => DecayShape::Linear,
+        "rsqrt" => DecayShape::Rsqrt,
+        "constant" => DecayShape::Constant,
+        _ => DecayShape::Cosine,
+    };
+    let schedule = Schedule { warmup_steps: t.warmup_steps, total_steps, shape };
     let pipeline_config = PipelineConfig {
         resolution: model.config.vision.image_size as u32,
         image_tokens: model.config.vision.num_patches(),
@@ -410,13 +421,21 @@ pub fn train(recipe: &Recipe, resolved: &toml::Table, opts: &LaunchOptions) -> R
     let mut skipped = 0;
     let mut skipped_steps = 0;
     for step in first_step..total_steps {
-        let loaded = pipeline.next_batch()?;
-        skipped += loaded.stats.skipped;
-        let loss = loss(&model, &loaded.batch.to_device(opts.device), t.label_smoothing)?;
-        let value = loss.double_value(&[]);
-        if value.is_finite() {
-            loss.backward();
+        // Gradients of `grad_accumulation` batches add up; each loss is scaled to their mean.
+        let mut value = 0.0;
+        let mut position = None;
+        for _ in 0..t.grad_accumulation {
+            let loaded = pipeline.next_batch()?;
+            skipped += loaded.stats.skipped;
+            let loss = loss(&model, &loaded.batch.to_device(opts.device), t.label_smoothing)? / t.grad_accumulation as f64;
+            let part = loss.double_value(&[]);
+            if part.is_finite() {
+                loss.backward();
+            }
+            value += part;
+            position = Some(loaded.position);
         }
+        let position = position.expect("at least one batch per step");
         let grad_norm = adam.clip_grad_norm(Some(t.grad_clip).filter(|&c| c > 0.0));
         let lr = t.lr * schedule.factor(step);
         if value.is_finite() && grad_norm.is_finite() {
@@ -429,7 +448,7 @@ pub fn train(recipe: &Recipe, resolved: &toml::Table, opts: &LaunchOptions) -> R
             bail!("step {}: non-finite loss {value} or gradient norm {grad_norm}; stopped before it reached the weights (train.on_nonfinite = \"skip\" skips such steps)", step + 1);
         }
         losses.push(value);
-        window_examples += t.batch_size;
+        window_examples += t.batch_size * t.grad_accumulation;
         let done = step + 1;
         if done % t.log_every == 0 || done == total_steps {
             let rate = window_examples as f64 / window_start.elapsed().as_secs_f64();
@@ -452,7 +471,7 @@ pub fn train(recipe: &Recipe, resolved: &toml::Table, opts: &LaunchOptions) -> R
         }
         bar.set_position(done);
         if t.checkpoint_every.is_some_and(|n| done % n == 0) || done == total_steps {
-            let state = TrainerState { step: done, position: loaded.position.clone(), seed: recipe.seed };
+            let state = TrainerState { step: done, position: position.clone(), seed: recipe.seed };
             last_checkpoint = save_checkpoint(out, done, &model, &adam, &recipe.data.tokenizer, &state, kind)?;
         }
     }
