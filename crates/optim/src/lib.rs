@@ -270,4 +270,29 @@ mod tests {
         assert!((a.double_value(&[0]) - (1.0 - 0.01 * 1.5)).abs() < 1e-6);
         assert!((b.double_value(&[0]) - (1.0 - 0.1 * 1.5)).abs() < 1e-6);
     }
+
+    /// One run of three steps from torch.optim's fixture (tests/fixtures/optim).
+    fn torch_case(name: &str, config: AdamConfig) {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/optim/expected.json");
+        let fixture: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+        let matrix = |v: &serde_json::Value| {
+            let rows: Vec<Vec<f32>> = serde_json::from_value(v.clone()).unwrap();
+            Tensor::from_slice(&rows.concat()).view([rows.len() as i64, -1])
+        };
+        let p = matrix(&fixture["start"]).set_requires_grad(true);
+        let mut adam = Adam::with_groups(vec![("w".into(), p.shallow_clone())], config, |_, _| ParamGroup { lr_mult: 1.0, decay: true });
+        for g in fixture["grads"].as_array().unwrap() {
+            (&p * matrix(g)).sum(Kind::Float).backward();
+            adam.step(1.0);
+        }
+        let want = matrix(&fixture["cases"][name]["result"]);
+        let diff = (p.detach() - &want).abs().max().double_value(&[]);
+        assert!(diff < 1e-6, "{name}: max difference {diff} from torch.optim");
+    }
+
+    #[test]
+    fn three_steps_equal_torch_optim_adam_and_adamw() {
+        torch_case("adam", AdamConfig { lr: 1e-2, b1: 0.9, b2: 0.999, eps: 1e-8, weight_decay: 0.0, decay: Decay::Decoupled });
+        torch_case("adamw", AdamConfig { lr: 1e-2, b1: 0.9, b2: 0.95, eps: 1e-8, weight_decay: 0.1, decay: Decay::LrCoupled });
+    }
 }

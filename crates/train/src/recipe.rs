@@ -167,9 +167,10 @@ pub struct TrainSection {
     pub batch_size: usize,
     /// Base learning rate of Adam.
     pub lr: f64,
-    /// Linear warmup steps before the cosine decay.
+    /// Linear warmup steps before the decay (or `warmup_fraction` of the run, e.g. 0.05).
     #[serde(default)]
     pub warmup_steps: u64,
+    pub warmup_fraction: Option<f64>,
     /// After the warmup: `"cosine"` (default), `"linear"`, `"rsqrt"` or `"constant"`.
     #[serde(default = "default_schedule")]
     pub schedule: String,
@@ -461,6 +462,9 @@ impl Recipe {
         }
         if !(0.0..1.0).contains(&t.label_smoothing) {
             return Err(format!("train.label_smoothing = {}: expected a value in [0, 1)", t.label_smoothing));
+        }
+        if t.warmup_fraction.is_some_and(|f| !(0.0..=1.0).contains(&f)) || (t.warmup_fraction.is_some() && t.warmup_steps > 0) {
+            return Err("train.warmup_fraction must lie in [0, 1], and not come with train.warmup_steps".into());
         }
         if !["cosine", "linear", "rsqrt", "constant"].contains(&t.schedule.as_str()) {
             return Err(format!("train.schedule = {:?}: expected cosine, linear, rsqrt or constant", t.schedule));

@@ -367,7 +367,8 @@ pub fn train(recipe: &Recipe, resolved: &toml::Table, opts: &LaunchOptions) -> R
         "constant" => DecayShape::Constant,
         _ => DecayShape::Cosine,
     };
-    let schedule = Schedule { warmup_steps: t.warmup_steps, total_steps, shape };
+    let warmup_steps = t.warmup_fraction.map_or(t.warmup_steps, |f| (f * total_steps as f64).round() as u64);
+    let schedule = Schedule { warmup_steps, total_steps, shape };
     let pipeline_config = PipelineConfig {
         resolution: model.config.vision.image_size as u32,
         image_tokens: model.config.vision.num_patches(),
