@@ -53,6 +53,9 @@ pub struct Adam {
     groups: Vec<ParamGroup>,
     m: Vec<Tensor>,
     v: Vec<Tensor>,
+    /// f32 copies of low-precision (bf16/f16) parameters: updates accumulate here, and the
+    /// parameter gets the rounded result, so small updates are not lost to bf16 rounding.
+    master: Vec<Option<Tensor>>,
     steps: i64,
 }
 
@@ -69,7 +72,8 @@ impl Adam {
         let m = params.iter().map(|(_, p)| zeros(p)).collect();
         let v = params.iter().map(|(_, p)| zeros(p)).collect();
         let groups = params.iter().map(|(n, p)| group(n, p)).collect();
-        Self { config, params, groups, m, v, steps: 0 }
+        let master = params.iter().map(|(_, p)| (p.kind() != Kind::Float).then(|| p.detach().to_kind(Kind::Float))).collect();
+        Self { config, params, groups, m, v, master, steps: 0 }
     }
 
     /// Updates done so far.
@@ -112,7 +116,7 @@ impl Adam {
                 self.m[i] = &self.m[i] * b1 + &g * (1.0 - b1);
                 self.v[i] = &self.v[i] * b2 + g.square() * (1.0 - b2);
                 let direction = (&self.m[i] / c1) / ((&self.v[i] / c2).sqrt() + eps);
-                let p32 = p.to_kind(Kind::Float);
+                let p32 = self.master[i].as_ref().map_or_else(|| p.to_kind(Kind::Float), Tensor::shallow_clone);
                 let group = self.groups[i];
                 let lr = lr * group.lr_mult;
                 let wd = match (group.decay, decay) {
@@ -121,7 +125,11 @@ impl Adam {
                     (true, Decay::LrCoupled) => weight_decay * lr,
                 };
                 let update = (direction * lr + &p32 * wd) * schedule;
-                p.copy_(&(p32 - update));
+                let next = p32 - update;
+                p.copy_(&next);
+                if let Some(master) = &mut self.master[i] {
+                    *master = next;
+                }
                 p.zero_grad();
             }
         });
@@ -134,13 +142,16 @@ impl Adam {
         }
     }
 
-    /// The moments, named `m.<param>` and `v.<param>`, for checkpoints.
+    /// The moments and f32 master weights, named `m.<param>`, `v.<param>` and
+    /// `master.<param>`, for checkpoints.
     pub fn state(&self) -> Vec<(String, Tensor)> {
         let named = |prefix: &str, ts: &[Tensor]| -> Vec<(String, Tensor)> {
             self.params.iter().zip(ts).map(|((n, _), t)| (format!("{prefix}.{n}"), t.shallow_clone())).collect()
         };
         let mut state = named("m", &self.m);
         state.extend(named("v", &self.v));
+        let masters: Vec<(String, Tensor)> = self.params.iter().zip(&self.master).filter_map(|((n, _), m)| Some((format!("master.{n}"), m.as_ref()?.shallow_clone()))).collect();
+        state.extend(masters);
         state
     }
 
@@ -150,6 +161,10 @@ impl Adam {
             for (prefix, slot) in [("m", &mut self.m[i]), ("v", &mut self.v[i])] {
                 let t = state.remove(&format!("{prefix}.{name}")).ok_or_else(|| format!("optimizer state lacks `{prefix}.{name}`"))?;
                 *slot = t.to_kind(Kind::Float).to_device(p.device());
+            }
+            if let Some(master) = &mut self.master[i] {
+                let t = state.remove(&format!("master.{name}")).ok_or_else(|| format!("optimizer state lacks `master.{name}`"))?;
+                *master = t.to_kind(Kind::Float).to_device(p.device());
             }
         }
         self.steps = steps;
@@ -294,5 +309,19 @@ mod tests {
     fn three_steps_equal_torch_optim_adam_and_adamw() {
         torch_case("adam", AdamConfig { lr: 1e-2, b1: 0.9, b2: 0.999, eps: 1e-8, weight_decay: 0.0, decay: Decay::Decoupled });
         torch_case("adamw", AdamConfig { lr: 1e-2, b1: 0.9, b2: 0.95, eps: 1e-8, weight_decay: 0.1, decay: Decay::LrCoupled });
+    }
+
+    #[test]
+    fn bf16_parameters_keep_f32_master_weights() {
+        // An update of 1e-4 on 1.0 vanishes in bf16 (spacing 2^-7), but accumulates in the master copy.
+        let p = Tensor::from_slice(&[1.0f32]).to_kind(Kind::BFloat16).set_requires_grad(true);
+        let mut adam = Adam::new(vec![("w".into(), p.shallow_clone())], AdamConfig { lr: 1e-4, ..AdamConfig::default() });
+        for _ in 0..100 {
+            (&p * 1.0).sum(Kind::Float).backward();
+            adam.step(1.0);
+        }
+        let master = adam.state().into_iter().find(|(n, _)| n == "master.w").unwrap().1;
+        assert!((master.double_value(&[0]) - 0.99).abs() < 1e-5, "{}", master.double_value(&[0]));
+        assert!((p.to_kind(Kind::Float).double_value(&[0]) - 0.99).abs() < 4e-3, "the parameter follows the master");
     }
 }

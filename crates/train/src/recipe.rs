@@ -84,7 +84,8 @@ pub struct ModelSection {
     pub init: String,
     /// Image side in pixels.
     pub resolution: usize,
-    /// `"f32"` or `"bf16"`.
+    /// `"f32"`, or `"bf16"` (bf16 weights and compute, with f32 master weights and Adam
+    /// moments in the optimizer).
     #[serde(default = "default_dtype")]
     pub dtype: String,
     /// Attention and final-logit soft-caps: on in pretraining, off in transfer.
