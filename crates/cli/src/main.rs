@@ -183,6 +183,9 @@ enum BenchCommand {
         /// Time forward + backward instead of forward alone.
         #[arg(long)]
         train: bool,
+        /// Transfer's setting: soft-caps off, so attention runs libtorch's fused kernel.
+        #[arg(long)]
+        no_soft_caps: bool,
         /// The accelerator's dense peak in TFLOP/s for the utilisation figure (H100/H200 bf16: 989).
         #[arg(long, default_value_t = 989.0)]
         peak_tflops: f64,
@@ -394,7 +397,7 @@ fn main() -> Result<()> {
         Command::Bench(BenchCommand::Data { images, count, resolutions, python }) => {
             bench::data(images.as_deref(), count, &resolutions, &python)
         }
-        Command::Bench(BenchCommand::Model { size, resolution, batch, text_len, dtype, device, steps, train, peak_tflops }) => {
+        Command::Bench(BenchCommand::Model { size, resolution, batch, text_len, dtype, device, steps, train, no_soft_caps, peak_tflops }) => {
             bench::model(&bench::ModelBench {
                 size_b: size,
                 resolution,
@@ -404,6 +407,7 @@ fn main() -> Result<()> {
                 device: pg2_model::parse_device(&device)?,
                 steps: steps.max(1),
                 train,
+                no_soft_caps,
                 peak_tflops,
             })
         }

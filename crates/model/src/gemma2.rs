@@ -93,10 +93,24 @@ struct Plan {
     segments: Tensor,
     /// `(batch, tokens)` rotary positions.
     positions: Tensor,
-    /// `(batch, 1, 1, tokens, keys)` true where attention is NOT allowed.
-    blocked: Tensor,
+    /// Who attends to whom.
+    full: Mask,
     /// Same, with the sliding window added; `None` when no window applies.
-    blocked_windowed: Option<Tensor>,
+    windowed: Option<Mask>,
+}
+
+/// One attention pattern, in the forms both attention paths take.
+struct Mask {
+    /// `(batch, 1, tokens, keys)` true where attention is allowed (the fused kernel's form).
+    allowed: Tensor,
+    /// `(batch, 1, 1, tokens, keys)` true where it is not (the grouped eager path's form).
+    blocked: Tensor,
+}
+
+impl Mask {
+    fn new(allowed: &Tensor) -> Self {
+        Self { allowed: allowed.unsqueeze(1), blocked: allowed.logical_not().unsqueeze(1).unsqueeze(1) }
+    }
 }
 
 /// Rotary tables `(batch, 1, tokens, head_dim)` for integer `positions` `(batch, tokens)`,
@@ -150,7 +164,7 @@ impl Attention {
         &self,
         x: &Tensor,
         (cos, sin): (&Tensor, &Tensor),
-        blocked: &Tensor,
+        mask: &Mask,
         cache: Option<&mut Option<(Tensor, Tensor)>>,
         soft_caps: bool,
     ) -> Tensor {
@@ -167,15 +181,22 @@ impl Attention {
             }
             *slot = Some((k.shallow_clone(), v.shallow_clone()));
         }
-        // Grouped-query attention without copying keys: query heads of one KV head share a
-        // broadcast dimension (head h uses KV head h / group, as transformers' repeat_kv).
-        let group = self.heads / kvh;
-        let q = q.view([b, kvh, group, t, hd]);
-        let scores = q.matmul(&k.unsqueeze(2).transpose(-1, -2)) * self.scale;
-        let scores = soft_cap(&scores, self.soft_cap.filter(|_| soft_caps));
-        let scores = scores.masked_fill(blocked, mask_value(scores.kind()));
-        let probs = scores.softmax(-1, Kind::Float).to_kind(q.kind());
-        let y = probs.matmul(&v.unsqueeze(2)).view([b, self.heads, t, hd]);
+        let y = match self.soft_cap.filter(|_| soft_caps) {
+            // Without a soft-cap the attention is plain softmax(q k^T * scale) v: libtorch's
+            // fused kernel computes it without materialising the scores (transfer, inference).
+            None => Tensor::scaled_dot_product_attention(&q, &k, &v, Some(&mask.allowed), 0.0, false, Some(self.scale), true),
+            // The cap sits between the product and the softmax, where no fused kernel reaches.
+            // Grouped-query attention without copying keys: query heads of one KV head share
+            // a broadcast dimension (head h uses KV head h / group, as transformers' repeat_kv).
+            Some(cap) => {
+                let group = self.heads / kvh;
+                let q = q.view([b, kvh, group, t, hd]);
+                let scores = soft_cap(&(q.matmul(&k.unsqueeze(2).transpose(-1, -2)) * self.scale), Some(cap));
+                let scores = scores.masked_fill(&mask.blocked, mask_value(scores.kind()));
+                let probs = scores.softmax(-1, Kind::Float).to_kind(q.kind());
+                probs.matmul(&v.unsqueeze(2)).view([b, self.heads, t, hd])
+            }
+        };
         self.o_proj.forward(&y.transpose(1, 2).reshape([b, t, self.heads * hd]))
     }
 
@@ -218,11 +239,11 @@ impl DecoderLayer {
     }
 
     fn forward(&self, x: &Tensor, rope: (&Tensor, &Tensor), plan: &Plan, cache: Option<&mut Option<(Tensor, Tensor)>>, soft_caps: bool) -> Tensor {
-        let blocked = match (&plan.blocked_windowed, self.windowed) {
+        let mask = match (&plan.windowed, self.windowed) {
             (Some(windowed), true) => windowed,
-            _ => &plan.blocked,
+            _ => &plan.full,
         };
-        let h = self.self_attn.forward(&self.input_layernorm.forward(x), rope, blocked, cache, soft_caps);
+        let h = self.self_attn.forward(&self.input_layernorm.forward(x), rope, mask, cache, soft_caps);
         let x = x + self.post_attention_layernorm.forward(&h);
         let h = self.pre_feedforward_layernorm.forward(&x);
         let h = self.down_proj.forward(&(self.gate_proj.forward(&h).gelu("tanh") * self.up_proj.forward(&h)));
@@ -317,18 +338,18 @@ impl Gemma2 {
         };
         // allowed[b, i, j] = segment[j] <= segment[i] and key j is real.
         let allowed = key_segments.unsqueeze(1).le_tensor(&segments.unsqueeze(2)).logical_and(&key_valid.unsqueeze(1));
-        let blocked_windowed = match (opts.sliding_window, self.window) {
+        let windowed = match (opts.sliding_window, self.window) {
             (true, Some(window)) => {
                 // As transformers: the window limits causal attention only; a bidirectional
                 // block (image + prefix) always sees all of itself.
                 let distance = positions.unsqueeze(2) - key_positions.unsqueeze(1);
                 let same_block = key_segments.unsqueeze(1).eq_tensor(&segments.unsqueeze(2));
                 let windowed = allowed.logical_and(&distance.lt(window).logical_or(&same_block));
-                Some(windowed.logical_not().unsqueeze(1).unsqueeze(1))
+                Some(Mask::new(&windowed))
             }
             _ => None,
         };
-        Plan { segments, positions, blocked: allowed.logical_not().unsqueeze(1).unsqueeze(1), blocked_windowed }
+        Plan { segments, positions, full: Mask::new(&allowed), windowed }
     }
 
     /// Runs the decoder over `embeds` `(batch, tokens, width)` and returns the final-normed
@@ -409,7 +430,7 @@ mod tests {
         // image/prefix x3, suffix x2, padding x1 (big_vision: padding has mask_ar 1).
         let plan = model.plan(&layout(&[0, 0, 0, 1, 1, 1], &[true, true, true, true, true, false]), None, RunOptions::default());
         assert_eq!(
-            allowed(&plan.blocked),
+            allowed(&plan.full.blocked),
             vec![
                 vec![1, 1, 1, 0, 0, 0],
                 vec![1, 1, 1, 0, 0, 0],
@@ -420,7 +441,7 @@ mod tests {
             ]
         );
         assert_eq!(Vec::<i64>::try_from(plan.positions.squeeze()).unwrap(), vec![1, 2, 3, 4, 5, 5]);
-        assert!(plan.blocked_windowed.is_none(), "no window unless asked for");
+        assert!(plan.windowed.is_none(), "no window unless asked for");
     }
 
     #[test]
@@ -429,7 +450,7 @@ mod tests {
         let opts = RunOptions { sliding_window: true, ..RunOptions::default() };
         let plan = model.plan(&layout(&[0, 0, 0, 1, 1], &[true; 5]), None, opts);
         assert_eq!(
-            allowed(plan.blocked_windowed.as_ref().unwrap()),
+            allowed(&plan.windowed.as_ref().unwrap().blocked),
             vec![
                 vec![1, 1, 1, 0, 0],
                 vec![1, 1, 1, 0, 0],
@@ -466,6 +487,23 @@ mod tests {
         };
         assert!((score(7, 3) - score(104, 100)).abs() < 1e-4);
         assert!((score(7, 3) - score(7, 4)).abs() > 1e-4);
+    }
+
+    #[test]
+    fn fused_attention_without_caps_equals_the_eager_path() {
+        let mut model = tiny();
+        // A cap so large that tanh is the identity to float precision: the eager path with
+        // soft-caps on computes what the fused one does with them off.
+        model.layers[0].self_attn.soft_cap = Some(1e9);
+        let embeds = Tensor::randn([2, 6, 16], (Kind::Float, Device::Cpu));
+        let layout = layout(&[0, 0, 0, 1, 1, 1], &[true, true, true, true, true, false]);
+        let layout = TokenLayout { mask_ar: layout.mask_ar.repeat([2, 1]), valid: layout.valid.repeat([2, 1]) };
+        let plan = model.plan(&layout, None, RunOptions::default());
+        let (cos, sin) = rotary_tables(&plan.positions, &model.inv_freq, Kind::Float);
+        let attention = &model.layers[0].self_attn;
+        let eager = attention.forward(&embeds, (&cos, &sin), &plan.full, None, true);
+        let fused = attention.forward(&embeds, (&cos, &sin), &plan.full, None, false);
+        assert!(eager.allclose(&fused, 1e-5, 1e-5, false), "max diff {}", (eager - fused).abs().max().double_value(&[]));
     }
 
     #[test]
