@@ -94,7 +94,9 @@ fn tiny_run_learns_and_its_checkpoint_scores() {
 #[test]
 fn resumed_run_repeats_the_uninterrupted_losses_exactly() {
     let dir = setup("resume", 8, 4);
-    assert!(launch(&dir, &[]).status.success());
+    // With dropout: its masks are reseeded per step, so resuming stays exact.
+    let dropout = ["--set", "model.dropout=0.1"];
+    assert!(launch(&dir, &dropout).status.success());
     let whole = losses(&dir);
     // Simulate a kill during the step-8 checkpoint: its folder half-written, `latest` still
     // naming step 4.
@@ -104,10 +106,10 @@ fn resumed_run_repeats_the_uninterrupted_losses_exactly() {
     std::fs::write(ckpts.join("latest"), "step-000004").unwrap();
     std::fs::write(dir.join("run/metrics.jsonl"), "").unwrap();
     // Without --resume the run folder is protected.
-    let refused = launch(&dir, &[]);
+    let refused = launch(&dir, &dropout);
     assert!(!refused.status.success());
     assert!(String::from_utf8_lossy(&refused.stderr).contains("--resume"));
-    let resumed = launch(&dir, &["--resume"]);
+    let resumed = launch(&dir, &[&dropout[..], &["--resume"]].concat());
     assert!(resumed.status.success(), "{}", String::from_utf8_lossy(&resumed.stderr));
     let rest = losses(&dir);
     assert_eq!(rest.iter().map(|x| x.0).collect::<Vec<_>>(), vec![5, 6, 7, 8]);

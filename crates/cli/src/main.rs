@@ -233,7 +233,7 @@ impl DtypeArg {
 impl ModelArgs {
     fn load(&self) -> Result<(PaliGemma, PgTokenizer)> {
         let kind = self.dtype.kind();
-        let options = RunOptions { soft_caps: !self.no_soft_caps, sliding_window: self.sliding_window };
+        let options = RunOptions { soft_caps: !self.no_soft_caps, sliding_window: self.sliding_window, ..RunOptions::default() };
         let device = pg2_model::parse_device(&self.device)?;
         eprintln!("pg2: loading {} on {device:?} in {kind:?}", self.checkpoint.display());
         let model = PaliGemma::load(&self.checkpoint, device, kind, options)?;

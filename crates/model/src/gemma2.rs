@@ -17,7 +17,7 @@ use crate::nn::{mask_value, soft_cap, Init, Linear, NamedTensors, RmsNorm, Weigh
 use crate::ModelError;
 
 /// Switches that change the computation without changing the weights.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct RunOptions {
     /// Apply the config's attention and final-logit soft-caps. On in pretraining
     /// (stages 1-2), off in transfer, where the paper found they hurt.
@@ -26,11 +26,14 @@ pub struct RunOptions {
     /// transformers does. Off by default, as in big_vision; it only matters past the
     /// window (4096 tokens, so 896 px).
     pub sliding_window: bool,
+    /// Dropout on the attention and MLP branch outputs of each decoder layer, before their
+    /// post-norms (big_vision's `llm.dropout`); only for training, 0 otherwise.
+    pub dropout: f64,
 }
 
 impl Default for RunOptions {
     fn default() -> Self {
-        Self { soft_caps: true, sliding_window: false }
+        Self { soft_caps: true, sliding_window: false, dropout: 0.0 }
     }
 }
 
@@ -238,16 +241,17 @@ impl DecoderLayer {
         })
     }
 
-    fn forward(&self, x: &Tensor, rope: (&Tensor, &Tensor), plan: &Plan, cache: Option<&mut Option<(Tensor, Tensor)>>, soft_caps: bool) -> Tensor {
+    fn forward(&self, x: &Tensor, rope: (&Tensor, &Tensor), plan: &Plan, cache: Option<&mut Option<(Tensor, Tensor)>>, opts: RunOptions) -> Tensor {
         let mask = match (&plan.windowed, self.windowed) {
             (Some(windowed), true) => windowed,
             _ => &plan.full,
         };
-        let h = self.self_attn.forward(&self.input_layernorm.forward(x), rope, mask, cache, soft_caps);
-        let x = x + self.post_attention_layernorm.forward(&h);
+        let drop = |h: Tensor| if opts.dropout > 0.0 { h.dropout(opts.dropout, true) } else { h };
+        let h = self.self_attn.forward(&self.input_layernorm.forward(x), rope, mask, cache, opts.soft_caps);
+        let x = x + self.post_attention_layernorm.forward(&drop(h));
         let h = self.pre_feedforward_layernorm.forward(&x);
         let h = self.down_proj.forward(&(self.gate_proj.forward(&h).gelu("tanh") * self.up_proj.forward(&h)));
-        x + self.post_feedforward_layernorm.forward(&h)
+        x + self.post_feedforward_layernorm.forward(&drop(h))
     }
 
     fn parameters(&self, p: &str, out: &mut NamedTensors) {
@@ -361,7 +365,7 @@ impl Gemma2 {
         let mut x = embeds.shallow_clone();
         for (i, layer) in self.layers.iter().enumerate() {
             let slot = cache.as_deref_mut().map(|c| &mut c.layers[i]);
-            x = layer.forward(&x, (&cos, &sin), &plan, slot, opts.soft_caps);
+            x = layer.forward(&x, (&cos, &sin), &plan, slot, opts);
         }
         if let Some(c) = cache {
             c.segments = Tensor::cat(&[&c.segments, &plan.segments], 1);
@@ -504,6 +508,15 @@ mod tests {
         let eager = attention.forward(&embeds, (&cos, &sin), &plan.full, None, true);
         let fused = attention.forward(&embeds, (&cos, &sin), &plan.full, None, false);
         assert!(eager.allclose(&fused, 1e-5, 1e-5, false), "max diff {}", (eager - fused).abs().max().double_value(&[]));
+    }
+
+    #[test]
+    fn dropout_acts_only_when_asked_for() {
+        let model = tiny();
+        let embeds = Tensor::randn([1, 5, 16], (Kind::Float, Device::Cpu));
+        let run = |dropout| model.forward(&embeds, &layout(&[0, 0, 1, 1, 1], &[true; 5]), None, RunOptions { dropout, ..RunOptions::default() });
+        assert!(run(0.0).equal(&run(0.0)));
+        assert!(!run(0.5).allclose(&run(0.0), 1e-3, 1e-3, false));
     }
 
     #[test]

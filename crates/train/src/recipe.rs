@@ -97,6 +97,11 @@ pub struct ModelSection {
     /// With a preset `init`: a Gemma 2 checkpoint (`Gemma2ForCausalLM` folder, `model.*`)
     /// for the decoder; rows past its vocabulary (loc/seg/`<image>`) keep their fresh values.
     pub text_init: Option<String>,
+    /// Dropout on the decoder layers' branch outputs while training (big_vision's
+    /// `llm.dropout`, e.g. 0.1 for some transfers); each step reseeds it from the seed and
+    /// the step, so resumed runs stay exact.
+    #[serde(default)]
+    pub dropout: f64,
     /// Parts left untouched (no gradient, no optimizer state): `vision`, `projector`, `decoder`.
     #[serde(default)]
     pub freeze: Vec<String>,
@@ -466,6 +471,9 @@ impl Recipe {
         }
         if t.warmup_fraction.is_some_and(|f| !(0.0..=1.0).contains(&f)) || (t.warmup_fraction.is_some() && t.warmup_steps > 0) {
             return Err("train.warmup_fraction must lie in [0, 1], and not come with train.warmup_steps".into());
+        }
+        if !(0.0..1.0).contains(&self.model.dropout) {
+            return Err(format!("model.dropout = {}: expected a value in [0, 1)", self.model.dropout));
         }
         if !["cosine", "linear", "rsqrt", "constant"].contains(&t.schedule.as_str()) {
             return Err(format!("train.schedule = {:?}: expected cosine, linear, rsqrt or constant", t.schedule));

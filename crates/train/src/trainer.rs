@@ -94,7 +94,7 @@ fn mixture(recipe: &Recipe) -> Result<Mixture> {
 
 /// A fresh model of the recipe's preset, or its starting checkpoint.
 fn build_model(recipe: &Recipe, tok: &PgTokenizer, device: Device) -> Result<PaliGemma> {
-    let options = RunOptions { soft_caps: recipe.model.soft_caps, sliding_window: false };
+    let options = RunOptions { soft_caps: recipe.model.soft_caps, ..RunOptions::default() };
     let kind = kind_of(recipe);
     if !PRESETS.contains(&recipe.model.init.as_str()) {
         let dir = checkpoint_dir(Path::new(&recipe.model.init))?;
@@ -243,7 +243,7 @@ fn evaluate(model: &PaliGemma, tok: &PgTokenizer, spec: &EvalSection, records: &
 pub fn evaluate_checkpoint(recipe: &Recipe, checkpoint: &Path, device: Device, out: &Path) -> Result<Map<String, Value>> {
     let spec = recipe.eval.as_ref().context("the recipe has no [eval] block")?;
     let dir = checkpoint_dir(checkpoint)?;
-    let options = RunOptions { soft_caps: recipe.model.soft_caps, sliding_window: false };
+    let options = RunOptions { soft_caps: recipe.model.soft_caps, ..RunOptions::default() };
     let model = PaliGemma::load_at(&dir, Some(recipe.model.resolution), device, kind_of(recipe), options)?;
     let tokenizer = PgTokenizer::from_file(&recipe.data.tokenizer)?;
     let mut records = source::read_jsonl(&spec.data)?;
@@ -331,10 +331,10 @@ pub fn train(recipe: &Recipe, resolved: &toml::Table, opts: &LaunchOptions) -> R
     }
     let tokenizer = Arc::new(PgTokenizer::from_file(&recipe.data.tokenizer)?);
     let kind = kind_of(recipe);
-    let (model, mixture, first_step) = match &resume_from {
+    let (mut model, mixture, first_step) = match &resume_from {
         None => (build_model(recipe, &tokenizer, opts.device)?, mixture(recipe)?, 0),
         Some(dir) => {
-            let options = RunOptions { soft_caps: recipe.model.soft_caps, sliding_window: false };
+            let options = RunOptions { soft_caps: recipe.model.soft_caps, ..RunOptions::default() };
             let model = PaliGemma::load(dir, opts.device, kind, options)?;
             let state: TrainerState = serde_json::from_str(&std::fs::read_to_string(dir.join("trainer_state.json"))?)?;
             let mut m = mixture(recipe)?;
@@ -425,6 +425,11 @@ pub fn train(recipe: &Recipe, resolved: &toml::Table, opts: &LaunchOptions) -> R
         // Gradients of `grad_accumulation` batches add up; each loss is scaled to their mean.
         let mut value = 0.0;
         let mut position = None;
+        if recipe.model.dropout > 0.0 {
+            // Dropout masks from (seed, step) alone: a resumed run draws the same ones.
+            tch::manual_seed((recipe.seed as i64).wrapping_mul(1_000_003).wrapping_add(step as i64));
+            model.options.dropout = recipe.model.dropout;
+        }
         for _ in 0..t.grad_accumulation {
             let loaded = pipeline.next_batch()?;
             skipped += loaded.stats.skipped;
@@ -437,6 +442,7 @@ pub fn train(recipe: &Recipe, resolved: &toml::Table, opts: &LaunchOptions) -> R
             position = Some(loaded.position);
         }
         let position = position.expect("at least one batch per step");
+        model.options.dropout = 0.0; // evaluation and checkpoints see the model without it
         let grad_norm = adam.clip_grad_norm(Some(t.grad_clip).filter(|&c| c > 0.0));
         let lr = t.lr * schedule.factor(step);
         if value.is_finite() && grad_norm.is_finite() {
