@@ -187,6 +187,9 @@ pub struct TrainSection {
     /// `"lr_coupled"` (AdamW's: scaled by the learning rate too).
     #[serde(default = "default_decay_mode")]
     pub weight_decay_mode: String,
+    /// Checkpoint-name prefixes spared weight decay, beyond norms, biases and embeddings.
+    #[serde(default)]
+    pub no_weight_decay: Vec<String>,
     /// Learning-rate multipliers by checkpoint-name prefix, e.g.
     /// `{ "vision_tower." = 0.1 }`; the longest matching prefix wins.
     #[serde(default)]
@@ -205,6 +208,12 @@ pub struct TrainSection {
     pub log_every: u64,
     /// Steps between checkpoints; the last step always saves one.
     pub checkpoint_every: Option<u64>,
+    /// Keep only the newest N checkpoints (all by default).
+    pub keep_checkpoints: Option<usize>,
+    /// `"example"` (big_vision: each example's loss over its own target count, then the
+    /// batch mean) or `"token"` (transformers: over all target tokens of the batch).
+    #[serde(default = "default_normalization")]
+    pub loss_normalization: String,
     /// big_vision's label smoothing: the target keeps `1 - s`, the other tokens share `s`.
     #[serde(default)]
     pub label_smoothing: f64,
@@ -245,6 +254,9 @@ fn default_clip() -> f64 {
 }
 fn default_b2() -> f64 {
     0.999
+}
+fn default_normalization() -> String {
+    "example".into()
 }
 fn default_schedule() -> String {
     "cosine".into()
@@ -471,6 +483,9 @@ impl Recipe {
         }
         if t.warmup_fraction.is_some_and(|f| !(0.0..=1.0).contains(&f)) || (t.warmup_fraction.is_some() && t.warmup_steps > 0) {
             return Err("train.warmup_fraction must lie in [0, 1], and not come with train.warmup_steps".into());
+        }
+        if !["example", "token"].contains(&t.loss_normalization.as_str()) || t.keep_checkpoints == Some(0) {
+            return Err("train.loss_normalization must be \"example\" or \"token\", and train.keep_checkpoints positive".into());
         }
         if !(0.0..1.0).contains(&self.model.dropout) {
             return Err(format!("model.dropout = {}: expected a value in [0, 1)", self.model.dropout));

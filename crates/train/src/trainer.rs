@@ -181,12 +181,16 @@ fn load_part(model: &PaliGemma, dir: &Path, part: Part) -> Result<()> {
     Ok(())
 }
 
-/// big_vision's loss: each example's summed target NLL over its own target count,
-/// averaged over the batch. With label smoothing `s` the target keeps `1 - s` and every
-/// other token gets `s / (V - 1)`.
-fn loss(model: &PaliGemma, batch: &pg2_data::Batch, smoothing: f64) -> Result<Tensor> {
+/// The training loss. Per example (big_vision): each example's summed target NLL over its
+/// own target count, averaged over the batch; per token (transformers): the mean over all
+/// target tokens. With label smoothing `s` the target keeps `1 - s` and every other token
+/// gets `s / (V - 1)`.
+fn loss(model: &PaliGemma, batch: &pg2_data::Batch, smoothing: f64, per_token: bool) -> Result<Tensor> {
     let targets = model.target_distributions(&batch.inputs, &batch.loss_mask)?;
     let nll = smoothed_nll(&targets.log_probs, &targets.targets, smoothing);
+    if per_token {
+        return Ok(nll.mean(Kind::Float));
+    }
     let b = batch.inputs.ids.size()[0];
     let t = batch.inputs.ids.size()[1];
     let sums = Tensor::zeros([b], (Kind::Float, nll.device())).index_add(0, &targets.example, &nll);
@@ -277,6 +281,20 @@ pub fn latest_checkpoint(out: &Path) -> Result<Option<PathBuf>> {
     Ok(Some(out.join("checkpoints").join(name.trim())))
 }
 
+/// Deletes all but the newest `keep` checkpoints (the one `latest` names is the newest).
+fn prune_checkpoints(out: &Path, keep: usize) -> Result<()> {
+    let dir = out.join("checkpoints");
+    let mut steps: Vec<PathBuf> = std::fs::read_dir(&dir)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("step-")))
+        .collect();
+    steps.sort();
+    for old in steps.iter().rev().skip(keep) {
+        std::fs::remove_dir_all(old).with_context(|| format!("removing {}", old.display()))?;
+    }
+    Ok(())
+}
+
 /// Writes `path` by a rename, so readers see the old or the new content, never a part.
 fn write_atomically(path: &Path, content: &[u8]) -> Result<()> {
     let tmp = path.with_extension("tmp");
@@ -314,7 +332,16 @@ pub fn train(recipe: &Recipe, resolved: &toml::Table, opts: &LaunchOptions) -> R
             "{} already holds checkpoints: pass --resume to continue the run or --overwrite to start over",
             out.display()
         ),
-        (Some(_), _, true) => std::fs::remove_dir_all(out.join("checkpoints"))?,
+        (Some(_), _, true) => {
+            // Starting over: the old run's checkpoints, metrics, events and predictions go.
+            for old in ["checkpoints", "tb", "eval", "metrics.jsonl"].map(|name| out.join(name)) {
+                if old.is_dir() {
+                    std::fs::remove_dir_all(&old)?;
+                } else if old.exists() {
+                    std::fs::remove_file(&old)?;
+                }
+            }
+        }
         (None, true, _) => eprintln!("launch: nothing to resume in {}; starting from step 0", out.display()),
         _ => {}
     }
@@ -354,7 +381,8 @@ pub fn train(recipe: &Recipe, resolved: &toml::Table, opts: &LaunchOptions) -> R
     let config = AdamConfig { lr: t.lr, b2: t.b2, weight_decay: t.weight_decay, decay, ..AdamConfig::default() };
     let mut adam = Adam::with_groups(params, config, |name, p| {
         let mult = t.lr_mults.iter().filter(|(prefix, _)| name.starts_with(prefix.as_str())).max_by_key(|(prefix, _)| prefix.len());
-        ParamGroup { lr_mult: mult.map_or(1.0, |(_, &m)| m), decay: decays_by_default(name, p) }
+        let spared = t.no_weight_decay.iter().any(|prefix| name.starts_with(prefix.as_str()));
+        ParamGroup { lr_mult: mult.map_or(1.0, |(_, &m)| m), decay: decays_by_default(name, p) && !spared }
     });
     if let Some(dir) = &resume_from {
         let state: BTreeMap<String, Tensor> = checkpoint::read_file(&dir.join("optimizer.safetensors"))?.into_iter().collect();
@@ -433,7 +461,8 @@ pub fn train(recipe: &Recipe, resolved: &toml::Table, opts: &LaunchOptions) -> R
         for _ in 0..t.grad_accumulation {
             let loaded = pipeline.next_batch()?;
             skipped += loaded.stats.skipped;
-            let loss = loss(&model, &loaded.batch.to_device(opts.device), t.label_smoothing)? / t.grad_accumulation as f64;
+            let per_token = t.loss_normalization == "token";
+            let loss = loss(&model, &loaded.batch.to_device(opts.device), t.label_smoothing, per_token)? / t.grad_accumulation as f64;
             let part = loss.double_value(&[]);
             if part.is_finite() {
                 loss.backward();
@@ -480,6 +509,9 @@ pub fn train(recipe: &Recipe, resolved: &toml::Table, opts: &LaunchOptions) -> R
         if t.checkpoint_every.is_some_and(|n| done % n == 0) || done == total_steps {
             let state = TrainerState { step: done, position: position.clone(), seed: recipe.seed };
             last_checkpoint = save_checkpoint(out, done, &model, &adam, &recipe.data.tokenizer, &state, kind)?;
+            if let Some(keep) = t.keep_checkpoints {
+                prune_checkpoints(out, keep)?;
+            }
         }
     }
     bar.finish_and_clear();
