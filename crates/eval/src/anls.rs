@@ -35,13 +35,19 @@ fn similarity(a: &str, b: &str) -> f64 {
 
 /// Edit distance (insertions, deletions, substitutions of characters).
 pub fn levenshtein(a: &str, b: &str) -> usize {
+    let a: Vec<char> = a.chars().collect();
     let b: Vec<char> = b.chars().collect();
+    edit_distance(&a, &b)
+}
+
+/// Edit distance between two sequences (insertions, deletions, substitutions of items).
+pub fn edit_distance<T: PartialEq>(a: &[T], b: &[T]) -> usize {
     let mut row: Vec<usize> = (0..=b.len()).collect();
-    for (i, ca) in a.chars().enumerate() {
+    for (i, x) in a.iter().enumerate() {
         let mut diagonal = row[0];
         row[0] = i + 1;
-        for (j, &cb) in b.iter().enumerate() {
-            let substitute = diagonal + usize::from(ca != cb);
+        for (j, y) in b.iter().enumerate() {
+            let substitute = diagonal + usize::from(x != y);
             diagonal = row[j + 1];
             row[j + 1] = substitute.min(row[j] + 1).min(diagonal + 1);
         }

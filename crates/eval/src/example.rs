@@ -2,6 +2,7 @@
 
 use serde_json::Value;
 
+use crate::ocr::Word;
 use crate::refcoco::Box;
 use crate::EvalError;
 
@@ -18,9 +19,14 @@ impl<'a> Example<'a> {
 
     /// The `prediction` string.
     pub fn prediction(&self) -> Result<&'a str, EvalError> {
-        self.field("prediction")?
+        self.string("prediction")
+    }
+
+    /// A string (`prediction`, `html`).
+    pub fn string(&self, name: &'static str) -> Result<&'a str, EvalError> {
+        self.field(name)?
             .as_str()
-            .ok_or_else(|| self.error("prediction", "is not a string"))
+            .ok_or_else(|| self.error(name, "is not a string"))
     }
 
     /// A non-empty list of strings (`references`, `answers`).
@@ -50,19 +56,37 @@ impl<'a> Example<'a> {
     /// The first box of `boxes`, a list of `[y1, x1, y2, x2]` pixel boxes.
     pub fn first_box(&self) -> Result<Box, EvalError> {
         let bad = || self.error("boxes", "is not a non-empty list of [y1, x1, y2, x2] boxes");
-        let first = self
-            .field("boxes")?
+        self.field("boxes")?
             .as_array()
             .and_then(|b| b.first())
-            .ok_or_else(bad)?;
-        let coords: Vec<f64> = first
+            .and_then(pixel_box)
+            .ok_or_else(bad)
+    }
+
+    /// A list (possibly empty) of `{"text": "...", "box": [y1, x1, y2, x2]}` words (`words`).
+    pub fn words(&self, name: &'static str) -> Result<Vec<Word<'a>>, EvalError> {
+        let bad = || {
+            self.error(
+                name,
+                "is not a list of {\"text\", \"box\": [y1, x1, y2, x2]} words",
+            )
+        };
+        self.field(name)?
             .as_array()
             .ok_or_else(bad)?
             .iter()
-            .filter_map(Value::as_f64)
-            .collect();
-        let coords: [f64; 4] = coords.try_into().map_err(|_| bad())?;
-        Ok(Box::from_yxyx(coords))
+            .map(|w| {
+                let text = w.get("text").and_then(Value::as_str);
+                let bbox = w.get("box").and_then(pixel_box);
+                match (text, bbox) {
+                    (Some(text), Some(bbox)) => Ok(Word {
+                        text,
+                        bbox: Some(bbox),
+                    }),
+                    _ => Err(bad()),
+                }
+            })
+            .collect()
     }
 
     fn field(&self, name: &'static str) -> Result<&'a Value, EvalError> {
@@ -71,11 +95,18 @@ impl<'a> Example<'a> {
             .ok_or_else(|| self.error(name, "is missing"))
     }
 
-    fn error(&self, field: &'static str, problem: &str) -> EvalError {
+    /// An error about field `field` of this example.
+    pub(crate) fn error(&self, field: &'static str, problem: &str) -> EvalError {
         EvalError::Field {
             index: self.index,
             field,
             problem: problem.to_string(),
         }
     }
+}
+
+/// A `[y1, x1, y2, x2]` list of four numbers as a box.
+fn pixel_box(value: &Value) -> Option<Box> {
+    let coords: Vec<f64> = value.as_array()?.iter().filter_map(Value::as_f64).collect();
+    Some(Box::from_yxyx(coords.try_into().ok()?))
 }

@@ -12,10 +12,18 @@
 //! | `relaxed` | `answers`: list of strings | `relaxed` (ChartQA relaxed accuracy) |
 //! | `exact` | `answers`: list of strings | `exact` |
 //! | `refcoco` | `boxes`: list of `[y1, x1, y2, x2]` (pixels; the first is used), `width`, `height` | `accuracy` (IoU >= 0.5), `mean_iou` |
+//! | `teds` | `html`: the reference table's HTML | `teds` (PubTabNet's TEDS; a prediction without a `<table>` scores 0) |
+//! | `teds_struct` | `html` | `teds_struct` (S-TEDS: structure only) |
+//! | `ocr_f1` | `words`: list of `{"text": "...", "box": [y1, x1, y2, x2]}` (pixels), `width`, `height` | `precision`, `recall`, `f1` (HierText's word-level end-to-end scores: IoU >= 0.5 and exact text) |
 //!
 //! Every score is a fraction (1.0 = perfect; CIDEr can exceed 1): the paper's tables print
 //! them times 100 (the official VQA script prints its mean times 100, rounded to 2
-//! decimals). Scores are unrounded means over the examples.
+//! decimals). Scores are unrounded means over the examples, except `ocr_f1`'s, which are
+//! computed from the match, prediction and reference counts summed over all examples.
+//!
+//! Predictions are the model's text: for `refcoco`, a box as four `<locNNNN>` tokens; for
+//! `ocr_f1`, `<locY1><locX1><locY2><locX2> word` segments separated by `" ; "` (see [`ocr`]);
+//! for the table metrics, HTML (see [`teds`]).
 //!
 //! ```
 //! use pg2_eval::{score, Metric};
@@ -30,9 +38,11 @@
 pub mod anls;
 pub mod caption;
 pub mod example;
+pub mod ocr;
 pub mod ptb;
 pub mod qa;
 pub mod refcoco;
+pub mod teds;
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -59,11 +69,17 @@ pub enum Metric {
     Exact,
     /// Referring expression detection: accuracy at IoU >= 0.5 and mean IoU.
     RefCoco,
+    /// PubTabNet's table tree-edit-distance similarity, cell content included.
+    Teds,
+    /// TEDS on the table structure alone (S-TEDS).
+    TedsStruct,
+    /// End-to-end OCR word precision, recall and F1 (HierText's protocol).
+    OcrF1,
 }
 
 impl Metric {
     /// Every metric with its name, in declaration order.
-    pub const ALL: [(Metric, &'static str); 7] = [
+    pub const ALL: [(Metric, &'static str); 10] = [
         (Metric::Cider, "cider"),
         (Metric::Bleu4, "bleu4"),
         (Metric::Vqa, "vqa"),
@@ -71,6 +87,9 @@ impl Metric {
         (Metric::Relaxed, "relaxed"),
         (Metric::Exact, "exact"),
         (Metric::RefCoco, "refcoco"),
+        (Metric::Teds, "teds"),
+        (Metric::TedsStruct, "teds_struct"),
+        (Metric::OcrF1, "ocr_f1"),
     ];
 
     /// The metric's name, as `FromStr` accepts it.
@@ -104,7 +123,7 @@ impl FromStr for Metric {
 /// Why a set of examples could not be scored.
 #[derive(Debug, thiserror::Error)]
 pub enum EvalError {
-    #[error("unknown metric {0:?} (known: cider, bleu4, vqa, anls, relaxed, exact, refcoco)")]
+    #[error("unknown metric {0:?} (known: cider, bleu4, vqa, anls, relaxed, exact, refcoco, teds, teds_struct, ocr_f1)")]
     UnknownMetric(String),
     #[error("no examples to score")]
     Empty,
@@ -159,6 +178,9 @@ pub fn score(metric: Metric, examples: &[Value]) -> Result<Map<String, Value>, E
         )],
         Metric::Exact => vec![("exact", mean_over(&examples, "answers", qa::exact_match)?)],
         Metric::RefCoco => refcoco_scores(&examples)?,
+        Metric::Teds => vec![("teds", mean_teds(&examples, false)?)],
+        Metric::TedsStruct => vec![("teds_struct", mean_teds(&examples, true)?)],
+        Metric::OcrF1 => ocr_scores(&examples)?,
     };
     let mut out: Map<String, Value> = scores
         .into_iter()
@@ -240,6 +262,33 @@ fn refcoco_scores(examples: &[Example]) -> Result<Vec<(&'static str, f64)>, Eval
         .map(|&iou| f64::from(u8::from(iou >= refcoco::IOU_THRESHOLD)))
         .collect();
     Ok(vec![("accuracy", mean(&hits)), ("mean_iou", mean(&ious))])
+}
+
+fn mean_teds(examples: &[Example], structure_only: bool) -> Result<f64, EvalError> {
+    let values = examples
+        .iter()
+        .map(|e| {
+            let reference = teds::Table::parse(e.string("html")?)
+                .ok_or_else(|| e.error("html", "holds no <table>"))?;
+            Ok(teds::teds(e.prediction()?, &reference, structure_only))
+        })
+        .collect::<Result<Vec<f64>, EvalError>>()?;
+    Ok(mean(&values))
+}
+
+fn ocr_scores(examples: &[Example]) -> Result<Vec<(&'static str, f64)>, EvalError> {
+    let mut total = ocr::Counts::default();
+    for e in examples {
+        let predictions =
+            ocr::parse_prediction(e.prediction()?, e.number("width")?, e.number("height")?);
+        total += ocr::Counts::of(&predictions, &e.words("words")?);
+    }
+    let (precision, recall, f1) = total.scores();
+    Ok(vec![
+        ("precision", precision),
+        ("recall", recall),
+        ("f1", f1),
+    ])
 }
 
 fn mean(values: &[f64]) -> f64 {

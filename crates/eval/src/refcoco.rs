@@ -50,13 +50,19 @@ impl Box {
 /// pixels of a `width` x `height` image; `None` when there are fewer than four.
 pub fn parse_box(text: &str, width: f64, height: f64) -> Option<Box> {
     let values: Vec<f64> = loc_values(text).take(4).collect();
-    let [y1, x1, y2, x2] = values.try_into().ok()?;
-    Some(Box {
-        y1: y1 / 1023.0 * height,
-        x1: x1 / 1023.0 * width,
-        y2: y2 / 1023.0 * height,
-        x2: x2 / 1023.0 * width,
-    })
+    Some(from_locs(values.try_into().ok()?, width, height))
+}
+
+/// The box of the four `<locNNNN>` tokens `text` starts with (after any whitespace), and the
+/// text after them; `None` when it does not start with four.
+pub fn leading_box(text: &str, width: f64, height: f64) -> Option<(Box, &str)> {
+    let mut rest = text.trim_start();
+    let mut values = [0.0; 4];
+    for value in &mut values {
+        *value = loc_value(rest)?;
+        rest = &rest[LOC_LEN..];
+    }
+    Some((from_locs(values, width, height), rest))
 }
 
 /// IoU of the box `prediction` names with `reference`; 0 when it names none.
@@ -64,14 +70,31 @@ pub fn prediction_iou(prediction: &str, reference: Box, width: f64, height: f64)
     parse_box(prediction, width, height).map_or(0.0, |b| b.iou(&reference))
 }
 
+/// The length of a `<locNNNN>` token.
+const LOC_LEN: usize = 9;
+
+/// `[y1, x1, y2, x2]` loc values to pixels.
+fn from_locs([y1, x1, y2, x2]: [f64; 4], width: f64, height: f64) -> Box {
+    Box {
+        y1: y1 / 1023.0 * height,
+        x1: x1 / 1023.0 * width,
+        y2: y2 / 1023.0 * height,
+        x2: x2 / 1023.0 * width,
+    }
+}
+
 /// The values of the `<locNNNN>` tokens of `text`, in order.
 fn loc_values(text: &str) -> impl Iterator<Item = f64> + '_ {
-    text.match_indices("<loc").filter_map(move |(k, _)| {
-        let digits = text.get(k + 4..k + 8)?;
-        let value: u16 = digits
-            .parse()
-            .ok()
-            .filter(|_| digits.bytes().all(|b| b.is_ascii_digit()))?;
-        (text[k + 8..].starts_with('>') && value <= 1023).then_some(f64::from(value))
-    })
+    text.match_indices("<loc")
+        .filter_map(move |(k, _)| loc_value(&text[k..]))
+}
+
+/// The value of the `<locNNNN>` token `text` starts with, if it does.
+fn loc_value(text: &str) -> Option<f64> {
+    let digits = text.strip_prefix("<loc")?.get(..4)?;
+    if !digits.bytes().all(|b| b.is_ascii_digit()) || !text[8..].starts_with('>') {
+        return None;
+    }
+    let value: u16 = digits.parse().ok()?;
+    (value <= 1023).then_some(f64::from(value))
 }

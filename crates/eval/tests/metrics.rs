@@ -1,10 +1,12 @@
 //! Each metric against the reference scorers' values on `tests/fixtures/metrics/` (written by
 //! `make_metric_fixtures.py`: pycocoevalcap for the caption metrics and its tokeniser, the
-//! official VQA evaluation's logic, the RRC ANLS rule, pix2struct's relaxed accuracy).
+//! official VQA evaluation's logic, the RRC ANLS rule, pix2struct's relaxed accuracy,
+//! PubTabNet's TEDS class, HierText's end-to-end matching).
 
 use std::path::PathBuf;
 
-use pg2_eval::{anls, caption, ptb, qa, refcoco, score, score_file, EvalError, Metric};
+use pg2_eval::ocr::{self, Counts, Word};
+use pg2_eval::{anls, caption, ptb, qa, refcoco, score, score_file, teds, EvalError, Metric};
 use serde_json::{json, Value};
 
 /// The reference scorers compute in f64 too; only summation order differs.
@@ -181,6 +183,62 @@ fn refcoco_iou_and_accuracy() {
     );
 }
 
+fn check_teds(metric: Metric, structure_only: bool) {
+    let want = &expected()[metric.name()];
+    let got: Vec<f64> = examples("teds.jsonl")
+        .iter()
+        .map(|e| {
+            let reference = teds::Table::parse(e["html"].as_str().unwrap()).unwrap();
+            teds::teds(
+                e["prediction"].as_str().unwrap(),
+                &reference,
+                structure_only,
+            )
+        })
+        .collect();
+    assert_close(&got, &floats(&want["per_example"]), metric.name());
+    let corpus = file_score(metric, "teds.jsonl", metric.name());
+    assert_close(&[corpus], &[want["score"].as_f64().unwrap()], metric.name());
+}
+
+#[test]
+fn teds_matches_pubtabnet() {
+    check_teds(Metric::Teds, false);
+}
+
+#[test]
+fn teds_struct_matches_pubtabnet() {
+    check_teds(Metric::TedsStruct, true);
+}
+
+#[test]
+fn ocr_f1_matches_hiertext_matching() {
+    let want = &expected()["ocr_f1"];
+    for (k, e) in examples("ocr.jsonl").iter().enumerate() {
+        let (w, h) = (e["width"].as_f64().unwrap(), e["height"].as_f64().unwrap());
+        let predictions = ocr::parse_prediction(e["prediction"].as_str().unwrap(), w, h);
+        let references: Vec<Word> = e["words"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| {
+                let b = floats(&r["box"]);
+                Word {
+                    text: r["text"].as_str().unwrap(),
+                    bbox: Some(refcoco::Box::from_yxyx([b[0], b[1], b[2], b[3]])),
+                }
+            })
+            .collect();
+        let c = Counts::of(&predictions, &references);
+        let counts = [c.matches, c.predictions, c.references].map(|n| n as f64);
+        assert_close(&counts, &floats(&want["per_example"][k]), "ocr counts");
+    }
+    for key in ["precision", "recall", "f1"] {
+        let got = file_score(Metric::OcrF1, "ocr.jsonl", key);
+        assert_close(&[got], &[want[key].as_f64().unwrap()], key);
+    }
+}
+
 /// Hand-computed cases, with the reasoning the expected values rest on.
 #[test]
 fn hand_computed_cases() {
@@ -207,6 +265,118 @@ fn hand_computed_cases() {
     )
     .unwrap();
     assert_eq!((b.y2, b.x2), (100.0, 511.0 / 1023.0 * 200.0));
+}
+
+/// TEDS = 1 - TED / n, n the elements below `<table>` of the larger table.
+#[test]
+fn teds_hand_computed_cases() {
+    let t = |body: &str| format!("<table>{body}</table>");
+    let score = |pred: &str, reference: &str, structure_only: bool| {
+        teds::teds(
+            &t(pred),
+            &teds::Table::parse(&t(reference)).unwrap(),
+            structure_only,
+        )
+    };
+    let both =
+        |pred: &str, reference: &str| (score(pred, reference, false), score(pred, reference, true));
+    // Empty prediction table: insert tr and td (2) over n = 2.
+    assert_eq!(both("", "<tr><td>a</td></tr>"), (0.0, 0.0));
+    // Two empty tables are identical (the official code divides by zero).
+    assert_eq!(both("", ""), (1.0, 1.0));
+    // A colspan mismatch renames the cell (1) over n = 2, in both variants.
+    assert_eq!(
+        both("<tr><td colspan=\"2\">a</td></tr>", "<tr><td>a</td></tr>"),
+        (0.5, 0.5)
+    );
+    // A missing cell: one insertion over n = 3.
+    let (content, structure) = both("<tr><td>a</td></tr>", "<tr><td>a</td><td>b</td></tr>");
+    assert!((content - 2.0 / 3.0).abs() < 1e-12 && (structure - 2.0 / 3.0).abs() < 1e-12);
+    // One character of two differs: rename costs 1/2, over n = 2; S-TEDS ignores it.
+    assert_eq!(
+        both("<tr><td>ab</td></tr>", "<tr><td>ac</td></tr>"),
+        (0.75, 1.0)
+    );
+    // `<b>` inside a cell is content (tokens <b> a </b> against a: 2/3) and counts in n (3).
+    let (content, structure) = both("<tr><td><b>a</b></td></tr>", "<tr><td>a</td></tr>");
+    assert!((content - (1.0 - 2.0 / 9.0)).abs() < 1e-12 && structure == 1.0);
+    // Unclosed cells and rows close as libxml2 closes them.
+    assert_eq!(
+        both(
+            "<tr><td>a<td>b<tr><td>c",
+            "<tr><td>a</td><td>b</td></tr><tr><td>c</td></tr>"
+        ),
+        (1.0, 1.0)
+    );
+    // No table at all scores 0.
+    let reference = teds::Table::parse(&t("<tr><td>a</td></tr>")).unwrap();
+    assert_eq!(teds::teds("<div>a</div>", &reference, false), 0.0);
+}
+
+/// HierText's matching: mutually best IoU >= 0.5, then exact text; each word matches once.
+#[test]
+fn ocr_hand_computed_cases() {
+    let word = |text, b: [f64; 4]| Word {
+        text,
+        bbox: Some(refcoco::Box::from_yxyx(b)),
+    };
+    let hello = word("Hello", [0.0, 0.0, 10.0, 50.0]);
+    let counts = |p: &[Word], r: &[Word]| {
+        let c = Counts::of(p, r);
+        (c.matches, c.predictions, c.references)
+    };
+    // No predictions: precision 1 (nothing wrong was said), recall 0, F1 0.
+    assert_eq!(counts(&[], &[hello]), (0, 0, 1));
+    assert_eq!(Counts::of(&[], &[hello]).scores(), (1.0, 0.0, 0.0));
+    // Nothing to read and nothing read: all 1.
+    assert_eq!(Counts::default().scores(), (1.0, 1.0, 1.0));
+    // A duplicate matches nothing: p = 1/2, r = 1, F1 = 2/3.
+    let c = Counts::of(&[hello, hello], &[hello]);
+    assert_eq!((c.matches, c.predictions), (1, 2));
+    let (p, r, f1) = c.scores();
+    assert!(p == 0.5 && r == 1.0 && (f1 - 2.0 / 3.0).abs() < 1e-12);
+    // Right box, wrong text (case counts): no match.
+    assert_eq!(
+        counts(&[word("hello", [0.0, 0.0, 10.0, 50.0])], &[hello]).0,
+        0
+    );
+    // Right text, box IoU 0.4 < 0.5: no match.
+    assert_eq!(
+        counts(&[word("Hello", [0.0, 0.0, 10.0, 20.0])], &[hello]).0,
+        0
+    );
+    // A wrong-text prediction with the best box takes the word from a right-text one (IoU 0.8).
+    let near = word("Hello", [0.0, 0.0, 10.0, 40.0]);
+    assert_eq!(
+        counts(&[word("Hallo", [0.0, 0.0, 10.0, 50.0]), near], &[hello]).0,
+        0
+    );
+    assert_eq!(counts(&[near], &[hello]).0, 1);
+    // Parsing: loc tokens map to pixels; a segment without a box is a word that cannot match.
+    let words = ocr::parse_prediction(
+        "<loc0000><loc0000><loc1023><loc0511> a b ; stray",
+        200.0,
+        100.0,
+    );
+    assert_eq!(words.len(), 2);
+    assert_eq!(words[0].text, "a b");
+    assert_eq!(
+        words[0].bbox,
+        Some(refcoco::Box::from_yxyx([
+            0.0,
+            0.0,
+            100.0,
+            511.0 / 1023.0 * 200.0
+        ]))
+    );
+    assert_eq!(
+        words[1],
+        Word {
+            text: "stray",
+            bbox: None
+        }
+    );
+    assert!(ocr::parse_prediction("", 1.0, 1.0).is_empty());
 }
 
 #[test]
@@ -253,6 +423,19 @@ fn errors_name_the_example_and_field() {
         &[json!({"prediction": "", "boxes": [[1, 2, 3]], "width": 1, "height": 1})],
     );
     assert!(err.unwrap_err().to_string().contains("field `boxes`"));
+    let err = score(
+        Metric::Teds,
+        &[json!({"prediction": "", "html": "<p>no table</p>"})],
+    );
+    assert_eq!(
+        err.unwrap_err().to_string(),
+        "example 0: field `html` holds no <table>"
+    );
+    let err = score(
+        Metric::OcrF1,
+        &[json!({"prediction": "", "words": [{"text": "a"}], "width": 1, "height": 1})],
+    );
+    assert!(err.unwrap_err().to_string().contains("field `words`"));
     assert!(matches!(score(Metric::Exact, &[]), Err(EvalError::Empty)));
 }
 
