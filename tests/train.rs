@@ -51,6 +51,7 @@ fn tiny_run_learns_and_its_checkpoint_scores() {
     let evals: Vec<(u64, f64)> = lines.iter().filter_map(|v| Some((v["step"].as_u64()?, v.get("eval/vqa")?.as_f64()?))).collect();
     assert_eq!(evals.iter().map(|e| e.0).collect::<Vec<_>>(), vec![0, 20, 40]);
     assert!(evals.iter().all(|e| (0.0..=1.0).contains(&e.1)), "{evals:?}");
+    assert!(evals[2].1 > evals[0].1 + 0.1, "the metric rises well above its untrained value: {evals:?}");
     let predictions = std::fs::read_to_string(dir.join("run/eval/step-000040.jsonl")).unwrap();
     let first: Value = serde_json::from_str(predictions.lines().next().unwrap()).unwrap();
     assert!(first["prediction"].is_string() && first["answers"].is_array(), "{first}");
