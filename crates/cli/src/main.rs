@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
-use pg2_data::{convert, image, source, synth, Batch, EncodedExample, PgTokenizer, Record};
+use pg2_data::{convert, image, source, synth, Batch, EncodedExample, PgTokenizer};
 use pg2_model::{checkpoint, generate, DecodeOptions, PaliGemma, RunOptions};
 use tch::Kind;
 
@@ -250,15 +250,6 @@ fn progress(len: usize, what: &str) -> ProgressBar {
     bar
 }
 
-/// Pixels `(batch, 3, res, res)` of the records' images.
-fn load_pixels(records: &[Record], res: u32) -> Result<tch::Tensor> {
-    let images = records
-        .iter()
-        .map(|r| Ok(image::preprocess(&r.load_image()?, res)))
-        .collect::<Result<Vec<_>, pg2_data::DataError>>()?;
-    Ok(image::stack(&images, res))
-}
-
 fn score(args: &ModelArgs, data: &Path, batch_size: usize) -> Result<()> {
     let (model, tok) = args.load()?;
     let records = source::read_jsonl(data)?;
@@ -272,7 +263,7 @@ fn score(args: &ModelArgs, data: &Path, batch_size: usize) -> Result<()> {
                 Ok(EncodedExample::new(&tok, n_image, &r.prefix, Some(suffix)))
             })
             .collect::<Result<Vec<_>, pg2_data::DataError>>()?;
-        let batch = Batch::collate(&examples, Some(load_pixels(chunk, res)?), tok.pad_id, model.device());
+        let batch = Batch::collate(&examples, Some(image::load_pixels(chunk, res)?), tok.pad_id, model.device());
         let logprobs = tch::no_grad(|| model.sequence_logprobs(&batch.inputs, &batch.loss_mask))?;
         for (example, logprob) in examples.iter().zip(logprobs) {
             bar.suspend(|| println!("{}", serde_json::json!({"logprob": logprob, "tokens": example.num_targets()})));
@@ -291,7 +282,7 @@ fn predict(args: &ModelArgs, data: &Path, decode: DecodeOptions, batch_size: usi
     let bar = progress(records.len(), "predict");
     for chunk in records.chunks(batch_size.max(1)) {
         let examples: Vec<_> = chunk.iter().map(|r| EncodedExample::new(&tok, n_image, &r.prefix, None)).collect();
-        let batch = Batch::collate(&examples, Some(load_pixels(chunk, res)?), tok.pad_id, model.device());
+        let batch = Batch::collate(&examples, Some(image::load_pixels(chunk, res)?), tok.pad_id, model.device());
         for tokens in generate(&model, &batch.inputs, &opts)? {
             bar.suspend(|| println!("{}", serde_json::json!({"prediction": tok.decode(&tokens)})));
         }

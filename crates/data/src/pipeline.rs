@@ -16,8 +16,9 @@ use crate::source::Record;
 use crate::tokenizer::PgTokenizer;
 use crate::{image, DataError};
 
-/// What to do with a record whose image is missing or corrupt.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+/// What to do with a record whose image is missing or corrupt (`error`, `skip`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum OnBadRecord {
     /// Stop with an error naming the record.
     #[default]

@@ -16,12 +16,14 @@ pub struct AdamConfig {
     pub decay: Decay,
 }
 
-/// The two weight-decay conventions a recipe can name.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// The two weight-decay conventions a recipe can name (`decoupled`, `lr_coupled`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum Decay {
     /// big_vision's `add_decayed_weights` after the learning rate:
     /// `param -= schedule * weight_decay * param`, not multiplied by the base rate (the
     /// paper's transfer configs assume this).
+    #[default]
     Decoupled,
     /// AdamW's (torch.optim.AdamW): `param -= lr * schedule * weight_decay * param`.
     LrCoupled,
@@ -172,10 +174,12 @@ impl Adam {
     }
 }
 
-/// What follows the warmup.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// What follows the warmup (`cosine`, `linear`, `rsqrt`, `constant` in recipes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum DecayShape {
     /// Half a cosine down to 0 (big_vision's transfer schedule).
+    #[default]
     Cosine,
     /// A straight line down to 0.
     Linear,

@@ -12,7 +12,8 @@
 
 use std::path::{Path, PathBuf};
 
-use pg2_data::RunLength;
+use pg2_data::{OnBadRecord, RunLength};
+use pg2_optim::{Decay, DecayShape};
 use pg2_eval::anls::levenshtein;
 use serde::Deserialize;
 use toml::{Table, Value};
@@ -86,8 +87,8 @@ pub struct ModelSection {
     pub resolution: usize,
     /// `"f32"`, or `"bf16"` (bf16 weights and compute, with f32 master weights and Adam
     /// moments in the optimizer).
-    #[serde(default = "default_dtype")]
-    pub dtype: String,
+    #[serde(default)]
+    pub dtype: Dtype,
     /// Attention and final-logit soft-caps: on in pretraining, off in transfer.
     #[serde(default = "default_true")]
     pub soft_caps: bool,
@@ -133,8 +134,8 @@ pub struct DataSection {
     pub pad_to: Option<usize>,
     /// `"error"` (stop, naming the record) or `"skip"` (count and go on) for bad records:
     /// unreadable lines, records without a prompt, missing or corrupt images.
-    #[serde(default = "default_policy")]
-    pub on_bad_record: String,
+    #[serde(default)]
+    pub on_bad_record: OnBadRecord,
     /// Decoding threads.
     #[serde(default = "default_workers")]
     pub workers: usize,
@@ -178,15 +179,15 @@ pub struct TrainSection {
     pub warmup_steps: u64,
     pub warmup_fraction: Option<f64>,
     /// After the warmup: `"cosine"` (default), `"linear"`, `"rsqrt"` or `"constant"`.
-    #[serde(default = "default_schedule")]
-    pub schedule: String,
+    #[serde(default)]
+    pub schedule: DecayShape,
     /// Weight decay on matrices (not on norms, biases, embeddings).
     #[serde(default)]
     pub weight_decay: f64,
     /// `"decoupled"` (big_vision's, default: scaled by the schedule, not the base rate) or
     /// `"lr_coupled"` (AdamW's: scaled by the learning rate too).
-    #[serde(default = "default_decay_mode")]
-    pub weight_decay_mode: String,
+    #[serde(default)]
+    pub weight_decay_mode: Decay,
     /// Checkpoint-name prefixes spared weight decay, beyond norms, biases and embeddings.
     #[serde(default)]
     pub no_weight_decay: Vec<String>,
@@ -212,14 +213,55 @@ pub struct TrainSection {
     pub keep_checkpoints: Option<usize>,
     /// `"example"` (big_vision: each example's loss over its own target count, then the
     /// batch mean) or `"token"` (transformers: over all target tokens of the batch).
-    #[serde(default = "default_normalization")]
-    pub loss_normalization: String,
+    #[serde(default)]
+    pub loss_normalization: LossNormalization,
     /// big_vision's label smoothing: the target keeps `1 - s`, the other tokens share `s`.
     #[serde(default)]
     pub label_smoothing: f64,
     /// A non-finite loss or gradient: `"stop"` naming the step, or `"skip"` the update and count it.
-    #[serde(default = "default_nonfinite")]
-    pub on_nonfinite: String,
+    #[serde(default)]
+    pub on_nonfinite: OnNonFinite,
+}
+
+/// The model's compute and storage dtype.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Dtype {
+    #[default]
+    F32,
+    Bf16,
+}
+
+impl Dtype {
+    /// The libtorch kind.
+    pub fn kind(self) -> tch::Kind {
+        match self {
+            Dtype::F32 => tch::Kind::Float,
+            Dtype::Bf16 => tch::Kind::BFloat16,
+        }
+    }
+}
+
+/// How the loss averages over target tokens (`example`, `token`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LossNormalization {
+    /// big_vision: each example over its own target count, then the batch mean.
+    #[default]
+    Example,
+    /// transformers: the mean over all target tokens of the batch.
+    Token,
+}
+
+/// What a non-finite loss or gradient does (`stop`, `skip`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnNonFinite {
+    /// Stop with a message naming the step.
+    #[default]
+    Stop,
+    /// Skip the update and count it.
+    Skip,
 }
 
 impl TrainSection {
@@ -234,14 +276,8 @@ impl TrainSection {
     }
 }
 
-fn default_dtype() -> String {
-    "f32".into()
-}
 fn default_true() -> bool {
     true
-}
-fn default_policy() -> String {
-    "error".into()
 }
 fn default_workers() -> usize {
     2
@@ -255,20 +291,8 @@ fn default_clip() -> f64 {
 fn default_b2() -> f64 {
     0.999
 }
-fn default_normalization() -> String {
-    "example".into()
-}
-fn default_schedule() -> String {
-    "cosine".into()
-}
-fn default_decay_mode() -> String {
-    "decoupled".into()
-}
 fn default_accumulation() -> usize {
     1
-}
-fn default_nonfinite() -> String {
-    "stop".into()
 }
 fn default_log_every() -> u64 {
     10
@@ -454,12 +478,6 @@ impl Recipe {
     }
 
     fn check(&self) -> Result<(), String> {
-        if !["f32", "bf16"].contains(&self.model.dtype.as_str()) {
-            return Err(format!("model.dtype = {:?}: expected \"f32\" or \"bf16\"", self.model.dtype));
-        }
-        if !["error", "skip"].contains(&self.data.on_bad_record.as_str()) {
-            return Err(format!("data.on_bad_record = {:?}: expected \"error\" or \"skip\"", self.data.on_bad_record));
-        }
         if self.data.mixture.is_empty() || self.data.mixture.iter().any(|s| !(s.weight > 0.0)) {
             return Err("data.mixture needs at least one source, each with a positive weight".into());
         }
@@ -484,23 +502,14 @@ impl Recipe {
         if t.warmup_fraction.is_some_and(|f| !(0.0..=1.0).contains(&f)) || (t.warmup_fraction.is_some() && t.warmup_steps > 0) {
             return Err("train.warmup_fraction must lie in [0, 1], and not come with train.warmup_steps".into());
         }
-        if !["example", "token"].contains(&t.loss_normalization.as_str()) || t.keep_checkpoints == Some(0) {
-            return Err("train.loss_normalization must be \"example\" or \"token\", and train.keep_checkpoints positive".into());
+        if t.keep_checkpoints == Some(0) {
+            return Err("train.keep_checkpoints must be positive".into());
         }
         if !(0.0..1.0).contains(&self.model.dropout) {
             return Err(format!("model.dropout = {}: expected a value in [0, 1)", self.model.dropout));
         }
-        if !["cosine", "linear", "rsqrt", "constant"].contains(&t.schedule.as_str()) {
-            return Err(format!("train.schedule = {:?}: expected cosine, linear, rsqrt or constant", t.schedule));
-        }
-        if !["decoupled", "lr_coupled"].contains(&t.weight_decay_mode.as_str()) {
-            return Err(format!("train.weight_decay_mode = {:?}: expected decoupled or lr_coupled", t.weight_decay_mode));
-        }
         if t.grad_accumulation == 0 || t.lr_mults.values().any(|&m| !(m >= 0.0)) {
             return Err("train.grad_accumulation must be positive and train.lr_mults non-negative".into());
-        }
-        if !["stop", "skip"].contains(&t.on_nonfinite.as_str()) {
-            return Err(format!("train.on_nonfinite = {:?}: expected \"stop\" or \"skip\"", t.on_nonfinite));
         }
         let from_parts = self.model.vision_init.is_some() || self.model.text_init.is_some();
         if from_parts && !PRESETS.contains(&self.model.init.as_str()) {
@@ -546,7 +555,7 @@ lr = 1e-5
     #[test]
     fn defaults_fill_in_and_paths_resolve() {
         let r = parse(GOOD).unwrap();
-        assert_eq!((r.model.dtype.as_str(), r.model.soft_caps, r.seed, r.train.grad_clip), ("f32", true, 0, 1.0));
+        assert_eq!((r.model.dtype, r.model.soft_caps, r.seed, r.train.grad_clip), (Dtype::F32, true, 0, 1.0));
         assert!(r.data.tokenizer.is_absolute() && r.data.tokenizer.ends_with("synth/tokenizer.json"));
         assert!(r.name.as_deref().unwrap().starts_with('r'));
     }

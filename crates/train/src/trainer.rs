@@ -23,11 +23,11 @@ use pg2_data::{
 use pg2_data::{image, Batch, EncodedExample, Record};
 use pg2_model::{checkpoint, generate, DecodeOptions, PaliGemma, PaliGemmaConfig, RunOptions, Weights};
 use serde_json::{Map, Value};
-use pg2_optim::{decays_by_default, Adam, AdamConfig, Decay, DecayShape, ParamGroup, Schedule};
+use pg2_optim::{decays_by_default, Adam, AdamConfig, ParamGroup, Schedule};
 use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
 
-use crate::recipe::{EvalSection, Recipe, PARTS, PRESETS};
+use crate::recipe::{EvalSection, LossNormalization, OnNonFinite, Recipe, PARTS, PRESETS};
 use crate::tensorboard::EventWriter;
 
 /// How `launch` was asked to run a recipe.
@@ -59,14 +59,13 @@ struct TrainerState {
     seed: u64,
 }
 
-fn kind_of(recipe: &Recipe) -> Kind {
-    if recipe.model.dtype == "bf16" { Kind::BFloat16 } else { Kind::Float }
-}
-
 /// The mixture the recipe describes, from its first example.
 fn mixture(recipe: &Recipe) -> Result<Mixture> {
     let d = &recipe.data;
-    let policy = if d.on_bad_record == "skip" { OnBadLine::Skip } else { OnBadLine::Error };
+    let policy = match d.on_bad_record {
+        OnBadRecord::Error => OnBadLine::Error,
+        OnBadRecord::Skip => OnBadLine::Skip,
+    };
     let sources = d
         .mixture
         .iter()
@@ -95,7 +94,7 @@ fn mixture(recipe: &Recipe) -> Result<Mixture> {
 /// A fresh model of the recipe's preset, or its starting checkpoint.
 fn build_model(recipe: &Recipe, tok: &PgTokenizer, device: Device) -> Result<PaliGemma> {
     let options = RunOptions { soft_caps: recipe.model.soft_caps, ..RunOptions::default() };
-    let kind = kind_of(recipe);
+    let kind = recipe.model.dtype.kind();
     if !PRESETS.contains(&recipe.model.init.as_str()) {
         let dir = checkpoint_dir(Path::new(&recipe.model.init))?;
         eprintln!("launch: starting from {}", dir.display());
@@ -223,8 +222,7 @@ fn evaluate(model: &PaliGemma, tok: &PgTokenizer, spec: &EvalSection, records: &
             .iter()
             .map(|r| Ok(EncodedExample::new(tok, n_image, &format.prompt(r)?, None)))
             .collect::<Result<Vec<_>, pg2_data::DataError>>()?;
-        let pixels = chunk.iter().map(|r| Ok(image::preprocess(&r.load_image()?, res))).collect::<Result<Vec<_>, pg2_data::DataError>>()?;
-        let batch = Batch::collate(&examples, Some(image::stack(&pixels, res)), tok.pad_id, model.device());
+        let batch = Batch::collate(&examples, Some(image::load_pixels(chunk, res)?), tok.pad_id, model.device());
         for (record, tokens) in chunk.iter().zip(generate(model, &batch.inputs, &decode)?) {
             let mut row = record.extra.clone();
             row.insert("prefix".into(), format.prompt(record)?.into());
@@ -248,7 +246,7 @@ pub fn evaluate_checkpoint(recipe: &Recipe, checkpoint: &Path, device: Device, o
     let spec = recipe.eval.as_ref().context("the recipe has no [eval] block")?;
     let dir = checkpoint_dir(checkpoint)?;
     let options = RunOptions { soft_caps: recipe.model.soft_caps, ..RunOptions::default() };
-    let model = PaliGemma::load_at(&dir, Some(recipe.model.resolution), device, kind_of(recipe), options)?;
+    let model = PaliGemma::load_at(&dir, Some(recipe.model.resolution), device, recipe.model.dtype.kind(), options)?;
     let tokenizer = PgTokenizer::from_file(&recipe.data.tokenizer)?;
     let mut records = source::read_jsonl(&spec.data)?;
     records.truncate(spec.max_examples.unwrap_or(usize::MAX));
@@ -357,7 +355,7 @@ pub fn train(recipe: &Recipe, resolved: &toml::Table, opts: &LaunchOptions) -> R
         synth::write_synth(dir, &synth::SynthOptions::default())?;
     }
     let tokenizer = Arc::new(PgTokenizer::from_file(&recipe.data.tokenizer)?);
-    let kind = kind_of(recipe);
+    let kind = recipe.model.dtype.kind();
     let (mut model, mixture, first_step) = match &resume_from {
         None => (build_model(recipe, &tokenizer, opts.device)?, mixture(recipe)?, 0),
         Some(dir) => {
@@ -377,8 +375,7 @@ pub fn train(recipe: &Recipe, resolved: &toml::Table, opts: &LaunchOptions) -> R
         let _ = p.set_requires_grad(true);
     }
     let t = &recipe.train;
-    let decay = if t.weight_decay_mode == "lr_coupled" { Decay::LrCoupled } else { Decay::Decoupled };
-    let config = AdamConfig { lr: t.lr, b2: t.b2, weight_decay: t.weight_decay, decay, ..AdamConfig::default() };
+    let config = AdamConfig { lr: t.lr, b2: t.b2, weight_decay: t.weight_decay, decay: t.weight_decay_mode, ..AdamConfig::default() };
     let mut adam = Adam::with_groups(params, config, |name, p| {
         let mult = t.lr_mults.iter().filter(|(prefix, _)| name.starts_with(prefix.as_str())).max_by_key(|(prefix, _)| prefix.len());
         let spared = t.no_weight_decay.iter().any(|prefix| name.starts_with(prefix.as_str()));
@@ -389,14 +386,8 @@ pub fn train(recipe: &Recipe, resolved: &toml::Table, opts: &LaunchOptions) -> R
         adam.load_state(state, first_step as i64).map_err(anyhow::Error::msg)?;
     }
     let total_steps = t.length().steps(mixture.total_records(), t.batch_size * t.grad_accumulation);
-    let shape = match t.schedule.as_str() {
-        "linear" => DecayShape::Linear,
-        "rsqrt" => DecayShape::Rsqrt,
-        "constant" => DecayShape::Constant,
-        _ => DecayShape::Cosine,
-    };
     let warmup_steps = t.warmup_fraction.map_or(t.warmup_steps, |f| (f * total_steps as f64).round() as u64);
-    let schedule = Schedule { warmup_steps, total_steps, shape };
+    let schedule = Schedule { warmup_steps, total_steps, shape: t.schedule };
     let pipeline_config = PipelineConfig {
         resolution: model.config.vision.image_size as u32,
         image_tokens: model.config.vision.num_patches(),
@@ -406,7 +397,7 @@ pub fn train(recipe: &Recipe, resolved: &toml::Table, opts: &LaunchOptions) -> R
         workers: recipe.data.workers,
         prefetch: recipe.data.prefetch,
         pad_to: recipe.data.pad_to,
-        on_bad_record: if recipe.data.on_bad_record == "skip" { OnBadRecord::Skip } else { OnBadRecord::Error },
+        on_bad_record: recipe.data.on_bad_record,
     };
     let pipeline = Pipeline::start(mixture, tokenizer.clone(), pipeline_config)?;
     let mut metrics = std::fs::OpenOptions::new().create(true).append(true).open(out.join("metrics.jsonl"))?;
@@ -449,6 +440,7 @@ pub fn train(recipe: &Recipe, resolved: &toml::Table, opts: &LaunchOptions) -> R
     let (mut window_start, mut window_examples) = (Instant::now(), 0usize);
     let mut skipped = 0;
     let mut skipped_steps = 0;
+    let per_token = t.loss_normalization == LossNormalization::Token;
     for step in first_step..total_steps {
         // Gradients of `grad_accumulation` batches add up; each loss is scaled to their mean.
         let mut value = 0.0;
@@ -461,7 +453,6 @@ pub fn train(recipe: &Recipe, resolved: &toml::Table, opts: &LaunchOptions) -> R
         for _ in 0..t.grad_accumulation {
             let loaded = pipeline.next_batch()?;
             skipped += loaded.stats.skipped;
-            let per_token = t.loss_normalization == "token";
             let loss = loss(&model, &loaded.batch.to_device(opts.device), t.label_smoothing, per_token)? / t.grad_accumulation as f64;
             let part = loss.double_value(&[]);
             if part.is_finite() {
@@ -476,7 +467,7 @@ pub fn train(recipe: &Recipe, resolved: &toml::Table, opts: &LaunchOptions) -> R
         let lr = t.lr * schedule.factor(step);
         if value.is_finite() && grad_norm.is_finite() {
             adam.step(schedule.factor(step));
-        } else if t.on_nonfinite == "skip" {
+        } else if t.on_nonfinite == OnNonFinite::Skip {
             adam.zero_grad();
             skipped_steps += 1;
             eprintln!("launch: step {}: non-finite loss {value} or gradient norm {grad_norm}; update skipped ({skipped_steps} so far)", step + 1);
