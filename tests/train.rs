@@ -23,6 +23,19 @@ fn launch(dir: &Path, extra: &[&str]) -> Output {
         .unwrap()
 }
 
+/// Runs the recipe again into `dir/run2`, starting from the run in `dir/run`.
+fn next_stage(dir: &Path, extra: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_launch"))
+        .arg(dir.join("recipe.toml"))
+        .args(["--device", "cpu", "--set"])
+        .arg(format!("model.init=\"{}\"", dir.join("run").display()))
+        .arg("--out")
+        .arg(dir.join("run2"))
+        .args(extra)
+        .output()
+        .unwrap()
+}
+
 fn metric_lines(dir: &Path) -> Vec<Value> {
     std::fs::read_to_string(dir.join("run/metrics.jsonl")).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect()
 }
@@ -124,14 +137,7 @@ fn next_stage_starts_from_the_run_at_a_higher_resolution() {
     let dir = setup("chain", 3, 3);
     assert!(launch(&dir, &[]).status.success());
     // Stage 2: the run folder as init, twice the resolution, a --set override.
-    let out = Command::new(env!("CARGO_BIN_EXE_launch"))
-        .arg(dir.join("recipe.toml"))
-        .args(["--device", "cpu", "--set"])
-        .arg(format!("model.init=\"{}\"", dir.join("run").display()))
-        .args(["--set", "model.resolution=64", "--set", "train.steps=2", "--out"])
-        .arg(dir.join("run2"))
-        .output()
-        .unwrap();
+    let out = next_stage(&dir, &["--set", "model.resolution=64", "--set", "train.steps=2"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let config: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("run2/checkpoints/step-000002/config.json")).unwrap()).unwrap();
     assert_eq!(config["vision_config"]["image_size"], 64);
@@ -154,14 +160,7 @@ fn streamed_sources_fixed_padding_and_per_task_limits_train() {
 fn frozen_parts_stay_bit_identical() {
     let dir = setup("freeze", 2, 2);
     assert!(launch(&dir, &[]).status.success());
-    let out = Command::new(env!("CARGO_BIN_EXE_launch"))
-        .arg(dir.join("recipe.toml"))
-        .args(["--device", "cpu", "--set", "model.freeze=[\"vision\", \"projector\"]", "--set"])
-        .arg(format!("model.init=\"{}\"", dir.join("run").display()))
-        .args(["--set", "train.label_smoothing=0.1", "--out"])
-        .arg(dir.join("run2"))
-        .output()
-        .unwrap();
+    let out = next_stage(&dir, &["--set", "model.freeze=[\"vision\", \"projector\"]", "--set", "train.label_smoothing=0.1"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let before = pg2_model::checkpoint::read_tensors(&dir.join("run/checkpoints/step-000002")).unwrap();
     let after = pg2_model::checkpoint::read_tensors(&dir.join("run2/checkpoints/step-000002")).unwrap();
