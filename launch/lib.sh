@@ -29,6 +29,11 @@ pg2_bootstrap() {
             || pg2_die "pip could not install torch==$PG2_TORCH_VERSION; check the network access to PyPI and the disk space, then rerun"
         mv "$deps/torch.partial" "$deps/torch"
     fi
+    # cudarc looks for libnccl.so, the wheel ships libnccl.so.2 (the binaries' rpath covers this folder).
+    local nccl="$deps/torch/nvidia/nccl/lib"
+    if [[ -f "$nccl/libnccl.so.2" && ! -e "$nccl/libnccl.so" ]]; then
+        ln -s libnccl.so.2 "$nccl/libnccl.so"
+    fi
     command -v cargo >/dev/null || pg2_die "cargo is needed: install Rust (https://rustup.rs) and rerun"
     if [[ -n "${PG2_CACHE_DIR:-}" ]]; then
         # The cache's real path, identical in every clone, keeps the cached build valid.

@@ -190,6 +190,20 @@ enum BenchCommand {
         #[arg(long, default_value_t = 989.0)]
         peak_tflops: f64,
     },
+    /// Correctness and bandwidth of the gradient all-reduce (NCCL on CUDA, the TCP ring on
+    /// the CPU): alone (a group of one), or one process per rank under torchrun-style
+    /// variables (RANK, WORLD_SIZE, MASTER_ADDR, ...), e.g. started by srun.
+    Allreduce {
+        /// cpu, cuda, cuda:N, or auto; a worker takes GPU LOCAL_RANK.
+        #[arg(long, default_value = "auto")]
+        device: String,
+        /// Megabytes of f32 per all-reduce (the trainer's default bucket is 25).
+        #[arg(long, default_value_t = 64.0)]
+        size_mb: f64,
+        /// Timed all-reduces (after one warm-up).
+        #[arg(long, default_value_t = 20)]
+        iters: usize,
+    },
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -402,5 +416,6 @@ fn main() -> Result<()> {
                 peak_tflops,
             })
         }
+        Command::Bench(BenchCommand::Allreduce { device, size_mb, iters }) => bench::allreduce(&device, size_mb, iters.max(1)),
     }
 }

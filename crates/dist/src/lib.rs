@@ -1,2 +1,204 @@
-//! Distributed training for pg2: rendezvous, collectives (NCCL on GPUs, TCP ring on CPUs)
-//! and worker launch (work in progress: see the multi-GPU issue; nothing here yet).
+//! Data-parallel training for pg2: who each worker is ([`WorkerEnv`]), the rank-0
+//! rendezvous store ([`store`]), collectives with two backends (NCCL on GPUs, a TCP ring
+//! on CPUs) behind one [`Collective`] interface, the [`Group`] the trainer talks to, and the
+//! launcher that starts and watches a node's workers ([`launcher`]).
+
+pub mod env;
+pub mod launcher;
+pub mod nccl;
+pub mod ring;
+pub mod store;
+
+use std::time::Duration;
+
+use tch::{Device, Tensor};
+
+pub use env::WorkerEnv;
+pub use launcher::{supervise, LaunchPlan};
+
+/// What went wrong between the workers.
+#[derive(Debug, thiserror::Error)]
+pub enum DistError {
+    #[error("{var}: {msg}")]
+    Env { var: String, msg: String },
+    #[error("{what}: {source}")]
+    Io { what: String, source: std::io::Error },
+    #[error("{0}")]
+    Timeout(String),
+    #[error("{0}")]
+    Protocol(String),
+    #[error("{0}")]
+    Nccl(String),
+    #[error("{0}")]
+    Worker(String),
+    #[error(transparent)]
+    Tensor(#[from] tch::TchError),
+}
+
+impl DistError {
+    fn io(what: impl Into<String>, source: std::io::Error) -> DistError {
+        DistError::Io { what: what.into(), source }
+    }
+}
+
+/// Collectives over one tensor, called in the same order on every rank.
+pub trait Collective {
+    /// Sums `tensor` in place over the ranks; every rank ends with the same values.
+    fn all_reduce_sum(&mut self, tensor: &Tensor) -> Result<(), DistError>;
+    /// Copies rank `root`'s `tensor` into every other rank's.
+    fn broadcast(&mut self, tensor: &Tensor, root: usize) -> Result<(), DistError>;
+}
+
+/// A data-parallel group as one worker sees it.
+pub struct Group {
+    pub env: WorkerEnv,
+    /// `None` in a process that trains alone.
+    store: Option<store::StoreClient>,
+    /// `None` in a group of one, where every collective is the identity.
+    collective: Option<Box<dyn Collective>>,
+    /// Where the collectives' tensors live.
+    device: Device,
+    timeout: Duration,
+}
+
+impl Group {
+    /// Joins the group: rank 0 hosts the store, everyone connects, the collective backend
+    /// for `device` is set up (NCCL for CUDA, even for one rank; the TCP ring for the CPU,
+    /// from two ranks), and all meet at a barrier. `timeout` bounds every wait for another
+    /// rank. Port 0 lets a group of one pick a free port.
+    pub fn join(mut env: WorkerEnv, device: Device, timeout: Duration) -> Result<Group, DistError> {
+        if env.rank == 0 {
+            env.master_port = store::host(env.master_port)?.port();
+        }
+        let mut store = store::StoreClient::connect(&format!("{}:{}", env.master_addr, env.master_port), timeout)?;
+        let collective: Option<Box<dyn Collective>> = match device {
+            Device::Cuda(index) => Some(Box::new(nccl::Nccl::connect(&mut store, env.rank, env.world, index, timeout)?)),
+            _ if env.world == 1 => None,
+            _ => Some(Box::new(ring::Ring::connect(&mut store, env.rank, env.world, timeout)?)),
+        };
+        let mut group = Group { env, store: Some(store), collective, device, timeout };
+        group.barrier("join")?;
+        Ok(group)
+    }
+
+    /// A process training alone: rank 0 of 1, every collective the identity.
+    pub fn single() -> Group {
+        let env = WorkerEnv { rank: 0, local_rank: 0, world: 1, local_world: 1, master_addr: String::new(), master_port: 0 };
+        Group { env, store: None, collective: None, device: Device::Cpu, timeout: Duration::ZERO }
+    }
+
+    /// Whether this rank writes the run's logs and checkpoints (rank 0).
+    pub fn is_main(&self) -> bool {
+        self.env.rank == 0
+    }
+
+    pub fn rank(&self) -> usize {
+        self.env.rank
+    }
+
+    pub fn world(&self) -> usize {
+        self.env.world
+    }
+
+    /// Waits for every rank; a timeout names the ranks that never came.
+    pub fn barrier(&mut self, name: &str) -> Result<(), DistError> {
+        match &mut self.store {
+            Some(store) => store.barrier(name, self.env.rank, self.env.world, self.timeout),
+            None => Ok(()),
+        }
+    }
+
+    /// The backend's name, for messages.
+    pub fn backend(&self) -> &'static str {
+        match (&self.collective, self.device) {
+            (None, _) => "none",
+            (Some(_), Device::Cuda(_)) => "nccl",
+            (Some(_), _) => "tcp ring",
+        }
+    }
+
+    /// Sums one tensor in place over the ranks (through the backend even in a group of one).
+    pub fn all_reduce_sum(&mut self, tensor: &Tensor) -> Result<(), DistError> {
+        match &mut self.collective {
+            Some(c) => c.all_reduce_sum(tensor),
+            None => Ok(()),
+        }
+    }
+
+    /// The sums over the ranks of a few numbers (losses, counts), read back to the host.
+    pub fn sum_scalars(&mut self, values: &[f64]) -> Result<Vec<f64>, DistError> {
+        let Some(collective) = self.collective.as_mut().filter(|_| self.env.world > 1) else { return Ok(values.to_vec()) };
+        let t = Tensor::from_slice(values).to_device(self.device);
+        collective.all_reduce_sum(&t)?;
+        Ok(Vec::<f64>::try_from(&t.to_device(Device::Cpu))?)
+    }
+
+    /// Averages `tensors` in place over the ranks, flattened into buckets of at most
+    /// `bucket_bytes` (a larger tensor travels alone) so that each collective moves a
+    /// sizeable message rather than one small tensor at a time.
+    pub fn all_reduce_mean(&mut self, tensors: &[Tensor], bucket_bytes: usize) -> Result<(), DistError> {
+        let Some(collective) = self.collective.as_mut().filter(|_| self.env.world > 1) else { return Ok(()) };
+        let world = self.env.world as f64;
+        let bytes = |t: &Tensor| t.numel() * t.kind().elt_size_in_bytes();
+        let mut rest = tensors;
+        while let Some(first) = rest.first() {
+            let (mut len, mut size) = (1, bytes(first));
+            while let Some(t) = rest.get(len).filter(|t| t.kind() == first.kind() && size + bytes(t) <= bucket_bytes) {
+                size += bytes(t);
+                len += 1;
+            }
+            let (bucket, later) = rest.split_at(len);
+            let flat = Tensor::cat(&bucket.iter().map(|t| t.reshape(-1)).collect::<Vec<_>>(), 0);
+            collective.all_reduce_sum(&flat)?;
+            let mean = flat / world;
+            let mut offset = 0;
+            for t in bucket {
+                let n = t.numel() as i64;
+                t.shallow_clone().copy_(&mean.narrow(0, offset, n).view_as(t));
+                offset += n;
+            }
+            rest = later;
+        }
+        Ok(())
+    }
+
+    /// Copies rank 0's `tensors` into every rank's (parameters at the start of training).
+    pub fn broadcast_from_main(&mut self, tensors: &[Tensor]) -> Result<(), DistError> {
+        let Some(collective) = self.collective.as_mut().filter(|_| self.env.world > 1) else { return Ok(()) };
+        tch::no_grad(|| tensors.iter().try_for_each(|t| collective.broadcast(t, 0)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tch::Kind;
+
+    #[test]
+    fn groups_of_three_average_in_buckets_and_broadcast() {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let results: Vec<_> = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..3)
+                .map(|rank| {
+                    s.spawn(move || {
+                        let env = WorkerEnv { rank, local_rank: rank, world: 3, local_world: 3, master_addr: "127.0.0.1".into(), master_port: port };
+                        let mut group = Group::join(env, Device::Cpu, Duration::from_secs(10)).unwrap();
+                        // Four tensors of 8, 8, 40 and 8 bytes in 16-byte buckets: [a, b], [c], [d].
+                        let grads: Vec<Tensor> = [2, 2, 10, 2].iter().map(|&n| Tensor::full([n], rank as f64, (Kind::Float, Device::Cpu))).collect();
+                        group.all_reduce_mean(&grads, 16).unwrap();
+                        let params = [Tensor::full([3], rank as f64 + 5.0, (Kind::Float, Device::Cpu))];
+                        group.broadcast_from_main(&params).unwrap();
+                        group.barrier("end").unwrap();
+                        (grads.iter().map(|g| Vec::<f32>::try_from(g).unwrap()).collect::<Vec<_>>(), Vec::<f32>::try_from(&params[0]).unwrap())
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        for (grads, params) in results {
+            assert!(grads.iter().flatten().all(|&g| g == 1.0), "the mean of ranks 0, 1, 2 is 1: {grads:?}");
+            assert_eq!(grads.iter().map(Vec::len).collect::<Vec<_>>(), [2, 2, 10, 2]);
+            assert_eq!(params, vec![5.0; 3]);
+        }
+    }
+}

@@ -221,6 +221,10 @@ pub struct TrainSection {
     /// A non-finite loss or gradient: `"stop"` naming the step, or `"skip"` the update and count it.
     #[serde(default)]
     pub on_nonfinite: OnNonFinite,
+    /// With several workers (`launch --nproc-per-node`): gradients travel in flat buckets
+    /// of this many megabytes. `batch_size` is the global batch, split evenly over them.
+    #[serde(default = "default_bucket_mb")]
+    pub allreduce_bucket_mb: f64,
 }
 
 /// The model's compute and storage dtype.
@@ -296,6 +300,9 @@ fn default_accumulation() -> usize {
 }
 fn default_log_every() -> u64 {
     10
+}
+fn default_bucket_mb() -> f64 {
+    25.0
 }
 
 /// A recipe that cannot be used, with the file it came from.
@@ -493,6 +500,9 @@ impl Recipe {
             return Err("set exactly one of train.steps, train.examples and train.epochs".into());
         }
         let positive_length = t.steps.is_none_or(|n| n > 0) && t.examples.is_none_or(|n| n > 0) && t.epochs.is_none_or(|e| e > 0.0);
+        if !(t.allreduce_bucket_mb > 0.0) {
+            return Err("train.allreduce_bucket_mb must be positive".into());
+        }
         if !positive_length || t.batch_size == 0 || !(t.lr > 0.0) || t.log_every == 0 || t.checkpoint_every == Some(0) {
             return Err("the length, train.batch_size, train.lr, train.log_every and train.checkpoint_every must be positive".into());
         }

@@ -29,6 +29,7 @@ use tch::{Device, Kind, Tensor};
 
 use crate::recipe::{EvalSection, LossNormalization, OnNonFinite, Recipe, PARTS, PRESETS};
 use crate::tensorboard::EventWriter;
+use pg2_dist::Group;
 
 /// How `launch` was asked to run a recipe.
 #[derive(Debug, Clone)]
@@ -47,7 +48,7 @@ pub struct LaunchOptions {
 pub struct TrainSummary {
     /// Loss of every step this process ran, in order.
     pub losses: Vec<f64>,
-    /// The last checkpoint written.
+    /// The last checkpoint written (on ranks other than 0: the newest found at the end).
     pub checkpoint: PathBuf,
 }
 
@@ -181,20 +182,26 @@ fn load_part(model: &PaliGemma, dir: &Path, part: Part) -> Result<()> {
 }
 
 /// The training loss. Per example (big_vision): each example's summed target NLL over its
-/// own target count, averaged over the batch; per token (transformers): the mean over all
-/// target tokens. With label smoothing `s` the target keeps `1 - s` and every other token
-/// gets `s / (V - 1)`.
-fn loss(model: &PaliGemma, batch: &pg2_data::Batch, smoothing: f64, per_token: bool) -> Result<Tensor> {
+/// own target count, averaged over the batch; per token (transformers): the summed NLL
+/// over `per_token` tokens (the batch's count, or with several workers their count over the
+/// number of workers, so that averaging their gradients divides by all the targets). With
+/// label smoothing `s` the target keeps `1 - s` and every other token gets `s / (V - 1)`.
+fn loss(model: &PaliGemma, batch: &pg2_data::Batch, smoothing: f64, per_token: Option<f64>) -> Result<Tensor> {
     let targets = model.target_distributions(&batch.inputs, &batch.loss_mask)?;
     let nll = smoothed_nll(&targets.log_probs, &targets.targets, smoothing);
-    if per_token {
-        return Ok(nll.mean(Kind::Float));
+    if let Some(tokens) = per_token {
+        return Ok(nll.sum(Kind::Float) / tokens.max(1.0));
     }
     let b = batch.inputs.ids.size()[0];
-    let t = batch.inputs.ids.size()[1];
+    let counts = target_counts(batch);
     let sums = Tensor::zeros([b], (Kind::Float, nll.device())).index_add(0, &targets.example, &nll);
-    let counts = batch.loss_mask.narrow(1, 1, t - 1).sum_dim_intlist(1, false, Kind::Float).clamp_min(1.0);
-    Ok((sums / counts).mean(Kind::Float))
+    Ok((sums / counts.clamp_min(1.0)).mean(Kind::Float))
+}
+
+/// Each example's number of target tokens.
+fn target_counts(batch: &pg2_data::Batch) -> Tensor {
+    let t = batch.inputs.ids.size()[1];
+    batch.loss_mask.narrow(1, 1, t - 1).sum_dim_intlist(1, false, Kind::Float)
 }
 
 /// A checkpoint folder, following a run's `checkpoints/latest` pointer (given as the
@@ -321,16 +328,47 @@ fn save_checkpoint(out: &Path, step: u64, model: &PaliGemma, adam: &Adam, tokeni
     Ok(final_dir)
 }
 
-/// Runs the recipe to its last step (or from the latest checkpoint with `resume`).
-pub fn train(recipe: &Recipe, resolved: &toml::Table, opts: &LaunchOptions) -> Result<TrainSummary> {
+/// The run's `metrics.jsonl` and TensorBoard events, written by rank 0 alone.
+struct RunLog {
+    metrics: std::fs::File,
+    events: EventWriter,
+}
+
+impl RunLog {
+    fn open(out: &Path) -> Result<RunLog> {
+        let metrics = std::fs::OpenOptions::new().create(true).append(true).open(out.join("metrics.jsonl"))?;
+        Ok(RunLog { metrics, events: EventWriter::create(&out.join("tb"))? })
+    }
+
+    /// One line of `metrics.jsonl`, and TensorBoard scalars at `step`.
+    fn write(&mut self, line: Value, step: u64, tags: &[(&str, f64)]) -> Result<()> {
+        writeln!(self.metrics, "{line}")?;
+        for (tag, v) in tags {
+            self.events.scalar(tag, *v, step)?;
+        }
+        self.events.flush()?;
+        Ok(())
+    }
+}
+
+/// Runs the recipe to its last step (or from the latest checkpoint with `resume`) as one
+/// worker of `group`: rank 0 prepares the run folder and writes logs, evaluations and
+/// checkpoints; every rank reads its share of each batch and steps the same optimizer on
+/// the averaged gradients, so the weights stay identical.
+pub fn train(recipe: &Recipe, resolved: &toml::Table, opts: &LaunchOptions, group: &mut Group) -> Result<TrainSummary> {
     let out = &opts.out;
+    let main = group.is_main();
+    let world = group.world();
+    if recipe.train.batch_size % world != 0 {
+        bail!("train.batch_size = {} does not split evenly over {world} workers; make it a multiple of {world}", recipe.train.batch_size);
+    }
     let latest = latest_checkpoint(out)?;
     match (&latest, opts.resume, opts.overwrite) {
         (Some(_), false, false) => bail!(
             "{} already holds checkpoints: pass --resume to continue the run or --overwrite to start over",
             out.display()
         ),
-        (Some(_), _, true) => {
+        (Some(_), _, true) if main => {
             // Starting over: the old run's checkpoints, metrics, events and predictions go.
             for old in ["checkpoints", "tb", "eval", "metrics.jsonl"].map(|name| out.join(name)) {
                 if old.is_dir() {
@@ -340,7 +378,7 @@ pub fn train(recipe: &Recipe, resolved: &toml::Table, opts: &LaunchOptions) -> R
                 }
             }
         }
-        (None, true, _) => eprintln!("launch: nothing to resume in {}; starting from step 0", out.display()),
+        (None, true, _) if main => eprintln!("launch: nothing to resume in {}; starting from step 0", out.display()),
         _ => {}
     }
     let resume_from = latest.filter(|_| opts.resume && !opts.overwrite);
@@ -348,12 +386,16 @@ pub fn train(recipe: &Recipe, resolved: &toml::Table, opts: &LaunchOptions) -> R
     if !missing.is_empty() {
         bail!("the recipe's data is missing; nothing was trained:\n  {}", missing.join("\n  "));
     }
-    std::fs::create_dir_all(out)?;
-    std::fs::write(out.join("recipe.toml"), toml::to_string_pretty(resolved)?)?;
-    if let Some(dir) = recipe.data.synth.as_ref().filter(|d| !d.exists()) {
-        eprintln!("launch: writing the synthetic demo data to {} (once)", dir.display());
-        synth::write_synth(dir, &synth::SynthOptions::default())?;
+    if main {
+        std::fs::create_dir_all(out)?;
+        std::fs::write(out.join("recipe.toml"), toml::to_string_pretty(resolved)?)?;
+        if let Some(dir) = recipe.data.synth.as_ref().filter(|d| !d.exists()) {
+            eprintln!("launch: writing the synthetic demo data to {} (once)", dir.display());
+            synth::write_synth(dir, &synth::SynthOptions::default())?;
+        }
     }
+    // The other ranks read the data and checkpoints only once rank 0 has prepared them.
+    group.barrier("setup")?;
     let tokenizer = Arc::new(PgTokenizer::from_file(&recipe.data.tokenizer)?);
     let kind = recipe.model.dtype.kind();
     let (mut model, mixture, first_step) = match &resume_from {
@@ -364,16 +406,21 @@ pub fn train(recipe: &Recipe, resolved: &toml::Table, opts: &LaunchOptions) -> R
             let state: TrainerState = serde_json::from_str(&std::fs::read_to_string(dir.join("trainer_state.json"))?)?;
             let mut m = mixture(recipe)?;
             m.seek(state.position)?;
-            eprintln!("launch: resuming from {} (step {})", dir.display(), state.step);
+            if main {
+                eprintln!("launch: resuming from {} (step {})", dir.display(), state.step);
+            }
             (model, m, state.step)
         }
     };
+    // Every rank starts from rank 0's weights.
+    group.broadcast_from_main(&model.parameters().into_iter().map(|(_, p)| p).collect::<Vec<_>>())?;
     // Frozen parts get no gradient and no optimizer state.
     let frozen: Vec<&str> = PARTS.iter().filter(|(part, _)| recipe.model.freeze.iter().any(|f| f == part)).map(|(_, prefix)| *prefix).collect();
     let params: Vec<(String, Tensor)> = model.parameters().into_iter().filter(|(name, _)| !frozen.iter().any(|f| name.starts_with(f))).collect();
     for (_, p) in &params {
         let _ = p.set_requires_grad(true);
     }
+    let trainable: Vec<(String, Tensor)> = params.iter().map(|(name, p)| (name.clone(), p.shallow_clone())).collect();
     let t = &recipe.train;
     let config = AdamConfig { lr: t.lr, b2: t.b2, weight_decay: t.weight_decay, decay: t.weight_decay_mode, ..AdamConfig::default() };
     let mut adam = Adam::with_groups(params, config, |name, p| {
@@ -391,17 +438,16 @@ pub fn train(recipe: &Recipe, resolved: &toml::Table, opts: &LaunchOptions) -> R
     let pipeline_config = PipelineConfig {
         resolution: model.config.vision.image_size as u32,
         image_tokens: model.config.vision.num_patches(),
-        batch_size: t.batch_size,
-        rank: 0,
-        world: 1,
+        batch_size: t.batch_size / world,
+        rank: group.rank(),
+        world,
         workers: recipe.data.workers,
         prefetch: recipe.data.prefetch,
         pad_to: recipe.data.pad_to,
         on_bad_record: recipe.data.on_bad_record,
     };
     let pipeline = Pipeline::start(mixture, tokenizer.clone(), pipeline_config)?;
-    let mut metrics = std::fs::OpenOptions::new().create(true).append(true).open(out.join("metrics.jsonl"))?;
-    let mut events = EventWriter::create(&out.join("tb"))?;
+    let mut log = if main { Some(RunLog::open(out)?) } else { None };
     let eval_records = match &recipe.eval {
         Some(spec) => {
             let mut records = source::read_jsonl(&spec.data)?;
@@ -411,27 +457,24 @@ pub fn train(recipe: &Recipe, resolved: &toml::Table, opts: &LaunchOptions) -> R
         None => vec![],
     };
     // Scores go to metrics.jsonl as `eval/<name>` and to TensorBoard.
-    let log_eval = |step: u64, model: &PaliGemma, metrics: &mut std::fs::File, events: &mut EventWriter| -> Result<()> {
+    let log_eval = |step: u64, model: &PaliGemma, log: &mut RunLog| -> Result<()> {
         let Some(spec) = &recipe.eval else { return Ok(()) };
         let scores = evaluate(model, &tokenizer, spec, &eval_records, step, out)?;
         let mut line = Map::new();
         line.insert("step".into(), step.into());
         for (name, value) in scores.iter().filter(|(name, _)| name.as_str() != "n") {
-            let tag = format!("eval/{name}");
-            if let Some(v) = value.as_f64() {
-                events.scalar(&tag, v, step)?;
-                eprintln!("step {step} {tag} {v:.4}");
-            }
-            line.insert(tag, value.clone());
+            line.insert(format!("eval/{name}"), value.clone());
         }
-        writeln!(metrics, "{}", Value::Object(line))?;
-        events.flush()?;
-        Ok(())
+        let tags: Vec<(&str, f64)> = line.iter().filter_map(|(tag, v)| Some((tag.as_str(), v.as_f64()?))).filter(|(tag, _)| *tag != "step").collect();
+        for (tag, v) in &tags {
+            eprintln!("step {step} {tag} {v:.4}");
+        }
+        log.write(Value::Object(line.clone()), step, &tags)
     };
-    if first_step == 0 {
-        log_eval(0, &model, &mut metrics, &mut events)?;
+    if let Some(log) = log.as_mut().filter(|_| first_step == 0) {
+        log_eval(0, &model, log)?;
     }
-    let interactive = std::io::stderr().is_terminal();
+    let interactive = main && std::io::stderr().is_terminal();
     let bar = if interactive { ProgressBar::new(total_steps) } else { ProgressBar::hidden() };
     bar.set_style(ProgressStyle::with_template("{prefix} {bar:30} {pos}/{len} {msg} [{elapsed} < {eta}]").unwrap());
     bar.set_prefix(recipe.name.clone().unwrap_or_default());
@@ -441,28 +484,44 @@ pub fn train(recipe: &Recipe, resolved: &toml::Table, opts: &LaunchOptions) -> R
     let mut skipped = 0;
     let mut skipped_steps = 0;
     let per_token = t.loss_normalization == LossNormalization::Token;
+    let bucket_bytes = (t.allreduce_bucket_mb * 1e6) as usize;
     for step in first_step..total_steps {
         // Gradients of `grad_accumulation` batches add up; each loss is scaled to their mean.
         let mut value = 0.0;
         let mut position = None;
         if recipe.model.dropout > 0.0 {
             // Dropout masks from (seed, step) alone: a resumed run draws the same ones.
-            tch::manual_seed((recipe.seed as i64).wrapping_mul(1_000_003).wrapping_add(step as i64));
+            let stream = (recipe.seed as i64).wrapping_mul(1_000_003).wrapping_add(step as i64);
+            tch::manual_seed(stream.wrapping_add((group.rank() as i64) << 40)); // each rank its own masks
             model.options.dropout = recipe.model.dropout;
         }
+        let mut skipped_here = 0;
         for _ in 0..t.grad_accumulation {
             let loaded = pipeline.next_batch()?;
-            skipped += loaded.stats.skipped;
-            let loss = loss(&model, &loaded.batch.to_device(opts.device), t.label_smoothing, per_token)? / t.grad_accumulation as f64;
-            let part = loss.double_value(&[]);
-            if part.is_finite() {
-                loss.backward();
-            }
-            value += part;
+            skipped_here += loaded.stats.skipped;
+            let batch = loaded.batch.to_device(opts.device);
+            let tokens = match per_token {
+                true => Some(group.sum_scalars(&[target_counts(&batch).sum(Kind::Float).double_value(&[])])?[0] / world as f64),
+                false => None,
+            };
+            let loss = loss(&model, &batch, t.label_smoothing, tokens)? / t.grad_accumulation as f64;
+            // A non-finite loss still runs backward: its gradients reach every rank, so all
+            // of them see a non-finite norm below and handle the step alike.
+            loss.backward();
+            value += loss.double_value(&[]);
             position = Some(loaded.position);
         }
         let position = position.expect("at least one batch per step");
         model.options.dropout = 0.0; // evaluation and checkpoints see the model without it
+        if world > 1 {
+            let grads = trainable
+                .iter()
+                .map(|(name, p)| Some(p.grad()).filter(Tensor::defined).with_context(|| format!("`{name}` got no gradient; every trainable parameter needs one with several workers")))
+                .collect::<Result<Vec<_>>>()?;
+            group.all_reduce_mean(&grads, bucket_bytes)?;
+        }
+        let [loss_sum, skipped_sum] = group.sum_scalars(&[value, skipped_here as f64])?[..] else { unreachable!("two sums") };
+        (value, skipped) = (loss_sum / world as f64, skipped + skipped_sum as usize);
         let grad_norm = adam.clip_grad_norm(Some(t.grad_clip).filter(|&c| c > 0.0));
         let lr = t.lr * schedule.factor(step);
         if value.is_finite() && grad_norm.is_finite() {
@@ -477,15 +536,11 @@ pub fn train(recipe: &Recipe, resolved: &toml::Table, opts: &LaunchOptions) -> R
         losses.push(value);
         window_examples += t.batch_size * t.grad_accumulation;
         let done = step + 1;
-        if done % t.log_every == 0 || done == total_steps {
+        if let Some(log) = log.as_mut().filter(|_| done % t.log_every == 0 || done == total_steps) {
             let rate = window_examples as f64 / window_start.elapsed().as_secs_f64();
             let line = serde_json::json!({"step": done, "loss": value, "lr": lr, "grad_norm": grad_norm,
                 "examples_per_s": rate, "skipped_records": skipped, "skipped_steps": skipped_steps});
-            writeln!(metrics, "{line}")?;
-            for (tag, v) in [("train/loss", value), ("train/lr", lr), ("train/grad_norm", grad_norm)] {
-                events.scalar(tag, v, done)?;
-            }
-            events.flush()?;
+            log.write(line, done, &[("train/loss", value), ("train/lr", lr), ("train/grad_norm", grad_norm)])?;
             if interactive {
                 bar.set_message(format!("loss {value:.4} | {rate:.1} ex/s"));
             } else {
@@ -494,10 +549,12 @@ pub fn train(recipe: &Recipe, resolved: &toml::Table, opts: &LaunchOptions) -> R
             (window_start, window_examples) = (Instant::now(), 0);
         }
         if recipe.eval.as_ref().is_some_and(|e| done % e.every == 0 || done == total_steps) {
-            bar.suspend(|| log_eval(done, &model, &mut metrics, &mut events))?;
+            if let Some(log) = log.as_mut() {
+                bar.suspend(|| log_eval(done, &model, log))?;
+            }
         }
         bar.set_position(done);
-        if t.checkpoint_every.is_some_and(|n| done % n == 0) || done == total_steps {
+        if (t.checkpoint_every.is_some_and(|n| done % n == 0) || done == total_steps) && main {
             let state = TrainerState { step: done, position: position.clone(), seed: recipe.seed };
             last_checkpoint = save_checkpoint(out, done, &model, &adam, &recipe.data.tokenizer, &state, kind)?;
             if let Some(keep) = t.keep_checkpoints {

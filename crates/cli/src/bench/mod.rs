@@ -192,3 +192,58 @@ pub fn model(b: &ModelBench) -> Result<()> {
     println!("attention: {}", if b.no_soft_caps { "fused (no soft-caps)" } else { "eager, soft-capped (materialises one layer's scores)" });
     Ok(())
 }
+
+/// `pg2 bench allreduce`: sums a tensor of `size_mb` megabytes over the group, checks every
+/// element, and prints the time per all-reduce with the algorithm and bus bandwidths (as
+/// nccl-tests counts them: bytes / time, and that times 2 (world - 1) / world).
+pub fn allreduce(device: &str, size_mb: f64, iters: usize) -> Result<()> {
+    use pg2_dist::{Group, WorkerEnv};
+    use tch::{Device, Kind, Tensor};
+
+    let env = WorkerEnv::from_env()?
+        .unwrap_or(WorkerEnv { rank: 0, local_rank: 0, world: 1, local_world: 1, master_addr: "127.0.0.1".into(), master_port: 0 });
+    let device = match (device, pg2_model::parse_device(device)?) {
+        ("auto" | "cuda", Device::Cuda(_)) => Device::Cuda(env.gpu()?),
+        (_, d) => d,
+    };
+    let (rank, world) = (env.rank, env.world);
+    let mut group = Group::join(env, device, std::time::Duration::from_secs(120))?;
+    if group.backend() == "none" {
+        bail!("a group of one on the CPU exchanges nothing: start one process per rank with RANK, WORLD_SIZE and MASTER_PORT set, or use a GPU");
+    }
+    let n = (size_mb * 1e6 / 4.0).max(1.0) as i64;
+    let sync = || {
+        if let Device::Cuda(i) = device {
+            tch::Cuda::synchronize(i as i64);
+        }
+    };
+    // Rank r contributes r + 1 (and the element's index mod 7), so a wrong or partial sum shows.
+    let value = Tensor::arange(n, (Kind::Float, device)).fmod(7.0) + (rank + 1) as f64;
+    let want = Tensor::arange(n, (Kind::Float, device)).fmod(7.0) * world as f64 + (world * (world + 1) / 2) as f64;
+    let t = value.copy();
+    group.all_reduce_sum(&t)?;
+    sync();
+    let wrong = t.ne_tensor(&want).sum(Kind::Int64).int64_value(&[]);
+    if wrong > 0 {
+        bail!("rank {rank}: {wrong} of {n} elements summed wrongly over {world} rank(s) ({} backend)", group.backend());
+    }
+    let start = Instant::now();
+    for _ in 0..iters {
+        group.all_reduce_sum(&t)?;
+    }
+    sync();
+    let per = start.elapsed().as_secs_f64() / iters as f64;
+    let bytes = n as f64 * 4.0;
+    if rank == 0 {
+        println!(
+            "all-reduce of {:.1} MB over {world} rank(s) on {device:?} ({} backend): correct; {:.3} ms each, algbw {:.2} GB/s, busbw {:.2} GB/s",
+            bytes / 1e6,
+            group.backend(),
+            per * 1e3,
+            bytes / per / 1e9,
+            bytes / per / 1e9 * 2.0 * (world as f64 - 1.0) / world as f64
+        );
+    }
+    group.barrier("bench-allreduce")?;
+    Ok(())
+}

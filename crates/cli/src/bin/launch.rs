@@ -1,13 +1,22 @@
-//! `launch RECIPE.toml`: trains one stage described by a recipe.
+//! `launch RECIPE.toml`: trains one stage described by a recipe, in this process or, with
+//! `--nproc-per-node`/`--nnodes`, in a data-parallel group of worker processes.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use clap::Parser;
+use pg2_dist::{Group, LaunchPlan, WorkerEnv};
 use pg2_train::{train, LaunchOptions, Recipe};
+use tch::Device;
 
 #[derive(Parser)]
 #[command(name = "launch", version, about = "Train a PaliGemma 2 stage from a TOML recipe")]
+#[command(after_help = "Several workers: --nproc-per-node N starts N processes on this machine (one per GPU, NCCL; \
+on the CPU a TCP ring); train.batch_size stays the global batch. Multi-node: run the same command on every node with \
+--nnodes, --node-rank and --master-addr, or start the workers with srun (launch/slurm.sbatch) or torchrun, whose \
+variables launch recognises.")]
 struct Cli {
     /// The recipe, e.g. recipes/tiny/stage1.toml.
     recipe: PathBuf,
@@ -23,21 +32,93 @@ struct Cli {
     /// Start over in a run folder that already holds checkpoints.
     #[arg(long, conflicts_with = "resume")]
     overwrite: bool,
-    /// cpu, cuda, cuda:N, or auto (the first GPU if there is one).
+    /// cpu, cuda, cuda:N, or auto (a GPU if there is one); a worker takes GPU LOCAL_RANK.
     #[arg(long, default_value = "auto")]
     device: String,
+    /// Worker processes on this machine.
+    #[arg(long, default_value_t = 1, value_name = "N")]
+    nproc_per_node: usize,
+    /// Machines in the run (run this command on each).
+    #[arg(long, default_value_t = 1, value_name = "M")]
+    nnodes: usize,
+    /// This machine's index among the --nnodes.
+    #[arg(long, default_value_t = 0, value_name = "R")]
+    node_rank: usize,
+    /// Host of node 0, where rank 0 keeps the rendezvous store.
+    #[arg(long, default_value = "127.0.0.1", value_name = "HOST")]
+    master_addr: String,
+    /// Port of the rendezvous store (default: a free port on one machine, 29500 on several).
+    #[arg(long, value_name = "PORT")]
+    master_port: Option<u16>,
+    /// After a worker fails, restart the group from the latest checkpoint up to K times.
+    #[arg(long, default_value_t = 0, value_name = "K")]
+    max_restarts: usize,
+    /// Seconds a worker waits for the others at the rendezvous before naming the absent.
+    #[arg(long, default_value_t = 300, value_name = "SECS")]
+    rendezvous_timeout: u64,
+}
+
+/// The device of a worker: its own GPU for `auto` (when there is a GPU) and `cuda`.
+fn worker_device(name: &str, env: &WorkerEnv) -> Result<Device> {
+    Ok(match (name, pg2_model::parse_device(name)?) {
+        ("auto" | "cuda", Device::Cuda(_)) => Device::Cuda(env.gpu()?),
+        (_, device) => device,
+    })
+}
+
+/// The command that starts one worker: this program with the recipe's arguments (the
+/// launcher's own flags are dropped); a restart resumes instead of overwriting.
+fn worker_command(exe: &Path, cli: &Cli, out: &Path, attempt: usize) -> Command {
+    let mut command = Command::new(exe);
+    command.arg(&cli.recipe).arg("--out").arg(out).arg("--device").arg(&cli.device);
+    for o in &cli.overrides {
+        command.arg("--set").arg(o);
+    }
+    if cli.resume || attempt > 0 {
+        command.arg("--resume");
+    } else if cli.overwrite {
+        command.arg("--overwrite");
+    }
+    command
 }
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
     let (recipe, resolved) = Recipe::load(&cli.recipe, &cli.overrides)?;
     let name = recipe.name.clone().unwrap_or_default();
-    let device = pg2_model::parse_device(&cli.device)?;
-    let out = cli.out.unwrap_or_else(|| PathBuf::from("runs").join(&name));
-    eprintln!("launch: {} on {device:?} -> {}", cli.recipe.display(), out.display());
+    let out = cli.out.clone().unwrap_or_else(|| PathBuf::from("runs").join(&name));
+    let worker = WorkerEnv::from_env()?;
+    if worker.is_none() && (cli.nproc_per_node > 1 || cli.nnodes > 1 || cli.max_restarts > 0) {
+        let plan = LaunchPlan {
+            nproc_per_node: cli.nproc_per_node,
+            nnodes: cli.nnodes,
+            node_rank: cli.node_rank,
+            master_addr: cli.master_addr.clone(),
+            master_port: cli.master_port,
+            max_restarts: cli.max_restarts,
+        };
+        eprintln!("launch: {} with {} worker(s) on this node -> {}", cli.recipe.display(), cli.nproc_per_node, out.display());
+        let exe = std::env::current_exe().context("finding the launch binary")?;
+        pg2_dist::supervise(&plan, |attempt| worker_command(&exe, &cli, &out, attempt))?;
+        return Ok(());
+    }
+    let (device, mut group) = match worker {
+        Some(env) => {
+            let device = worker_device(&cli.device, &env)?;
+            let timeout = Duration::from_secs(cli.rendezvous_timeout);
+            let (rank, world) = (env.rank, env.world);
+            let group = Group::join(env, device, timeout).with_context(|| format!("rank {rank} of {world} joining the group"))?;
+            (device, group)
+        }
+        None => (pg2_model::parse_device(&cli.device)?, Group::single()),
+    };
+    if group.is_main() {
+        let workers = if group.world() > 1 { format!(" x {} workers", group.world()) } else { String::new() };
+        eprintln!("launch: {} on {device:?}{workers} -> {}", cli.recipe.display(), out.display());
+    }
     let opts = LaunchOptions { out, resume: cli.resume, overwrite: cli.overwrite, device };
-    let summary = train(&recipe, &resolved, &opts)?;
-    if let (Some(first), Some(last)) = (summary.losses.first(), summary.losses.last()) {
+    let summary = train(&recipe, &resolved, &opts, &mut group).with_context(|| format!("rank {}", group.rank()))?;
+    if let (Some(first), Some(last), true) = (summary.losses.first(), summary.losses.last(), group.is_main()) {
         eprintln!("launch: loss {first:.4} -> {last:.4}; checkpoint {}", summary.checkpoint.display());
     }
     Ok(())

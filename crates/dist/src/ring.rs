@@ -1,0 +1,189 @@
+//! The CPU backend: ring all-reduce between the worker processes over TCP, so data
+//! parallelism runs (and is tested) on machines without GPUs.
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::time::Duration;
+
+use tch::{Device, Kind, Tensor};
+
+use crate::store::StoreClient;
+use crate::{Collective, DistError};
+
+/// Each rank sends to the next rank and receives from the previous one.
+pub struct Ring {
+    rank: usize,
+    world: usize,
+    next: TcpStream,
+    prev: TcpStream,
+}
+
+impl Ring {
+    /// Joins the ring: publishes this rank's listening address in the store, connects to
+    /// the next rank and accepts the previous one. Needs `world >= 2`.
+    pub fn connect(store: &mut StoreClient, rank: usize, world: usize, timeout: Duration) -> Result<Ring, DistError> {
+        assert!(world >= 2, "a ring needs two ranks");
+        let listener = TcpListener::bind((store.local_ip, 0)).map_err(|e| DistError::io("opening this rank's ring port", e))?;
+        let addr = listener.local_addr().map_err(|e| DistError::io("this rank's ring port", e))?;
+        store.set(&format!("ring/{rank}"), addr.to_string().as_bytes())?;
+        let next_rank = (rank + 1) % world;
+        let next_addr = store
+            .get(&format!("ring/{next_rank}"), timeout)?
+            .ok_or_else(|| DistError::Timeout(format!("rank {next_rank} never published its ring address within {}s", timeout.as_secs())))?;
+        let next_addr = String::from_utf8_lossy(&next_addr).into_owned();
+        let mut next = TcpStream::connect(&next_addr).map_err(|e| DistError::io(format!("connecting to rank {next_rank} at {next_addr}"), e))?;
+        next.write_all(&(rank as u32).to_le_bytes()).map_err(|e| DistError::io(format!("greeting rank {next_rank}"), e))?;
+        let (mut prev, _) = listener.accept().map_err(|e| DistError::io("accepting the previous rank", e))?;
+        let mut greeting = [0u8; 4];
+        prev.read_exact(&mut greeting).map_err(|e| DistError::io("reading the previous rank's greeting", e))?;
+        let prev_rank = (rank + world - 1) % world;
+        if u32::from_le_bytes(greeting) as usize != prev_rank {
+            return Err(DistError::Protocol(format!("rank {rank} expected rank {prev_rank} in the ring, got {}", u32::from_le_bytes(greeting))));
+        }
+        for s in [&next, &prev] {
+            let _ = s.set_nodelay(true);
+        }
+        Ok(Ring { rank, world, next, prev })
+    }
+
+    /// Sends `send` to the next rank while receiving `recv` from the previous one.
+    fn exchange(&mut self, send: &[u8], recv: &mut [u8]) -> Result<(), DistError> {
+        let (next, prev) = (&mut self.next, &mut self.prev);
+        let (sent, received) = std::thread::scope(|s| {
+            let sender = s.spawn(move || next.write_all(send));
+            let received = prev.read_exact(recv);
+            (sender.join().expect("ring sender thread"), received)
+        });
+        let rank = self.rank;
+        sent.map_err(|e| DistError::io(format!("sending to rank {} (has it failed? see its message)", (rank + 1) % self.world), e))?;
+        received.map_err(|e| DistError::io(format!("receiving from rank {} (has it failed? see its message)", (rank + self.world - 1) % self.world), e))
+    }
+
+    /// Sums `data` over the ranks: a reduce-scatter then an all-gather, `world - 1` steps
+    /// each, every chunk summed once, so all ranks end with bit-identical values.
+    pub fn all_reduce_f32(&mut self, data: &mut [f32]) -> Result<(), DistError> {
+        let n = self.world;
+        let len = data.len();
+        let bounds = |i: usize| (len * i / n, len * (i + 1) / n);
+        let mut recv = Vec::new();
+        for phase in 0..2 {
+            for s in 0..n - 1 {
+                // Reduce-scatter: after step s, chunk (rank - s - 1) holds s + 2 ranks' sum.
+                // All-gather: pass on the finished chunks.
+                let (send_chunk, recv_chunk) = match phase {
+                    0 => ((self.rank + n - s) % n, (self.rank + 2 * n - s - 1) % n),
+                    _ => ((self.rank + 1 + n - s) % n, (self.rank + n - s) % n),
+                };
+                let (a, b) = bounds(send_chunk);
+                let send: Vec<u8> = data[a..b].iter().flat_map(|x| x.to_le_bytes()).collect();
+                let (c, d) = bounds(recv_chunk);
+                recv.resize((d - c) * 4, 0);
+                self.exchange(&send, &mut recv)?;
+                for (x, bytes) in data[c..d].iter_mut().zip(recv.chunks_exact(4)) {
+                    let y = f32::from_le_bytes(bytes.try_into().unwrap());
+                    *x = if phase == 0 { *x + y } else { y };
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Passes rank `root`'s bytes around the ring.
+    fn broadcast_bytes(&mut self, data: &mut [u8], root: usize) -> Result<(), DistError> {
+        let n = self.world;
+        let rank = self.rank;
+        let lost = |what: &str, peer: usize, e| DistError::io(format!("{what} rank {peer} during a broadcast"), e);
+        if rank != root {
+            self.prev.read_exact(data).map_err(|e| lost("receiving from", (rank + n - 1) % n, e))?;
+        }
+        if (rank + 1) % n != root {
+            self.next.write_all(data).map_err(|e| lost("sending to", (rank + 1) % n, e))?;
+        }
+        Ok(())
+    }
+}
+
+/// A tensor's values as f32 on the host (exact for bf16, f16 and f32).
+fn host_values(tensor: &Tensor) -> Result<Vec<f32>, DistError> {
+    let flat = tensor.to_device(Device::Cpu).to_kind(Kind::Float).contiguous().view(-1);
+    Ok(Vec::<f32>::try_from(&flat)?)
+}
+
+/// Writes host values back into `tensor`, in its own kind and device.
+fn store_values(tensor: &Tensor, values: &[f32]) {
+    tensor.shallow_clone().copy_(&Tensor::from_slice(values).view(tensor.size().as_slice()));
+}
+
+impl Collective for Ring {
+    fn all_reduce_sum(&mut self, tensor: &Tensor) -> Result<(), DistError> {
+        let mut values = host_values(tensor)?;
+        self.all_reduce_f32(&mut values)?;
+        store_values(tensor, &values);
+        Ok(())
+    }
+
+    fn broadcast(&mut self, tensor: &Tensor, root: usize) -> Result<(), DistError> {
+        let values = host_values(tensor)?;
+        let mut bytes: Vec<u8> = values.iter().flat_map(|x| x.to_le_bytes()).collect();
+        self.broadcast_bytes(&mut bytes, root)?;
+        let values: Vec<f32> = bytes.chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect();
+        store_values(tensor, &values);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store;
+
+    /// `world` rings in threads of this process, each given its rank.
+    fn with_ring<T: Send>(world: usize, f: impl Fn(usize, &mut Ring) -> T + Sync) -> Vec<T> {
+        let port = store::host(0).unwrap().port();
+        let addr = format!("127.0.0.1:{port}");
+        std::thread::scope(|s| {
+            let handles: Vec<_> = (0..world)
+                .map(|rank| {
+                    let (f, addr) = (&f, &addr);
+                    s.spawn(move || {
+                        let mut client = StoreClient::connect(addr, Duration::from_secs(5)).unwrap();
+                        let mut ring = Ring::connect(&mut client, rank, world, Duration::from_secs(5)).unwrap();
+                        f(rank, &mut ring)
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        })
+    }
+
+    #[test]
+    fn ring_all_reduce_sums_every_rank_and_agrees_bit_for_bit() {
+        for world in [2, 3, 5] {
+            // 7 values: chunks of unequal (and, for 5 ranks, some of one) length.
+            let results = with_ring(world, |rank, ring| {
+                let mut data: Vec<f32> = (0..7).map(|i| (rank * 10 + i) as f32 * 0.1).collect();
+                ring.all_reduce_f32(&mut data).unwrap();
+                data
+            });
+            for i in 0..7 {
+                let want: f32 = (0..world).map(|r| (r * 10 + i) as f32 * 0.1).sum();
+                assert!((results[0][i] - want).abs() < 1e-5, "world {world}: {} vs {want}", results[0][i]);
+            }
+            assert!(results.iter().all(|r| r == &results[0]), "ranks disagree: {results:?}");
+        }
+    }
+
+    #[test]
+    fn tensors_reduce_and_broadcast_in_their_own_kind() {
+        let results = with_ring(3, |rank, ring| {
+            let t = Tensor::full([2, 3], rank as f64 + 1.0, (Kind::BFloat16, Device::Cpu));
+            ring.all_reduce_sum(&t).unwrap();
+            let b = Tensor::full([4], rank as f64, (Kind::Float, Device::Cpu));
+            ring.broadcast(&b, 1).unwrap();
+            (t.kind(), t.double_value(&[1, 2]), Vec::<f32>::try_from(&b).unwrap())
+        });
+        for (kind, sum, broadcast) in results {
+            assert_eq!((kind, sum, broadcast), (Kind::BFloat16, 6.0, vec![1.0; 4]));
+        }
+    }
+}
