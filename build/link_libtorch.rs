@@ -9,6 +9,9 @@
 //!
 //! Both are fixed with link arguments for this crate's binaries and tests only (global
 //! rustflags would also reach proc-macros, which must not link libtorch).
+//!
+//! A crate's `src/*.cpp` files (small shims for libtorch functions that tch does not
+//! generate) are compiled here against the same libtorch headers, with torch-sys's flags.
 use std::path::PathBuf;
 
 fn main() {
@@ -27,4 +30,55 @@ fn main() {
         println!("cargo:rustc-link-arg=-ltorch_cuda");
         println!("cargo:rustc-link-arg=-Wl,--as-needed");
     }
+    compile_shims(&PathBuf::from(&root));
+}
+
+/// Compiles the crate's `src/*.cpp` into one static library, if it has any. The build
+/// script reruns on any change under `src/`; the C++ is recompiled only when a shim's text
+/// or the libtorch it is built against changed.
+fn compile_shims(root: &std::path::Path) {
+    let src = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").unwrap()).join("src");
+    println!("cargo:rerun-if-changed={}", src.display());
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&src)
+        .into_iter()
+        .flatten()
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|e| e == "cpp"))
+        .collect();
+    if files.is_empty() {
+        return;
+    }
+    files.sort();
+    let name = format!("{}_shim", std::env::var("CARGO_PKG_NAME").unwrap().replace('-', "_"));
+    let out = PathBuf::from(std::env::var("OUT_DIR").unwrap());
+    let mut digest = root.display().to_string();
+    for f in &files {
+        digest.push_str(&std::fs::read_to_string(f).unwrap());
+    }
+    let digest = format!("{:x}", {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        digest.hash(&mut h);
+        h.finish()
+    });
+    let stamp = out.join(format!("{name}.stamp"));
+    if std::fs::read_to_string(&stamp).is_ok_and(|s| s == digest) && out.join(format!("lib{name}.a")).exists() {
+        println!("cargo:rustc-link-search=native={}", out.display());
+        println!("cargo:rustc-link-lib=static={name}");
+        println!("cargo:rustc-link-lib=stdc++");
+        return;
+    }
+    let include = root.join("include");
+    cc::Build::new()
+        .cpp(true)
+        .pic(true)
+        .warnings(false)
+        .include(&include)
+        .include(include.join("torch/csrc/api/include"))
+        .flag("-std=c++17")
+        .flag("-D_GLIBCXX_USE_CXX11_ABI=1")
+        .flag("-DGLOG_USE_GLOG_EXPORT")
+        .files(&files)
+        .compile(&name);
+    std::fs::write(&stamp, digest).unwrap();
 }

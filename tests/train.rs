@@ -201,3 +201,23 @@ fn accumulated_gradients_match_one_big_batch() {
     assert!(first.is_finite() && (first - big[0].1).abs() > 1e-6, "{first} vs {}", big[0].1);
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+#[test]
+fn bf16_autocast_keeps_f32_weights_and_computes_in_bf16_also_with_recomputed_layers() {
+    let dir = setup("autocast", 6, 6);
+    // Also the op-by-op optimizer (the fused kernel's reference) and recomputed layers,
+    // whose backward must recompute under the forward's autocast.
+    let out = launch(&dir, &["--set", "model.dtype=\"bf16_autocast\"", "--set", "train.fused_optimizer=false", "--set", "model.activation_checkpointing=true"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let autocast = losses(&dir);
+    assert!(autocast[5].1 < autocast[0].1, "the loss falls: {autocast:?}");
+    for (name, t) in pg2_model::checkpoint::read_tensors(&dir.join("run/checkpoints/step-000006")).unwrap() {
+        assert_eq!(t.kind(), tch::Kind::Float, "{name}: autocast keeps f32 weights");
+    }
+    assert!(launch(&dir, &["--overwrite"]).status.success());
+    let f32 = losses(&dir);
+    // The same weights and batch: only bf16 matmuls move the first loss.
+    let (a, b) = (autocast[0].1, f32[0].1);
+    assert!((a - b).abs() > 1e-5 && (a - b).abs() < 1e-2 * b, "first losses {a} (autocast) and {b} (f32)");
+    std::fs::remove_dir_all(dir).unwrap();
+}

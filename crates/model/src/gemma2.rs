@@ -10,6 +10,8 @@
 //! (padding is never attended to). Decoding state lives in a [`KvCache`] owned by the
 //! caller: the same `forward` serves training, scoring, prefill and each decoding step.
 
+use std::sync::Arc;
+
 use tch::{Device, Kind, Tensor};
 
 use crate::config::Gemma2Config;
@@ -29,11 +31,15 @@ pub struct RunOptions {
     /// Dropout on the attention and MLP branch outputs of each decoder layer, before their
     /// post-norms (big_vision's `llm.dropout`); only for training, 0 otherwise.
     pub dropout: f64,
+    /// Activation checkpointing: while gradients are recorded, keep only each layer's
+    /// input (of both towers) and recompute the layer in the backward pass
+    /// ([`crate::recompute`]). Not with dropout, whose masks the recompute would redraw.
+    pub recompute: bool,
 }
 
 impl Default for RunOptions {
     fn default() -> Self {
-        Self { soft_caps: true, sliding_window: false, dropout: 0.0 }
+        Self { soft_caps: true, sliding_window: false, dropout: 0.0, recompute: false }
     }
 }
 
@@ -270,7 +276,7 @@ impl DecoderLayer {
 /// checkpoint's; an untied head is read from `lm_head`.
 pub struct Gemma2 {
     embed_tokens: Tensor,
-    layers: Vec<DecoderLayer>,
+    layers: Vec<Arc<DecoderLayer>>,
     norm: RmsNorm,
     /// `None` when the head is tied to `embed_tokens`.
     lm_head: Option<Tensor>,
@@ -287,7 +293,7 @@ impl Gemma2 {
         let (v, d) = (cfg.vocab_size as i64, cfg.hidden_size as i64);
         let embed_tokens = w.take(&format!("{prefix}.embed_tokens.weight"), &[v, d], Init::Normal(1.0 / (d as f64).sqrt()))?;
         let layers = (0..cfg.num_hidden_layers)
-            .map(|i| DecoderLayer::new(cfg, w, &format!("{prefix}.layers.{i}"), i))
+            .map(|i| DecoderLayer::new(cfg, w, &format!("{prefix}.layers.{i}"), i).map(Arc::new))
             .collect::<Result<_, _>>()?;
         let norm = RmsNorm::new(w, &format!("{prefix}.norm"), cfg.hidden_size, cfg.rms_norm_eps)?;
         let lm_head = if tied { None } else { Some(w.take(lm_head, &[v, d], Init::Normal(0.02))?) };
@@ -360,12 +366,19 @@ impl Gemma2 {
     /// hidden states. With a cache, the tokens continue the cached sequences and are
     /// appended to the cache.
     pub fn forward(&self, embeds: &Tensor, layout: &TokenLayout, mut cache: Option<&mut KvCache>, opts: RunOptions) -> Tensor {
-        let plan = self.plan(layout, cache.as_deref(), opts);
+        let plan = Arc::new(self.plan(layout, cache.as_deref(), opts));
         let (cos, sin) = rotary_tables(&plan.positions, &self.inv_freq, embeds.kind());
         let mut x = embeds.shallow_clone();
+        // Only where a backward pass will follow: no cache (training) and a graph to record.
+        let recompute = opts.recompute && cache.is_none() && embeds.requires_grad();
         for (i, layer) in self.layers.iter().enumerate() {
-            let slot = cache.as_deref_mut().map(|c| &mut c.layers[i]);
-            x = layer.forward(&x, (&cos, &sin), &plan, slot, opts);
+            if recompute {
+                let (layer, plan, cos, sin) = (layer.clone(), plan.clone(), cos.shallow_clone(), sin.shallow_clone());
+                x = crate::recompute::recompute(&x, move |x| layer.forward(x, (&cos, &sin), &plan, None, opts));
+            } else {
+                let slot = cache.as_deref_mut().map(|c| &mut c.layers[i]);
+                x = layer.forward(&x, (&cos, &sin), &plan, slot, opts);
+            }
         }
         if let Some(c) = cache {
             c.segments = Tensor::cat(&[&c.segments, &plan.segments], 1);
@@ -498,7 +511,7 @@ mod tests {
         let mut model = tiny();
         // A cap so large that tanh is the identity to float precision: the eager path with
         // soft-caps on computes what the fused one does with them off.
-        model.layers[0].self_attn.soft_cap = Some(1e9);
+        Arc::get_mut(&mut model.layers[0]).expect("not shared").self_attn.soft_cap = Some(1e9);
         let embeds = Tensor::randn([2, 6, 16], (Kind::Float, Device::Cpu));
         let layout = layout(&[0, 0, 0, 1, 1, 1], &[true, true, true, true, true, false]);
         let layout = TokenLayout { mask_ar: layout.mask_ar.repeat([2, 1]), valid: layout.valid.repeat([2, 1]) };

@@ -5,14 +5,17 @@
 //! `tests/fixtures/make_paligemma_fixtures.py`); the attention mask and the absence of a
 //! sliding window follow big_vision, which trained the released weights.
 
+pub mod autocast;
 pub mod checkpoint;
 pub mod config;
 pub mod decode;
 pub mod gemma2;
 pub mod nn;
 pub mod paligemma;
+pub mod recompute;
 pub mod siglip;
 
+pub use autocast::autocast;
 pub use config::{Gemma2Config, PaliGemmaConfig, SiglipVisionConfig};
 pub use decode::{generate, DecodeOptions};
 pub use gemma2::{KvCache, RunOptions, TokenLayout};

@@ -125,7 +125,7 @@ impl PaliGemma {
 
     /// Projected image tokens `(batch, patches, width)` for pixels `(batch, 3, res, res)`.
     pub fn encode_images(&self, pixels: &Tensor) -> Tensor {
-        self.projector.forward(&self.vision.forward(pixels))
+        self.projector.forward(&self.vision.forward(pixels, self.options.recompute))
     }
 
     /// Input embeddings: scaled text embeddings, with image tokens (unscaled) placed at
@@ -193,5 +193,56 @@ impl PaliGemma {
         let b = inputs.ids.size()[0];
         let sums = Tensor::zeros([b], (Kind::Double, logprobs.device())).index_add(0, &example, &logprobs.to_kind(Kind::Double));
         Ok(Vec::<f64>::try_from(sums.to_device(Device::Cpu)).unwrap())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{PaliGemmaConfig, TokenLayout, Weights};
+
+    /// Activation checkpointing changes memory, not math: the loss and every parameter's
+    /// gradient equal those of a forward that keeps its activations (soft-capped attention,
+    /// the eager path, included; and in the fused path without caps).
+    #[test]
+    fn recomputed_layers_give_the_same_loss_and_gradients() {
+        for soft_caps in [true, false] {
+            tch::manual_seed(4);
+            let config = PaliGemmaConfig::tiny(40, 39, 32).unwrap();
+            let mut model = PaliGemma::new(config, &mut Weights::random(Device::Cpu, Kind::Float), RunOptions { soft_caps, ..RunOptions::default() }).unwrap();
+            let params = model.parameters();
+            for (_, p) in &params {
+                let _ = p.set_requires_grad(true);
+            }
+            // Non-zero projector, so gradients reach the vision tower.
+            tch::no_grad(|| params.iter().filter(|(n, _)| n.starts_with(PROJECTOR)).for_each(|(_, p)| drop(p.shallow_clone().normal_(0.0, 0.1))));
+            let image = model.config.vision.num_patches() as i64;
+            let ids = Tensor::cat(&[Tensor::full([2, image], 39, (Kind::Int64, Device::Cpu)), Tensor::randint_low(1, 38, [2, 6], (Kind::Int64, Device::Cpu))], 1);
+            let mask_ar = Tensor::cat(&[Tensor::zeros([2, image + 3], (Kind::Int64, Device::Cpu)), Tensor::ones([2, 3], (Kind::Int64, Device::Cpu))], 1);
+            let inputs = Inputs {
+                pixels: Some(Tensor::rand([2, 3, 32, 32], (Kind::Float, Device::Cpu)) * 2.0 - 1.0),
+                ids,
+                layout: TokenLayout { valid: mask_ar.ones_like().to_kind(Kind::Bool), mask_ar: mask_ar.shallow_clone() },
+            };
+            let loss_mask = mask_ar.to_kind(Kind::Bool);
+            let mut run = |recompute: bool| {
+                model.options.recompute = recompute;
+                let (logprobs, _) = model.target_logprobs(&inputs, &loss_mask).unwrap();
+                let loss = -logprobs.mean(Kind::Float);
+                loss.backward();
+                let grads: Vec<Tensor> = params.iter().map(|(_, p)| p.grad().copy()).collect();
+                for (_, p) in &params {
+                    p.shallow_clone().zero_grad();
+                }
+                (loss.double_value(&[]), grads)
+            };
+            let (kept, kept_grads) = run(false);
+            let (recomputed, recomputed_grads) = run(true);
+            assert_eq!(kept, recomputed, "soft_caps {soft_caps}");
+            for ((name, _), (a, b)) in params.iter().zip(kept_grads.iter().zip(&recomputed_grads)) {
+                assert!(a.abs().sum(Kind::Float).double_value(&[]) > 0.0, "{name} got no gradient");
+                assert!(a.allclose(b, 1e-5, 1e-7, false), "soft_caps {soft_caps}: {name}");
+            }
+        }
     }
 }

@@ -2,6 +2,8 @@
 //! without the pooling head: patch embedding, learned position embeddings, pre-norm
 //! transformer blocks with tanh-GELU MLPs, final LayerNorm.
 
+use std::sync::Arc;
+
 use tch::{Kind, Tensor};
 
 use crate::config::SiglipVisionConfig;
@@ -100,7 +102,7 @@ pub struct SiglipVision {
     patch_weight: Tensor,
     patch_bias: Tensor,
     position_embedding: Tensor,
-    layers: Vec<EncoderLayer>,
+    layers: Vec<Arc<EncoderLayer>>,
     post_layernorm: LayerNorm,
     patch_size: i64,
 }
@@ -117,20 +119,28 @@ impl SiglipVision {
                 Init::Normal(1.0 / (d as f64).sqrt()),
             )?,
             layers: (0..cfg.num_hidden_layers)
-                .map(|i| EncoderLayer::new(cfg, w, &format!("{p}.encoder.layers.{i}")))
+                .map(|i| EncoderLayer::new(cfg, w, &format!("{p}.encoder.layers.{i}")).map(Arc::new))
                 .collect::<Result<_, _>>()?,
             post_layernorm: LayerNorm::new(w, &format!("{p}.post_layernorm"), cfg.hidden_size, cfg.layer_norm_eps)?,
             patch_size: ps,
         })
     }
 
-    /// Pixels `(batch, 3, res, res)` in [-1, 1] to patch features `(batch, patches, width)`.
-    pub fn forward(&self, pixels: &Tensor) -> Tensor {
+    /// Pixels `(batch, 3, res, res)` in [-1, 1] to patch features `(batch, patches, width)`;
+    /// with `recompute`, layers keep only their inputs for the backward pass.
+    pub fn forward(&self, pixels: &Tensor, recompute: bool) -> Tensor {
         let x = pixels.to_kind(self.patch_weight.kind());
         let x = x.conv2d(&self.patch_weight, Some(&self.patch_bias), [self.patch_size], [0], [1], 1);
         let mut x = x.flatten(2, 3).transpose(1, 2) + &self.position_embedding;
+        let recompute = recompute && x.requires_grad();
         for layer in &self.layers {
-            x = layer.forward(&x);
+            x = match recompute {
+                true => {
+                    let layer = layer.clone();
+                    crate::recompute::recompute(&x, move |x| layer.forward(x))
+                }
+                false => layer.forward(&x),
+            };
         }
         self.post_layernorm.forward(&x)
     }

@@ -14,6 +14,9 @@ pub struct AdamConfig {
     pub weight_decay: f64,
     /// How weight decay enters the update.
     pub decay: Decay,
+    /// Update through libtorch's fused AdamW kernel (`_fused_adamw_`, one launch per
+    /// parameter group) instead of a dozen element-wise ops per parameter; same math.
+    pub fused: bool,
 }
 
 /// The two weight-decay conventions a recipe can name (`decoupled`, `lr_coupled`).
@@ -31,7 +34,7 @@ pub enum Decay {
 
 impl Default for AdamConfig {
     fn default() -> Self {
-        Self { lr: 1e-3, b1: 0.9, b2: 0.999, eps: 1e-8, weight_decay: 0.0, decay: Decay::Decoupled }
+        Self { lr: 1e-3, b1: 0.9, b2: 0.999, eps: 1e-8, weight_decay: 0.0, decay: Decay::Decoupled, fused: true }
     }
 }
 
@@ -59,6 +62,28 @@ pub struct Adam {
     /// parameter gets the rounded result, so small updates are not lost to bf16 rounding.
     master: Vec<Option<Tensor>>,
     steps: i64,
+    /// The step count as each parameter's f32 scalar on its device, as the fused kernel
+    /// reads it (set by a device-side fill, so no host synchronisation).
+    step_counts: Vec<Tensor>,
+}
+
+// The C++ shim beside this file (compiled by build/link_libtorch.rs): tch's tensors are
+// `at::Tensor *` behind the pointer.
+extern "C" {
+    fn pg2_fused_adamw(
+        params: *const *const std::ffi::c_void,
+        grads: *const *const std::ffi::c_void,
+        exp_avgs: *const *const std::ffi::c_void,
+        exp_avg_sqs: *const *const std::ffi::c_void,
+        steps: *const *const std::ffi::c_void,
+        n: std::ffi::c_long,
+        lr: f64,
+        beta1: f64,
+        beta2: f64,
+        weight_decay: f64,
+        eps: f64,
+    ) -> std::ffi::c_int;
+    fn pg2_fused_adamw_error() -> *const std::ffi::c_char;
 }
 
 impl Adam {
@@ -75,7 +100,8 @@ impl Adam {
         let v = params.iter().map(|(_, p)| zeros(p)).collect();
         let groups = params.iter().map(|(n, p)| group(n, p)).collect();
         let master = params.iter().map(|(_, p)| (p.kind() != Kind::Float).then(|| p.detach().to_kind(Kind::Float))).collect();
-        Self { config, params, groups, m, v, master, steps: 0 }
+        let step_counts = params.iter().map(|(_, p)| Tensor::zeros([], (Kind::Float, p.device()))).collect();
+        Self { config, params, groups, m, v, master, steps: 0, step_counts }
     }
 
     /// Updates done so far.
@@ -103,11 +129,88 @@ impl Adam {
         norm
     }
 
+    /// A group's weight-decay rate: `param -= schedule * rate * param`.
+    fn decay_rate(&self, group: ParamGroup) -> f64 {
+        match (group.decay, self.config.decay) {
+            (false, _) => 0.0,
+            (true, Decay::Decoupled) => self.config.weight_decay,
+            (true, Decay::LrCoupled) => self.config.weight_decay * self.config.lr * group.lr_mult,
+        }
+    }
+
     /// One update with the schedule's factor for this step; clears the gradients.
     pub fn step(&mut self, schedule: f64) {
-        let AdamConfig { lr, b1, b2, eps, weight_decay, decay } = self.config;
+        if self.config.fused {
+            self.step_fused(schedule);
+        } else {
+            self.step_unfused(schedule);
+        }
+    }
+
+    /// The fused update: parameters sharing a learning-rate multiplier and decay flag go
+    /// through one `_fused_adamw_` call, on their f32 master copies where they have them.
+    fn step_fused(&mut self, schedule: f64) {
+        let AdamConfig { lr, b1, b2, eps, .. } = self.config;
+        self.steps += 1;
+        let with_grads: Vec<usize> = (0..self.params.len()).filter(|&i| self.params[i].1.grad().defined()).collect();
+        let mut calls: Vec<(ParamGroup, Vec<usize>)> = Vec::new();
+        for i in with_grads {
+            match calls.iter_mut().find(|(g, _)| *g == self.groups[i]) {
+                Some((_, members)) => members.push(i),
+                None => calls.push((self.groups[i], vec![i])),
+            }
+        }
+        tch::no_grad(|| {
+            for (group, members) in calls {
+                let step_lr = lr * group.lr_mult * schedule;
+                // AdamW decays by `lr * wd`; ours is `schedule * rate`.
+                let wd = if step_lr > 0.0 { schedule * self.decay_rate(group) / step_lr } else { 0.0 };
+                let targets: Vec<Tensor> = members.iter().map(|&i| self.master[i].as_ref().unwrap_or(&self.params[i].1).shallow_clone()).collect();
+                let grads: Vec<Tensor> = members.iter().map(|&i| self.params[i].1.grad().to_kind(Kind::Float)).collect();
+                let ptrs = |ts: &[Tensor]| -> Vec<*const std::ffi::c_void> { ts.iter().map(|t| t.as_ptr() as *const std::ffi::c_void).collect() };
+                let pick = |ts: &[Tensor]| -> Vec<Tensor> { members.iter().map(|&i| ts[i].shallow_clone()).collect() };
+                let (m, v, mut counts) = (pick(&self.m), pick(&self.v), pick(&self.step_counts));
+                for c in &mut counts {
+                    let _ = c.fill_(self.steps as f64); // the kernel reads, and does not advance, the count
+                }
+                // SAFETY: five arrays of `members.len()` live tensors, each list on one device
+                // with f32 elements and matching shapes; the kernel updates them in place.
+                let status = unsafe {
+                    pg2_fused_adamw(
+                        ptrs(&targets).as_ptr(),
+                        ptrs(&grads).as_ptr(),
+                        ptrs(&m).as_ptr(),
+                        ptrs(&v).as_ptr(),
+                        ptrs(&counts).as_ptr(),
+                        members.len() as std::ffi::c_long,
+                        step_lr,
+                        b1,
+                        b2,
+                        wd,
+                        eps,
+                    )
+                };
+                if status != 0 {
+                    // SAFETY: a NUL-terminated string owned by the shim's thread-local.
+                    let message = unsafe { std::ffi::CStr::from_ptr(pg2_fused_adamw_error()) };
+                    panic!("libtorch's fused AdamW failed: {}", message.to_string_lossy());
+                }
+                for (&i, target) in members.iter().zip(&targets) {
+                    if self.master[i].is_some() {
+                        self.params[i].1.shallow_clone().copy_(target);
+                    }
+                    self.params[i].1.zero_grad();
+                }
+            }
+        });
+    }
+
+    /// The reference update, op by op.
+    fn step_unfused(&mut self, schedule: f64) {
+        let AdamConfig { lr, b1, b2, eps, .. } = self.config;
         self.steps += 1;
         let (c1, c2) = (1.0 - b1.powi(self.steps as i32), 1.0 - b2.powi(self.steps as i32));
+        let rates: Vec<f64> = self.groups.iter().map(|&g| self.decay_rate(g)).collect();
         tch::no_grad(|| {
             for (i, (_, p)) in self.params.iter_mut().enumerate() {
                 let g = p.grad();
@@ -120,13 +223,7 @@ impl Adam {
                 let direction = (&self.m[i] / c1) / ((&self.v[i] / c2).sqrt() + eps);
                 let p32 = self.master[i].as_ref().map_or_else(|| p.to_kind(Kind::Float), Tensor::shallow_clone);
                 let group = self.groups[i];
-                let lr = lr * group.lr_mult;
-                let wd = match (group.decay, decay) {
-                    (false, _) => 0.0,
-                    (true, Decay::Decoupled) => weight_decay,
-                    (true, Decay::LrCoupled) => weight_decay * lr,
-                };
-                let update = (direction * lr + &p32 * wd) * schedule;
+                let update = (direction * (lr * group.lr_mult) + &p32 * rates[i]) * schedule;
                 let next = p32 - update;
                 p.copy_(&next);
                 if let Some(master) = &mut self.master[i] {
@@ -218,6 +315,7 @@ impl Schedule {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tch::Device;
 
     fn param(values: &[f32]) -> Tensor {
         Tensor::from_slice(values).set_requires_grad(true)
@@ -311,8 +409,44 @@ mod tests {
 
     #[test]
     fn three_steps_equal_torch_optim_adam_and_adamw() {
-        torch_case("adam", AdamConfig { lr: 1e-2, b1: 0.9, b2: 0.999, eps: 1e-8, weight_decay: 0.0, decay: Decay::Decoupled });
-        torch_case("adamw", AdamConfig { lr: 1e-2, b1: 0.9, b2: 0.95, eps: 1e-8, weight_decay: 0.1, decay: Decay::LrCoupled });
+        for fused in [true, false] {
+            torch_case("adam", AdamConfig { lr: 1e-2, b1: 0.9, b2: 0.999, eps: 1e-8, weight_decay: 0.0, decay: Decay::Decoupled, fused });
+            torch_case("adamw", AdamConfig { lr: 1e-2, b1: 0.9, b2: 0.95, eps: 1e-8, weight_decay: 0.1, decay: Decay::LrCoupled, fused });
+        }
+    }
+
+    /// Five steps of both update paths from the same start, gradients and schedule (a zero
+    /// factor among them), with learning-rate groups, a spared bias, a bf16 parameter with
+    /// its master copy, and a restart through `state`/`load_state` after step three.
+    #[test]
+    fn fused_kernel_equals_the_unfused_update() {
+        for decay in [Decay::Decoupled, Decay::LrCoupled] {
+            let run = |fused: bool| -> Vec<Tensor> {
+                tch::manual_seed(7);
+                let named = [("slow.w", [4, 3], Kind::Float), ("fast.bias", [3, 1], Kind::Float), ("fast.w", [5, 2], Kind::BFloat16)];
+                let params: Vec<(String, Tensor)> =
+                    named.iter().map(|(n, shape, kind)| (n.to_string(), Tensor::randn(*shape, (Kind::Float, Device::Cpu)).to_kind(*kind).set_requires_grad(true))).collect();
+                let config = AdamConfig { lr: 0.05, weight_decay: 0.1, decay, fused, ..AdamConfig::default() };
+                let groups = |name: &str, p: &Tensor| ParamGroup { lr_mult: if name.starts_with("slow") { 0.1 } else { 1.0 }, decay: decays_by_default(name, p) && !name.ends_with("bias") };
+                let handles = || params.iter().map(|(n, p)| (n.clone(), p.shallow_clone())).collect::<Vec<_>>();
+                let mut adam = Adam::with_groups(handles(), config, groups);
+                for (step, schedule) in [0.0, 0.5, 1.0, 0.8, 0.3].into_iter().enumerate() {
+                    let loss: Tensor = params.iter().map(|(_, p)| (p.to_kind(Kind::Float) * Tensor::randn(p.size(), (Kind::Float, Device::Cpu))).sum(Kind::Float)).sum();
+                    loss.backward();
+                    adam.step(schedule);
+                    if step == 2 {
+                        let state = adam.state().into_iter().map(|(n, t)| (n, t.copy())).collect();
+                        adam = Adam::with_groups(handles(), config, groups);
+                        adam.load_state(state, 3).unwrap();
+                    }
+                }
+                params.iter().map(|(_, p)| p.to_kind(Kind::Float)).collect()
+            };
+            for (fused, plain) in run(true).iter().zip(run(false)) {
+                let diff = (fused - plain).abs().max().double_value(&[]);
+                assert!(diff < 1e-6, "{decay:?}: fused and unfused differ by {diff}");
+            }
+        }
     }
 
     #[test]

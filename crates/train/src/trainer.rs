@@ -92,9 +92,14 @@ fn mixture(recipe: &Recipe) -> Result<Mixture> {
     Ok(Mixture::new(sources, recipe.seed)?)
 }
 
+/// How the recipe runs the model while training.
+fn training_options(recipe: &Recipe) -> RunOptions {
+    RunOptions { soft_caps: recipe.model.soft_caps, recompute: recipe.model.activation_checkpointing, ..RunOptions::default() }
+}
+
 /// A fresh model of the recipe's preset, or its starting checkpoint.
 fn build_model(recipe: &Recipe, tok: &PgTokenizer, device: Device) -> Result<PaliGemma> {
-    let options = RunOptions { soft_caps: recipe.model.soft_caps, ..RunOptions::default() };
+    let options = training_options(recipe);
     let kind = recipe.model.dtype.kind();
     if !PRESETS.contains(&recipe.model.init.as_str()) {
         let dir = checkpoint_dir(Path::new(&recipe.model.init))?;
@@ -401,8 +406,7 @@ pub fn train(recipe: &Recipe, resolved: &toml::Table, opts: &LaunchOptions, grou
     let (mut model, mixture, first_step) = match &resume_from {
         None => (build_model(recipe, &tokenizer, opts.device)?, mixture(recipe)?, 0),
         Some(dir) => {
-            let options = RunOptions { soft_caps: recipe.model.soft_caps, ..RunOptions::default() };
-            let model = PaliGemma::load(dir, opts.device, kind, options)?;
+            let model = PaliGemma::load(dir, opts.device, kind, training_options(recipe))?;
             let state: TrainerState = serde_json::from_str(&std::fs::read_to_string(dir.join("trainer_state.json"))?)?;
             let mut m = mixture(recipe)?;
             m.seek(state.position)?;
@@ -422,7 +426,7 @@ pub fn train(recipe: &Recipe, resolved: &toml::Table, opts: &LaunchOptions, grou
     }
     let trainable: Vec<(String, Tensor)> = params.iter().map(|(name, p)| (name.clone(), p.shallow_clone())).collect();
     let t = &recipe.train;
-    let config = AdamConfig { lr: t.lr, b2: t.b2, weight_decay: t.weight_decay, decay: t.weight_decay_mode, ..AdamConfig::default() };
+    let config = AdamConfig { lr: t.lr, b2: t.b2, weight_decay: t.weight_decay, decay: t.weight_decay_mode, fused: t.fused_optimizer, ..AdamConfig::default() };
     let mut adam = Adam::with_groups(params, config, |name, p| {
         let mult = t.lr_mults.iter().filter(|(prefix, _)| name.starts_with(prefix.as_str())).max_by_key(|(prefix, _)| prefix.len());
         let spared = t.no_weight_decay.iter().any(|prefix| name.starts_with(prefix.as_str()));
@@ -504,7 +508,11 @@ pub fn train(recipe: &Recipe, resolved: &toml::Table, opts: &LaunchOptions, grou
                 true => Some(group.sum_scalars(&[target_counts(&batch).sum(Kind::Float).double_value(&[])])?[0] / world as f64),
                 false => None,
             };
-            let loss = loss(&model, &batch, t.label_smoothing, tokens)? / t.grad_accumulation as f64;
+            let forward = || loss(&model, &batch, t.label_smoothing, tokens);
+            let loss = match recipe.model.dtype.autocast() {
+                Some(kind) => pg2_model::autocast(opts.device, kind, forward),
+                None => forward(),
+            }? / t.grad_accumulation as f64;
             // A non-finite loss still runs backward: its gradients reach every rank, so all
             // of them see a non-finite norm below and handle the step alike.
             loss.backward();

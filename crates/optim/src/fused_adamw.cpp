@@ -1,0 +1,37 @@
+// libtorch's fused AdamW (`at::_fused_adamw_`), which tch does not generate: one kernel
+// launch per tensor list instead of a dozen element-wise ops per parameter.
+#include <ATen/ops/_fused_adamw.h>
+
+#include <string>
+#include <vector>
+
+static thread_local std::string last_error;
+
+extern "C" {
+
+// The message of the last failed call on this thread.
+const char *pg2_fused_adamw_error() { return last_error.c_str(); }
+
+// Updates `n` parameters in place (tch tensors are `at::Tensor *`); returns 0, or 1 with
+// the message in pg2_fused_adamw_error(). `steps` are float scalars holding this step's
+// number (1 for the first update), as torch.optim sets them before the kernel.
+int pg2_fused_adamw(const at::Tensor *const *params, const at::Tensor *const *grads, const at::Tensor *const *exp_avgs,
+                    const at::Tensor *const *exp_avg_sqs, const at::Tensor *const *steps, long n, double lr, double beta1,
+                    double beta2, double weight_decay, double eps) {
+  try {
+    std::vector<at::Tensor> p, g, m, v, s;
+    for (long i = 0; i < n; i++) {
+      p.push_back(*params[i]);
+      g.push_back(*grads[i]);
+      m.push_back(*exp_avgs[i]);
+      v.push_back(*exp_avg_sqs[i]);
+      s.push_back(*steps[i]);
+    }
+    at::_fused_adamw_(p, g, m, v, {}, s, lr, beta1, beta2, weight_decay, eps, /*amsgrad=*/false, /*maximize=*/false);
+    return 0;
+  } catch (const std::exception &e) {
+    last_error = e.what();
+    return 1;
+  }
+}
+}
