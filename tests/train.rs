@@ -221,3 +221,28 @@ fn bf16_autocast_keeps_f32_weights_and_computes_in_bf16_also_with_recomputed_lay
     assert!((a - b).abs() > 1e-5 && (a - b).abs() < 1e-2 * b, "first losses {a} (autocast) and {b} (f32)");
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+#[test]
+fn non_finite_steps_stop_the_run_or_are_skipped_leaving_the_weights_alone() {
+    let dir = setup("nonfinite", 4, 4);
+    // An absurd learning rate without soft-caps: the first update throws the decoder's
+    // weights to about 1e30, and every later loss or gradient is non-finite.
+    let blowup = ["--set", "train.lr=1e30", "--set", "model.soft_caps=false", "--set", "train.warmup_steps=0", "--set", "train.schedule=\"constant\"", "--set", "eval=\"\""];
+    let stopped = launch(&dir, &blowup);
+    let err = String::from_utf8_lossy(&stopped.stderr);
+    assert!(!stopped.status.success() && err.contains("step 2: non-finite loss or gradient norm"), "{err}");
+    assert!(!dir.join("run/checkpoints/latest").exists(), "nothing is saved after a non-finite step");
+    // Skipping: the run ends with the weights of step 1, as a one-step run leaves them.
+    let skip = ["--set", "train.on_nonfinite=\"skip\"", "--overwrite"];
+    let skipped = launch(&dir, &[&blowup[..], &skip].concat());
+    assert!(skipped.status.success(), "{}", String::from_utf8_lossy(&skipped.stderr));
+    let last = metric_lines(&dir).into_iter().last().unwrap();
+    assert_eq!((last["step"].as_u64(), last["skipped_steps"].as_u64()), (Some(4), Some(3)));
+    let after_skips = pg2_model::checkpoint::read_tensors(&dir.join("run/checkpoints/step-000004")).unwrap();
+    let one_step = launch(&dir, &[&blowup[..], &["--set", "train.steps=1", "--overwrite"]].concat());
+    assert!(one_step.status.success(), "{}", String::from_utf8_lossy(&one_step.stderr));
+    for (name, t) in pg2_model::checkpoint::read_tensors(&dir.join("run/checkpoints/step-000001")).unwrap() {
+        assert!(t.equal(&after_skips[&name]), "{name} moved in a skipped step");
+    }
+    std::fs::remove_dir_all(dir).unwrap();
+}

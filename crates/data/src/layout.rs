@@ -106,13 +106,14 @@ pub struct Batch {
 impl Batch {
     /// The same batch on `device`.
     pub fn to_device(&self, device: Device) -> Self {
+        let send = |t: &Tensor| upload(t, device);
         Self {
             inputs: Inputs {
-                pixels: self.inputs.pixels.as_ref().map(|p| p.to_device(device)),
-                ids: self.inputs.ids.to_device(device),
-                layout: TokenLayout { mask_ar: self.inputs.layout.mask_ar.to_device(device), valid: self.inputs.layout.valid.to_device(device) },
+                pixels: self.inputs.pixels.as_ref().map(send),
+                ids: send(&self.inputs.ids),
+                layout: TokenLayout { mask_ar: send(&self.inputs.layout.mask_ar), valid: send(&self.inputs.layout.valid) },
             },
-            loss_mask: self.loss_mask.to_device(device),
+            loss_mask: send(&self.loss_mask),
         }
     }
 
@@ -147,6 +148,16 @@ impl Batch {
             },
             loss_mask: tensor(Tensor::from_slice(&loss)).to_kind(Kind::Bool),
         }
+    }
+}
+
+/// `t` on `device`. To a GPU through pinned host memory and an asynchronous copy, so the
+/// host does not wait for the GPU to finish its queued work (a plain copy from pageable
+/// memory would).
+pub fn upload(t: &Tensor, device: Device) -> Tensor {
+    match device {
+        Device::Cuda(_) if t.device() == Device::Cpu => t.pin_memory(device).to_device_(device, t.kind(), true, false),
+        _ => t.to_device(device),
     }
 }
 

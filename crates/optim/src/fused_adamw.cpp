@@ -14,10 +14,11 @@ const char *pg2_fused_adamw_error() { return last_error.c_str(); }
 
 // Updates `n` parameters in place (tch tensors are `at::Tensor *`); returns 0, or 1 with
 // the message in pg2_fused_adamw_error(). `steps` are float scalars holding this step's
-// number (1 for the first update), as torch.optim sets them before the kernel.
+// number (1 for the first update), as torch.optim sets them before the kernel. With
+// `found_inf` (an f32 scalar, or null) at 1, the kernel changes nothing.
 int pg2_fused_adamw(const at::Tensor *const *params, const at::Tensor *const *grads, const at::Tensor *const *exp_avgs,
                     const at::Tensor *const *exp_avg_sqs, const at::Tensor *const *steps, long n, double lr, double beta1,
-                    double beta2, double weight_decay, double eps) {
+                    double beta2, double weight_decay, double eps, const at::Tensor *found_inf) {
   try {
     std::vector<at::Tensor> p, g, m, v, s;
     for (long i = 0; i < n; i++) {
@@ -27,7 +28,12 @@ int pg2_fused_adamw(const at::Tensor *const *params, const at::Tensor *const *gr
       v.push_back(*exp_avg_sqs[i]);
       s.push_back(*steps[i]);
     }
-    at::_fused_adamw_(p, g, m, v, {}, s, lr, beta1, beta2, weight_decay, eps, /*amsgrad=*/false, /*maximize=*/false);
+    std::optional<at::Tensor> inf;
+    if (found_inf != nullptr) {
+      inf = *found_inf;
+    }
+    at::_fused_adamw_(p, g, m, v, {}, s, lr, beta1, beta2, weight_decay, eps, /*amsgrad=*/false, /*maximize=*/false,
+                      /*grad_scale=*/std::nullopt, inf);
     return 0;
   } catch (const std::exception &e) {
     last_error = e.what();

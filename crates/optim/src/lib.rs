@@ -61,9 +61,10 @@ pub struct Adam {
     /// f32 copies of low-precision (bf16/f16) parameters: updates accumulate here, and the
     /// parameter gets the rounded result, so small updates are not lost to bf16 rounding.
     master: Vec<Option<Tensor>>,
+    /// Updates made by the op-by-op path.
     steps: i64,
-    /// The step count as each parameter's f32 scalar on its device, as the fused kernel
-    /// reads it (set by a device-side fill, so no host synchronisation).
+    /// The fused path's update count: each parameter's f32 scalar on its device, as the
+    /// kernel reads it, advanced on the device (a skipped step leaves it).
     step_counts: Vec<Tensor>,
 }
 
@@ -82,6 +83,7 @@ extern "C" {
         beta2: f64,
         weight_decay: f64,
         eps: f64,
+        found_inf: *const std::ffi::c_void,
     ) -> std::ffi::c_int;
     fn pg2_fused_adamw_error() -> *const std::ffi::c_char;
 }
@@ -104,25 +106,22 @@ impl Adam {
         Self { config, params, groups, m, v, master, steps: 0, step_counts }
     }
 
-    /// Updates done so far.
-    pub fn steps(&self) -> i64 {
-        self.steps
-    }
-
-    /// Global L2 norm of the gradients; scales them down to `max_norm` when larger.
-    /// Returns the norm before clipping.
-    pub fn clip_grad_norm(&mut self, max_norm: Option<f64>) -> f64 {
+    /// Global L2 norm of the gradients (before clipping), as an f32 scalar on their device;
+    /// scales them down to `max_norm` when larger. All on the device: reading the norm
+    /// back is the caller's choice, so a step need not wait for the GPU.
+    pub fn clip_grad_norm(&mut self, max_norm: Option<f64>) -> Tensor {
         let grads: Vec<Tensor> = self.params.iter().map(|(_, p)| p.grad()).filter(Tensor::defined).collect();
         if grads.is_empty() {
-            return 0.0;
+            return Tensor::zeros([], (Kind::Float, tch::Device::Cpu));
         }
         let squares: Vec<Tensor> = grads.iter().map(|g| g.to_kind(Kind::Float).square().sum(Kind::Float)).collect();
-        let norm = Tensor::stack(&squares, 0).sum(Kind::Float).sqrt().double_value(&[]);
-        if let Some(max) = max_norm.filter(|&m| norm > m) {
-            let scale = max / norm;
+        let norm = Tensor::stack(&squares, 0).sum(Kind::Float).sqrt();
+        if let Some(max) = max_norm {
+            // min(max / norm, 1): exactly 1 (no change) when the norm is within the limit.
+            let scale = (norm.reciprocal() * max).clamp_max(1.0);
             tch::no_grad(|| {
                 for g in &grads {
-                    let _ = g.shallow_clone().g_mul_scalar_(scale);
+                    let _ = g.shallow_clone().g_mul_(&scale.to_kind(g.kind()));
                 }
             });
         }
@@ -140,8 +139,18 @@ impl Adam {
 
     /// One update with the schedule's factor for this step; clears the gradients.
     pub fn step(&mut self, schedule: f64) {
+        self.step_unless(schedule, None);
+    }
+
+    /// [`Adam::step`], unless `skip` (an f32 scalar on the parameters' device: 1 for a
+    /// non-finite loss or gradient, else 0) is 1; then parameters, moments and the step
+    /// count stay as they were. The fused kernel decides on the device, without waiting
+    /// for it; the op-by-op update reads `skip` back. Clears the gradients either way.
+    pub fn step_unless(&mut self, schedule: f64, skip: Option<&Tensor>) {
         if self.config.fused {
-            self.step_fused(schedule);
+            self.step_fused(schedule, skip);
+        } else if skip.is_some_and(|s| s.double_value(&[]) != 0.0) {
+            self.zero_grad();
         } else {
             self.step_unfused(schedule);
         }
@@ -149,9 +158,8 @@ impl Adam {
 
     /// The fused update: parameters sharing a learning-rate multiplier and decay flag go
     /// through one `_fused_adamw_` call, on their f32 master copies where they have them.
-    fn step_fused(&mut self, schedule: f64) {
+    fn step_fused(&mut self, schedule: f64, skip: Option<&Tensor>) {
         let AdamConfig { lr, b1, b2, eps, .. } = self.config;
-        self.steps += 1;
         let with_grads: Vec<usize> = (0..self.params.len()).filter(|&i| self.params[i].1.grad().defined()).collect();
         let mut calls: Vec<(ParamGroup, Vec<usize>)> = Vec::new();
         for i in with_grads {
@@ -170,9 +178,14 @@ impl Adam {
                 let ptrs = |ts: &[Tensor]| -> Vec<*const std::ffi::c_void> { ts.iter().map(|t| t.as_ptr() as *const std::ffi::c_void).collect() };
                 let pick = |ts: &[Tensor]| -> Vec<Tensor> { members.iter().map(|&i| ts[i].shallow_clone()).collect() };
                 let (m, v, mut counts) = (pick(&self.m), pick(&self.v), pick(&self.step_counts));
+                // The kernel reads, and does not advance, the count; a skipped step keeps it.
                 for c in &mut counts {
-                    let _ = c.fill_(self.steps as f64); // the kernel reads, and does not advance, the count
+                    let _ = match skip {
+                        Some(skip) => c.g_add_(&(skip.to_kind(Kind::Float).neg() + 1.0)),
+                        None => c.g_add_scalar_(1.0),
+                    };
                 }
+                let found_inf = skip.map(|s| s.to_kind(Kind::Float));
                 // SAFETY: five arrays of `members.len()` live tensors, each list on one device
                 // with f32 elements and matching shapes; the kernel updates them in place.
                 let status = unsafe {
@@ -188,6 +201,7 @@ impl Adam {
                         b2,
                         wd,
                         eps,
+                        found_inf.as_ref().map_or(std::ptr::null(), |f| f.as_ptr() as *const std::ffi::c_void),
                     )
                 };
                 if status != 0 {
@@ -267,6 +281,9 @@ impl Adam {
             }
         }
         self.steps = steps;
+        for c in &mut self.step_counts {
+            let _ = c.fill_(steps as f64);
+        }
         Ok(())
     }
 }
@@ -355,10 +372,10 @@ mod tests {
         let p = param(&[0.0, 0.0]);
         (&p * Tensor::from_slice(&[3.0f32, 4.0])).sum(Kind::Float).backward();
         let mut adam = Adam::new(vec![("w".into(), p.shallow_clone())], AdamConfig::default());
-        assert!((adam.clip_grad_norm(Some(1.0)) - 5.0).abs() < 1e-6);
+        assert!((adam.clip_grad_norm(Some(1.0)).double_value(&[]) - 5.0).abs() < 1e-6);
         let g = Vec::<f32>::try_from(p.grad()).unwrap();
         assert!((g[0] - 0.6).abs() < 1e-6 && (g[1] - 0.8).abs() < 1e-6, "{g:?}");
-        assert!((adam.clip_grad_norm(None) - 1.0).abs() < 1e-6);
+        assert!((adam.clip_grad_norm(None).double_value(&[]) - 1.0).abs() < 1e-6);
     }
 
     #[test]
@@ -412,6 +429,26 @@ mod tests {
         for fused in [true, false] {
             torch_case("adam", AdamConfig { lr: 1e-2, b1: 0.9, b2: 0.999, eps: 1e-8, weight_decay: 0.0, decay: Decay::Decoupled, fused });
             torch_case("adamw", AdamConfig { lr: 1e-2, b1: 0.9, b2: 0.95, eps: 1e-8, weight_decay: 0.1, decay: Decay::LrCoupled, fused });
+        }
+    }
+
+    #[test]
+    fn a_skipped_step_changes_nothing_and_the_next_one_counts_as_the_first() {
+        for fused in [true, false] {
+            let p = param(&[1.0, -2.0]);
+            let mut adam = Adam::new(vec![("w".into(), p.shallow_clone())], AdamConfig { lr: 0.1, fused, ..AdamConfig::default() });
+            (&p * Tensor::from_slice(&[f32::NAN, 1.0])).sum(Kind::Float).backward();
+            let norm = adam.clip_grad_norm(Some(1.0));
+            let skip = norm.isfinite().logical_not().to_kind(Kind::Float);
+            adam.step_unless(1.0, Some(&skip));
+            assert_eq!(Vec::<f32>::try_from(&p).unwrap(), [1.0, -2.0], "fused {fused}: the weights are untouched");
+            assert!(!p.grad().defined() || p.grad().abs().sum(Kind::Float).double_value(&[]) == 0.0);
+            // The moments stayed at zero and the count at 0: the next step moves by lr.
+            (&p * Tensor::from_slice(&[3.0f32, -1.0])).sum(Kind::Float).backward();
+            let skip = Tensor::zeros([], (Kind::Float, Device::Cpu));
+            adam.step_unless(1.0, Some(&skip));
+            let got = Vec::<f32>::try_from(&p).unwrap();
+            assert!((got[0] - 0.9).abs() < 1e-6 && (got[1] + 1.9).abs() < 1e-6, "fused {fused}: {got:?}");
         }
     }
 

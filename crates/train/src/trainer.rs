@@ -46,7 +46,7 @@ pub struct LaunchOptions {
 /// What a finished run reports.
 #[derive(Debug, Clone, PartialEq)]
 pub struct TrainSummary {
-    /// Loss of every step this process ran, in order.
+    /// Loss of every logged step this process ran (each `train.log_every`-th and the last), in order.
     pub losses: Vec<f64>,
     /// The last checkpoint written (on ranks other than 0: the newest found at the end).
     pub checkpoint: PathBuf,
@@ -188,14 +188,14 @@ fn load_part(model: &PaliGemma, dir: &Path, part: Part) -> Result<()> {
 
 /// The training loss. Per example (big_vision): each example's summed target NLL over its
 /// own target count, averaged over the batch; per token (transformers): the summed NLL
-/// over `per_token` tokens (the batch's count, or with several workers their count over the
-/// number of workers, so that averaging their gradients divides by all the targets). With
+/// over `per_token` tokens (a scalar: the batch's count, or with several workers their count
+/// over the number of workers, so that averaging their gradients divides by all the targets). With
 /// label smoothing `s` the target keeps `1 - s` and every other token gets `s / (V - 1)`.
-fn loss(model: &PaliGemma, batch: &pg2_data::Batch, smoothing: f64, per_token: Option<f64>) -> Result<Tensor> {
+fn loss(model: &PaliGemma, batch: &pg2_data::Batch, smoothing: f64, per_token: Option<&Tensor>) -> Result<Tensor> {
     let targets = model.target_distributions(&batch.inputs, &batch.loss_mask)?;
     let nll = smoothed_nll(&targets.log_probs, &targets.targets, smoothing);
     if let Some(tokens) = per_token {
-        return Ok(nll.sum(Kind::Float) / tokens.max(1.0));
+        return Ok(nll.sum(Kind::Float) / tokens.clamp_min(1.0));
     }
     let b = batch.inputs.ids.size()[0];
     let counts = target_counts(batch);
@@ -485,13 +485,18 @@ pub fn train(recipe: &Recipe, resolved: &toml::Table, opts: &LaunchOptions, grou
     bar.set_position(first_step);
     let (mut losses, mut last_checkpoint) = (Vec::new(), PathBuf::new());
     let (mut window_start, mut window_examples) = (Instant::now(), 0usize);
-    let mut skipped = 0;
-    let mut skipped_steps = 0;
     let per_token = t.loss_normalization == LossNormalization::Token;
     let bucket_bytes = (t.allreduce_bucket_mb * 1e6) as usize;
+    // Kept on the device and read back only at log, evaluation and checkpoint steps, so no
+    // step waits for the GPU: the count of non-finite steps (whose updates the optimizer
+    // skipped on the device) and the first of them.
+    let float = (Kind::Float, opts.device);
+    let mut nonfinite_steps = Tensor::zeros([], float);
+    let mut first_nonfinite = Tensor::full([], -1.0, float);
+    let (mut reported_nonfinite, mut skipped_records) = (0u64, 0usize);
     for step in first_step..total_steps {
         // Gradients of `grad_accumulation` batches add up; each loss is scaled to their mean.
-        let mut value = 0.0;
+        let mut loss_sum = Tensor::zeros([], float);
         let mut position = None;
         if recipe.model.dropout > 0.0 {
             // Dropout masks from (seed, step) alone: a resumed run draws the same ones.
@@ -499,24 +504,30 @@ pub fn train(recipe: &Recipe, resolved: &toml::Table, opts: &LaunchOptions, grou
             tch::manual_seed(stream.wrapping_add((group.rank() as i64) << 40)); // each rank its own masks
             model.options.dropout = recipe.model.dropout;
         }
-        let mut skipped_here = 0;
         for _ in 0..t.grad_accumulation {
             let loaded = pipeline.next_batch()?;
-            skipped_here += loaded.stats.skipped;
-            let batch = loaded.batch.to_device(opts.device);
+            skipped_records += loaded.stats.skipped;
+            // Per token: this batch's targets (counted on the host copy), summed over the
+            // ranks on the device.
             let tokens = match per_token {
-                true => Some(group.sum_scalars(&[target_counts(&batch).sum(Kind::Float).double_value(&[])])?[0] / world as f64),
                 false => None,
+                true if world == 1 => Some(target_counts(&loaded.batch).sum(Kind::Float)),
+                true => {
+                    let total = pg2_data::layout::upload(&target_counts(&loaded.batch).sum(Kind::Float), opts.device);
+                    group.all_reduce_sum(&total)?;
+                    Some(total / world as f64)
+                }
             };
-            let forward = || loss(&model, &batch, t.label_smoothing, tokens);
+            let batch = loaded.batch.to_device(opts.device);
+            let forward = || loss(&model, &batch, t.label_smoothing, tokens.as_ref());
             let loss = match recipe.model.dtype.autocast() {
                 Some(kind) => pg2_model::autocast(opts.device, kind, forward),
                 None => forward(),
             }? / t.grad_accumulation as f64;
             // A non-finite loss still runs backward: its gradients reach every rank, so all
-            // of them see a non-finite norm below and handle the step alike.
+            // of them see a non-finite norm below and skip the update alike.
             loss.backward();
-            value += loss.double_value(&[]);
+            loss_sum += loss.detach();
             position = Some(loaded.position);
         }
         let position = position.expect("at least one batch per step");
@@ -527,42 +538,57 @@ pub fn train(recipe: &Recipe, resolved: &toml::Table, opts: &LaunchOptions, grou
                 .map(|(name, p)| Some(p.grad()).filter(Tensor::defined).with_context(|| format!("`{name}` got no gradient; every trainable parameter needs one with several workers")))
                 .collect::<Result<Vec<_>>>()?;
             group.all_reduce_mean(&grads, bucket_bytes)?;
+            group.all_reduce_sum(&loss_sum)?;
+            loss_sum /= world as f64;
         }
-        let [loss_sum, skipped_sum] = group.sum_scalars(&[value, skipped_here as f64])?[..] else { unreachable!("two sums") };
-        (value, skipped) = (loss_sum / world as f64, skipped + skipped_sum as usize);
         let grad_norm = adam.clip_grad_norm(Some(t.grad_clip).filter(|&c| c > 0.0));
-        let lr = t.lr * schedule.factor(step);
-        if value.is_finite() && grad_norm.is_finite() {
-            adam.step(schedule.factor(step));
-        } else if t.on_nonfinite == OnNonFinite::Skip {
-            adam.zero_grad();
-            skipped_steps += 1;
-            eprintln!("launch: step {}: non-finite loss {value} or gradient norm {grad_norm}; update skipped ({skipped_steps} so far)", step + 1);
-        } else {
-            bail!("step {}: non-finite loss {value} or gradient norm {grad_norm}; stopped before it reached the weights (train.on_nonfinite = \"skip\" skips such steps)", step + 1);
-        }
-        losses.push(value);
+        let nonfinite = loss_sum.isfinite().logical_and(&grad_norm.to_device(opts.device).isfinite()).logical_not().to_kind(Kind::Float);
+        adam.step_unless(schedule.factor(step), Some(&nonfinite));
+        first_nonfinite = first_nonfinite.where_self(&(first_nonfinite.ge(0.0).logical_or(&nonfinite.eq(0.0))), &Tensor::full([], (step + 1) as f64, float));
+        nonfinite_steps += &nonfinite;
         window_examples += t.batch_size * t.grad_accumulation;
         let done = step + 1;
-        if let Some(log) = log.as_mut().filter(|_| done % t.log_every == 0 || done == total_steps) {
+        let log_step = done % t.log_every == 0 || done == total_steps;
+        let eval_step = recipe.eval.as_ref().is_some_and(|e| done % e.every == 0 || done == total_steps);
+        let checkpoint_step = t.checkpoint_every.is_some_and(|n| done % n == 0) || done == total_steps;
+        if log_step || eval_step || checkpoint_step {
+            // Here the host waits for the device: before anything is logged or saved.
+            let bad = nonfinite_steps.double_value(&[]) as u64;
+            if bad > reported_nonfinite {
+                let first = first_nonfinite.double_value(&[]) as u64;
+                if t.on_nonfinite == OnNonFinite::Stop {
+                    bail!("step {first}: non-finite loss or gradient norm; its update was skipped, so the weights are as before it, and the run stopped (train.on_nonfinite = \"skip\" goes on past such steps)");
+                }
+                eprintln!("launch: {bad} step(s) with a non-finite loss or gradient norm so far (the first: step {first}); their updates were skipped");
+                reported_nonfinite = bad;
+            }
+        }
+        if log_step {
+            let value = loss_sum.double_value(&[]);
+            let grad_norm = grad_norm.double_value(&[]);
+            let lr = t.lr * schedule.factor(step);
+            let skipped = group.sum_scalars(&[skipped_records as f64])?[0] as u64;
+            losses.push(value);
             let rate = window_examples as f64 / window_start.elapsed().as_secs_f64();
-            let line = serde_json::json!({"step": done, "loss": value, "lr": lr, "grad_norm": grad_norm,
-                "examples_per_s": rate, "skipped_records": skipped, "skipped_steps": skipped_steps});
-            log.write(line, done, &[("train/loss", value), ("train/lr", lr), ("train/grad_norm", grad_norm)])?;
-            if interactive {
-                bar.set_message(format!("loss {value:.4} | {rate:.1} ex/s"));
-            } else {
-                eprintln!("step {done}/{total_steps} loss {value:.4} lr {lr:.3e} grad_norm {grad_norm:.3} {rate:.1} ex/s");
+            if let Some(log) = log.as_mut() {
+                let line = serde_json::json!({"step": done, "loss": value, "lr": lr, "grad_norm": grad_norm,
+                    "examples_per_s": rate, "skipped_records": skipped, "skipped_steps": reported_nonfinite});
+                log.write(line, done, &[("train/loss", value), ("train/lr", lr), ("train/grad_norm", grad_norm)])?;
+                if interactive {
+                    bar.set_message(format!("loss {value:.4} | {rate:.1} ex/s"));
+                } else {
+                    eprintln!("step {done}/{total_steps} loss {value:.4} lr {lr:.3e} grad_norm {grad_norm:.3} {rate:.1} ex/s");
+                }
             }
             (window_start, window_examples) = (Instant::now(), 0);
         }
-        if recipe.eval.as_ref().is_some_and(|e| done % e.every == 0 || done == total_steps) {
+        if eval_step {
             if let Some(log) = log.as_mut() {
                 bar.suspend(|| log_eval(done, &model, log))?;
             }
         }
         bar.set_position(done);
-        if (t.checkpoint_every.is_some_and(|n| done % n == 0) || done == total_steps) && main {
+        if checkpoint_step && main {
             let state = TrainerState { step: done, position: position.clone(), seed: recipe.seed };
             last_checkpoint = save_checkpoint(out, done, &model, &adam, &recipe.data.tokenizer, &state, kind)?;
             if let Some(keep) = t.keep_checkpoints {

@@ -117,7 +117,8 @@ fn main() -> Result<()> {
         eprintln!("launch: {} on {device:?}{workers} -> {}", cli.recipe.display(), out.display());
     }
     let opts = LaunchOptions { out, resume: cli.resume, overwrite: cli.overwrite, device };
-    let summary = train(&recipe, &resolved, &opts, &mut group).with_context(|| format!("rank {}", group.rank()))?;
+    let (rank, world) = (group.rank(), group.world());
+    let summary = train(&recipe, &resolved, &opts, &mut group).map_err(|e| if world > 1 { e.context(format!("rank {rank} of {world}")) } else { e })?;
     if let (Some(first), Some(last), true) = (summary.losses.first(), summary.losses.last(), group.is_main()) {
         eprintln!("launch: loss {first:.4} -> {last:.4}; checkpoint {}", summary.checkpoint.display());
     }
