@@ -126,8 +126,16 @@ fn build_model(recipe: &Recipe, tok: &PgTokenizer, device: Device) -> Result<Pal
     }
     tch::manual_seed(recipe.seed as i64);
     let model = PaliGemma::new(config, &mut Weights::random(device, kind), options)?;
-    if let Some(dir) = &recipe.model.vision_init {
-        load_part(&model, Path::new(dir), Part::Vision)?;
+    match &recipe.model.vision_init {
+        Some(dir) => load_part(&model, Path::new(dir), Part::Vision)?,
+        // The zero projector suits a pretrained vision tower; one trained from scratch would
+        // get no gradient through it at first and learns much more slowly (tiny stage 1:
+        // colour questions at 0.25 instead of 0.43 after 400 steps).
+        None => tch::no_grad(|| {
+            for (_, p) in model.parameters().iter().filter(|(n, _)| n.starts_with(checkpoint::PROJECTOR) && n.ends_with(".weight")) {
+                let _ = p.shallow_clone().normal_(0.0, 0.02);
+            }
+        }),
     }
     if let Some(dir) = &recipe.model.text_init {
         load_part(&model, Path::new(dir), Part::Text)?;
