@@ -190,6 +190,35 @@ enum BenchCommand {
         #[arg(long, default_value_t = 989.0)]
         peak_tflops: f64,
     },
+    /// Training steps/s, first-step loss and peak memory of a random PaliGemma 2 on the CPU,
+    /// against transformers + torch.optim.AdamW on the same checkpoint, batch and threads.
+    Train {
+        #[arg(long, value_enum, default_value = "tiny")]
+        shape: bench::Shape,
+        #[arg(long, default_value_t = 16)]
+        batch: i64,
+        /// Timed steps (after one warm-up step).
+        #[arg(long, default_value_t = 20)]
+        steps: usize,
+        #[command(flatten)]
+        sides: bench::Sides,
+    },
+    /// Generated tokens/s of greedy decoding with a KV cache from a random PaliGemma 2,
+    /// against transformers' generate on the same checkpoint, prompts and threads.
+    Decode {
+        #[arg(long, value_enum, default_value = "tiny")]
+        shape: bench::Shape,
+        #[arg(long, default_value_t = 16)]
+        batch: i64,
+        /// Tokens generated per prompt.
+        #[arg(long, default_value_t = 32)]
+        new_tokens: usize,
+        /// Timed runs (after one warm-up run).
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+        #[command(flatten)]
+        sides: bench::Sides,
+    },
     /// Correctness and bandwidth of the gradient all-reduce (NCCL on CUDA, the TCP ring on
     /// the CPU): alone (a group of one), or one process per rank under torchrun-style
     /// variables (RANK, WORLD_SIZE, MASTER_ADDR, ...), e.g. started by srun.
@@ -415,6 +444,10 @@ fn main() -> Result<()> {
                 no_soft_caps,
                 peak_tflops,
             })
+        }
+        Command::Bench(BenchCommand::Train { shape, batch, steps, sides }) => bench::train(&bench::TrainBench { shape, batch, steps: steps.max(1), sides }),
+        Command::Bench(BenchCommand::Decode { shape, batch, new_tokens, runs, sides }) => {
+            bench::decode(&bench::DecodeBench { shape, batch, new_tokens, runs: runs.max(1), sides })
         }
         Command::Bench(BenchCommand::Allreduce { device, size_mb, iters }) => bench::allreduce(&device, size_mb, iters.max(1)),
     }

@@ -372,7 +372,11 @@ impl PaliGemmaConfig {
                 "num_attention_heads": t.num_attention_heads,
                 "num_key_value_heads": t.num_key_value_heads,
                 "head_dim": t.head_dim,
-                "query_pre_attn_scalar": t.query_pre_attn_scalar,
+                // An integer where it is one (all released values are): transformers 5 types it so.
+                "query_pre_attn_scalar": match t.query_pre_attn_scalar {
+                    q if q.fract() == 0.0 => serde_json::json!(q as i64),
+                    q => serde_json::json!(q),
+                },
                 "rms_norm_eps": t.rms_norm_eps,
                 "rope_parameters": {"rope_type": "default", "rope_theta": t.rope_theta},
                 "attn_logit_softcapping": t.attn_logit_softcapping,
@@ -418,7 +422,9 @@ impl PaliGemmaConfig {
                 rope_theta: 10_000.0,
                 attn_logit_softcapping: Some(50.0),
                 final_logit_softcapping: Some(30.0),
-                sliding_window: None,
+                // The released window: longer than any tiny sequence, and transformers needs
+                // one for the layers marked `sliding_attention`.
+                sliding_window: Some(4096),
                 sliding_layers: vec![true, false],
             },
             vision: SiglipVisionConfig {
@@ -518,6 +524,18 @@ mod tests {
             let cfg = PaliGemmaConfig::paligemma2(size, 448).unwrap();
             assert_eq!(PaliGemmaConfig::from_json("x", cfg.to_json()).unwrap(), cfg);
         }
+    }
+
+    /// What transformers 5 needs to load a pg2 checkpoint: an integer
+    /// `query_pre_attn_scalar`, and a window for the layers marked `sliding_attention`.
+    #[test]
+    fn written_config_is_one_transformers_loads() {
+        let mut cfg = PaliGemmaConfig::tiny(40, 39, 32).unwrap();
+        let text = &cfg.to_json()["text_config"];
+        assert!(text["query_pre_attn_scalar"].is_i64(), "{}", text["query_pre_attn_scalar"]);
+        assert_eq!(text["sliding_window"], 4096);
+        cfg.text.query_pre_attn_scalar = 40.5;
+        assert_eq!(cfg.to_json()["text_config"]["query_pre_attn_scalar"], 40.5);
     }
 
     #[test]

@@ -8,6 +8,14 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use pg2_data::image;
+use pg2_model::{checkpoint, PaliGemma, PaliGemmaConfig, RunOptions, Weights};
+use tch::{Device, Kind, Tensor};
+
+mod decode;
+mod train;
+
+pub use decode::{decode, DecodeBench};
+pub use train::{train, TrainBench};
 
 const BASELINE: &str = include_str!("siglip_baseline.py");
 
@@ -246,4 +254,180 @@ pub fn allreduce(device: &str, size_mb: f64, iters: usize) -> Result<()> {
     }
     group.barrier("bench-allreduce")?;
     Ok(())
+}
+
+/// The models `pg2 bench train` and `pg2 bench decode` build with random weights.
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+pub enum Shape {
+    /// `PaliGemmaConfig::tiny` as the tiny recipes train it: 64 px (64 image tokens), the
+    /// synthetic data's 1320-token vocabulary, about 0.6M parameters.
+    Tiny,
+    /// Four times wider and twice as deep, 224 px with 14-pixel patches (256 image tokens)
+    /// and a 16k vocabulary: about 28M parameters, seconds per training step on two cores.
+    Small,
+}
+
+/// Prompt tokens between `<bos>` and the separator, and target tokens before `<eos>` (the
+/// tiny recipes' limits).
+const PROMPT_LEN: i64 = 16;
+const TARGET_LEN: i64 = 32;
+
+impl Shape {
+    fn config(self) -> Result<PaliGemmaConfig> {
+        // The synthetic tokenizer's size, with `<image>` its last token.
+        let mut config = PaliGemmaConfig::tiny(1320, 1319, 64)?;
+        if let Shape::Small = self {
+            let (t, v) = (&mut config.text, &mut config.vision);
+            (t.vocab_size, config.image_token_id) = (16_384, 16_383);
+            (t.hidden_size, t.intermediate_size, t.num_hidden_layers) = (512, 2048, 4);
+            (t.num_attention_heads, t.num_key_value_heads, t.head_dim, t.query_pre_attn_scalar) = (8, 4, 64, 64.0);
+            t.sliding_layers = (0..t.num_hidden_layers).map(|i| i % 2 == 0).collect();
+            (v.hidden_size, v.intermediate_size, v.num_hidden_layers, v.num_attention_heads) = (256, 1024, 4, 4);
+            (v.image_size, v.patch_size) = (224, 14);
+        }
+        Ok(config)
+    }
+}
+
+/// Writes a PaliGemma of `shape` with random weights to `dir` as transformers saves one
+/// (config.json + model.safetensors) and returns its config and parameter count.
+fn write_random_model(shape: Shape, dir: &Path) -> Result<(PaliGemmaConfig, i64)> {
+    let config = shape.config()?;
+    tch::manual_seed(0);
+    let model = PaliGemma::new(config.clone(), &mut Weights::random(Device::Cpu, Kind::Float), RunOptions::default())?;
+    let params = model.parameters();
+    // big_vision starts the projector at zero; a random one lets the image reach the loss.
+    for (_, p) in params.iter().filter(|(name, _)| name.starts_with(checkpoint::PROJECTOR)) {
+        tch::no_grad(|| p.shallow_clone().copy_(&(Tensor::randn_like(p) * 0.02)));
+    }
+    model.save(dir, Kind::Float)?;
+    Ok((config, params.iter().map(|(_, p)| p.numel() as i64).sum()))
+}
+
+/// Writes `DIR/inputs.safetensors`: a batch laid out as transformers' PaliGemma processor lays
+/// it out (image placeholders, `<bos>`, prompt, `\n`, then target + `<eos>` when
+/// `with_target`), with random text and pixels: `input_ids`, `pixel_values`,
+/// `token_type_ids` (1 on the target) and `attention_mask`.
+fn write_inputs(config: &PaliGemmaConfig, batch: i64, with_target: bool, dir: &Path) -> Result<()> {
+    const BOS: i64 = 2;
+    const EOS: i64 = 1;
+    const NEWLINE: i64 = 108; // Gemma's "\n"
+    let (image_tokens, res) = (config.vision.num_patches() as i64, config.vision.image_size as i64);
+    let opts = (Kind::Int64, Device::Cpu);
+    let fill = |n: i64, id: i64| Tensor::full([batch, n], id, opts);
+    // Text from the ids after the special ones, below `<image>`.
+    let text = |n: i64| Tensor::randint_low(4, config.image_token_id, [batch, n], opts);
+    tch::manual_seed(1);
+    let mut parts = vec![fill(image_tokens, config.image_token_id), fill(1, BOS), text(PROMPT_LEN), fill(1, NEWLINE)];
+    let prefix_len = image_tokens + PROMPT_LEN + 2;
+    if with_target {
+        parts.extend([text(TARGET_LEN), fill(1, EOS)]);
+    }
+    let ids = Tensor::cat(&parts, 1);
+    let len = ids.size()[1];
+    let token_type_ids = Tensor::arange(len, opts).ge(prefix_len).to_kind(Kind::Int64).unsqueeze(0).expand([batch, len], false).contiguous();
+    let pixels = Tensor::rand([batch, 3, res, res], (Kind::Float, Device::Cpu)) * 2.0 - 1.0;
+    let tensors = [
+        ("input_ids", ids),
+        ("pixel_values", pixels),
+        ("token_type_ids", token_type_ids),
+        ("attention_mask", Tensor::ones([batch, len], opts)),
+    ];
+    Tensor::write_safetensors(&tensors, dir.join("inputs.safetensors"))?;
+    Ok(())
+}
+
+/// Reads `DIR/inputs.safetensors` (see [`write_inputs`]) as pg2's model inputs on `device`.
+fn read_inputs(dir: &Path, device: Device) -> Result<pg2_model::Inputs> {
+    let mut tensors: std::collections::HashMap<String, Tensor> = Tensor::read_safetensors(dir.join("inputs.safetensors"))?.into_iter().collect();
+    let mut take = |name: &str| tensors.remove(name).with_context(|| format!("inputs.safetensors lacks `{name}`")).map(|t| t.to_device(device));
+    Ok(pg2_model::Inputs {
+        ids: take("input_ids")?,
+        pixels: Some(take("pixel_values")?),
+        layout: pg2_model::TokenLayout { mask_ar: take("token_type_ids")?, valid: take("attention_mask")?.to_kind(Kind::Bool) },
+    })
+}
+
+/// What both sides of a pg2-against-transformers benchmark share (`bench train`, `bench decode`).
+#[derive(Clone, Debug, clap::Args)]
+pub struct Sides {
+    /// Intra-op threads of both sides.
+    #[arg(long, default_value_t = all_cores())]
+    pub threads: usize,
+    /// cpu, cuda or cuda:N, as both pg2 and torch spell it.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// Python with torch and transformers, for the baseline (e.g. a virtualenv's bin/python).
+    #[arg(long, default_value = "python3")]
+    pub python: String,
+    /// Set in the re-executed process that runs pg2's side on the model and inputs in this folder.
+    #[arg(long, hide = true)]
+    pub pg2_side: Option<PathBuf>,
+}
+
+/// The default thread count of `pg2 bench train` and `pg2 bench decode`: every core.
+fn all_cores() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+/// The process's peak resident memory (VmHWM) in MB; `None` where /proc is unavailable.
+fn peak_rss_mb() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let kb: f64 = status.lines().find_map(|l| l.strip_prefix("VmHWM:"))?.trim().trim_end_matches("kB").trim().parse().ok()?;
+    Some(kb / 1024.0)
+}
+
+/// Runs pg2's side in a fresh process (this binary, same arguments, plus `--pg2-side DIR`),
+/// so its peak memory is its own; returns the JSON line it prints.
+fn run_pg2_side(dir: &Path) -> Result<serde_json::Value> {
+    let exe = std::env::current_exe()?;
+    let out = Command::new(exe).args(std::env::args_os().skip(1)).arg("--pg2-side").arg(dir).output()?;
+    if !out.status.success() {
+        bail!("pg2's side failed: {}", String::from_utf8_lossy(&out.stderr).trim());
+    }
+    last_json_line(&out.stdout)
+}
+
+/// Runs a baseline script (written to a temporary file) with `args`; its last stdout line
+/// is JSON. `None`, with the reason printed, when it cannot run here.
+fn run_baseline(python: &str, name: &str, source: &str, args: &[&std::ffi::OsStr]) -> Result<Option<serde_json::Value>> {
+    let script = std::env::temp_dir().join(format!("pg2-{name}-{}.py", std::process::id()));
+    std::fs::File::create(&script)?.write_all(source.as_bytes())?;
+    let out = Command::new(python).arg(&script).args(args).output();
+    std::fs::remove_file(&script).ok();
+    match out {
+        Ok(out) if out.status.success() => Ok(Some(last_json_line(&out.stdout)?)),
+        Ok(out) => {
+            eprintln!("baseline unavailable: {python} failed: {}", String::from_utf8_lossy(&out.stderr).lines().last().unwrap_or(""));
+            Ok(None)
+        }
+        Err(e) => {
+            eprintln!("baseline unavailable: cannot run {python}: {e}");
+            Ok(None)
+        }
+    }
+}
+
+/// The last line of a side's output, as JSON.
+fn last_json_line(stdout: &[u8]) -> Result<serde_json::Value> {
+    let text = String::from_utf8_lossy(stdout);
+    let line = text.lines().last().context("no output")?;
+    serde_json::from_str(line).with_context(|| format!("expected a JSON line, got {line:?}"))
+}
+
+/// A temporary folder removed when dropped.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(name: &str) -> Result<Self> {
+        let dir = std::env::temp_dir().join(format!("pg2-bench-{name}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir)?;
+        Ok(Self(dir))
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        std::fs::remove_dir_all(&self.0).ok();
+    }
 }

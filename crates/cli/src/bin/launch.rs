@@ -66,11 +66,13 @@ fn worker_device(name: &str, env: &WorkerEnv) -> Result<Device> {
     })
 }
 
-/// The command that starts one worker: this program with the recipe's arguments (the
-/// launcher's own flags are dropped); a restart resumes instead of overwriting.
+/// The command that starts one worker: this program with the recipe's arguments and the
+/// rendezvous timeout (the launcher's own flags are dropped); a restart resumes instead of
+/// overwriting.
 fn worker_command(exe: &Path, cli: &Cli, out: &Path, attempt: usize) -> Command {
     let mut command = Command::new(exe);
     command.arg(&cli.recipe).arg("--out").arg(out).arg("--device").arg(&cli.device);
+    command.arg("--rendezvous-timeout").arg(cli.rendezvous_timeout.to_string());
     for o in &cli.overrides {
         command.arg("--set").arg(o);
     }

@@ -1,0 +1,110 @@
+//! `pg2 bench train`: full training steps (forward, loss, backward, AdamW) of a random
+//! PaliGemma 2, pg2 against transformers on the same checkpoint, batch and thread count.
+
+use std::path::Path;
+use std::time::Instant;
+
+use anyhow::{bail, Result};
+use pg2_model::{PaliGemma, RunOptions};
+use pg2_optim::{Adam, AdamConfig, Decay};
+use serde_json::{json, Value};
+use tch::Kind;
+
+use super::{Sides, peak_rss_mb, read_inputs, run_baseline, run_pg2_side, write_inputs, write_random_model, Shape, TempDir};
+
+const BASELINE: &str = include_str!("train_baseline.py");
+
+/// AdamW's settings on both sides (weight decay on matrices other than embeddings, as
+/// `pg2_optim::decays_by_default`; the baseline builds the same two groups).
+const LR: f64 = 1e-3;
+const WEIGHT_DECAY: f64 = 0.01;
+
+/// First-step losses further apart than this (relative) mean the two sides compute
+/// different things, so their times are not comparable.
+const LOSS_TOLERANCE: f64 = 1e-3;
+
+/// Settings of `pg2 bench train`.
+pub struct TrainBench {
+    /// Which random model to build.
+    pub shape: Shape,
+    /// Examples per step.
+    pub batch: i64,
+    /// Timed steps, after one warm-up step.
+    pub steps: usize,
+    /// Threads, device, baseline Python.
+    pub sides: Sides,
+}
+
+/// `pg2 bench train`: writes the model and batch, runs pg2's side in a fresh process and
+/// transformers' in Python, and prints steps/s, first-step and last losses and peak memory.
+pub fn train(b: &TrainBench) -> Result<()> {
+    if let Some(dir) = &b.sides.pg2_side {
+        println!("{}", pg2_side(b, dir)?);
+        return Ok(());
+    }
+    let dir = TempDir::new("train")?;
+    let (config, params) = write_random_model(b.shape, &dir.0)?;
+    write_inputs(&config, b.batch, true, &dir.0)?;
+    let tokens = config.vision.num_patches() as i64 + super::PROMPT_LEN + super::TARGET_LEN + 3;
+    println!(
+        "training step (forward, mean target NLL, backward, AdamW) of the {:?} PaliGemma 2 ({:.2}M parameters), batch {} x {tokens} tokens ({} targets each), f32, soft-caps on, {}, {} thread(s)",
+        b.shape, params as f64 / 1e6, b.batch, super::TARGET_LEN + 1, b.sides.device, b.sides.threads
+    );
+    let ours = run_pg2_side(&dir.0)?;
+    let settings = json!({"steps": b.steps, "threads": b.sides.threads, "device": b.sides.device, "lr": LR, "weight_decay": WEIGHT_DECAY});
+    // Null when the baseline cannot run: its figures read as n/a.
+    let theirs = run_baseline(&b.sides.python, "train-baseline", BASELINE, &[dir.0.as_os_str(), settings.to_string().as_ref()])?.unwrap_or_default();
+    let cell = |x: Option<f64>, digits: usize| x.map_or("n/a".to_string(), |x| format!("{x:.digits$}"));
+    println!("{:<16} {:>14} {:>14} {:>8}", "", "pg2", "transformers", "ratio");
+    // Ratios are pg2 / transformers: above 1 is faster for steps/s, more memory for RSS.
+    for (label, key, digits, with_ratio) in
+        [("steps/s", "steps_per_s", 3, true), ("first loss", "first_loss", 6, false), ("last loss", "last_loss", 6, false), ("peak RSS (MB)", "peak_rss_mb", 0, true)]
+    {
+        let (a, t) = (ours[key].as_f64(), theirs[key].as_f64());
+        let ratio = match (a, t) {
+            (Some(a), Some(t)) if with_ratio => format!("{:.2}x", a / t),
+            _ => String::new(),
+        };
+        println!("{label:<16} {:>14} {:>14} {ratio:>8}", cell(a, digits), cell(t, digits));
+    }
+    if let (Some(a), Some(t)) = (ours["first_loss"].as_f64(), theirs["first_loss"].as_f64()) {
+        let rel = (a - t).abs() / t.abs().max(1e-12);
+        println!("first-step losses differ by {rel:.1e} (relative)");
+        if rel > LOSS_TOLERANCE {
+            bail!("pg2's first-step loss {a} and transformers' {t} differ by {rel:.1e} > {LOSS_TOLERANCE:.0e}: the two sides do not compute the same step");
+        }
+    }
+    Ok(())
+}
+
+/// pg2's side: loads the model and batch from `dir`, runs one warm-up step and `b.steps`
+/// timed ones, and returns its figures as one JSON object.
+fn pg2_side(b: &TrainBench, dir: &Path) -> Result<Value> {
+    tch::set_num_threads(b.sides.threads as i32);
+    let device = pg2_model::parse_device(&b.sides.device)?;
+    let model = PaliGemma::load(dir, device, Kind::Float, RunOptions::default())?;
+    let inputs = read_inputs(dir, device)?;
+    let loss_mask = inputs.layout.mask_ar.to_kind(Kind::Bool);
+    let params = model.parameters();
+    for (_, p) in &params {
+        let _ = p.set_requires_grad(true);
+    }
+    let config = AdamConfig { lr: LR, weight_decay: WEIGHT_DECAY, decay: Decay::LrCoupled, ..AdamConfig::default() };
+    let mut adam = Adam::new(params, config);
+    // Reading the loss each step waits for the device, as the baseline's `loss.item()`.
+    let mut step = || -> Result<f64> {
+        let (logprobs, _) = model.target_logprobs(&inputs, &loss_mask)?;
+        let loss = -logprobs.mean(Kind::Float);
+        loss.backward();
+        adam.step(1.0); // also clears the gradients
+        Ok(loss.double_value(&[]))
+    };
+    let first = step()?;
+    let start = Instant::now();
+    let mut last = first;
+    for _ in 0..b.steps {
+        last = step()?;
+    }
+    let elapsed = start.elapsed().as_secs_f64();
+    Ok(json!({"steps_per_s": b.steps as f64 / elapsed, "first_loss": first, "last_loss": last, "peak_rss_mb": peak_rss_mb()}))
+}
