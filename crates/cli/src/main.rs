@@ -186,6 +186,14 @@ enum BenchCommand {
         /// Transfer's setting: soft-caps off, so attention runs libtorch's fused kernel.
         #[arg(long)]
         no_soft_caps: bool,
+        /// With --train: also the fused AdamW update, with f32 master weights and moments
+        /// for bf16 parameters, as the trainer runs it.
+        #[arg(long, requires = "train")]
+        optimizer: bool,
+        /// With --train: activation checkpointing (model.activation_checkpointing); its
+        /// recomputed forward is not counted in the utilisation.
+        #[arg(long, requires = "train")]
+        recompute: bool,
         /// The accelerator's dense peak in TFLOP/s for the utilisation figure (H100/H200 bf16: 989).
         #[arg(long, default_value_t = 989.0)]
         peak_tflops: f64,
@@ -431,7 +439,7 @@ fn main() -> Result<()> {
         Command::Bench(BenchCommand::Data { images, count, resolutions, python }) => {
             bench::data(images.as_deref(), count, &resolutions, &python)
         }
-        Command::Bench(BenchCommand::Model { size, resolution, batch, text_len, dtype, device, steps, train, no_soft_caps, peak_tflops }) => {
+        Command::Bench(BenchCommand::Model { size, resolution, batch, text_len, dtype, device, steps, train, no_soft_caps, optimizer, recompute, peak_tflops }) => {
             bench::model(&bench::ModelBench {
                 size_b: size,
                 resolution,
@@ -442,6 +450,8 @@ fn main() -> Result<()> {
                 steps: steps.max(1),
                 train,
                 no_soft_caps,
+                optimizer,
+                recompute,
                 peak_tflops,
             })
         }

@@ -125,6 +125,10 @@ pub struct ModelBench {
     pub train: bool,
     /// Transfer's setting: no soft-caps, so attention takes libtorch's fused kernel.
     pub no_soft_caps: bool,
+    /// With `train`: the fused AdamW update too (f32 masters and moments for bf16).
+    pub optimizer: bool,
+    /// With `train`: activation checkpointing.
+    pub recompute: bool,
     pub peak_tflops: f64,
 }
 
@@ -138,7 +142,7 @@ pub fn model(b: &ModelBench) -> Result<()> {
     let (t, v) = (&config.text, &config.vision);
     tch::manual_seed(0);
     let start = Instant::now();
-    let options = RunOptions { soft_caps: !b.no_soft_caps, ..RunOptions::default() };
+    let options = RunOptions { soft_caps: !b.no_soft_caps, recompute: b.recompute, ..RunOptions::default() };
     let model = PaliGemma::new(config.clone(), &mut Weights::random(b.device, b.kind), options)?;
     let mut params = model.parameters();
     let count = |prefix: &str| params.iter().filter(|(n, _)| n.starts_with(prefix)).map(|(_, p)| p.numel() as f64).sum::<f64>();
@@ -164,12 +168,14 @@ pub fn model(b: &ModelBench) -> Result<()> {
         layout: TokenLayout { mask_ar: mask_ar.shallow_clone(), valid: Tensor::ones([b.batch, seq], (Kind::Bool, b.device)) },
     };
     let loss_mask = mask_ar.to_kind(Kind::Bool);
+    let mut adam = b.optimizer.then(|| pg2_optim::Adam::new(params.iter().map(|(n, p)| (n.clone(), p.shallow_clone())).collect(), pg2_optim::AdamConfig::default()));
     let mut step = || -> Result<()> {
         if b.train {
             let (logprobs, _) = model.target_logprobs(&inputs, &loss_mask)?;
             (-logprobs.mean(Kind::Float)).backward();
-            for (_, p) in params.iter_mut() {
-                p.zero_grad();
+            match adam.as_mut() {
+                Some(adam) => adam.step(1.0), // clears the gradients too
+                None => params.iter_mut().for_each(|(_, p)| p.zero_grad()),
             }
         } else {
             tch::no_grad(|| model.target_logprobs(&inputs, &loss_mask)).map(drop)?;
@@ -195,7 +201,7 @@ pub fn model(b: &ModelBench) -> Result<()> {
         + 4.0 * (seq as f64).powi(2) * (t.num_attention_heads * t.head_dim * t.num_hidden_layers) as f64;
     let flops = bt * (vision + text) * if b.train { 3.0 } else { 1.0 };
     println!("{} of batch {} x {} tokens: {:.1} ms/step, {:.0} tokens/s, {:.1} TFLOP/s = {:.1}% of {} TFLOP/s peak",
-        if b.train { "forward+backward" } else { "forward" }, b.batch, seq, per_step * 1e3, bt * seq as f64 / per_step,
+        match (b.train, b.optimizer) { (true, true) => "forward+backward+AdamW", (true, false) => "forward+backward", _ => "forward" }, b.batch, seq, per_step * 1e3, bt * seq as f64 / per_step,
         flops / per_step / 1e12, 100.0 * flops / per_step / 1e12 / b.peak_tflops, b.peak_tflops);
     println!("attention: {}", if b.no_soft_caps { "fused (no soft-caps)" } else { "eager, soft-capped (materialises one layer's scores)" });
     Ok(())
