@@ -105,6 +105,8 @@ fn main() -> Result<()> {
         return Ok(());
     }
     let (device, mut group) = match worker {
+        // A group of one (a single worker under --max-restarts) has nothing to exchange.
+        Some(env) if env.world == 1 => (worker_device(&cli.device, &env)?, Group::single()),
         Some(env) => {
             let device = worker_device(&cli.device, &env)?;
             let timeout = Duration::from_secs(cli.rendezvous_timeout);
