@@ -208,6 +208,9 @@ enum BenchCommand {
         /// Timed steps (after one warm-up step).
         #[arg(long, default_value_t = 20)]
         steps: usize,
+        /// Activation checkpointing on both sides: less memory, more compute.
+        #[arg(long)]
+        recompute: bool,
         #[command(flatten)]
         sides: bench::Sides,
     },
@@ -455,7 +458,9 @@ fn main() -> Result<()> {
                 peak_tflops,
             })
         }
-        Command::Bench(BenchCommand::Train { shape, batch, steps, sides }) => bench::train(&bench::TrainBench { shape, batch, steps: steps.max(1), sides }),
+        Command::Bench(BenchCommand::Train { shape, batch, steps, recompute, sides }) => {
+            bench::train(&bench::TrainBench { shape, batch, steps: steps.max(1), recompute, sides })
+        }
         Command::Bench(BenchCommand::Decode { shape, batch, new_tokens, runs, sides }) => {
             bench::decode(&bench::DecodeBench { shape, batch, new_tokens, runs: runs.max(1), sides })
         }

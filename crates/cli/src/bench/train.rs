@@ -31,6 +31,9 @@ pub struct TrainBench {
     pub batch: i64,
     /// Timed steps, after one warm-up step.
     pub steps: usize,
+    /// Activation checkpointing on both sides (pg2's recomputed layers, transformers'
+    /// `gradient_checkpointing_enable`).
+    pub recompute: bool,
     /// Threads, device, baseline Python.
     pub sides: Sides,
 }
@@ -47,11 +50,12 @@ pub fn train(b: &TrainBench) -> Result<()> {
     write_inputs(&config, b.batch, true, &dir.0)?;
     let tokens = config.vision.num_patches() as i64 + super::PROMPT_LEN + super::TARGET_LEN + 3;
     println!(
-        "training step (forward, mean target NLL, backward, AdamW) of the {:?} PaliGemma 2 ({:.2}M parameters), batch {} x {tokens} tokens ({} targets each), f32, soft-caps on, {}, {} thread(s)",
-        b.shape, params as f64 / 1e6, b.batch, super::TARGET_LEN + 1, b.sides.device, b.sides.threads
+        "training step (forward, mean target NLL, backward, AdamW) of the {:?} PaliGemma 2 ({:.2}M parameters), batch {} x {tokens} tokens ({} targets each), f32, soft-caps on, {}, {} thread(s){}",
+        b.shape, params as f64 / 1e6, b.batch, super::TARGET_LEN + 1, b.sides.device, b.sides.threads,
+        if b.recompute { ", activation checkpointing" } else { "" }
     );
     let ours = run_pg2_side(&dir.0)?;
-    let settings = json!({"steps": b.steps, "threads": b.sides.threads, "device": b.sides.device, "lr": LR, "weight_decay": WEIGHT_DECAY});
+    let settings = json!({"steps": b.steps, "threads": b.sides.threads, "device": b.sides.device, "lr": LR, "weight_decay": WEIGHT_DECAY, "recompute": b.recompute});
     // Null when the baseline cannot run: its figures read as n/a.
     let theirs = run_baseline(&b.sides.python, "train-baseline", BASELINE, &[dir.0.as_os_str(), settings.to_string().as_ref()])?.unwrap_or_default();
     let cell = |x: Option<f64>, digits: usize| x.map_or("n/a".to_string(), |x| format!("{x:.digits$}"));
@@ -82,7 +86,7 @@ pub fn train(b: &TrainBench) -> Result<()> {
 fn pg2_side(b: &TrainBench, dir: &Path) -> Result<Value> {
     tch::set_num_threads(b.sides.threads as i32);
     let device = pg2_model::parse_device(&b.sides.device)?;
-    let model = PaliGemma::load(dir, device, Kind::Float, RunOptions::default())?;
+    let model = PaliGemma::load(dir, device, Kind::Float, RunOptions { recompute: b.recompute, ..RunOptions::default() })?;
     let inputs = read_inputs(dir, device)?;
     let loss_mask = inputs.layout.mask_ar.to_kind(Kind::Bool);
     let params = model.parameters();

@@ -4,7 +4,7 @@ on the checkpoint and batch pg2 wrote.
 
 Usage: python3 train_baseline.py DIR SETTINGS_JSON
 DIR holds config.json, model.safetensors and inputs.safetensors; SETTINGS_JSON gives
-steps, threads, device, lr and weight_decay. Prints one JSON object: steps_per_s,
+steps, threads, device, lr, weight_decay and recompute (gradient checkpointing). Prints one JSON object: steps_per_s,
 first_loss (the warm-up step's, on the initial weights), last_loss, peak_rss_mb.
 """
 import json
@@ -23,6 +23,8 @@ def main():
     device = torch.device(settings["device"])
     model = PaliGemmaForConditionalGeneration.from_pretrained(folder, dtype=torch.float32, attn_implementation="eager")
     model.to(device).train()
+    if settings["recompute"]:
+        model.gradient_checkpointing_enable()
     batch = {k: v.to(device) for k, v in load_file(f"{folder}/inputs.safetensors").items()}
     # The loss covers the target tokens (token type 1), as the processor's labels do.
     labels = batch["input_ids"].masked_fill(batch["token_type_ids"] == 0, -100)
