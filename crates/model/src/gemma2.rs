@@ -10,6 +10,7 @@
 //! (padding is never attended to). Decoding state lives in a [`KvCache`] owned by the
 //! caller: the same `forward` serves training, scoring, prefill and each decoding step.
 
+use std::rc::Rc;
 use std::sync::Arc;
 
 use tch::{Device, Kind, Tensor};
@@ -366,7 +367,7 @@ impl Gemma2 {
     /// hidden states. With a cache, the tokens continue the cached sequences and are
     /// appended to the cache.
     pub fn forward(&self, embeds: &Tensor, layout: &TokenLayout, mut cache: Option<&mut KvCache>, opts: RunOptions) -> Tensor {
-        let plan = Arc::new(self.plan(layout, cache.as_deref(), opts));
+        let plan = Rc::new(self.plan(layout, cache.as_deref(), opts));
         let (cos, sin) = rotary_tables(&plan.positions, &self.inv_freq, embeds.kind());
         let mut x = embeds.shallow_clone();
         // Only where a backward pass will follow: no cache (training) and a graph to record.

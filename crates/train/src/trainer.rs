@@ -372,7 +372,7 @@ pub fn train(recipe: &Recipe, resolved: &toml::Table, opts: &LaunchOptions, grou
     let out = &opts.out;
     let main = group.is_main();
     let world = group.world();
-    if recipe.train.batch_size % world != 0 {
+    if !recipe.train.batch_size.is_multiple_of(world) {
         bail!("train.batch_size = {} does not split evenly over {world} workers; make it a multiple of {world}", recipe.train.batch_size);
     }
     let latest = latest_checkpoint(out)?;
