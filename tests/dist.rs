@@ -69,6 +69,10 @@ fn two_workers_equal_one_process_with_the_whole_batch() {
         }
         assert!(apart * 1000 < total, "{tag}: {apart} of {total} weights differ by more than 1e-6");
         assert_eq!(std::fs::read_dir(dir.join(&two).join("tb")).unwrap().count(), 1, "one TensorBoard writer");
+        // Evaluation is shared out over the ranks and gathered on rank 0, in record order.
+        let predictions = |run: &str, step: &str| std::fs::read_to_string(dir.join(run).join(format!("eval/step-{step}.jsonl"))).unwrap();
+        assert_eq!(predictions(&one, "000000"), predictions(&two, "000000"), "{tag}: the same weights decode the same");
+        assert_eq!(predictions(&one, "000006").lines().count(), predictions(&two, "000006").lines().count());
     }
     let out = launch(&dir, "three", &["--nproc-per-node", "3"]).output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);

@@ -133,6 +133,26 @@ impl Group {
         Ok(Vec::<f64>::try_from(&t.to_device(Device::Cpu))?)
     }
 
+    /// Every rank's `data` on rank 0, in rank order (`None` elsewhere), through the store:
+    /// for small, uneven results such as evaluation predictions. `name` must be new.
+    pub fn gather_to_main(&mut self, name: &str, data: &[u8]) -> Result<Option<Vec<Vec<u8>>>, DistError> {
+        let Some(store) = self.store.as_mut().filter(|_| self.env.world > 1) else { return Ok(Some(vec![data.to_vec()])) };
+        let key = |rank: usize| format!("gather/{name}/{rank}");
+        store.set(&key(self.env.rank), data)?;
+        if self.env.rank != 0 {
+            return Ok(None);
+        }
+        let mut all = Vec::with_capacity(self.env.world);
+        for rank in 0..self.env.world {
+            let part = store
+                .get(&key(rank), self.timeout)?
+                .ok_or_else(|| DistError::Timeout(format!("rank {rank} never sent its part of `{name}` within {}s", self.timeout.as_secs())))?;
+            store.set(&key(rank), b"")?; // the store keeps no copy
+            all.push(part);
+        }
+        Ok(Some(all))
+    }
+
     /// Averages `tensors` in place over the ranks, flattened into buckets of at most
     /// `bucket_bytes` (a larger tensor travels alone) so that each collective moves a
     /// sizeable message rather than one small tensor at a time.
@@ -175,7 +195,7 @@ mod tests {
     use tch::Kind;
 
     #[test]
-    fn groups_of_three_average_in_buckets_and_broadcast() {
+    fn groups_of_three_average_in_buckets_broadcast_and_gather() {
         let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
         let results: Vec<_> = std::thread::scope(|s| {
             let handles: Vec<_> = (0..3)
@@ -188,6 +208,9 @@ mod tests {
                         group.all_reduce_mean(&grads, 16).unwrap();
                         let params = [Tensor::full([3], rank as f64 + 5.0, (Kind::Float, Device::Cpu))];
                         group.broadcast_from_main(&params).unwrap();
+                        let gathered = group.gather_to_main("ranks", format!("rank {rank}").as_bytes()).unwrap();
+                        let want = (rank == 0).then(|| (0..3).map(|r| format!("rank {r}").into_bytes()).collect::<Vec<_>>());
+                        assert_eq!(gathered, want);
                         group.barrier("end").unwrap();
                         (grads.iter().map(|g| Vec::<f32>::try_from(g).unwrap()).collect::<Vec<_>>(), Vec::<f32>::try_from(&params[0]).unwrap())
                     })

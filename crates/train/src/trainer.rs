@@ -229,10 +229,13 @@ fn checkpoint_dir(path: &Path) -> Result<PathBuf> {
     Ok(pointer.parent().unwrap().join(name.trim()))
 }
 
-/// Decodes the evaluation records, scores them, writes `eval/step-NNNNNN.jsonl` (each
-/// record with its prediction) and returns the scores.
-fn evaluate(model: &PaliGemma, tok: &PgTokenizer, spec: &EvalSection, records: &[Record], step: u64, out: &Path) -> Result<Map<String, Value>> {
+/// Decodes the evaluation records (each rank a contiguous share), and on rank 0 scores them
+/// all, writes `eval/step-NNNNNN.jsonl` (each record with its prediction) and returns the
+/// scores (`None` on the other ranks).
+fn evaluate(model: &PaliGemma, tok: &PgTokenizer, spec: &EvalSection, records: &[Record], step: u64, out: &Path, group: &mut Group) -> Result<Option<Map<String, Value>>> {
     let metric: pg2_eval::Metric = spec.metric.parse().map_err(anyhow::Error::msg)?;
+    let (rank, world) = (group.rank(), group.world());
+    let records = &records[records.len() * rank / world..records.len() * (rank + 1) / world];
     let (res, n_image) = (model.config.vision.image_size as u32, model.config.vision.num_patches());
     let decode = DecodeOptions { max_new_tokens: spec.max_len, beam_size: spec.beam, eos_id: tok.eos_id, pad_id: tok.pad_id, length_penalty: 1.0 };
     let format = TaskFormat { prefix: spec.prefix.clone(), ..TaskFormat::default() };
@@ -253,11 +256,14 @@ fn evaluate(model: &PaliGemma, tok: &PgTokenizer, spec: &EvalSection, records: &
             rows.push(Value::Object(row));
         }
     }
+    let lines: String = rows.iter().map(|r| format!("{r}\n")).collect();
+    let Some(parts) = group.gather_to_main(&format!("eval-{step}"), lines.as_bytes())? else { return Ok(None) };
+    let lines: String = parts.iter().map(|p| String::from_utf8_lossy(p)).collect();
+    let rows = lines.lines().map(serde_json::from_str).collect::<Result<Vec<Value>, _>>()?;
     let dir = out.join("eval");
     std::fs::create_dir_all(&dir)?;
-    let lines: String = rows.iter().map(|r| format!("{r}\n")).collect();
     write_atomically(&dir.join(format!("step-{step:06}.jsonl")), lines.as_bytes())?;
-    Ok(pg2_eval::score(metric, &rows)?)
+    Ok(Some(pg2_eval::score(metric, &rows)?))
 }
 
 /// `pg2 eval`: evaluates a checkpoint with a recipe's `[eval]` block (and its model
@@ -274,7 +280,7 @@ pub fn evaluate_checkpoint(recipe: &Recipe, checkpoint: &Path, device: Device, o
         .ok()
         .and_then(|s| serde_json::from_str::<TrainerState>(&s).ok())
         .map_or(0, |s| s.step);
-    evaluate(&model, &tokenizer, spec, &records, step, out)
+    Ok(evaluate(&model, &tokenizer, spec, &records, step, out, &mut Group::single())?.expect("a group of one is its own main rank"))
 }
 
 /// Per-token cross-entropy against the target smoothed by `s`: `(1 - s)` on the target,
@@ -468,10 +474,11 @@ pub fn train(recipe: &Recipe, resolved: &toml::Table, opts: &LaunchOptions, grou
         }
         None => vec![],
     };
-    // Scores go to metrics.jsonl as `eval/<name>` and to TensorBoard.
-    let log_eval = |step: u64, model: &PaliGemma, log: &mut RunLog| -> Result<()> {
+    // Every rank decodes its share; rank 0's scores go to metrics.jsonl as `eval/<name>` and
+    // to TensorBoard.
+    let log_eval = |step: u64, model: &PaliGemma, group: &mut Group, log: Option<&mut RunLog>| -> Result<()> {
         let Some(spec) = &recipe.eval else { return Ok(()) };
-        let scores = evaluate(model, &tokenizer, spec, &eval_records, step, out)?;
+        let (Some(scores), Some(log)) = (evaluate(model, &tokenizer, spec, &eval_records, step, out, group)?, log) else { return Ok(()) };
         let mut line = Map::new();
         line.insert("step".into(), step.into());
         for (name, value) in scores.iter().filter(|(name, _)| name.as_str() != "n") {
@@ -483,8 +490,8 @@ pub fn train(recipe: &Recipe, resolved: &toml::Table, opts: &LaunchOptions, grou
         }
         log.write(Value::Object(line.clone()), step, &tags)
     };
-    if let Some(log) = log.as_mut().filter(|_| first_step == 0) {
-        log_eval(0, &model, log)?;
+    if first_step == 0 {
+        log_eval(0, &model, group, log.as_mut())?;
     }
     let interactive = main && std::io::stderr().is_terminal();
     let bar = if interactive { ProgressBar::new(total_steps) } else { ProgressBar::hidden() };
@@ -591,9 +598,7 @@ pub fn train(recipe: &Recipe, resolved: &toml::Table, opts: &LaunchOptions, grou
             (window_start, window_examples) = (Instant::now(), 0);
         }
         if eval_step {
-            if let Some(log) = log.as_mut() {
-                bar.suspend(|| log_eval(done, &model, log))?;
-            }
+            bar.suspend(|| log_eval(done, &model, group, log.as_mut()))?;
         }
         bar.set_position(done);
         if checkpoint_step && main {
