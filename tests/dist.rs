@@ -1,6 +1,7 @@
 //! Data parallelism end to end on the CPU: `launch --nproc-per-node 2` (two worker
-//! processes, the TCP ring) against one process with the whole batch; a killed worker
-//! stopping the group; `--max-restarts` finishing the run from its latest checkpoint.
+//! processes, the TCP ring), and two `--nnodes 2` launchers, against one process with the
+//! whole batch; a killed worker stopping the group; `--max-restarts` finishing the run
+//! from its latest checkpoint.
 
 use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
@@ -46,7 +47,7 @@ fn two_workers_equal_one_process_with_the_whole_batch() {
         run(launch(&dir, &one, normalization));
         run(launch(&dir, &two, &[normalization, &["--nproc-per-node", "2"]].concat()));
         let (a, b) = (losses(&dir.join(&one)), losses(&dir.join(&two)));
-        assert_eq!(a.len(), 6, "{tag}: rank 0 alone logs each step once");
+        assert_eq!((a.len(), b.len()), (6, 6), "{tag}: with two workers, rank 0 alone logs each step once");
         for (x, y) in a.iter().zip(&b) {
             assert!((x - y).abs() < 1e-5, "{tag}: losses {a:?} vs {b:?}");
         }
@@ -73,6 +74,18 @@ fn two_workers_equal_one_process_with_the_whole_batch() {
         let predictions = |run: &str, step: &str| std::fs::read_to_string(dir.join(run).join(format!("eval/step-{step}.jsonl"))).unwrap();
         assert_eq!(predictions(&one, "000000"), predictions(&two, "000000"), "{tag}: the same weights decode the same");
         assert_eq!(predictions(&one, "000006").lines().count(), predictions(&two, "000006").lines().count());
+    }
+    // Two machines of one worker each (both on this one here): the same losses again.
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port().to_string();
+    let node = |rank: &str| launch(&dir, "nodes", &["--nnodes", "2", "--node-rank", rank, "--master-port", &port]).stderr(Stdio::piped()).spawn().unwrap();
+    let nodes = [node("0"), node("1")];
+    for n in nodes {
+        let out = n.wait_with_output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    }
+    assert_eq!(losses(&dir.join("nodes")).len(), 6);
+    for (x, y) in losses(&dir.join("one-example")).iter().zip(losses(&dir.join("nodes"))) {
+        assert!((x - y).abs() < 1e-5, "two nodes: {x} vs {y}");
     }
     let out = launch(&dir, "three", &["--nproc-per-node", "3"]).output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);

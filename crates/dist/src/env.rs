@@ -85,9 +85,19 @@ impl WorkerEnv {
         Ok(Some(env))
     }
 
+    /// The device this worker runs on for a `--device` request (`name`, parsed as
+    /// `parsed`): its own GPU when the request names no index (`auto` with a GPU, `cuda`),
+    /// the request as it is otherwise.
+    pub fn place(&self, name: &str, parsed: tch::Device) -> Result<tch::Device, DistError> {
+        Ok(match (name, parsed) {
+            ("auto" | "cuda", tch::Device::Cuda(_)) => tch::Device::Cuda(self.gpu()?),
+            (_, device) => device,
+        })
+    }
+
     /// This worker's GPU: `local_rank`, or the only visible one when the scheduler gave
     /// each worker its own (`CUDA_VISIBLE_DEVICES` per task).
-    pub fn gpu(&self) -> Result<usize, DistError> {
+    fn gpu(&self) -> Result<usize, DistError> {
         match tch::Cuda::device_count() as usize {
             1 => Ok(0),
             n if self.local_rank < n => Ok(self.local_rank),

@@ -1,5 +1,6 @@
 // libtorch's fused AdamW (`at::_fused_adamw_`), which tch does not generate: one kernel
 // launch per tensor list instead of a dozen element-wise ops per parameter.
+#include <ATen/ops/_foreach_add.h>
 #include <ATen/ops/_fused_adamw.h>
 
 #include <string>
@@ -13,9 +14,9 @@ extern "C" {
 const char *pg2_fused_adamw_error() { return last_error.c_str(); }
 
 // Updates `n` parameters in place (tch tensors are `at::Tensor *`); returns 0, or 1 with
-// the message in pg2_fused_adamw_error(). `steps` are float scalars holding this step's
-// number (1 for the first update), as torch.optim sets them before the kernel. With
-// `found_inf` (an f32 scalar, or null) at 1, the kernel changes nothing.
+// the message in pg2_fused_adamw_error(). `steps` are float scalar update counts, advanced
+// here as torch.optim does around the kernel. With `found_inf` (an f32 scalar, or null)
+// at 1, nothing changes, the counts included.
 int pg2_fused_adamw(const at::Tensor *const *params, const at::Tensor *const *grads, const at::Tensor *const *exp_avgs,
                     const at::Tensor *const *exp_avg_sqs, const at::Tensor *const *steps, long n, double lr, double beta1,
                     double beta2, double weight_decay, double eps, const at::Tensor *found_inf) {
@@ -32,8 +33,12 @@ int pg2_fused_adamw(const at::Tensor *const *params, const at::Tensor *const *gr
     if (found_inf != nullptr) {
       inf = *found_inf;
     }
+    at::_foreach_add_(s, 1);
     at::_fused_adamw_(p, g, m, v, {}, s, lr, beta1, beta2, weight_decay, eps, /*amsgrad=*/false, /*maximize=*/false,
                       /*grad_scale=*/std::nullopt, inf);
+    if (inf) {
+      at::_foreach_add_(s, *inf, /*alpha=*/-1);  // a skipped update does not count
+    }
     return 0;
   } catch (const std::exception &e) {
     last_error = e.what();

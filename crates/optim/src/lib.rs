@@ -64,7 +64,7 @@ pub struct Adam {
     /// Updates made by the op-by-op path.
     steps: i64,
     /// The fused path's update count: each parameter's f32 scalar on its device, as the
-    /// kernel reads it, advanced on the device (a skipped step leaves it).
+    /// kernel reads it, advanced by the shim on the device (a skipped step leaves it).
     step_counts: Vec<Tensor>,
 }
 
@@ -104,6 +104,11 @@ impl Adam {
         let master = params.iter().map(|(_, p)| (p.kind() != Kind::Float).then(|| p.detach().to_kind(Kind::Float))).collect();
         let step_counts = params.iter().map(|(_, p)| Tensor::zeros([], (Kind::Float, p.device()))).collect();
         Self { config, params, groups, m, v, master, steps: 0, step_counts }
+    }
+
+    /// The parameters it updates, by name.
+    pub fn params(&self) -> &[(String, Tensor)] {
+        &self.params
     }
 
     /// Global L2 norm of the gradients (before clipping), as an f32 scalar on their device;
@@ -168,6 +173,7 @@ impl Adam {
                 None => calls.push((self.groups[i], vec![i])),
             }
         }
+        let found_inf = skip.map(|s| s.to_kind(Kind::Float));
         tch::no_grad(|| {
             for (group, members) in calls {
                 let step_lr = lr * group.lr_mult * schedule;
@@ -177,15 +183,7 @@ impl Adam {
                 let grads: Vec<Tensor> = members.iter().map(|&i| self.params[i].1.grad().to_kind(Kind::Float)).collect();
                 let ptrs = |ts: &[Tensor]| -> Vec<*const std::ffi::c_void> { ts.iter().map(|t| t.as_ptr() as *const std::ffi::c_void).collect() };
                 let pick = |ts: &[Tensor]| -> Vec<Tensor> { members.iter().map(|&i| ts[i].shallow_clone()).collect() };
-                let (m, v, mut counts) = (pick(&self.m), pick(&self.v), pick(&self.step_counts));
-                // The kernel reads, and does not advance, the count; a skipped step keeps it.
-                for c in &mut counts {
-                    let _ = match skip {
-                        Some(skip) => c.g_add_(&(skip.to_kind(Kind::Float).neg() + 1.0)),
-                        None => c.g_add_scalar_(1.0),
-                    };
-                }
-                let found_inf = skip.map(|s| s.to_kind(Kind::Float));
+                let (m, v, counts) = (pick(&self.m), pick(&self.v), pick(&self.step_counts));
                 // SAFETY: five arrays of `members.len()` live tensors, each list on one device
                 // with f32 elements and matching shapes; the kernel updates them in place.
                 let status = unsafe {

@@ -438,7 +438,6 @@ pub fn train(recipe: &Recipe, resolved: &toml::Table, opts: &LaunchOptions, grou
     for (_, p) in &params {
         let _ = p.set_requires_grad(true);
     }
-    let trainable: Vec<(String, Tensor)> = params.iter().map(|(name, p)| (name.clone(), p.shallow_clone())).collect();
     let t = &recipe.train;
     let config = AdamConfig { lr: t.lr, b2: t.b2, weight_decay: t.weight_decay, decay: t.weight_decay_mode, fused: t.fused_optimizer, ..AdamConfig::default() };
     let mut adam = Adam::with_groups(params, config, |name, p| {
@@ -548,7 +547,8 @@ pub fn train(recipe: &Recipe, resolved: &toml::Table, opts: &LaunchOptions, grou
         let position = position.expect("at least one batch per step");
         model.options.dropout = 0.0; // evaluation and checkpoints see the model without it
         if world > 1 {
-            let grads = trainable
+            let grads = adam
+                .params()
                 .iter()
                 .map(|(name, p)| Some(p.grad()).filter(Tensor::defined).with_context(|| format!("`{name}` got no gradient; every trainable parameter needs one with several workers")))
                 .collect::<Result<Vec<_>>>()?;

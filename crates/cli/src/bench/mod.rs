@@ -53,23 +53,10 @@ fn pg2_rate(files: &[PathBuf], res: u32) -> Result<f64> {
 
 /// Runs the Python baseline; `None` (with the reason printed) when it cannot run here.
 fn baseline_rates(python: &str, files: &[PathBuf], resolutions: &[u32]) -> Result<Option<Vec<f64>>> {
-    let script = std::env::temp_dir().join(format!("pg2-siglip-baseline-{}.py", std::process::id()));
-    std::fs::File::create(&script)?.write_all(BASELINE.as_bytes())?;
-    let list: Vec<String> = resolutions.iter().map(u32::to_string).collect();
-    let out = Command::new(python).arg(&script).arg(list.join(",")).args(files).output();
-    std::fs::remove_file(&script).ok();
-    let out = match out {
-        Ok(out) if out.status.success() => out,
-        Ok(out) => {
-            eprintln!("baseline unavailable: {python} failed: {}", String::from_utf8_lossy(&out.stderr).lines().last().unwrap_or(""));
-            return Ok(None);
-        }
-        Err(e) => {
-            eprintln!("baseline unavailable: cannot run {python}: {e}");
-            return Ok(None);
-        }
-    };
-    let rates = String::from_utf8(out.stdout)?
+    let list = resolutions.iter().map(u32::to_string).collect::<Vec<_>>().join(",");
+    let args: Vec<&std::ffi::OsStr> = std::iter::once(list.as_ref()).chain(files.iter().map(|f| f.as_os_str())).collect();
+    let Some(stdout) = run_script(python, "siglip-baseline", BASELINE, &args)? else { return Ok(None) };
+    let rates = String::from_utf8(stdout)?
         .lines()
         .map(|l| Ok(serde_json::from_str::<serde_json::Value>(l)?["images_per_s"].as_f64().context("baseline output")?))
         .collect::<Result<Vec<f64>>>()?;
@@ -216,15 +203,12 @@ pub fn allreduce(device: &str, size_mb: f64, iters: usize) -> Result<()> {
 
     let env = WorkerEnv::from_env()?
         .unwrap_or(WorkerEnv { rank: 0, local_rank: 0, world: 1, local_world: 1, master_addr: "127.0.0.1".into(), master_port: 0 });
-    let device = match (device, pg2_model::parse_device(device)?) {
-        ("auto" | "cuda", Device::Cuda(_)) => Device::Cuda(env.gpu()?),
-        (_, d) => d,
-    };
+    let device = env.place(device, pg2_model::parse_device(device)?)?;
     let (rank, world) = (env.rank, env.world);
-    let mut group = Group::join(env, device, std::time::Duration::from_secs(120))?;
-    if group.backend() == "none" {
+    if world == 1 && !device.is_cuda() {
         bail!("a group of one on the CPU exchanges nothing: start one process per rank with RANK, WORLD_SIZE and MASTER_PORT set, or use a GPU");
     }
+    let mut group = Group::join(env, device, std::time::Duration::from_secs(120))?;
     let n = (size_mb * 1e6 / 4.0).max(1.0) as i64;
     let sync = || {
         if let Device::Cuda(i) = device {
@@ -394,15 +378,15 @@ fn run_pg2_side(dir: &Path) -> Result<serde_json::Value> {
     last_json_line(&out.stdout)
 }
 
-/// Runs a baseline script (written to a temporary file) with `args`; its last stdout line
-/// is JSON. `None`, with the reason printed, when it cannot run here.
-fn run_baseline(python: &str, name: &str, source: &str, args: &[&std::ffi::OsStr]) -> Result<Option<serde_json::Value>> {
+/// Runs a baseline script (written to a temporary file) with `args` and returns its
+/// stdout; `None`, with the reason printed, when it cannot run here.
+fn run_script(python: &str, name: &str, source: &str, args: &[&std::ffi::OsStr]) -> Result<Option<Vec<u8>>> {
     let script = std::env::temp_dir().join(format!("pg2-{name}-{}.py", std::process::id()));
     std::fs::File::create(&script)?.write_all(source.as_bytes())?;
     let out = Command::new(python).arg(&script).args(args).output();
     std::fs::remove_file(&script).ok();
     match out {
-        Ok(out) if out.status.success() => Ok(Some(last_json_line(&out.stdout)?)),
+        Ok(out) if out.status.success() => Ok(Some(out.stdout)),
         Ok(out) => {
             eprintln!("baseline unavailable: {python} failed: {}", String::from_utf8_lossy(&out.stderr).lines().last().unwrap_or(""));
             Ok(None)
@@ -412,6 +396,11 @@ fn run_baseline(python: &str, name: &str, source: &str, args: &[&std::ffi::OsStr
             Ok(None)
         }
     }
+}
+
+/// [`run_script`] for a baseline whose last stdout line is JSON.
+fn run_baseline(python: &str, name: &str, source: &str, args: &[&std::ffi::OsStr]) -> Result<Option<serde_json::Value>> {
+    run_script(python, name, source, args)?.map(|stdout| last_json_line(&stdout)).transpose()
 }
 
 /// The last line of a side's output, as JSON.

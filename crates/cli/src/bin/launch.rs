@@ -9,7 +9,6 @@ use anyhow::{Context, Result};
 use clap::Parser;
 use pg2_dist::{Group, LaunchPlan, WorkerEnv};
 use pg2_train::{train, LaunchOptions, Recipe};
-use tch::Device;
 
 #[derive(Parser)]
 #[command(name = "launch", version, about = "Train a PaliGemma 2 stage from a TOML recipe")]
@@ -58,14 +57,6 @@ struct Cli {
     rendezvous_timeout: u64,
 }
 
-/// The device of a worker: its own GPU for `auto` (when there is a GPU) and `cuda`.
-fn worker_device(name: &str, env: &WorkerEnv) -> Result<Device> {
-    Ok(match (name, pg2_model::parse_device(name)?) {
-        ("auto" | "cuda", Device::Cuda(_)) => Device::Cuda(env.gpu()?),
-        (_, device) => device,
-    })
-}
-
 /// The command that starts one worker: this program with the recipe's arguments and the
 /// rendezvous timeout (the launcher's own flags are dropped); a restart resumes instead of
 /// overwriting.
@@ -106,9 +97,9 @@ fn main() -> Result<()> {
     }
     let (device, mut group) = match worker {
         // A group of one (a single worker under --max-restarts) has nothing to exchange.
-        Some(env) if env.world == 1 => (worker_device(&cli.device, &env)?, Group::single()),
+        Some(env) if env.world == 1 => (env.place(&cli.device, pg2_model::parse_device(&cli.device)?)?, Group::single()),
         Some(env) => {
-            let device = worker_device(&cli.device, &env)?;
+            let device = env.place(&cli.device, pg2_model::parse_device(&cli.device)?)?;
             let timeout = Duration::from_secs(cli.rendezvous_timeout);
             let (rank, world) = (env.rank, env.world);
             let group = Group::join(env, device, timeout).with_context(|| format!("rank {rank} of {world} joining the group"))?;
