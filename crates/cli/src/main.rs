@@ -230,6 +230,22 @@ enum BenchCommand {
         #[command(flatten)]
         sides: bench::Sides,
     },
+    /// How much of a recipe's batches padding fills, with its examples dealt out in stream
+    /// order and sorted by length within each update (data.bucket_by_length). Tokenizes
+    /// the sources; reads no image.
+    Padding {
+        /// The recipe whose mixture, text limits, batch size and accumulation to use.
+        recipe: PathBuf,
+        /// Override a recipe key (repeatable), e.g. --set train.grad_accumulation=8.
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        overrides: Vec<String>,
+        /// Workers the batch is split over.
+        #[arg(long, default_value_t = 1)]
+        nproc: usize,
+        /// Updates to count.
+        #[arg(long, default_value_t = 50)]
+        updates: usize,
+    },
     /// Correctness and bandwidth of the gradient all-reduce (NCCL on CUDA, the TCP ring on
     /// the CPU): alone (a group of one), or one process per rank under torchrun-style
     /// variables (RANK, WORLD_SIZE, MASTER_ADDR, ...), e.g. started by srun.
@@ -463,6 +479,17 @@ fn main() -> Result<()> {
         }
         Command::Bench(BenchCommand::Decode { shape, batch, new_tokens, runs, sides }) => {
             bench::decode(&bench::DecodeBench { shape, batch, new_tokens, runs: runs.max(1), sides })
+        }
+        Command::Bench(BenchCommand::Padding { recipe, overrides, nproc, updates }) => {
+            let (recipe, _) = pg2_train::Recipe::load(&recipe, &overrides)?;
+            let t = &recipe.train;
+            println!("{updates} updates of {} examples: {} micro-batch(es) each, {} examples per worker in each, {nproc} worker(s)", t.batch_size * t.grad_accumulation, t.grad_accumulation, t.batch_size / nproc.max(1));
+            println!("{:<22} {:>12} {:>12} {:>9}", "order", "real tokens", "in batches", "padding");
+            for (order, counts) in ["stream", "bucketed by length"].iter().zip(pg2_train::padding(&recipe, nproc, updates)?) {
+                let share = 100.0 * (counts.padded - counts.real) as f64 / counts.padded.max(1) as f64;
+                println!("{order:<22} {:>12} {:>12} {share:>8.1}%", counts.real, counts.padded);
+            }
+            Ok(())
         }
         Command::Bench(BenchCommand::Allreduce { device, size_mb, iters }) => bench::allreduce(&device, size_mb, iters.max(1)),
     }

@@ -305,18 +305,10 @@ impl Mixture {
         Ok((s, self.element(s, k)?))
     }
 
-    /// The examples of data-parallel `rank` (of `world`) for the next global batch of
-    /// `world * per_rank` examples: ranks take consecutive slices, so together they see
-    /// exactly what one process with the whole batch would.
-    pub fn next_batch(&mut self, per_rank: usize, rank: usize, world: usize) -> Result<Vec<(usize, Record)>, DataError> {
-        let mut mine = Vec::with_capacity(per_rank);
-        for i in 0..per_rank * world {
-            let example = self.next_example()?;
-            if i / per_rank == rank {
-                mine.push(example);
-            }
-        }
-        Ok(mine)
+    /// The next `n` examples of the global stream (one optimizer update's worth: the
+    /// pipeline deals them out to micro-batches and ranks).
+    pub fn next_examples(&mut self, n: usize) -> Result<Vec<(usize, Record)>, DataError> {
+        (0..n).map(|_| self.next_example()).collect()
     }
 }
 
@@ -399,22 +391,6 @@ mod tests {
         resumed.seek(serde_json::from_str(&saved).unwrap()).unwrap();
         let rest: Vec<_> = (123..300).map(|_| key(resumed.next_example())).collect();
         assert_eq!(rest, all[123..]);
-    }
-
-    #[test]
-    fn ranks_are_disjoint_and_together_the_single_process_stream() {
-        let (world, per_rank) = (3, 4);
-        let mut single = mixture();
-        let whole: Vec<_> = (0..5).flat_map(|_| single.next_batch(per_rank * world, 0, 1).unwrap()).map(|e| key(Ok(e))).collect();
-        let mut ranks: Vec<Mixture> = (0..world).map(|_| mixture()).collect();
-        let mut union = Vec::new();
-        for _ in 0..5 {
-            for (r, m) in ranks.iter_mut().enumerate() {
-                union.extend(m.next_batch(per_rank, r, world).unwrap().into_iter().map(|e| key(Ok(e))));
-            }
-        }
-        assert_eq!(union, whole);
-        assert!(ranks.iter().all(|m| m.position() == single.position()));
     }
 
     #[test]

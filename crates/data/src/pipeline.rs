@@ -1,7 +1,11 @@
-//! The input pipeline: a background thread walks the mixture, a pool of worker threads
-//! decodes, resizes and tokenizes each batch's examples in parallel, and finished batches
-//! wait in a bounded queue, so the training step never waits on data when the machine has
-//! the cores.
+//! The input pipeline: a background thread walks the mixture one optimizer update at a
+//! time, a pool of worker threads tokenizes the update's examples and decodes and resizes
+//! the images of this rank's micro-batches in parallel, and finished batches wait in a
+//! bounded queue, so the training step never waits on data when the machine has the cores.
+//!
+//! Every rank draws and tokenizes the whole update (cheap beside the images), so each knows
+//! the update's target-token count without a collective, and length bucketing deals the
+//! same examples out the same way on all ranks.
 
 use std::sync::mpsc::{sync_channel, Receiver};
 use std::sync::Arc;
@@ -11,7 +15,7 @@ use rayon::prelude::*;
 use tch::Device;
 
 use crate::layout::{Batch, EncodedExample, Truncation};
-use crate::mixture::{Mixture, MixturePosition, TaskFormat};
+use crate::mixture::{Mixture, MixturePosition};
 use crate::source::Record;
 use crate::tokenizer::PgTokenizer;
 use crate::{image, DataError};
@@ -35,8 +39,14 @@ pub struct PipelineConfig {
     pub resolution: u32,
     /// `<image>` placeholders per example.
     pub image_tokens: usize,
-    /// Examples per batch on this rank.
+    /// Examples per micro-batch on this rank.
     pub batch_size: usize,
+    /// Micro-batches per optimizer update (gradient accumulation).
+    pub accumulation: usize,
+    /// Sort each update's examples by token count before dealing them out to micro-batches
+    /// and ranks: a micro-batch then holds examples of like length and pads little, and the
+    /// update still sees exactly the examples it would without sorting.
+    pub bucket_by_length: bool,
     /// This process's data-parallel rank and the number of ranks.
     pub rank: usize,
     pub world: usize,
@@ -64,8 +74,13 @@ pub struct LoadedBatch {
     pub batch: Batch,
     /// The records, for evaluation and error messages.
     pub records: Vec<Record>,
-    /// Save this with a checkpoint taken after training on this batch.
+    /// Where the stream stands after this batch's update: save it with a checkpoint taken
+    /// after that update.
     pub position: MixturePosition,
+    /// Target tokens of the whole update, all micro-batches and ranks (per-token loss
+    /// normalisation divides by it). Counted as drawn: a skipped record's stand-in is not
+    /// recounted.
+    pub update_targets: usize,
     pub stats: BatchStats,
 }
 
@@ -87,12 +102,16 @@ impl Pipeline {
         let producer = std::thread::Builder::new()
             .name("pg2-data".into())
             .spawn(move || loop {
-                let loaded = mixture
-                    .next_batch(config.batch_size, config.rank, config.world)
-                    .and_then(|picks| pool.install(|| load_batch(&mixture, &tokenizer, &config, picks)));
-                let failed = loaded.is_err();
-                if send.send(loaded).is_err() || failed {
-                    return; // the consumer hung up, or the run must stop on this error
+                let (micro_batches, update_targets) = match next_update(&mut mixture, &tokenizer, &config, &pool) {
+                    Ok(update) => update,
+                    Err(e) => return drop(send.send(Err(e))),
+                };
+                for examples in micro_batches {
+                    let loaded = pool.install(|| load_batch(&mixture, &tokenizer, &config, examples, update_targets));
+                    let failed = loaded.is_err();
+                    if send.send(loaded).is_err() || failed {
+                        return; // the consumer hung up, or the run must stop on this error
+                    }
                 }
             })
             .map_err(|e| DataError::File { path: "data pipeline".into(), msg: e.to_string() })?;
@@ -105,13 +124,19 @@ impl Pipeline {
     }
 }
 
+/// An example tokenized, its image not yet read.
+#[derive(Clone)]
+struct Encoded {
+    record: Record,
+    tokens: EncodedExample,
+    truncation: Truncation,
+}
+
 /// An example ready to collate.
 #[derive(Clone)]
 struct Prepared {
-    record: Record,
+    example: Encoded,
     pixels: Vec<f32>,
-    tokens: EncodedExample,
-    truncation: Truncation,
 }
 
 /// An example's image either decoded or not.
@@ -120,11 +145,63 @@ enum Outcome {
     BadImage(DataError),
 }
 
-fn load_batch(mixture: &Mixture, tok: &PgTokenizer, config: &PipelineConfig, picks: Vec<(usize, Record)>) -> Result<LoadedBatch, DataError> {
-    let outcomes: Vec<Outcome> = picks
-        .into_par_iter()
-        .map(|(s, record)| prepare(&mixture.sources()[s].format, tok, config, record))
-        .collect::<Result<_, _>>()?;
+/// Draws the next update's examples (every rank's), tokenizes them, sorts them by length
+/// when bucketing, and returns this rank's micro-batches with the update's target count.
+/// Micro-batch `m` is the `m`-th run of `world * batch_size` examples; rank `r` takes the
+/// `r`-th slice of it, so together the ranks see what one process with the whole batch would.
+fn next_update(mixture: &mut Mixture, tok: &PgTokenizer, config: &PipelineConfig, pool: &rayon::ThreadPool) -> Result<(Vec<Vec<Encoded>>, usize), DataError> {
+    let per_micro_batch = config.batch_size * config.world;
+    let draws = mixture.next_examples(per_micro_batch * config.accumulation.max(1))?;
+    let sources = mixture.sources();
+    let mut update: Vec<Encoded> = pool.install(|| {
+        draws
+            .into_par_iter()
+            .map(|(s, record)| {
+                let prompt = sources[s].format.prompt(&record)?;
+                let (tokens, truncation) = EncodedExample::with_limits(tok, config.image_tokens, &prompt, record.suffix.as_deref(), &sources[s].format.limits);
+                Ok(Encoded { record, tokens, truncation })
+            })
+            .collect::<Result<_, DataError>>()
+    })?;
+    if config.bucket_by_length {
+        update.sort_by_key(|e| e.tokens.ids.len()); // stable: like lengths keep stream order
+    }
+    let targets = update.iter().map(|e| e.tokens.num_targets()).sum();
+    let slice = config.rank * config.batch_size..(config.rank + 1) * config.batch_size;
+    let mine = update.chunks(per_micro_batch).map(|micro_batch| micro_batch[slice.clone()].to_vec()).collect();
+    Ok((mine, targets))
+}
+
+/// Token counts of a run of micro-batches.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TokenCounts {
+    /// The examples' own tokens (image placeholders and text).
+    pub real: usize,
+    /// What the padded micro-batches hold, padding included.
+    pub padded: usize,
+}
+
+/// Counts the tokens of this rank's micro-batches over the next `updates` updates, as the
+/// pipeline would lay them out, without reading an image (`pg2 bench padding`).
+pub fn count_tokens(mut mixture: Mixture, tok: &PgTokenizer, config: &PipelineConfig, updates: usize) -> Result<TokenCounts, DataError> {
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(config.workers.max(1))
+        .build()
+        .map_err(|e| DataError::File { path: "data pipeline".into(), msg: e.to_string() })?;
+    let mut counts = TokenCounts::default();
+    for _ in 0..updates {
+        for micro_batch in next_update(&mut mixture, tok, config, &pool)?.0 {
+            let lengths = micro_batch.iter().map(|e| e.tokens.ids.len());
+            let longest = lengths.clone().max().unwrap_or(0).max(config.pad_to.unwrap_or(0));
+            counts.real += lengths.sum::<usize>();
+            counts.padded += longest * micro_batch.len();
+        }
+    }
+    Ok(counts)
+}
+
+fn load_batch(mixture: &Mixture, tok: &PgTokenizer, config: &PipelineConfig, examples: Vec<Encoded>, update_targets: usize) -> Result<LoadedBatch, DataError> {
+    let outcomes: Vec<Outcome> = examples.into_par_iter().map(|example| prepare(config, example)).collect();
     let mut stats = BatchStats::default();
     let ready: Vec<Prepared> = outcomes.iter().filter_map(|o| if let Outcome::Ready(p) = o { Some(p.clone()) } else { None }).collect();
     let mut prepared = Vec::with_capacity(outcomes.len());
@@ -140,37 +217,33 @@ fn load_batch(mixture: &Mixture, tok: &PgTokenizer, config: &PipelineConfig, pic
         }
     }
     let (mut records, mut pixels, mut tokens) = (vec![], vec![], vec![]);
-    for p in prepared {
-        stats.prefix_truncated += p.truncation.prefix as usize;
-        stats.suffix_truncated += p.truncation.suffix as usize;
-        stats.eos_dropped += p.truncation.eos_dropped as usize;
-        records.push(p.record);
-        pixels.push(p.pixels);
-        tokens.push(p.tokens);
+    for Prepared { example, pixels: image } in prepared {
+        stats.prefix_truncated += example.truncation.prefix as usize;
+        stats.suffix_truncated += example.truncation.suffix as usize;
+        stats.eos_dropped += example.truncation.eos_dropped as usize;
+        records.push(example.record);
+        pixels.push(image);
+        tokens.push(example.tokens);
     }
     let pixels = image::stack(&pixels, config.resolution);
     let batch = Batch::collate_to(&tokens, Some(pixels), tok.pad_id, Device::Cpu, config.pad_to);
-    Ok(LoadedBatch { batch, records, position: mixture.position().clone(), stats })
+    Ok(LoadedBatch { batch, records, position: mixture.position().clone(), update_targets, stats })
 }
 
-/// Decodes, resizes and tokenizes one record. A bad image is reported as such (the policy
-/// decides); a prompt template that does not fit the record is always an error.
-fn prepare(format: &TaskFormat, tok: &PgTokenizer, config: &PipelineConfig, record: Record) -> Result<Outcome, DataError> {
-    let img = match record.load_image() {
-        Ok(img) => img,
-        Err(e) => return Ok(Outcome::BadImage(e)),
-    };
-    let prompt = format.prompt(&record)?;
-    let (tokens, truncation) = EncodedExample::with_limits(tok, config.image_tokens, &prompt, record.suffix.as_deref(), &format.limits);
-    let pixels = image::preprocess(&img, config.resolution);
-    Ok(Outcome::Ready(Prepared { record, pixels, tokens, truncation }))
+/// Decodes and resizes one example's image; a bad image is reported as such (the policy
+/// decides).
+fn prepare(config: &PipelineConfig, example: Encoded) -> Outcome {
+    match example.record.load_image() {
+        Ok(img) => Outcome::Ready(Prepared { pixels: image::preprocess(&img, config.resolution), example }),
+        Err(e) => Outcome::BadImage(e),
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::layout::TextLimits;
-    use crate::mixture::{MixtureSource, SourceData};
+    use crate::mixture::{MixtureSource, SourceData, TaskFormat};
     use crate::source::read_jsonl;
     use std::path::{Path, PathBuf};
 
@@ -204,6 +277,8 @@ mod tests {
             resolution: 4,
             image_tokens: 2,
             batch_size: 2,
+            accumulation: 1,
+            bucket_by_length: false,
             rank: 0,
             world: 1,
             workers: 2,
@@ -274,6 +349,74 @@ mod tests {
         let rest = run(resumed, 3);
         assert_eq!(rest.iter().map(ids_of).collect::<Vec<_>>(), whole[3..].iter().map(ids_of).collect::<Vec<_>>());
         assert!(rest[0].batch.inputs.pixels.as_ref().unwrap().equal(whole[3].batch.inputs.pixels.as_ref().unwrap()));
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    /// Twelve records of one good image whose targets are 1 to 12 words long, in a
+    /// shuffled order.
+    fn varied_lengths(name: &str) -> (PathBuf, Vec<Record>) {
+        let (dir, records) = dataset(name);
+        let varied = [7, 2, 11, 5, 9, 1, 12, 4, 8, 3, 10, 6]
+            .iter()
+            .map(|&words| {
+                let mut r = records[1].clone();
+                r.suffix = Some(vec!["three"; words].join(" "));
+                r.extra.insert("n".into(), words.into());
+                r
+            })
+            .collect();
+        (dir, varied)
+    }
+
+    /// The records of `updates` updates, as `[update][micro-batch][rank]` lists of ids.
+    fn deal(records: &[Record], config: &PipelineConfig, updates: usize) -> Vec<Vec<Vec<Vec<i64>>>> {
+        let pipelines: Vec<Pipeline> = (0..config.world)
+            .map(|rank| Pipeline::start(mixture(records), tokenizer(), PipelineConfig { rank, ..config.clone() }).unwrap())
+            .collect();
+        (0..updates)
+            .map(|_| (0..config.accumulation).map(|_| pipelines.iter().map(|p| ids_of(&p.next_batch().unwrap())).collect()).collect())
+            .collect()
+    }
+
+    #[test]
+    fn ranks_and_micro_batches_take_the_stream_in_order() {
+        let (dir, records) = varied_lengths("deal");
+        let config = PipelineConfig { batch_size: 2, world: 3, accumulation: 2, ..config(OnBadRecord::Error) };
+        let dealt: Vec<i64> = deal(&records, &config, 2).into_iter().flatten().flatten().flatten().collect();
+        let mut stream = mixture(&records);
+        let want: Vec<i64> = stream.next_examples(24).unwrap().iter().map(|(_, r)| r.extra["n"].as_i64().unwrap()).collect();
+        assert_eq!(dealt, want);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn bucketing_sorts_each_update_and_keeps_its_examples() {
+        let (dir, records) = varied_lengths("bucket");
+        let plain = PipelineConfig { batch_size: 2, world: 2, accumulation: 3, ..config(OnBadRecord::Error) };
+        let bucketed = PipelineConfig { bucket_by_length: true, ..plain.clone() };
+        let (a, b) = (deal(&records, &plain, 2), deal(&records, &bucketed, 2));
+        for (plain, sorted) in a.iter().zip(&b) {
+            let flat = |u: &Vec<Vec<Vec<i64>>>| u.iter().flatten().flatten().copied().collect::<Vec<_>>();
+            let (mut unsorted, sorted) = (flat(plain), flat(sorted));
+            assert!(sorted.is_sorted(), "longer targets come later in the update: {sorted:?}");
+            unsorted.sort();
+            assert_eq!(unsorted, sorted, "the same examples");
+        }
+        // Padding: the micro-batches' padded tokens, summed over the first update.
+        let padded = |config: &PipelineConfig| {
+            let p = Pipeline::start(mixture(&records), tokenizer(), config.clone()).unwrap();
+            let batches: Vec<LoadedBatch> = (0..3).map(|_| p.next_batch().unwrap()).collect();
+            let targets: i64 = batches.iter().map(|b| b.batch.loss_mask.sum(tch::Kind::Int64).int64_value(&[])).sum();
+            assert!(batches.iter().all(|b| b.update_targets == batches[0].update_targets));
+            (batches.iter().map(|b| b.batch.inputs.ids.numel()).sum::<usize>(), targets, batches[0].update_targets)
+        };
+        let world1 = |c: &PipelineConfig| PipelineConfig { batch_size: 4, world: 1, ..c.clone() };
+        let ((plain_tokens, plain_targets, plain_update), (sorted_tokens, sorted_targets, sorted_update)) = (padded(&world1(&plain)), padded(&world1(&bucketed)));
+        assert!(sorted_tokens < plain_tokens, "{sorted_tokens} vs {plain_tokens}");
+        for (config, tokens) in [(world1(&plain), plain_tokens), (world1(&bucketed), sorted_tokens)] {
+            assert_eq!(count_tokens(mixture(&records), &tokenizer(), &config, 1).unwrap().padded, tokens, "counted as laid out");
+        }
+        assert_eq!((plain_targets, sorted_targets), (plain_update as i64, sorted_update as i64));
         std::fs::remove_dir_all(dir).unwrap();
     }
 

@@ -6,4 +6,4 @@ pub mod tensorboard;
 pub mod trainer;
 
 pub use recipe::Recipe;
-pub use trainer::{evaluate_checkpoint, train, LaunchOptions, TrainSummary};
+pub use trainer::{evaluate_checkpoint, padding, train, LaunchOptions, TrainSummary};

@@ -138,6 +138,12 @@ pub struct DataSection {
     pub keep_eos: bool,
     /// Pad every batch to this many tokens (constant shapes) instead of to its longest example.
     pub pad_to: Option<usize>,
+    /// Sort each update's examples by length before dealing them out to the micro-batches
+    /// of `train.grad_accumulation` and to the workers, so that short-text examples are not
+    /// padded to the longest of a mixed batch. The update sees the same examples; this only
+    /// pays when an update has several micro-batches.
+    #[serde(default)]
+    pub bucket_by_length: bool,
     /// `"error"` (stop, naming the record) or `"skip"` (count and go on) for bad records:
     /// unreadable lines, records without a prompt, missing or corrupt images.
     #[serde(default)]

@@ -17,7 +17,7 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use pg2_data::{
-    source, synth, Mixture, MixturePosition, MixtureSource, OnBadLine, OnBadRecord, PgTokenizer, Pipeline, PipelineConfig,
+    pipeline::{self, TokenCounts}, source, synth, Mixture, MixturePosition, MixtureSource, OnBadLine, OnBadRecord, PgTokenizer, Pipeline, PipelineConfig,
     SourceData, StreamSource, TaskFormat, TextLimits,
 };
 use pg2_data::{image, Batch, EncodedExample, Record};
@@ -97,15 +97,8 @@ fn training_options(recipe: &Recipe) -> RunOptions {
     RunOptions { soft_caps: recipe.model.soft_caps, recompute: recipe.model.activation_checkpointing, ..RunOptions::default() }
 }
 
-/// A fresh model of the recipe's preset, or its starting checkpoint.
-fn build_model(recipe: &Recipe, tok: &PgTokenizer, device: Device) -> Result<PaliGemma> {
-    let options = training_options(recipe);
-    let kind = recipe.model.dtype.kind();
-    if !PRESETS.contains(&recipe.model.init.as_str()) {
-        let dir = checkpoint_dir(Path::new(&recipe.model.init))?;
-        eprintln!("launch: starting from {}", dir.display());
-        return Ok(PaliGemma::load_at(&dir, Some(recipe.model.resolution), device, kind, options)?);
-    }
+/// The configuration of the recipe's preset (`model.init` names one).
+fn preset_config(recipe: &Recipe, tok: &PgTokenizer) -> Result<PaliGemmaConfig> {
     let res = recipe.model.resolution;
     let mut config = match recipe.model.init.as_str() {
         "tiny" => PaliGemmaConfig::tiny(tok.vocab_size(), tok.image_id, res)?,
@@ -116,6 +109,51 @@ fn build_model(recipe: &Recipe, tok: &PgTokenizer, device: Device) -> Result<Pal
     };
     // A fresh model takes its placeholder id from the tokenizer it is trained with.
     config.image_token_id = tok.image_id;
+    Ok(config)
+}
+
+/// How much of one worker's micro-batches padding fills over the next `updates` updates
+/// with `world` workers: dealt out in stream order, and sorted by length
+/// (`data.bucket_by_length`). Reads the sources and tokenizes, but no image.
+pub fn padding(recipe: &Recipe, world: usize, updates: usize) -> Result<[TokenCounts; 2]> {
+    let tok = PgTokenizer::from_file(&recipe.data.tokenizer)?;
+    let mut model = match PRESETS.contains(&recipe.model.init.as_str()) {
+        true => preset_config(recipe, &tok)?,
+        false => PaliGemmaConfig::from_file(&checkpoint_dir(Path::new(&recipe.model.init))?.join("config.json"))?,
+    };
+    model.vision.image_size = recipe.model.resolution;
+    let t = &recipe.train;
+    if world == 0 || t.batch_size % world != 0 {
+        bail!("train.batch_size = {} does not split evenly over {world} workers", t.batch_size);
+    }
+    let config = PipelineConfig {
+        resolution: recipe.model.resolution as u32,
+        image_tokens: model.vision.num_patches(),
+        batch_size: t.batch_size / world,
+        accumulation: t.grad_accumulation,
+        bucket_by_length: false,
+        rank: 0,
+        world,
+        workers: recipe.data.workers,
+        prefetch: 1,
+        pad_to: recipe.data.pad_to,
+        on_bad_record: recipe.data.on_bad_record,
+    };
+    let plain = pipeline::count_tokens(mixture(recipe)?, &tok, &config, updates)?;
+    let bucketed = pipeline::count_tokens(mixture(recipe)?, &tok, &PipelineConfig { bucket_by_length: true, ..config }, updates)?;
+    Ok([plain, bucketed])
+}
+
+/// A fresh model of the recipe's preset, or its starting checkpoint.
+fn build_model(recipe: &Recipe, tok: &PgTokenizer, device: Device) -> Result<PaliGemma> {
+    let options = training_options(recipe);
+    let kind = recipe.model.dtype.kind();
+    if !PRESETS.contains(&recipe.model.init.as_str()) {
+        let dir = checkpoint_dir(Path::new(&recipe.model.init))?;
+        eprintln!("launch: starting from {}", dir.display());
+        return Ok(PaliGemma::load_at(&dir, Some(recipe.model.resolution), device, kind, options)?);
+    }
+    let config = preset_config(recipe, tok)?;
     if tok.vocab_size() > config.text.vocab_size {
         bail!(
             "{}: {} tokens do not fit the model's {}-row embedding",
@@ -196,14 +234,14 @@ fn load_part(model: &PaliGemma, dir: &Path, part: Part) -> Result<()> {
 
 /// The training loss. Per example (big_vision): each example's summed target NLL over its
 /// own target count, averaged over the batch; per token (transformers): the summed NLL
-/// over `per_token` tokens (a scalar: the batch's count, or with several workers their count
-/// over the number of workers, so that averaging their gradients divides by all the targets). With
+/// over `per_token` tokens (the whole update's target count over the number of workers, so
+/// that averaging their gradients divides by all the update's targets). With
 /// label smoothing `s` the target keeps `1 - s` and every other token gets `s / (V - 1)`.
-fn loss(model: &PaliGemma, batch: &pg2_data::Batch, smoothing: f64, per_token: Option<&Tensor>) -> Result<Tensor> {
+fn loss(model: &PaliGemma, batch: &pg2_data::Batch, smoothing: f64, per_token: Option<f64>) -> Result<Tensor> {
     let targets = model.target_distributions(&batch.inputs, &batch.loss_mask)?;
     let nll = smoothed_nll(&targets.log_probs, &targets.targets, smoothing);
     if let Some(tokens) = per_token {
-        return Ok(nll.sum(Kind::Float) / tokens.clamp_min(1.0));
+        return Ok(nll.sum(Kind::Float) / tokens.max(1.0));
     }
     let b = batch.inputs.ids.size()[0];
     let counts = target_counts(batch);
@@ -456,6 +494,8 @@ pub fn train(recipe: &Recipe, resolved: &toml::Table, opts: &LaunchOptions, grou
         resolution: model.config.vision.image_size as u32,
         image_tokens: model.config.vision.num_patches(),
         batch_size: t.batch_size / world,
+        accumulation: t.grad_accumulation,
+        bucket_by_length: recipe.data.bucket_by_length,
         rank: group.rank(),
         world,
         workers: recipe.data.workers,
@@ -521,23 +561,17 @@ pub fn train(recipe: &Recipe, resolved: &toml::Table, opts: &LaunchOptions, grou
         for _ in 0..t.grad_accumulation {
             let loaded = pipeline.next_batch()?;
             skipped_records += loaded.stats.skipped;
-            // Per token: this batch's targets (counted on the host copy), summed over the
-            // ranks on the device.
-            let tokens = match per_token {
-                false => None,
-                true if world == 1 => Some(target_counts(&loaded.batch).sum(Kind::Float)),
-                true => {
-                    let total = pg2_data::layout::upload(&target_counts(&loaded.batch).sum(Kind::Float), opts.device);
-                    group.all_reduce_sum(&total)?;
-                    Some(total / world as f64)
-                }
-            };
+            // Per token: the summed loss over the whole update's targets (all micro-batches
+            // and ranks, as one big batch would; times `world`, for the ranks' gradients are
+            // averaged). Per example: this micro-batch's mean, a 1/accumulation share.
+            let tokens = per_token.then(|| loaded.update_targets as f64 / world as f64);
             let batch = loaded.batch.to_device(opts.device);
-            let forward = || loss(&model, &batch, t.label_smoothing, tokens.as_ref());
+            let forward = || loss(&model, &batch, t.label_smoothing, tokens);
             let loss = match recipe.model.dtype.autocast() {
                 Some(kind) => pg2_model::autocast(opts.device, kind, forward),
                 None => forward(),
-            }? / t.grad_accumulation as f64;
+            }?;
+            let loss = if per_token { loss } else { loss / t.grad_accumulation as f64 };
             // A non-finite loss still runs backward: its gradients reach every rank, so all
             // of them see a non-finite norm below and skip the update alike.
             loss.backward();
