@@ -36,11 +36,16 @@ pub struct RunOptions {
     /// input (of both towers) and recompute the layer in the backward pass
     /// ([`crate::recompute`]). Not with dropout, whose masks the recompute would redraw.
     pub recompute: bool,
+    /// While gradients are recorded, soft-capped attention keeps only its queries, keys and
+    /// values for the backward pass, which computes that layer's scores again: one layer's
+    /// scores exist at a time, not every layer's (they dominate memory at 896 px). Moot
+    /// with `recompute`, which already keeps one layer's activations at a time.
+    pub lean_attention: bool,
 }
 
 impl Default for RunOptions {
     fn default() -> Self {
-        Self { soft_caps: true, sliding_window: false, dropout: 0.0, recompute: false }
+        Self { soft_caps: true, sliding_window: false, dropout: 0.0, recompute: false, lean_attention: true }
     }
 }
 
@@ -176,7 +181,7 @@ impl Attention {
         (cos, sin): (&Tensor, &Tensor),
         mask: &Mask,
         cache: Option<&mut Option<(Tensor, Tensor)>>,
-        soft_caps: bool,
+        opts: RunOptions,
     ) -> Tensor {
         let (b, t, _) = x.size3().unwrap();
         let (hd, kvh) = (self.head_dim, self.kv_heads);
@@ -184,6 +189,7 @@ impl Attention {
         let q = rope(&self.q_proj.forward(x).view([b, t, self.heads, hd]).transpose(1, 2));
         let mut k = rope(&self.k_proj.forward(x).view([b, t, kvh, hd]).transpose(1, 2));
         let mut v = self.v_proj.forward(x).view([b, t, kvh, hd]).transpose(1, 2);
+        let lean = opts.lean_attention && !opts.recompute && cache.is_none() && x.requires_grad();
         if let Some(slot) = cache {
             if let Some((k_past, v_past)) = slot.as_ref() {
                 k = Tensor::cat(&[k_past, &k], 2);
@@ -191,21 +197,23 @@ impl Attention {
             }
             *slot = Some((k.shallow_clone(), v.shallow_clone()));
         }
-        let y = match self.soft_cap.filter(|_| soft_caps) {
+        let y = match self.soft_cap.filter(|_| opts.soft_caps) {
             // Without a soft-cap the attention is plain softmax(q k^T * scale) v: libtorch's
             // fused kernel computes it without materialising the scores (transfer, inference).
             None => Tensor::scaled_dot_product_attention(&q, &k, &v, Some(&mask.allowed), 0.0, false, Some(self.scale), true),
             // The cap sits between the product and the softmax, where no fused kernel reaches.
-            // Grouped-query attention without copying keys: query heads of one KV head share
-            // a broadcast dimension (head h uses KV head h / group, as transformers' repeat_kv).
-            Some(cap) => {
-                let group = self.heads / kvh;
-                let q = q.view([b, kvh, group, t, hd]);
-                let scores = soft_cap(&(q.matmul(&k.unsqueeze(2).transpose(-1, -2)) * self.scale), Some(cap));
-                let scores = scores.masked_fill(&mask.blocked, mask_value(scores.kind()));
-                let probs = scores.softmax(-1, Kind::Float).to_kind(q.kind());
-                probs.matmul(&v.unsqueeze(2)).view([b, self.heads, t, hd])
+            Some(cap) if lean => {
+                // q, k and v travel as one tensor, the input the recompute keeps.
+                let (q_size, kv_size) = (q.size(), k.size());
+                let (q_len, kv_len) = (q.numel() as i64 / b, k.numel() as i64 / b);
+                let packed = Tensor::cat(&[q.reshape([b, -1]), k.reshape([b, -1]), v.reshape([b, -1])], 1);
+                let (blocked, heads, scale) = (mask.blocked.shallow_clone(), self.heads, self.scale);
+                crate::recompute::recompute(&packed, move |p| {
+                    let (q, k, v) = (p.narrow(1, 0, q_len).view(q_size.as_slice()), p.narrow(1, q_len, kv_len).view(kv_size.as_slice()), p.narrow(1, q_len + kv_len, kv_len).view(kv_size.as_slice()));
+                    capped_attention(&q, &k, &v, &blocked, scale, cap, heads)
+                })
             }
+            Some(cap) => capped_attention(&q, &k, &v, &mask.blocked, self.scale, cap, self.heads),
         };
         self.o_proj.forward(&y.transpose(1, 2).reshape([b, t, self.heads * hd]))
     }
@@ -216,6 +224,19 @@ impl Attention {
         self.v_proj.parameters(&format!("{p}.v_proj"), out);
         self.o_proj.parameters(&format!("{p}.o_proj"), out);
     }
+}
+
+/// softmax(cap(q k^T * scale)) v over the keys `blocked` leaves, in grouped-query form
+/// without copying keys: query heads of one KV head share a broadcast dimension (head h uses
+/// KV head h / group, as transformers' repeat_kv).
+fn capped_attention(q: &Tensor, k: &Tensor, v: &Tensor, blocked: &Tensor, scale: f64, cap: f64, heads: i64) -> Tensor {
+    let (b, kv_heads, _, hd) = k.size4().unwrap();
+    let t = q.size()[2];
+    let q = q.view([b, kv_heads, heads / kv_heads, t, hd]);
+    let scores = soft_cap(&(q.matmul(&k.unsqueeze(2).transpose(-1, -2)) * scale), Some(cap));
+    let scores = scores.masked_fill(blocked, mask_value(scores.kind()));
+    let probs = scores.softmax(-1, Kind::Float).to_kind(q.kind());
+    probs.matmul(&v.unsqueeze(2)).view([b, heads, t, hd])
 }
 
 struct DecoderLayer {
@@ -254,7 +275,7 @@ impl DecoderLayer {
             _ => &plan.full,
         };
         let drop = |h: Tensor| if opts.dropout > 0.0 { h.dropout(opts.dropout, true) } else { h };
-        let h = self.self_attn.forward(&self.input_layernorm.forward(x), rope, mask, cache, opts.soft_caps);
+        let h = self.self_attn.forward(&self.input_layernorm.forward(x), rope, mask, cache, opts);
         let x = x + self.post_attention_layernorm.forward(&drop(h));
         let h = self.pre_feedforward_layernorm.forward(&x);
         let h = self.down_proj.forward(&(self.gate_proj.forward(&h).gelu("tanh") * self.up_proj.forward(&h)));
@@ -519,8 +540,9 @@ mod tests {
         let plan = model.plan(&layout, None, RunOptions::default());
         let (cos, sin) = rotary_tables(&plan.positions, &model.inv_freq, Kind::Float);
         let attention = &model.layers[0].self_attn;
-        let eager = attention.forward(&embeds, (&cos, &sin), &plan.full, None, true);
-        let fused = attention.forward(&embeds, (&cos, &sin), &plan.full, None, false);
+        let with_caps = |soft_caps| RunOptions { soft_caps, ..RunOptions::default() };
+        let eager = attention.forward(&embeds, (&cos, &sin), &plan.full, None, with_caps(true));
+        let fused = attention.forward(&embeds, (&cos, &sin), &plan.full, None, with_caps(false));
         assert!(eager.allclose(&fused, 1e-5, 1e-5, false), "max diff {}", (eager - fused).abs().max().double_value(&[]));
     }
 

@@ -201,9 +201,10 @@ mod tests {
     use super::*;
     use crate::{PaliGemmaConfig, TokenLayout, Weights};
 
-    /// Activation checkpointing changes memory, not math: the loss and every parameter's
-    /// gradient equal those of a forward that keeps its activations (soft-capped attention,
-    /// the eager path, included; and in the fused path without caps).
+    /// Activation checkpointing, of whole layers or of soft-capped attention alone, changes
+    /// memory, not math: the loss and every parameter's gradient equal those of a forward
+    /// that keeps its activations (soft-capped attention, the eager path, included; and in
+    /// the fused path without caps).
     #[test]
     fn recomputed_layers_give_the_same_loss_and_gradients() {
         for soft_caps in [true, false] {
@@ -225,8 +226,8 @@ mod tests {
                 layout: TokenLayout { valid: mask_ar.ones_like().to_kind(Kind::Bool), mask_ar: mask_ar.shallow_clone() },
             };
             let loss_mask = mask_ar.to_kind(Kind::Bool);
-            let mut run = |recompute: bool| {
-                model.options.recompute = recompute;
+            let mut run = |recompute: bool, lean_attention: bool| {
+                (model.options.recompute, model.options.lean_attention) = (recompute, lean_attention);
                 let (logprobs, _) = model.target_logprobs(&inputs, &loss_mask).unwrap();
                 let loss = -logprobs.mean(Kind::Float);
                 loss.backward();
@@ -236,12 +237,14 @@ mod tests {
                 }
                 (loss.double_value(&[]), grads)
             };
-            let (kept, kept_grads) = run(false);
-            let (recomputed, recomputed_grads) = run(true);
-            assert_eq!(kept, recomputed, "soft_caps {soft_caps}");
-            for ((name, _), (a, b)) in params.iter().zip(kept_grads.iter().zip(&recomputed_grads)) {
-                assert!(a.abs().sum(Kind::Float).double_value(&[]) > 0.0, "{name} got no gradient");
-                assert!(a.allclose(b, 1e-5, 1e-7, false), "soft_caps {soft_caps}: {name}");
+            let (kept, kept_grads) = run(false, false);
+            for (tag, recompute, lean_attention) in [("recomputed layers", true, false), ("lean attention", false, true)] {
+                let (recomputed, recomputed_grads) = run(recompute, lean_attention);
+                assert_eq!(kept, recomputed, "{tag}, soft_caps {soft_caps}");
+                for ((name, _), (a, b)) in params.iter().zip(kept_grads.iter().zip(&recomputed_grads)) {
+                    assert!(a.abs().sum(Kind::Float).double_value(&[]) > 0.0, "{name} got no gradient");
+                    assert!(a.allclose(b, 1e-5, 1e-7, false), "{tag}, soft_caps {soft_caps}: {name}");
+                }
             }
         }
     }

@@ -112,6 +112,11 @@ pub struct ModelSection {
     /// 10B train on 80 GB GPUs). Not with `dropout`.
     #[serde(default)]
     pub activation_checkpointing: bool,
+    /// Soft-capped attention keeps only its queries, keys and values for the backward pass
+    /// and computes its scores again there, so one layer's scores exist at a time (on by
+    /// default; `false` trades that memory for the recompute).
+    #[serde(default = "default_true")]
+    pub lean_attention: bool,
 }
 
 /// Checkpoint-name prefix of each part `model.freeze` may name.
@@ -216,7 +221,7 @@ pub struct TrainSection {
     pub grad_clip: f64,
     #[serde(default = "default_b2")]
     pub b2: f64,
-    /// Steps between log lines.
+    /// Steps between log lines (the first and the last step are always logged).
     #[serde(default = "default_log_every")]
     pub log_every: u64,
     /// Steps between checkpoints; the last step always saves one.

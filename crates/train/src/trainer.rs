@@ -94,7 +94,12 @@ fn mixture(recipe: &Recipe) -> Result<Mixture> {
 
 /// How the recipe runs the model while training.
 fn training_options(recipe: &Recipe) -> RunOptions {
-    RunOptions { soft_caps: recipe.model.soft_caps, recompute: recipe.model.activation_checkpointing, ..RunOptions::default() }
+    RunOptions {
+        soft_caps: recipe.model.soft_caps,
+        recompute: recipe.model.activation_checkpointing,
+        lean_attention: recipe.model.lean_attention,
+        ..RunOptions::default()
+    }
 }
 
 /// The configuration of the recipe's preset (`model.init` names one).
@@ -597,7 +602,8 @@ pub fn train(recipe: &Recipe, resolved: &toml::Table, opts: &LaunchOptions, grou
         nonfinite_steps += &nonfinite;
         window_examples += t.batch_size * t.grad_accumulation;
         let done = step + 1;
-        let log_step = done % t.log_every == 0 || done == total_steps;
+        // The first step too, so the logged curve starts from the starting weights' loss.
+        let log_step = done == 1 || done % t.log_every == 0 || done == total_steps;
         let eval_step = recipe.eval.as_ref().is_some_and(|e| done % e.every == 0 || done == total_steps);
         let checkpoint_step = t.checkpoint_every.is_some_and(|n| done % n == 0) || done == total_steps;
         if log_step || eval_step || checkpoint_step {
