@@ -25,7 +25,8 @@ fn run(mut command: Command) -> Output {
 
 fn metric_lines(run: &Path) -> Vec<Value> {
     let text = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap_or_default();
-    text.lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+    // A run still going may be halfway through writing its last line: only whole lines count.
+    text.split_inclusive('\n').filter(|l| l.ends_with('\n')).map(|l| serde_json::from_str(l).unwrap()).collect()
 }
 
 fn losses(run: &Path) -> Vec<f64> {

@@ -127,26 +127,37 @@ pub fn padding(recipe: &Recipe, world: usize, updates: usize) -> Result<[TokenCo
         false => PaliGemmaConfig::from_file(&checkpoint_dir(Path::new(&recipe.model.init))?.join("config.json"))?,
     };
     model.vision.image_size = recipe.model.resolution;
-    let t = &recipe.train;
-    if world == 0 || t.batch_size % world != 0 {
-        bail!("train.batch_size = {} does not split evenly over {world} workers", t.batch_size);
-    }
-    let config = PipelineConfig {
-        resolution: recipe.model.resolution as u32,
-        image_tokens: model.vision.num_patches(),
-        batch_size: t.batch_size / world,
-        accumulation: t.grad_accumulation,
-        bucket_by_length: false,
-        rank: 0,
-        world,
-        workers: recipe.data.workers,
-        prefetch: 1,
-        pad_to: recipe.data.pad_to,
-        on_bad_record: recipe.data.on_bad_record,
-    };
+    let config = PipelineConfig { bucket_by_length: false, ..pipeline_config(recipe, &model, 0, world)? };
     let plain = pipeline::count_tokens(mixture(recipe)?, &tok, &config, updates)?;
     let bucketed = pipeline::count_tokens(mixture(recipe)?, &tok, &PipelineConfig { bucket_by_length: true, ..config }, updates)?;
     Ok([plain, bucketed])
+}
+
+/// Examples per micro-batch on each of `world` workers: `train.batch_size` is the global batch.
+fn worker_batch(recipe: &Recipe, world: usize) -> Result<usize> {
+    let batch = recipe.train.batch_size;
+    if world == 0 || !batch.is_multiple_of(world) {
+        bail!("train.batch_size = {batch} does not split evenly over {world} workers; make it a multiple of {world}");
+    }
+    Ok(batch / world)
+}
+
+/// The input pipeline of worker `rank` of `world` for the recipe and a model of `model`.
+fn pipeline_config(recipe: &Recipe, model: &PaliGemmaConfig, rank: usize, world: usize) -> Result<PipelineConfig> {
+    let (t, d) = (&recipe.train, &recipe.data);
+    Ok(PipelineConfig {
+        resolution: model.vision.image_size as u32,
+        image_tokens: model.vision.num_patches(),
+        batch_size: worker_batch(recipe, world)?,
+        accumulation: t.grad_accumulation,
+        bucket_by_length: d.bucket_by_length,
+        rank,
+        world,
+        workers: d.workers,
+        prefetch: d.prefetch,
+        pad_to: d.pad_to,
+        on_bad_record: d.on_bad_record,
+    })
 }
 
 /// A fresh model of the recipe's preset, or its starting checkpoint.
@@ -421,9 +432,7 @@ pub fn train(recipe: &Recipe, resolved: &toml::Table, opts: &LaunchOptions, grou
     let out = &opts.out;
     let main = group.is_main();
     let world = group.world();
-    if !recipe.train.batch_size.is_multiple_of(world) {
-        bail!("train.batch_size = {} does not split evenly over {world} workers; make it a multiple of {world}", recipe.train.batch_size);
-    }
+    worker_batch(recipe, world)?; // before anything in the run folder changes
     let latest = latest_checkpoint(out)?;
     match (&latest, opts.resume, opts.overwrite) {
         (Some(_), false, false) => bail!(
@@ -495,19 +504,7 @@ pub fn train(recipe: &Recipe, resolved: &toml::Table, opts: &LaunchOptions, grou
     let total_steps = t.length().steps(mixture.total_records(), t.batch_size * t.grad_accumulation);
     let warmup_steps = t.warmup_fraction.map_or(t.warmup_steps, |f| (f * total_steps as f64).round() as u64);
     let schedule = Schedule { warmup_steps, total_steps, shape: t.schedule };
-    let pipeline_config = PipelineConfig {
-        resolution: model.config.vision.image_size as u32,
-        image_tokens: model.config.vision.num_patches(),
-        batch_size: t.batch_size / world,
-        accumulation: t.grad_accumulation,
-        bucket_by_length: recipe.data.bucket_by_length,
-        rank: group.rank(),
-        world,
-        workers: recipe.data.workers,
-        prefetch: recipe.data.prefetch,
-        pad_to: recipe.data.pad_to,
-        on_bad_record: recipe.data.on_bad_record,
-    };
+    let pipeline_config = pipeline_config(recipe, &model.config, group.rank(), world)?;
     let pipeline = Pipeline::start(mixture, tokenizer.clone(), pipeline_config)?;
     let mut log = if main { Some(RunLog::open(out)?) } else { None };
     let eval_records = match &recipe.eval {
