@@ -31,7 +31,9 @@ pub fn generate(model: &PaliGemma, prompts: &Inputs, opts: &DecodeOptions) -> Re
         return Ok(vec![vec![]; prompts.ids.size()[0] as usize]);
     }
     tch::no_grad(|| {
-        let mut cache = KvCache::new(model.num_layers(), prompts.ids.size()[0], model.device());
+        let (batch, prompt) = (prompts.ids.size()[0], prompts.ids.size()[1]);
+        let reserve = prompt + opts.max_new_tokens as i64;
+        let mut cache = KvCache::new(model.num_layers(), batch, reserve, model.device());
         let hidden = model.forward(prompts, Some(&mut cache))?;
         // The last real token of each right-padded prompt predicts the first new token.
         let last = prompts.layout.valid.to_kind(Kind::Int64).sum_dim_intlist(1, false, Kind::Int64) - 1;

@@ -58,8 +58,14 @@ pub struct TokenLayout {
 }
 
 /// Keys and values of the tokens seen so far, with their layout, for incremental decoding.
+///
+/// Each layer's keys and values live in buffers with room for the tokens still to come,
+/// so a decoding step writes its own token in place rather than copying the whole cache
+/// into a longer one. The buffers are written in place: decode without gradients.
 pub struct KvCache {
-    layers: Vec<Option<(Tensor, Tensor)>>,
+    layers: Vec<LayerCache>,
+    /// Tokens per sequence the buffers are first made for.
+    reserve: i64,
     /// `(batch, seen)`: cumsum of `mask_ar` of every cached token.
     segments: Tensor,
     /// `(batch, seen)`: which cached tokens are real.
@@ -69,10 +75,12 @@ pub struct KvCache {
 }
 
 impl KvCache {
-    /// An empty cache for `batch` sequences of a model with `layers` layers.
-    pub fn new(layers: usize, batch: i64, device: Device) -> Self {
+    /// An empty cache for `batch` sequences of a model with `layers` layers, with room for
+    /// `reserve` tokens per sequence before it grows (a prompt plus its new tokens).
+    pub fn new(layers: usize, batch: i64, reserve: i64, device: Device) -> Self {
         Self {
-            layers: (0..layers).map(|_| None).collect(),
+            layers: (0..layers).map(|_| LayerCache::default()).collect(),
+            reserve,
             segments: Tensor::zeros([batch, 0], (Kind::Int64, device)),
             valid: Tensor::zeros([batch, 0], (Kind::Bool, device)),
             positions: Tensor::zeros([batch, 0], (Kind::Int64, device)),
@@ -92,13 +100,55 @@ impl KvCache {
     /// Keeps the sequences at `index` (a 1-D int64 tensor), in that order: beam search
     /// reorders and duplicates its hypotheses with this.
     pub fn select(&mut self, index: &Tensor) {
-        for (k, v) in self.layers.iter_mut().flatten() {
-            *k = k.index_select(0, index);
-            *v = v.index_select(0, index);
+        for layer in &mut self.layers {
+            layer.select(index);
         }
         self.segments = self.segments.index_select(0, index);
         self.valid = self.valid.index_select(0, index);
         self.positions = self.positions.index_select(0, index);
+    }
+}
+
+/// One layer's cached keys and values: `(batch, kv_heads, room, head_dim)` buffers whose
+/// first `len` tokens are filled.
+#[derive(Default)]
+struct LayerCache {
+    buffers: Option<(Tensor, Tensor)>,
+    len: i64,
+}
+
+impl LayerCache {
+    /// Appends the keys and values `(batch, kv_heads, tokens, head_dim)` of new tokens and
+    /// returns all of them so far (views of the buffers). Full buffers are replaced by ones
+    /// twice as long, at least `reserve`.
+    fn append(&mut self, k: &Tensor, v: &Tensor, reserve: i64) -> (Tensor, Tensor) {
+        let len = self.len + k.size()[2];
+        let room = self.buffers.as_ref().map_or(0, |(keys, _)| keys.size()[2]);
+        if len > room {
+            let mut size = k.size();
+            size[2] = len.max(2 * room).max(reserve);
+            let grown = |old: Option<&Tensor>| {
+                let buffer = Tensor::empty(size.as_slice(), (k.kind(), k.device()));
+                if let Some(old) = old {
+                    buffer.narrow(2, 0, self.len).copy_(&old.narrow(2, 0, self.len));
+                }
+                buffer
+            };
+            let old = self.buffers.take();
+            self.buffers = Some((grown(old.as_ref().map(|o| &o.0)), grown(old.as_ref().map(|o| &o.1))));
+        }
+        let (keys, values) = self.buffers.as_ref().expect("made above");
+        keys.narrow(2, self.len, k.size()[2]).copy_(k);
+        values.narrow(2, self.len, v.size()[2]).copy_(v);
+        self.len = len;
+        (keys.narrow(2, 0, len), values.narrow(2, 0, len))
+    }
+
+    fn select(&mut self, index: &Tensor) {
+        if let Some((keys, values)) = &mut self.buffers {
+            *keys = keys.index_select(0, index);
+            *values = values.index_select(0, index);
+        }
     }
 }
 
@@ -180,23 +230,20 @@ impl Attention {
         x: &Tensor,
         (cos, sin): (&Tensor, &Tensor),
         mask: &Mask,
-        cache: Option<&mut Option<(Tensor, Tensor)>>,
+        cache: Option<(&mut LayerCache, i64)>,
         opts: RunOptions,
     ) -> Tensor {
         let (b, t, _) = x.size3().unwrap();
         let (hd, kvh) = (self.head_dim, self.kv_heads);
         let rope = |y: &Tensor| apply_rotary(y, cos, sin);
         let q = rope(&self.q_proj.forward(x).view([b, t, self.heads, hd]).transpose(1, 2));
-        let mut k = rope(&self.k_proj.forward(x).view([b, t, kvh, hd]).transpose(1, 2));
-        let mut v = self.v_proj.forward(x).view([b, t, kvh, hd]).transpose(1, 2);
+        let k = rope(&self.k_proj.forward(x).view([b, t, kvh, hd]).transpose(1, 2));
+        let v = self.v_proj.forward(x).view([b, t, kvh, hd]).transpose(1, 2);
         let lean = opts.lean_attention && !opts.recompute && cache.is_none() && x.requires_grad();
-        if let Some(slot) = cache {
-            if let Some((k_past, v_past)) = slot.as_ref() {
-                k = Tensor::cat(&[k_past, &k], 2);
-                v = Tensor::cat(&[v_past, &v], 2);
-            }
-            *slot = Some((k.shallow_clone(), v.shallow_clone()));
-        }
+        let (k, v) = match cache {
+            Some((layer, reserve)) => layer.append(&k, &v, reserve),
+            None => (k, v),
+        };
         let y = match self.soft_cap.filter(|_| opts.soft_caps) {
             // Without a soft-cap the attention is plain softmax(q k^T * scale) v: libtorch's
             // fused kernel computes it without materialising the scores (transfer, inference).
@@ -227,16 +274,24 @@ impl Attention {
 }
 
 /// softmax(cap(q k^T * scale)) v over the keys `blocked` leaves, in grouped-query form
-/// without copying keys: query heads of one KV head share a broadcast dimension (head h uses
-/// KV head h / group, as transformers' repeat_kv).
+/// without copying keys or values: the query heads of one KV head (head h uses KV head
+/// h / group, as transformers' repeat_kv) become rows of one product with it.
 fn capped_attention(q: &Tensor, k: &Tensor, v: &Tensor, blocked: &Tensor, scale: f64, cap: f64, heads: i64) -> Tensor {
-    let (b, kv_heads, _, hd) = k.size4().unwrap();
-    let t = q.size()[2];
-    let q = q.view([b, kv_heads, heads / kv_heads, t, hd]);
-    let scores = soft_cap(&(q.matmul(&k.unsqueeze(2).transpose(-1, -2)) * scale), Some(cap));
-    let scores = scores.masked_fill(blocked, mask_value(scores.kind()));
+    let (b, kv_heads, keys, hd) = k.size4().unwrap();
+    let (t, group) = (q.size()[2], heads / kv_heads);
+    let q = q.reshape([b * kv_heads, group * t, hd]);
+    let k = k.reshape([b * kv_heads, keys, hd]);
+    // cap * tanh(q k^T * scale / cap), the product's scaling done by the GEMM itself (beta 0
+    // ignores the zero it adds): each pass over the scores costs about as much as the product.
+    let zero = Tensor::zeros([1], (q.kind(), q.device()));
+    let scores = zero.baddbmm(&q, &k.transpose(1, 2), 0.0, scale / cap).tanh_() * cap;
+    let scores = scores.view([b, kv_heads, group, t, keys]);
+    // Blocked scores are filled outside the autograd graph: softmax's gradient is exactly 0
+    // where its output is (every row keeps a real key), so recording the fill would only
+    // add a backward pass, and autograd's in-place-on-a-view bookkeeping, for nothing.
+    tch::no_grad(|| drop(scores.shallow_clone().masked_fill_(blocked, mask_value(scores.kind()))));
     let probs = scores.softmax(-1, Kind::Float).to_kind(q.kind());
-    probs.matmul(&v.unsqueeze(2)).view([b, heads, t, hd])
+    probs.view([b * kv_heads, group * t, keys]).bmm(&v.reshape([b * kv_heads, keys, hd])).view([b, heads, t, hd])
 }
 
 struct DecoderLayer {
@@ -269,7 +324,7 @@ impl DecoderLayer {
         })
     }
 
-    fn forward(&self, x: &Tensor, rope: (&Tensor, &Tensor), plan: &Plan, cache: Option<&mut Option<(Tensor, Tensor)>>, opts: RunOptions) -> Tensor {
+    fn forward(&self, x: &Tensor, rope: (&Tensor, &Tensor), plan: &Plan, cache: Option<(&mut LayerCache, i64)>, opts: RunOptions) -> Tensor {
         let mask = match (&plan.windowed, self.windowed) {
             (Some(windowed), true) => windowed,
             _ => &plan.full,
@@ -398,7 +453,7 @@ impl Gemma2 {
                 let (layer, plan, cos, sin) = (layer.clone(), plan.clone(), cos.shallow_clone(), sin.shallow_clone());
                 x = crate::recompute::recompute(&x, move |x| layer.forward(x, (&cos, &sin), &plan, None, opts));
             } else {
-                let slot = cache.as_deref_mut().map(|c| &mut c.layers[i]);
+                let slot = cache.as_deref_mut().map(|c| (&mut c.layers[i], c.reserve));
                 x = layer.forward(&x, (&cos, &sin), &plan, slot, opts);
             }
         }
@@ -546,6 +601,38 @@ mod tests {
         assert!(eager.allclose(&fused, 1e-5, 1e-5, false), "max diff {}", (eager - fused).abs().max().double_value(&[]));
     }
 
+    /// The fast soft-capped attention (groups folded into rows, scaling inside the GEMM,
+    /// the mask filled outside autograd) against the plain form written from its
+    /// definition: same output, same gradients for q, k and v (f32: the fast path's
+    /// softmax runs in f32 whatever the inputs).
+    #[test]
+    fn capped_attention_equals_its_definition_with_gradients() {
+        tch::manual_seed(3);
+        let (b, heads, kv_heads, t, hd, scale, cap) = (2, 4, 2, 5, 3, 0.7, 2.0);
+        let leaf = |shape: [i64; 4]| (Tensor::randn(shape, (Kind::Float, Device::Cpu)) * 3.0).set_requires_grad(true);
+        let (q, k, v) = (leaf([b, heads, t, hd]), leaf([b, kv_heads, t, hd]), leaf([b, kv_heads, t, hd]));
+        // Prefix of 2, causal after; the second sequence's last token is padding.
+        let mut plan_layout = layout(&[0, 0, 1, 1, 1], &[true; 5]);
+        plan_layout.mask_ar = plan_layout.mask_ar.repeat([2, 1]);
+        plan_layout.valid = Tensor::from_slice(&[true, true, true, true, true, true, true, true, true, false]).view([2, 5]);
+        let blocked = tiny().plan(&plan_layout, None, RunOptions::default()).full.blocked;
+        let fast = capped_attention(&q, &k, &v, &blocked, scale, cap, heads);
+        let plain = {
+            let (k, v) = (k.repeat_interleave_self_int(heads / kv_heads, 1, None), v.repeat_interleave_self_int(heads / kv_heads, 1, None));
+            let scores = soft_cap(&(q.matmul(&k.transpose(-1, -2)) * scale), Some(cap));
+            scores.masked_fill(&blocked.squeeze_dim(1), f64::NEG_INFINITY).softmax(-1, Kind::Float).matmul(&v)
+        };
+        assert!(fast.allclose(&plain, 1e-5, 1e-6, false));
+        let weights = Tensor::randn([b, heads, t, hd], (Kind::Float, Device::Cpu));
+        let grads = |out: &Tensor| {
+            let g = Tensor::run_backward(&[(out * &weights).sum(Kind::Float)], &[&q, &k, &v], false, false);
+            g.into_iter().map(|g| g.copy()).collect::<Vec<_>>()
+        };
+        for (name, (f, p)) in ["q", "k", "v"].iter().zip(grads(&fast).iter().zip(&grads(&plain))) {
+            assert!(f.allclose(p, 1e-4, 1e-5, false), "d{name}: max diff {}", (f - p).abs().max().double_value(&[]));
+        }
+    }
+
     #[test]
     fn dropout_acts_only_when_asked_for() {
         let model = tiny();
@@ -563,7 +650,7 @@ mod tests {
         let valid = Tensor::ones([2, 6], (Kind::Bool, Device::Cpu));
         let opts = RunOptions { sliding_window: true, ..RunOptions::default() };
         let full = model.forward(&embeds, &TokenLayout { mask_ar: mask_ar.shallow_clone(), valid: valid.shallow_clone() }, None, opts);
-        let mut cache = KvCache::new(model.num_layers(), 2, Device::Cpu);
+        let mut cache = KvCache::new(model.num_layers(), 2, 3, Device::Cpu);
         let mut parts = vec![];
         for (start, len) in [(0, 4), (4, 1), (5, 1)] {
             let part = TokenLayout { mask_ar: mask_ar.narrow(1, start, len), valid: valid.narrow(1, start, len) };
