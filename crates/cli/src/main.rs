@@ -421,6 +421,7 @@ fn report(runs: &[PathBuf]) -> Result<()> {
 }
 
 fn main() -> Result<()> {
+    pg2_model::keep_freed_memory();
     match Cli::parse().command {
         Command::Score { model, data, batch_size } => score(&model, &data, batch_size),
         Command::Predict { model, data, beam, max_len, length_penalty, batch_size } => {

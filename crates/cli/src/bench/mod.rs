@@ -378,12 +378,21 @@ fn run_pg2_side(dir: &Path) -> Result<serde_json::Value> {
     last_json_line(&out.stdout)
 }
 
+/// [`pg2_model::KEEP_FREED_MEMORY_ENV`], less what the user has set: pg2's process kept
+/// the user's settings then, and the baseline inherits them.
+fn baseline_env() -> Vec<(&'static str, &'static str)> {
+    let user_set = pg2_model::KEEP_FREED_MEMORY_ENV.iter().any(|(name, _)| std::env::var_os(name).is_some());
+    if user_set { vec![] } else { pg2_model::KEEP_FREED_MEMORY_ENV.to_vec() }
+}
+
 /// Runs a baseline script (written to a temporary file) with `args` and returns its
 /// stdout; `None`, with the reason printed, when it cannot run here.
 fn run_script(python: &str, name: &str, source: &str, args: &[&std::ffi::OsStr]) -> Result<Option<Vec<u8>>> {
     let script = std::env::temp_dir().join(format!("pg2-{name}-{}.py", std::process::id()));
     std::fs::File::create(&script)?.write_all(source.as_bytes())?;
-    let out = Command::new(python).arg(&script).args(args).output();
+    // The baseline's allocator keeps freed memory as pg2's does, so the ratio measures the
+    // code, not glibc's defaults (which slow transformers more than pg2).
+    let out = Command::new(python).arg(&script).args(args).envs(baseline_env()).output();
     std::fs::remove_file(&script).ok();
     match out {
         Ok(out) if out.status.success() => Ok(Some(out.stdout)),

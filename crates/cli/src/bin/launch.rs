@@ -76,6 +76,7 @@ fn worker_command(exe: &Path, cli: &Cli, out: &Path, attempt: usize) -> Command 
 }
 
 fn main() -> Result<()> {
+    pg2_model::keep_freed_memory();
     let cli = Cli::parse();
     let (recipe, resolved) = Recipe::load(&cli.recipe, &cli.overrides)?;
     let name = recipe.name.clone().unwrap_or_default();
