@@ -194,6 +194,10 @@ enum BenchCommand {
         /// recomputed forward is not counted in the utilisation.
         #[arg(long, requires = "train")]
         recompute: bool,
+        /// With --train: soft-capped attention recomputes its scores in the backward pass
+        /// (model.lean_attention), so one layer's scores exist at a time.
+        #[arg(long, requires = "train")]
+        lean_attention: bool,
         /// The accelerator's dense peak in TFLOP/s for the utilisation figure (H100/H200 bf16: 989).
         #[arg(long, default_value_t = 989.0)]
         peak_tflops: f64,
@@ -211,6 +215,10 @@ enum BenchCommand {
         /// Activation checkpointing on both sides: less memory, more compute.
         #[arg(long)]
         recompute: bool,
+        /// pg2 only (transformers has no counterpart): soft-capped attention recomputes its
+        /// scores in the backward pass (model.lean_attention).
+        #[arg(long)]
+        lean_attention: bool,
         #[command(flatten)]
         sides: bench::Sides,
     },
@@ -459,7 +467,7 @@ fn main() -> Result<()> {
         Command::Bench(BenchCommand::Data { images, count, resolutions, python }) => {
             bench::data(images.as_deref(), count, &resolutions, &python)
         }
-        Command::Bench(BenchCommand::Model { size, resolution, batch, text_len, dtype, device, steps, train, no_soft_caps, optimizer, recompute, peak_tflops }) => {
+        Command::Bench(BenchCommand::Model { size, resolution, batch, text_len, dtype, device, steps, train, no_soft_caps, optimizer, recompute, lean_attention, peak_tflops }) => {
             bench::model(&bench::ModelBench {
                 size_b: size,
                 resolution,
@@ -472,11 +480,12 @@ fn main() -> Result<()> {
                 no_soft_caps,
                 optimizer,
                 recompute,
+                lean_attention,
                 peak_tflops,
             })
         }
-        Command::Bench(BenchCommand::Train { shape, batch, steps, recompute, sides }) => {
-            bench::train(&bench::TrainBench { shape, batch, steps: steps.max(1), recompute, sides })
+        Command::Bench(BenchCommand::Train { shape, batch, steps, recompute, lean_attention, sides }) => {
+            bench::train(&bench::TrainBench { shape, batch, steps: steps.max(1), recompute, lean_attention, sides })
         }
         Command::Bench(BenchCommand::Decode { shape, batch, new_tokens, runs, sides }) => {
             bench::decode(&bench::DecodeBench { shape, batch, new_tokens, runs: runs.max(1), sides })

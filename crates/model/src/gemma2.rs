@@ -38,14 +38,16 @@ pub struct RunOptions {
     pub recompute: bool,
     /// While gradients are recorded, soft-capped attention keeps only its queries, keys and
     /// values for the backward pass, which computes that layer's scores again: one layer's
-    /// scores exist at a time, not every layer's (they dominate memory at 896 px). Moot
-    /// with `recompute`, which already keeps one layer's activations at a time.
+    /// scores exist at a time, not every layer's (they dominate memory from 448 px on).
+    /// Off by default: where memory is not short the recompute only costs time (a tenth of
+    /// a CPU step on the small benchmark shape). Moot with `recompute`, which already keeps
+    /// one layer's activations at a time.
     pub lean_attention: bool,
 }
 
 impl Default for RunOptions {
     fn default() -> Self {
-        Self { soft_caps: true, sliding_window: false, dropout: 0.0, recompute: false, lean_attention: true }
+        Self { soft_caps: true, sliding_window: false, dropout: 0.0, recompute: false, lean_attention: false }
     }
 }
 
@@ -179,19 +181,24 @@ impl Mask {
 }
 
 /// Rotary tables `(batch, 1, tokens, head_dim)` for integer `positions` `(batch, tokens)`,
-/// computed in f32 and rounded to `kind` (as transformers).
+/// computed in f32 and rounded to `kind` (as transformers): the cosines, and the sines with
+/// their first half negated (the sign transformers' `rotate_half` puts on `x`).
 fn rotary_tables(positions: &Tensor, inv_freq: &Tensor, kind: Kind) -> (Tensor, Tensor) {
     let freqs = positions.to_kind(Kind::Float).unsqueeze(-1) * inv_freq;
     let angles = Tensor::cat(&[&freqs, &freqs], -1).unsqueeze(1);
-    (angles.cos().to_kind(kind), angles.sin().to_kind(kind))
+    let sin = angles.sin().to_kind(kind);
+    let half = sin.size()[3] / 2;
+    let signed_sin = Tensor::cat(&[-sin.narrow(-1, 0, half), sin.narrow(-1, half, half)], -1);
+    (angles.cos().to_kind(kind), signed_sin)
 }
 
 /// Rotates each pair `(x[i], x[i + d/2])` of `x` `(batch, heads, tokens, d)` by its angle
-/// (the non-interleaved RoPE of Gemma and transformers).
-fn apply_rotary(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Tensor {
+/// (the non-interleaved RoPE of Gemma and transformers): `x cos + rotate_half(x) sin`,
+/// with `rotate_half`'s sign moved into the table (exact: negation does not round), so
+/// swapping the halves is one pass.
+fn apply_rotary(x: &Tensor, cos: &Tensor, signed_sin: &Tensor) -> Tensor {
     let half = x.size().last().unwrap() / 2;
-    let rotated = Tensor::cat(&[-x.narrow(-1, half, half), x.narrow(-1, 0, half)], -1);
-    x * cos + rotated * sin
+    x * cos + x.roll([half], [-1]) * signed_sin
 }
 
 struct Attention {
@@ -228,14 +235,14 @@ impl Attention {
     fn forward(
         &self,
         x: &Tensor,
-        (cos, sin): (&Tensor, &Tensor),
+        (cos, signed_sin): (&Tensor, &Tensor),
         mask: &Mask,
         cache: Option<(&mut LayerCache, i64)>,
         opts: RunOptions,
     ) -> Tensor {
         let (b, t, _) = x.size3().unwrap();
         let (hd, kvh) = (self.head_dim, self.kv_heads);
-        let rope = |y: &Tensor| apply_rotary(y, cos, sin);
+        let rope = |y: &Tensor| apply_rotary(y, cos, signed_sin);
         let q = rope(&self.q_proj.forward(x).view([b, t, self.heads, hd]).transpose(1, 2));
         let k = rope(&self.k_proj.forward(x).view([b, t, kvh, hd]).transpose(1, 2));
         let v = self.v_proj.forward(x).view([b, t, kvh, hd]).transpose(1, 2);

@@ -113,9 +113,10 @@ pub struct ModelSection {
     #[serde(default)]
     pub activation_checkpointing: bool,
     /// Soft-capped attention keeps only its queries, keys and values for the backward pass
-    /// and computes its scores again there, so one layer's scores exist at a time (on by
-    /// default; `false` trades that memory for the recompute).
-    #[serde(default = "default_true")]
+    /// and computes its scores again there, so one layer's scores exist at a time: for
+    /// long sequences (stage 2), where the scores of every layer dominate memory. Off by
+    /// default, where the recompute would only cost time.
+    #[serde(default)]
     pub lean_attention: bool,
 }
 

@@ -116,6 +116,8 @@ pub struct ModelBench {
     pub optimizer: bool,
     /// With `train`: activation checkpointing.
     pub recompute: bool,
+    /// With `train`: soft-capped attention recomputes its scores in the backward pass.
+    pub lean_attention: bool,
     pub peak_tflops: f64,
 }
 
@@ -129,7 +131,7 @@ pub fn model(b: &ModelBench) -> Result<()> {
     let (t, v) = (&config.text, &config.vision);
     tch::manual_seed(0);
     let start = Instant::now();
-    let options = RunOptions { soft_caps: !b.no_soft_caps, recompute: b.recompute, ..RunOptions::default() };
+    let options = RunOptions { soft_caps: !b.no_soft_caps, recompute: b.recompute, lean_attention: b.lean_attention, ..RunOptions::default() };
     let model = PaliGemma::new(config.clone(), &mut Weights::random(b.device, b.kind), options)?;
     let mut params = model.parameters();
     let count = |prefix: &str| params.iter().filter(|(n, _)| n.starts_with(prefix)).map(|(_, p)| p.numel() as f64).sum::<f64>();
@@ -190,7 +192,12 @@ pub fn model(b: &ModelBench) -> Result<()> {
     println!("{} of batch {} x {} tokens: {:.1} ms/step, {:.0} tokens/s, {:.1} TFLOP/s = {:.1}% of {} TFLOP/s peak",
         match (b.train, b.optimizer) { (true, true) => "forward+backward+AdamW", (true, false) => "forward+backward", _ => "forward" }, b.batch, seq, per_step * 1e3, bt * seq as f64 / per_step,
         flops / per_step / 1e12, 100.0 * flops / per_step / 1e12 / b.peak_tflops, b.peak_tflops);
-    println!("attention: {}", if b.no_soft_caps { "fused (no soft-caps)" } else { "eager, soft-capped (materialises one layer's scores)" });
+    let attention = match (b.no_soft_caps, b.train && b.lean_attention && !b.recompute) {
+        (true, _) => "fused (no soft-caps)",
+        (false, true) => "eager, soft-capped, scores recomputed in the backward pass (one layer's kept at a time)",
+        (false, false) => "eager, soft-capped",
+    };
+    println!("attention: {attention}");
     Ok(())
 }
 

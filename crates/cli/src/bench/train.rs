@@ -34,6 +34,8 @@ pub struct TrainBench {
     /// Activation checkpointing on both sides (pg2's recomputed layers, transformers'
     /// `gradient_checkpointing_enable`).
     pub recompute: bool,
+    /// pg2's soft-capped attention recomputes its scores in the backward pass.
+    pub lean_attention: bool,
     /// Threads, device, baseline Python.
     pub sides: Sides,
 }
@@ -50,9 +52,10 @@ pub fn train(b: &TrainBench) -> Result<()> {
     write_inputs(&config, b.batch, true, &dir.0)?;
     let tokens = config.vision.num_patches() as i64 + super::PROMPT_LEN + super::TARGET_LEN + 3;
     println!(
-        "training step (forward, mean target NLL, backward, AdamW) of the {:?} PaliGemma 2 ({:.2}M parameters), batch {} x {tokens} tokens ({} targets each), f32, soft-caps on, {}, {} thread(s){}",
+        "training step (forward, mean target NLL, backward, AdamW) of the {:?} PaliGemma 2 ({:.2}M parameters), batch {} x {tokens} tokens ({} targets each), f32, soft-caps on, {}, {} thread(s){}{}",
         b.shape, params as f64 / 1e6, b.batch, super::TARGET_LEN + 1, b.sides.device, b.sides.threads,
-        if b.recompute { ", activation checkpointing" } else { "" }
+        if b.recompute { ", activation checkpointing" } else { "" },
+        if b.lean_attention { ", lean attention (pg2)" } else { "" }
     );
     let ours = run_pg2_side(&dir.0)?;
     let settings = json!({"steps": b.steps, "threads": b.sides.threads, "device": b.sides.device, "lr": LR, "weight_decay": WEIGHT_DECAY, "recompute": b.recompute});
@@ -86,7 +89,7 @@ pub fn train(b: &TrainBench) -> Result<()> {
 fn pg2_side(b: &TrainBench, dir: &Path) -> Result<Value> {
     tch::set_num_threads(b.sides.threads as i32);
     let device = pg2_model::parse_device(&b.sides.device)?;
-    let model = PaliGemma::load(dir, device, Kind::Float, RunOptions { recompute: b.recompute, ..RunOptions::default() })?;
+    let model = PaliGemma::load(dir, device, Kind::Float, RunOptions { recompute: b.recompute, lean_attention: b.lean_attention, ..RunOptions::default() })?;
     let inputs = read_inputs(dir, device)?;
     let loss_mask = inputs.layout.mask_ar.to_kind(Kind::Bool);
     let params = model.parameters();
