@@ -313,6 +313,7 @@ impl ModelArgs {
         let kind = self.dtype.kind();
         let options = RunOptions { soft_caps: !self.no_soft_caps, sliding_window: self.sliding_window, ..RunOptions::default() };
         let device = pg2_model::parse_device(&self.device)?;
+        pg2_model::keep_freed_memory(device);
         eprintln!("pg2: loading {} on {device:?} in {kind:?}", self.checkpoint.display());
         let model = PaliGemma::load(&self.checkpoint, device, kind, options)?;
         let tokenizer_path = self.tokenizer.clone().unwrap_or_else(|| self.checkpoint.join("tokenizer.json"));
@@ -429,7 +430,6 @@ fn report(runs: &[PathBuf]) -> Result<()> {
 }
 
 fn main() -> Result<()> {
-    pg2_model::keep_freed_memory();
     match Cli::parse().command {
         Command::Score { model, data, batch_size } => score(&model, &data, batch_size),
         Command::Predict { model, data, beam, max_len, length_penalty, batch_size } => {
@@ -440,7 +440,9 @@ fn main() -> Result<()> {
         Command::Report { runs } => report(&runs),
         Command::Eval { checkpoint, recipe, overrides, out, device } => {
             let (recipe, _) = pg2_train::Recipe::load(&recipe, &overrides)?;
-            let scores = pg2_train::evaluate_checkpoint(&recipe, &checkpoint, pg2_model::parse_device(&device)?, &out)?;
+            let device = pg2_model::parse_device(&device)?;
+            pg2_model::keep_freed_memory(device);
+            let scores = pg2_train::evaluate_checkpoint(&recipe, &checkpoint, device, &out)?;
             println!("{}", serde_json::Value::Object(scores));
             Ok(())
         }

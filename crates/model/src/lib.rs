@@ -66,19 +66,23 @@ pub fn parse_device(name: &str) -> Result<tch::Device, ModelError> {
 
 /// glibc's settings that keep freed memory in the process for reuse: no `mmap` for large
 /// blocks, no returning the heap's top to the system (the value is the largest `mallopt`
-/// takes). As environment variables they tune a process at its start, such as a baseline.
+/// takes). They act on the main thread's arena, where pg2 computes; a worker thread's own
+/// arena still gives a wholly freed heap back. As environment variables they tune a
+/// process at its start, such as a baseline.
 pub const KEEP_FREED_MEMORY_ENV: [(&str, &str); 2] = [("MALLOC_MMAP_MAX_", "0"), ("MALLOC_TRIM_THRESHOLD_", "2147483647")];
 
-/// Applies [`KEEP_FREED_MEMORY_ENV`] to this process, unless either variable is set (the
-/// user's choice wins); does nothing off glibc.
+/// Applies [`KEEP_FREED_MEMORY_ENV`] to this process when it computes on the CPU (`device`),
+/// unless either variable is set (the user's choice wins); does nothing off glibc.
 ///
 /// libtorch frees and allocates tensors of the same sizes in every step. By default glibc
 /// serves each large one with a fresh `mmap` and unmaps it when freed, so every step
 /// page-faults its activations in zeroed again: 20-40 % of a CPU step on this project's
 /// benchmarks. Kept memory costs a higher peak resident size (freed blocks stay, with some
-/// fragmentation). Call it first thing in `main`, before threads start.
-pub fn keep_freed_memory() {
-    if KEEP_FREED_MEMORY_ENV.iter().any(|(name, _)| std::env::var_os(name).is_some()) {
+/// fragmentation). With a GPU the host's large blocks are mostly checkpoint tensors on
+/// their way to the device, which should go back to the system: nothing changes there.
+pub fn keep_freed_memory(device: tch::Device) {
+    let user_set = KEEP_FREED_MEMORY_ENV.iter().any(|(name, _)| std::env::var_os(name).is_some());
+    if device != tch::Device::Cpu || user_set {
         return;
     }
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
@@ -96,3 +100,4 @@ pub fn keep_freed_memory() {
         }
     }
 }
+

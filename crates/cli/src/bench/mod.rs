@@ -68,6 +68,7 @@ fn baseline_rates(python: &str, files: &[PathBuf], resolutions: &[u32]) -> Resul
 
 /// `pg2 bench data`: decode + resize at each resolution, pg2 against transformers.
 pub fn data(images: Option<&Path>, count: usize, resolutions: &[u32], python: &str) -> Result<()> {
+    pg2_model::keep_freed_memory(tch::Device::Cpu);
     let tmp = std::env::temp_dir().join(format!("pg2-bench-data-{}", std::process::id()));
     let files = match images {
         Some(dir) => {
@@ -127,6 +128,7 @@ pub fn model(b: &ModelBench) -> Result<()> {
     use pg2_model::{Inputs, PaliGemma, PaliGemmaConfig, RunOptions, TokenLayout, Weights};
     use tch::{Device, Kind, Tensor};
 
+    pg2_model::keep_freed_memory(b.device);
     let config = PaliGemmaConfig::paligemma2(b.size_b, b.resolution)?;
     let (t, v) = (&config.text, &config.vision);
     tch::manual_seed(0);

@@ -89,6 +89,7 @@ pub fn train(b: &TrainBench) -> Result<()> {
 fn pg2_side(b: &TrainBench, dir: &Path) -> Result<Value> {
     tch::set_num_threads(b.sides.threads as i32);
     let device = pg2_model::parse_device(&b.sides.device)?;
+    pg2_model::keep_freed_memory(device);
     let model = PaliGemma::load(dir, device, Kind::Float, RunOptions { recompute: b.recompute, lean_attention: b.lean_attention, ..RunOptions::default() })?;
     let inputs = read_inputs(dir, device)?;
     let loss_mask = inputs.layout.mask_ar.to_kind(Kind::Bool);

@@ -76,7 +76,6 @@ fn worker_command(exe: &Path, cli: &Cli, out: &Path, attempt: usize) -> Command 
 }
 
 fn main() -> Result<()> {
-    pg2_model::keep_freed_memory();
     let cli = Cli::parse();
     let (recipe, resolved) = Recipe::load(&cli.recipe, &cli.overrides)?;
     let name = recipe.name.clone().unwrap_or_default();
@@ -112,6 +111,7 @@ fn main() -> Result<()> {
         let workers = if group.world() > 1 { format!(" x {} workers", group.world()) } else { String::new() };
         eprintln!("launch: {} on {device:?}{workers} -> {}", cli.recipe.display(), out.display());
     }
+    pg2_model::keep_freed_memory(device);
     let opts = LaunchOptions { out, resume: cli.resume, overwrite: cli.overwrite, device };
     let (rank, world) = (group.rank(), group.world());
     let summary = train(&recipe, &resolved, &opts, &mut group).map_err(|e| if world > 1 { e.context(format!("rank {rank} of {world}")) } else { e })?;
