@@ -64,6 +64,7 @@ pub struct MixtureSource {
 
 /// Where a source's records come from.
 #[derive(Debug)]
+#[allow(clippy::large_enum_variant)] // one per source: boxing the stream would save nothing
 pub enum SourceData {
     /// Every record in memory; each epoch is a fresh permutation.
     Memory(Vec<Record>),
@@ -232,7 +233,7 @@ impl Mixture {
     pub fn new(sources: Vec<MixtureSource>, seed: u64) -> Result<Self, DataError> {
         let total: f64 = sources.iter().map(|s| s.weight).sum();
         for s in &sources {
-            if s.data.is_empty() || !(s.weight > 0.0) {
+            if s.data.is_empty() || s.weight.is_nan() || s.weight <= 0.0 {
                 return Err(DataError::File { path: s.name.clone(), msg: "a mixture source needs records and a positive weight".into() });
             }
         }

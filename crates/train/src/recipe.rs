@@ -515,7 +515,7 @@ impl Recipe {
     }
 
     fn check(&self) -> Result<(), String> {
-        if self.data.mixture.is_empty() || self.data.mixture.iter().any(|s| !(s.weight > 0.0)) {
+        if self.data.mixture.is_empty() || self.data.mixture.iter().any(|s| s.weight.is_nan() || s.weight <= 0.0) {
             return Err("data.mixture needs at least one source, each with a positive weight".into());
         }
         if let Some(e) = &self.eval {
@@ -533,10 +533,10 @@ impl Recipe {
         if self.model.activation_checkpointing && self.model.dropout > 0.0 {
             return Err("model.activation_checkpointing does not go with model.dropout: the recompute would draw other dropout masks".into());
         }
-        if !(t.allreduce_bucket_mb > 0.0) {
+        if t.allreduce_bucket_mb.is_nan() || t.allreduce_bucket_mb <= 0.0 {
             return Err("train.allreduce_bucket_mb must be positive".into());
         }
-        if !positive_length || t.batch_size == 0 || !(t.lr > 0.0) || t.log_every == 0 || t.checkpoint_every == Some(0) {
+        if !positive_length || t.batch_size == 0 || t.lr.is_nan() || t.lr <= 0.0 || t.log_every == 0 || t.checkpoint_every == Some(0) {
             return Err("the length, train.batch_size, train.lr, train.log_every and train.checkpoint_every must be positive".into());
         }
         if !(0.0..1.0).contains(&t.label_smoothing) {
@@ -551,7 +551,7 @@ impl Recipe {
         if !(0.0..1.0).contains(&self.model.dropout) {
             return Err(format!("model.dropout = {}: expected a value in [0, 1)", self.model.dropout));
         }
-        if t.grad_accumulation == 0 || t.lr_mults.values().any(|&m| !(m >= 0.0)) {
+        if t.grad_accumulation == 0 || t.lr_mults.values().any(|&m| m.is_nan() || m < 0.0) {
             return Err("train.grad_accumulation must be positive and train.lr_mults non-negative".into());
         }
         let from_parts = self.model.vision_init.is_some() || self.model.text_init.is_some();
@@ -636,8 +636,12 @@ lr = 1e-5
     fn impossible_values_are_rejected() {
         let err = parse(&GOOD.replace("dtype", "x").replace("resolution = 64", "resolution = 64\ndtype = \"f16\"")).unwrap_err().to_string();
         assert!(err.contains("f16"), "{err}");
-        let err = parse(&GOOD.replace("weight = 1.0", "weight = 0.0")).unwrap_err().to_string();
-        assert!(err.contains("positive weight"), "{err}");
+        // NaN fails every comparison, so `x <= 0.0` alone would let it through.
+        for weight in ["0.0", "nan"] {
+            let err = parse(&GOOD.replace("weight = 1.0", &format!("weight = {weight}"))).unwrap_err().to_string();
+            assert!(err.contains("positive weight"), "{weight}: {err}");
+        }
+        assert!(parse(&GOOD.replace("lr = 1e-5", "lr = nan")).is_err());
         let err = parse(&GOOD.replace("steps = 10", "steps = 10\nepochs = 2.0")).unwrap_err().to_string();
         assert!(err.contains("exactly one of"), "{err}");
         let err = parse(&GOOD.replace("resolution = 64", "resolution = 64\nfreeze = [\"vit\"]")).unwrap_err().to_string();

@@ -58,7 +58,7 @@ fn baseline_rates(python: &str, files: &[PathBuf], resolutions: &[u32]) -> Resul
     let Some(stdout) = run_script(python, "siglip-baseline", BASELINE, &args)? else { return Ok(None) };
     let rates = String::from_utf8(stdout)?
         .lines()
-        .map(|l| Ok(serde_json::from_str::<serde_json::Value>(l)?["images_per_s"].as_f64().context("baseline output")?))
+        .map(|l| -> Result<f64> { serde_json::from_str::<serde_json::Value>(l)?["images_per_s"].as_f64().context("baseline output") })
         .collect::<Result<Vec<f64>>>()?;
     if rates.len() != resolutions.len() {
         bail!("the baseline printed {} results for {} resolutions", rates.len(), resolutions.len());
