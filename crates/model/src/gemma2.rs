@@ -451,17 +451,17 @@ impl Gemma2 {
     /// appended to the cache.
     pub fn forward(&self, embeds: &Tensor, layout: &TokenLayout, mut cache: Option<&mut KvCache>, opts: RunOptions) -> Tensor {
         let plan = Rc::new(self.plan(layout, cache.as_deref(), opts));
-        let (cos, sin) = rotary_tables(&plan.positions, &self.inv_freq, embeds.kind());
+        let (cos, signed_sin) = rotary_tables(&plan.positions, &self.inv_freq, embeds.kind());
         let mut x = embeds.shallow_clone();
         // Only where a backward pass will follow: no cache (training) and a graph to record.
         let recompute = opts.recompute && cache.is_none() && embeds.requires_grad();
         for (i, layer) in self.layers.iter().enumerate() {
             if recompute {
-                let (layer, plan, cos, sin) = (layer.clone(), plan.clone(), cos.shallow_clone(), sin.shallow_clone());
-                x = crate::recompute::recompute(&x, move |x| layer.forward(x, (&cos, &sin), &plan, None, opts));
+                let (layer, plan, cos, signed_sin) = (layer.clone(), plan.clone(), cos.shallow_clone(), signed_sin.shallow_clone());
+                x = crate::recompute::recompute(&x, move |x| layer.forward(x, (&cos, &signed_sin), &plan, None, opts));
             } else {
                 let slot = cache.as_deref_mut().map(|c| (&mut c.layers[i], c.reserve));
-                x = layer.forward(&x, (&cos, &sin), &plan, slot, opts);
+                x = layer.forward(&x, (&cos, &signed_sin), &plan, slot, opts);
             }
         }
         if let Some(c) = cache {

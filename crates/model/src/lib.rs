@@ -71,6 +71,12 @@ pub fn parse_device(name: &str) -> Result<tch::Device, ModelError> {
 /// process at its start, such as a baseline.
 pub const KEEP_FREED_MEMORY_ENV: [(&str, &str); 2] = [("MALLOC_MMAP_MAX_", "0"), ("MALLOC_TRIM_THRESHOLD_", "2147483647")];
 
+/// True when the user has set any of [`KEEP_FREED_MEMORY_ENV`]'s variables: then their
+/// settings, not pg2's, hold for this process and the processes it starts.
+pub fn user_tunes_allocator() -> bool {
+    KEEP_FREED_MEMORY_ENV.iter().any(|(name, _)| std::env::var_os(name).is_some())
+}
+
 /// Applies [`KEEP_FREED_MEMORY_ENV`] to this process when it computes on the CPU (`device`),
 /// unless either variable is set (the user's choice wins); does nothing off glibc.
 ///
@@ -81,8 +87,7 @@ pub const KEEP_FREED_MEMORY_ENV: [(&str, &str); 2] = [("MALLOC_MMAP_MAX_", "0"),
 /// fragmentation). With a GPU the host's large blocks are mostly checkpoint tensors on
 /// their way to the device, which should go back to the system: nothing changes there.
 pub fn keep_freed_memory(device: tch::Device) {
-    let user_set = KEEP_FREED_MEMORY_ENV.iter().any(|(name, _)| std::env::var_os(name).is_some());
-    if device != tch::Device::Cpu || user_set {
+    if device != tch::Device::Cpu || user_tunes_allocator() {
         return;
     }
     #[cfg(all(target_os = "linux", target_env = "gnu"))]

@@ -390,8 +390,7 @@ fn run_pg2_side(dir: &Path) -> Result<serde_json::Value> {
 /// [`pg2_model::KEEP_FREED_MEMORY_ENV`], less what the user has set: pg2's process kept
 /// the user's settings then, and the baseline inherits them.
 fn baseline_env() -> Vec<(&'static str, &'static str)> {
-    let user_set = pg2_model::KEEP_FREED_MEMORY_ENV.iter().any(|(name, _)| std::env::var_os(name).is_some());
-    if user_set { vec![] } else { pg2_model::KEEP_FREED_MEMORY_ENV.to_vec() }
+    if pg2_model::user_tunes_allocator() { vec![] } else { pg2_model::KEEP_FREED_MEMORY_ENV.to_vec() }
 }
 
 /// Runs a baseline script (written to a temporary file) with `args` and returns its
