@@ -246,15 +246,15 @@ fn non_finite_steps_stop_the_run_or_are_skipped_leaving_the_weights_alone() {
     let err = String::from_utf8_lossy(&stopped.stderr);
     assert!(!stopped.status.success() && err.contains("step 2: non-finite loss or gradient norm"), "{err}");
     assert!(!dir.join("run/checkpoints/latest").exists(), "nothing is saved after a non-finite step");
-    // Skipping: the run ends with the weights of step 1, as a one-step run leaves them.
-    let skip = ["--set", "train.on_nonfinite=\"skip\"", "--overwrite"];
+    // Skipping: the run ends with the weights it had after step 1. Both come from the same
+    // run: at lr 1e30 another run's step 1 differs wherever a gradient differs by one ulp
+    // (libtorch's CPU reductions are not bitwise reproducible across processes every time).
+    let skip = ["--set", "train.on_nonfinite=\"skip\"", "--set", "train.checkpoint_every=1", "--overwrite"];
     let skipped = launch(&dir, &[&blowup[..], &skip].concat());
     assert!(skipped.status.success(), "{}", String::from_utf8_lossy(&skipped.stderr));
     let last = metric_lines(&dir).into_iter().last().unwrap();
     assert_eq!((last["step"].as_u64(), last["skipped_steps"].as_u64()), (Some(4), Some(3)));
     let after_skips = pg2_model::checkpoint::read_tensors(&dir.join("run/checkpoints/step-000004")).unwrap();
-    let one_step = launch(&dir, &[&blowup[..], &["--set", "train.steps=1", "--overwrite"]].concat());
-    assert!(one_step.status.success(), "{}", String::from_utf8_lossy(&one_step.stderr));
     for (name, t) in pg2_model::checkpoint::read_tensors(&dir.join("run/checkpoints/step-000001")).unwrap() {
         assert!(t.equal(&after_skips[&name]), "{name} moved in a skipped step");
     }
