@@ -17,7 +17,7 @@ use std::path::PathBuf;
 fn main() {
     println!("cargo:rerun-if-env-changed=LIBTORCH");
     let Ok(root) = std::env::var("LIBTORCH") else {
-        panic!("LIBTORCH is not set: run ./launch/bootstrap, which installs libtorch under .deps/ (see README)");
+        panic!("LIBTORCH is not set: run ./launch/test or ./launch/launch once, whose bootstrap installs libtorch under .deps/ (see README)");
     };
     let lib = PathBuf::from(&root).join("lib");
     println!("cargo:rustc-link-arg=-Wl,-rpath,{}", lib.display());

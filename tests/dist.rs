@@ -55,6 +55,7 @@ fn two_workers_equal_one_process_with_the_whole_batch() {
         // Summed instead of averaged gradients would leave Adam's updates alone (it is
         // scale-free, and the norm is clipped): the logged norm tells them apart.
         let norms = |run: &str| -> Vec<f64> { metric_lines(&dir.join(run)).iter().filter_map(|v| v.get("grad_norm")?.as_f64()).collect() };
+        assert_eq!(norms(&one).len(), norms(&two).len(), "{tag}: both runs log every step's norm");
         for (x, y) in norms(&one).iter().zip(norms(&two)) {
             assert!((x - y).abs() <= 1e-4 * x, "{tag}: gradient norms {x} vs {y}");
         }
@@ -62,7 +63,9 @@ fn two_workers_equal_one_process_with_the_whole_batch() {
         // the rounding of a differently ordered sum becomes a step of up to lr: a handful of
         // elements move apart by up to ~1e-5 (measured: 109 of 553,408 above 1e-6).
         let (mut total, mut apart) = (0, 0);
-        for ((name, x), (_, y)) in weights(&dir.join(&one)).iter().zip(weights(&dir.join(&two))) {
+        let (weights_one, weights_two) = (weights(&dir.join(&one)), weights(&dir.join(&two)));
+        assert_eq!(weights_one.len(), weights_two.len(), "{tag}: both checkpoints hold every tensor");
+        for ((name, x), (_, y)) in weights_one.iter().zip(weights_two) {
             let diff = (x - y).abs();
             let max = diff.max().double_value(&[]);
             assert!(max < 1e-4, "{tag}: {name} differs by {max}");
@@ -84,7 +87,7 @@ fn two_workers_equal_one_process_with_the_whole_batch() {
         let out = n.wait_with_output().unwrap();
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     }
-    assert_eq!(losses(&dir.join("nodes")).len(), 6);
+    assert_eq!((losses(&dir.join("one-example")).len(), losses(&dir.join("nodes")).len()), (6, 6));
     for (x, y) in losses(&dir.join("one-example")).iter().zip(losses(&dir.join("nodes"))) {
         assert!((x - y).abs() < 1e-5, "two nodes: {x} vs {y}");
     }

@@ -39,8 +39,7 @@ fn load_with(name: &str, edit: impl FnOnce(&mut PaliGemmaConfig), options: RunOp
     edit(&mut config);
     let mut tensors = checkpoint::read_tensors(&dir).unwrap();
     tensors.remove(checkpoint::LM_HEAD);
-    let mut weights = Weights::from_tensors(tensors, name, Device::Cpu, Kind::Float);
-    PaliGemma::new(config, &mut weights, options).unwrap()
+    PaliGemma::new(config, Weights::from_tensors(tensors, name, Device::Cpu, Kind::Float), options).unwrap()
 }
 
 /// The records' inputs, with the exact pixels transformers saw: JPEG decoders differ by a
@@ -77,7 +76,9 @@ fn layout_matches_the_processor_token_by_token() {
     for name in CHECKPOINTS {
         let config = PaliGemmaConfig::from_file(&fixtures().join(name).join("config.json")).unwrap();
         assert_eq!(tok.image_id, config.image_token_id);
-        for (r, want) in records().iter().zip(expected["checkpoints"][name]["records"].as_array().unwrap()) {
+        let want_records = expected["checkpoints"][name]["records"].as_array().unwrap();
+        assert_eq!(records().len(), want_records.len(), "{name}: one expected entry per record");
+        for (r, want) in records().iter().zip(want_records) {
             let example = EncodedExample::new(&tok, config.vision.num_patches(), &r.prefix, r.suffix.as_deref());
             let want_ids: Vec<i64> = serde_json::from_value(want["input_ids"].clone()).unwrap();
             assert_eq!(example.ids, want_ids, "{name}: {}", r.prefix);
@@ -252,6 +253,7 @@ fn saved_model_reloads_identically_and_inspects() {
         || n.starts_with("multi_modal_projector.linear.")
         || n.starts_with("language_model.model.")), "released layout: {names:?}");
     let back = PaliGemma::load(&dir, Device::Cpu, Kind::Float, RunOptions::default()).unwrap();
+    assert_eq!(model.parameters().len(), back.parameters().len());
     for ((n1, a), (n2, b)) in model.parameters().iter().zip(back.parameters()) {
         assert_eq!(n1, &n2);
         assert!(a.equal(&b), "{n1}");

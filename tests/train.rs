@@ -59,6 +59,9 @@ fn tiny_run_learns_and_its_checkpoint_scores() {
     for key in ["lr", "grad_norm", "examples_per_s"] {
         assert!(metrics[key].as_f64().unwrap().is_finite(), "{key}");
     }
+    for key in ["skipped_records", "skipped_steps", "prefix_truncated", "suffix_truncated", "eos_dropped", "tokens", "batch_tokens"] {
+        assert!(metrics[key].is_u64(), "{key}: {metrics}");
+    }
     assert_eq!(std::fs::read_to_string(dir.join("run/checkpoints/latest")).unwrap(), "step-000040");
     // Evaluated before training, every 20 steps and at the end, predictions kept.
     let evals: Vec<(u64, f64)> = lines.iter().filter_map(|v| Some((v["step"].as_u64()?, v.get("eval/vqa")?.as_f64()?))).collect();
@@ -99,9 +102,21 @@ fn tiny_run_learns_and_its_checkpoint_scores() {
         .output()
         .unwrap();
     assert!(score.status.success(), "{}", String::from_utf8_lossy(&score.stderr));
-    let lines: Vec<Value> = String::from_utf8(score.stdout).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let lines: Vec<Value> = String::from_utf8(score.stdout.clone()).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     assert_eq!(lines.len(), 8);
     assert!(lines.iter().all(|v| v["logprob"].as_f64().unwrap() < 0.0));
+    // Every command that takes a checkpoint takes the run folder too (its latest checkpoint).
+    let pg2 = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_pg2")).args(args).arg("--checkpoint").arg(dir.join("run")).output().unwrap();
+        assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let val = dir.join("synth/val.jsonl");
+    assert_eq!(pg2(&["score", "--device", "cpu", "--data", val.to_str().unwrap()]).as_bytes(), score.stdout, "the run folder is its latest checkpoint");
+    assert_eq!(pg2(&["predict", "--device", "cpu", "--max-len", "4", "--data", val.to_str().unwrap()]).lines().count(), 8);
+    assert!(pg2(&["inspect"]).contains("checkpoints/step-000040"));
+    let state: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("run/checkpoints/step-000040/trainer_state.json")).unwrap()).unwrap();
+    assert_eq!((state["step"].as_u64(), state["total_steps"].as_u64()), (Some(40), Some(40)), "{state}");
     std::fs::remove_dir_all(dir).unwrap();
 }
 
@@ -152,7 +167,17 @@ fn streamed_sources_fixed_padding_and_per_task_limits_train() {
     let mixture = format!("data.mixture=[{{path = {:?}, weight = 1.0, shuffle_buffer = 16, max_suffix_tokens = 6}}]", dir.join("synth/train.jsonl"));
     let out = launch(&dir, &["--set", &mixture, "--set", "data.pad_to=96"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    assert_eq!(losses(&dir).len(), 3);
+    let streamed = losses(&dir);
+    assert_eq!(streamed.len(), 3);
+    let last = metric_lines(&dir).into_iter().rev().find(|v| v.get("loss").is_some()).unwrap();
+    assert_eq!(last["batch_tokens"], 3 * 8 * 96, "every batch padded to data.pad_to: {last}");
+    assert!(last["tokens"].as_u64().unwrap() < 3 * 8 * 96, "{last}");
+    assert!(last["suffix_truncated"].as_u64().unwrap() > 0, "the source's own max_suffix_tokens cut targets: {last}");
+    // Read whole and shuffled in memory, the same source gives other batches.
+    let whole = format!("data.mixture=[{{path = {:?}, weight = 1.0, max_suffix_tokens = 6}}]", dir.join("synth/train.jsonl"));
+    let out = launch(&dir, &["--set", &whole, "--set", "data.pad_to=96", "--overwrite"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_ne!(losses(&dir)[0], streamed[0], "the shuffle buffer decides the order");
     std::fs::remove_dir_all(dir).unwrap();
 }
 
@@ -197,6 +222,7 @@ fn accumulated_gradients_match_one_big_batch() {
     };
     let bucketed = ["--set", "data.bucket_by_length=true"];
     for (tag, split) in [("in order", halves(&[])), ("bucketed", halves(&bucketed))] {
+        assert_eq!(big.len(), split.len(), "{tag}: both runs log the same steps");
         for ((step, a), (_, b)) in big.iter().zip(split) {
             assert!((a - b).abs() < 1e-4 * a.abs(), "{tag}, step {step}: {a} vs {b}");
         }
@@ -209,6 +235,7 @@ fn accumulated_gradients_match_one_big_batch() {
     let big_per_token = losses(&dir);
     assert!(big_per_token[0].1.is_finite() && (big_per_token[0].1 - big[0].1).abs() > 1e-6, "{:?} vs {:?}", big_per_token[0], big[0]);
     for (tag, split) in [("in order", halves(&per_token)), ("bucketed", halves(&[&per_token[..], &bucketed].concat()))] {
+        assert_eq!(big_per_token.len(), split.len(), "per token, {tag}: both runs log the same steps");
         for ((step, a), (_, b)) in big_per_token.iter().zip(split) {
             assert!((a - b).abs() < 1e-4 * a.abs(), "per token, {tag}, step {step}: {a} vs {b}");
         }

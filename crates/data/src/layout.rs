@@ -11,7 +11,10 @@
 use pg2_model::{Inputs, TokenLayout};
 use tch::{Device, Kind, Tensor};
 
+use crate::mixture::TaskFormat;
+use crate::source::Record;
 use crate::tokenizer::PgTokenizer;
+use crate::{image, DataError};
 
 /// Token limits of one task, in tokens of text (image tokens and `<bos>` not counted).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -161,6 +164,45 @@ pub fn upload(t: &Tensor, device: Device) -> Tensor {
     }
 }
 
+/// Records made ready for scoring or decoding (`pg2 score`, `pg2 predict`, evaluation).
+pub struct InferenceBatch {
+    /// Prompts (and targets), images, on the device.
+    pub batch: Batch,
+    /// Each record's prompt, as `format` made it.
+    pub prompts: Vec<String>,
+    /// Each record's number of target tokens (0 without targets).
+    pub targets: Vec<usize>,
+}
+
+impl InferenceBatch {
+    /// Encodes `records`: each one's prompt under `format` (its own `prefix` by default),
+    /// its `suffix` plus `<eos>` as the target when `with_targets` (a record without one is
+    /// an error naming it), and its image at `resolution` px for `image_tokens` placeholders.
+    pub fn new(
+        records: &[Record],
+        tok: &PgTokenizer,
+        format: &TaskFormat,
+        (resolution, image_tokens): (u32, usize),
+        with_targets: bool,
+        device: Device,
+    ) -> Result<Self, DataError> {
+        let prompts = records.iter().map(|r| format.prompt(r)).collect::<Result<Vec<_>, _>>()?;
+        let examples = records
+            .iter()
+            .zip(&prompts)
+            .map(|(r, prompt)| {
+                let suffix = match with_targets {
+                    true => Some(r.suffix.as_deref().ok_or_else(|| r.error("record has no `suffix` to score"))?),
+                    false => None,
+                };
+                Ok(EncodedExample::new(tok, image_tokens, prompt, suffix))
+            })
+            .collect::<Result<Vec<_>, DataError>>()?;
+        let batch = Batch::collate(&examples, Some(image::load_pixels(records, resolution)?), tok.pad_id, device);
+        Ok(Self { batch, prompts, targets: examples.iter().map(EncodedExample::num_targets).collect() })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -202,3 +244,4 @@ mod tests {
         assert_eq!(t, Truncation::default());
     }
 }
+

@@ -3,6 +3,7 @@
 //! pipeline and the embedded synthetic dataset.
 
 pub mod convert;
+pub mod files;
 pub mod image;
 pub mod layout;
 pub mod mixture;
@@ -11,7 +12,7 @@ pub mod source;
 pub mod synth;
 pub mod tokenizer;
 
-pub use layout::{Batch, EncodedExample, TextLimits, Truncation};
+pub use layout::{Batch, EncodedExample, InferenceBatch, TextLimits, Truncation};
 pub use mixture::{Mixture, MixturePosition, MixtureSource, RunLength, SourceData, StreamSource, TaskFormat};
 pub use pipeline::{LoadedBatch, OnBadRecord, Pipeline, PipelineConfig};
 pub use source::{OnBadLine, Record};

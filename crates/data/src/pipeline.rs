@@ -395,6 +395,7 @@ mod tests {
         let plain = PipelineConfig { batch_size: 2, world: 2, accumulation: 3, ..config(OnBadRecord::Error) };
         let bucketed = PipelineConfig { bucket_by_length: true, ..plain.clone() };
         let (a, b) = (deal(&records, &plain, 2), deal(&records, &bucketed, 2));
+        assert_eq!(a.len(), b.len(), "as many updates either way");
         for (plain, sorted) in a.iter().zip(&b) {
             let flat = |u: &Vec<Vec<Vec<i64>>>| u.iter().flatten().flatten().copied().collect::<Vec<_>>();
             let (mut unsorted, sorted) = (flat(plain), flat(sorted));

@@ -30,7 +30,7 @@
 //! synth.json                         the options, tasks and vocabulary size
 //! ```
 //!
-//! Everything is first written into a sibling folder `<dir>.tmp-<pid>`, renamed to `dir` once
+//! Everything is first written into a sibling folder `.<dir>.tmp-<pid>`, renamed to `dir` once
 //! complete: a `dir` that exists is always a finished dataset (of two processes racing to
 //! write it, the second to finish fails and removes its copy).
 
@@ -54,6 +54,7 @@ use tokenizers::pre_tokenizers::PreTokenizerWrapper;
 use tokenizers::processors::PostProcessorWrapper;
 use tokenizers::{AddedToken, TokenizerBuilder};
 
+use crate::files::Staged;
 use crate::tokenizer::location_and_segment_tokens;
 use crate::DataError;
 
@@ -102,18 +103,10 @@ pub fn write_synth(dir: &Path, opts: &SynthOptions) -> Result<SynthSummary, Data
     if dir.exists() {
         return Err(file_error(dir, "already exists; remove it to generate the dataset again"));
     }
-    let name = dir.file_name().ok_or_else(|| file_error(dir, "not a folder name"))?;
-    let tmp = dir.with_file_name(format!("{}.tmp-{}", name.to_string_lossy(), std::process::id()));
-    // A folder of that name can only be left over by a crashed run that had our pid.
-    if tmp.exists() {
-        fs::remove_dir_all(&tmp).map_err(|e| file_error(&tmp, e))?;
-    }
-    let result = write_all(&tmp, opts)
-        .and_then(|summary| fs::rename(&tmp, dir).map(|()| summary).map_err(|e| file_error(dir, e)));
-    if result.is_err() {
-        let _ = fs::remove_dir_all(&tmp);
-    }
-    result
+    let staged = Staged::new(dir).map_err(|e| file_error(dir, e))?;
+    let summary = write_all(staged.path(), opts)?;
+    staged.commit().map_err(|e| file_error(dir, e))?;
+    Ok(summary)
 }
 
 fn file_error(path: &Path, msg: impl Display) -> DataError {
@@ -746,7 +739,7 @@ mod tests {
             e.unwrap()
                 .file_name()
                 .to_string_lossy()
-                .starts_with(&format!("pg2-synth-{}-layout.tmp", std::process::id()))
+                .contains(&format!("pg2-synth-{}-layout.tmp", std::process::id()))
         });
         assert!(!tmp_left);
         let again = write_synth(&dir.0, &SynthOptions { train: 5, val: 5, canvas: CANVAS, seed: 0 });

@@ -120,6 +120,14 @@ impl FromStr for Metric {
     }
 }
 
+/// Reads a metric by name (a recipe's `eval.metric`).
+impl<'de> serde::Deserialize<'de> for Metric {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let name = String::deserialize(deserializer)?;
+        name.parse().map_err(serde::de::Error::custom)
+    }
+}
+
 /// Why a set of examples could not be scored.
 #[derive(Debug, thiserror::Error)]
 pub enum EvalError {

@@ -30,6 +30,47 @@ pub const TEXT: &str = "language_model.model";
 /// Canonical name of an untied output head.
 pub const LM_HEAD: &str = "language_model.lm_head.weight";
 
+/// A part of PaliGemma, as a recipe names it (`vision`, `projector`, `decoder`), for
+/// freezing and for loading a part from its own checkpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Part {
+    /// SigLIP: `vision_tower.*`.
+    Vision,
+    /// The linear projector: `multi_modal_projector.*`.
+    Projector,
+    /// Gemma 2 with its head: `language_model.*`.
+    Decoder,
+}
+
+impl Part {
+    /// Every part, in the order the model holds them.
+    pub const ALL: [Part; 3] = [Part::Vision, Part::Projector, Part::Decoder];
+
+    /// The part a canonical parameter name belongs to.
+    pub fn of(name: &str) -> Option<Part> {
+        Self::ALL.into_iter().find(|part| name.starts_with(part.prefix()))
+    }
+
+    /// The canonical-name prefix of the part's parameters (with its trailing dot).
+    pub fn prefix(self) -> &'static str {
+        match self {
+            Part::Vision => "vision_tower.",
+            Part::Projector => "multi_modal_projector.",
+            Part::Decoder => "language_model.",
+        }
+    }
+
+    /// The name a recipe uses.
+    pub fn name(self) -> &'static str {
+        match self {
+            Part::Vision => "vision",
+            Part::Projector => "projector",
+            Part::Decoder => "decoder",
+        }
+    }
+}
+
 /// `(prefix in a file, canonical prefix)`, longest prefixes first.
 const LAYOUTS: &[(&str, &str)] = &[
     ("model.vision_tower.vision_model.", "vision_tower.vision_model."),

@@ -16,7 +16,7 @@ use std::sync::Arc;
 use tch::{Device, Kind, Tensor};
 
 use crate::config::Gemma2Config;
-use crate::nn::{mask_value, soft_cap, Init, Linear, NamedTensors, RmsNorm, Weights};
+use crate::nn::{mask_value, soft_cap, Init, Linear, ParamKind, RmsNorm, Weights};
 use crate::ModelError;
 
 /// Switches that change the computation without changing the weights.
@@ -272,12 +272,6 @@ impl Attention {
         self.o_proj.forward(&y.transpose(1, 2).reshape([b, t, self.heads * hd]))
     }
 
-    fn parameters(&self, p: &str, out: &mut NamedTensors) {
-        self.q_proj.parameters(&format!("{p}.q_proj"), out);
-        self.k_proj.parameters(&format!("{p}.k_proj"), out);
-        self.v_proj.parameters(&format!("{p}.v_proj"), out);
-        self.o_proj.parameters(&format!("{p}.o_proj"), out);
-    }
 }
 
 /// softmax(cap(q k^T * scale)) v over the keys `blocked` leaves, in grouped-query form
@@ -344,16 +338,6 @@ impl DecoderLayer {
         x + self.post_feedforward_layernorm.forward(&drop(h))
     }
 
-    fn parameters(&self, p: &str, out: &mut NamedTensors) {
-        self.input_layernorm.parameters(&format!("{p}.input_layernorm"), out);
-        self.self_attn.parameters(&format!("{p}.self_attn"), out);
-        self.post_attention_layernorm.parameters(&format!("{p}.post_attention_layernorm"), out);
-        self.pre_feedforward_layernorm.parameters(&format!("{p}.pre_feedforward_layernorm"), out);
-        self.gate_proj.parameters(&format!("{p}.mlp.gate_proj"), out);
-        self.up_proj.parameters(&format!("{p}.mlp.up_proj"), out);
-        self.down_proj.parameters(&format!("{p}.mlp.down_proj"), out);
-        self.post_feedforward_layernorm.parameters(&format!("{p}.post_feedforward_layernorm"), out);
-    }
 }
 
 /// The decoder and its output head. `prefix` names (e.g. `language_model.model`) are the
@@ -375,12 +359,12 @@ impl Gemma2 {
     /// only when `tied` is false.
     pub fn new(cfg: &Gemma2Config, w: &mut Weights, prefix: &str, lm_head: &str, tied: bool) -> Result<Self, ModelError> {
         let (v, d) = (cfg.vocab_size as i64, cfg.hidden_size as i64);
-        let embed_tokens = w.take(&format!("{prefix}.embed_tokens.weight"), &[v, d], Init::Normal(1.0 / (d as f64).sqrt()))?;
+        let embed_tokens = w.take(&format!("{prefix}.embed_tokens.weight"), &[v, d], Init::Normal(1.0 / (d as f64).sqrt()), ParamKind::Embedding)?;
         let layers = (0..cfg.num_hidden_layers)
             .map(|i| DecoderLayer::new(cfg, w, &format!("{prefix}.layers.{i}"), i).map(Arc::new))
             .collect::<Result<_, _>>()?;
         let norm = RmsNorm::new(w, &format!("{prefix}.norm"), cfg.hidden_size, cfg.rms_norm_eps)?;
-        let lm_head = if tied { None } else { Some(w.take(lm_head, &[v, d], Init::Normal(0.02))?) };
+        let lm_head = if tied { None } else { Some(w.take(lm_head, &[v, d], Init::Normal(0.02), ParamKind::Kernel)?) };
         let device = w.device();
         let hd = cfg.head_dim as i64;
         let exponents = Tensor::arange_start_step(0, hd, 2, (Kind::Int64, device)).to_kind(Kind::Float) / hd as f64;
@@ -478,16 +462,6 @@ impl Gemma2 {
         soft_cap(&hidden.matmul(&head.tr()), self.final_soft_cap.filter(|_| opts.soft_caps))
     }
 
-    pub fn parameters(&self, prefix: &str, lm_head: &str, out: &mut NamedTensors) {
-        out.push((format!("{prefix}.embed_tokens.weight"), self.embed_tokens.shallow_clone()));
-        for (i, layer) in self.layers.iter().enumerate() {
-            layer.parameters(&format!("{prefix}.layers.{i}"), out);
-        }
-        self.norm.parameters(&format!("{prefix}.norm"), out);
-        if let Some(head) = &self.lm_head {
-            out.push((lm_head.to_string(), head.shallow_clone()));
-        }
-    }
 }
 
 #[cfg(test)]
@@ -571,6 +545,7 @@ mod tests {
         let y = Vec::<f32>::try_from(apply_rotary(&x, &cos, &sin).view([-1])).unwrap();
         let (a, b) = (3.0f32, 0.03f32);
         let want = [1.0 * a.cos() - 3.0 * a.sin(), 2.0 * b.cos() - 4.0 * b.sin(), 3.0 * a.cos() + 1.0 * a.sin(), 4.0 * b.cos() + 2.0 * b.sin()];
+        assert_eq!(y.len(), want.len());
         for (g, w) in y.iter().zip(want) {
             assert!((g - w).abs() < 1e-5, "{y:?} vs {want:?}");
         }

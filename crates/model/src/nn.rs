@@ -3,6 +3,9 @@
 //! A module is created with `new(cfg, weights, prefix)` and run with a plain `forward`.
 //! [`Weights`] hands out tensors by checkpoint name: from a checkpoint (shape-checked)
 //! or freshly initialised, so a loaded model and a random one are built by the same code.
+//! It also records what it handed out, with the [`ParamKind`] the taking layer gives, so
+//! each name is written once (where the layer takes it) and the model's parameter list is
+//! that record.
 
 use std::collections::BTreeMap;
 use tch::{Device, Kind, Tensor};
@@ -16,6 +19,39 @@ pub enum Init {
     Ones,
     /// Normal with mean 0 and this standard deviation.
     Normal(f64),
+}
+
+/// What a parameter is to the layer that takes it: what weight decay and initialisation
+/// depend on, read from the layer instead of guessed from the name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ParamKind {
+    /// A dense or convolution weight.
+    Kernel,
+    /// An additive bias.
+    Bias,
+    /// A normalisation layer's scale.
+    NormScale,
+    /// A token embedding table (also the tied output head).
+    Embedding,
+    /// Learned position embeddings.
+    PositionEmbedding,
+}
+
+impl ParamKind {
+    /// Whether weight decay applies unless a recipe says otherwise: to kernels alone, as
+    /// big_vision decays only `.../kernel` (norm scales, biases and embeddings are spared).
+    pub fn decays_by_default(self) -> bool {
+        self == ParamKind::Kernel
+    }
+}
+
+/// One parameter of a model: its checkpoint name, the tensor (sharing storage with the
+/// model) and what it is.
+#[derive(Debug)]
+pub struct Param {
+    pub name: String,
+    pub tensor: Tensor,
+    pub kind: ParamKind,
 }
 
 /// Where parameters come from.
@@ -32,17 +68,19 @@ pub struct Weights {
     source: Source,
     device: Device,
     kind: Kind,
+    /// What has been taken, in order.
+    taken: Vec<Param>,
 }
 
 impl Weights {
     /// Parameters read from a checkpoint (`origin` names it in errors).
     pub fn from_tensors(tensors: BTreeMap<String, Tensor>, origin: impl Into<String>, device: Device, kind: Kind) -> Self {
-        Self { source: Source::Checkpoint { tensors, origin: origin.into() }, device, kind }
+        Self { source: Source::Checkpoint { tensors, origin: origin.into() }, device, kind, taken: Vec::new() }
     }
 
     /// Freshly initialised parameters.
     pub fn random(device: Device, kind: Kind) -> Self {
-        Self { source: Source::Random, device, kind }
+        Self { source: Source::Random, device, kind, taken: Vec::new() }
     }
 
     /// The device parameters are placed on.
@@ -55,9 +93,9 @@ impl Weights {
         self.kind
     }
 
-    /// The parameter `name` with the expected `shape`.
-    pub fn take(&mut self, name: &str, shape: &[i64], init: Init) -> Result<Tensor, ModelError> {
-        let (device, kind) = (self.device, self.kind);
+    /// The parameter `name` with the expected `shape`, recorded as a `kind`.
+    pub fn take(&mut self, name: &str, shape: &[i64], init: Init, kind: ParamKind) -> Result<Tensor, ModelError> {
+        let device = self.device;
         let tensor = match &mut self.source {
             Source::Random => {
                 let opts = (Kind::Float, device);
@@ -80,19 +118,14 @@ impl Weights {
                 t
             }
         };
-        Ok(tensor.to_device(device).to_kind(kind).detach())
+        let tensor = tensor.to_device(device).to_kind(self.kind).detach();
+        self.taken.push(Param { name: name.to_string(), tensor: tensor.shallow_clone(), kind });
+        Ok(tensor)
     }
 
-    /// Removes a tensor the model may or may not need (an untied `lm_head`), if present.
-    pub fn take_optional(&mut self, name: &str) -> Option<Tensor> {
-        match &mut self.source {
-            Source::Random => None,
-            Source::Checkpoint { tensors, .. } => tensors.remove(name),
-        }
-    }
-
-    /// Errors if the checkpoint holds tensors the model did not use.
-    pub fn finish(self) -> Result<(), ModelError> {
+    /// The parameters taken so far, in order; errors if the checkpoint holds tensors the
+    /// model did not use.
+    pub fn finish(self) -> Result<Vec<Param>, ModelError> {
         if let Source::Checkpoint { tensors, origin } = self.source {
             if let Some(name) = tensors.keys().next() {
                 let more = tensors.len() - 1;
@@ -102,7 +135,7 @@ impl Weights {
                 )));
             }
         }
-        Ok(())
+        Ok(self.taken)
     }
 }
 
@@ -117,8 +150,11 @@ pub struct Linear {
 
 impl Linear {
     pub fn new(w: &mut Weights, prefix: &str, in_dim: usize, out_dim: usize, bias: bool, init: Init) -> Result<Self, ModelError> {
-        let weight = w.take(&format!("{prefix}.weight"), &[out_dim as i64, in_dim as i64], init)?;
-        let bias = if bias { Some(w.take(&format!("{prefix}.bias"), &[out_dim as i64], Init::Zeros)?) } else { None };
+        let weight = w.take(&format!("{prefix}.weight"), &[out_dim as i64, in_dim as i64], init, ParamKind::Kernel)?;
+        let bias = match bias {
+            true => Some(w.take(&format!("{prefix}.bias"), &[out_dim as i64], Init::Zeros, ParamKind::Bias)?),
+            false => None,
+        };
         Ok(Self { weight, bias })
     }
 
@@ -126,12 +162,6 @@ impl Linear {
         x.linear(&self.weight, self.bias.as_ref())
     }
 
-    pub fn parameters(&self, prefix: &str, out: &mut NamedTensors) {
-        out.push((format!("{prefix}.weight"), self.weight.shallow_clone()));
-        if let Some(b) = &self.bias {
-            out.push((format!("{prefix}.bias"), b.shallow_clone()));
-        }
-    }
 }
 
 /// LayerNorm with weight and bias (SigLIP).
@@ -144,8 +174,8 @@ pub struct LayerNorm {
 impl LayerNorm {
     pub fn new(w: &mut Weights, prefix: &str, dim: usize, eps: f64) -> Result<Self, ModelError> {
         Ok(Self {
-            weight: w.take(&format!("{prefix}.weight"), &[dim as i64], Init::Ones)?,
-            bias: w.take(&format!("{prefix}.bias"), &[dim as i64], Init::Zeros)?,
+            weight: w.take(&format!("{prefix}.weight"), &[dim as i64], Init::Ones, ParamKind::NormScale)?,
+            bias: w.take(&format!("{prefix}.bias"), &[dim as i64], Init::Zeros, ParamKind::Bias)?,
             eps,
         })
     }
@@ -155,10 +185,6 @@ impl LayerNorm {
         x.layer_norm([dim], Some(&self.weight), Some(&self.bias), self.eps, true)
     }
 
-    pub fn parameters(&self, prefix: &str, out: &mut NamedTensors) {
-        out.push((format!("{prefix}.weight"), self.weight.shallow_clone()));
-        out.push((format!("{prefix}.bias"), self.bias.shallow_clone()));
-    }
 }
 
 /// Gemma's RMSNorm: `x * rsqrt(mean(x^2) + eps) * (1 + w)`, computed in f32.
@@ -170,7 +196,7 @@ pub struct RmsNorm {
 impl RmsNorm {
     pub fn new(w: &mut Weights, prefix: &str, dim: usize, eps: f64) -> Result<Self, ModelError> {
         // The stored weight is the offset from 1, so a fresh norm starts at zero.
-        Ok(Self { weight: w.take(&format!("{prefix}.weight"), &[dim as i64], Init::Zeros)?, eps })
+        Ok(Self { weight: w.take(&format!("{prefix}.weight"), &[dim as i64], Init::Zeros, ParamKind::NormScale)?, eps })
     }
 
     pub fn forward(&self, x: &Tensor) -> Tensor {
@@ -178,10 +204,6 @@ impl RmsNorm {
         let rms = (xf.square().mean_dim(-1, true, Kind::Float) + self.eps).rsqrt();
         // Scale in f32 and round once, as transformers does ((x * w).to(dtype), not x.to(dtype) * w).
         (xf * rms * (self.weight.to_kind(Kind::Float) + 1.0)).to_kind(x.kind())
-    }
-
-    pub fn parameters(&self, prefix: &str, out: &mut NamedTensors) {
-        out.push((format!("{prefix}.weight"), self.weight.shallow_clone()));
     }
 }
 
@@ -221,6 +243,7 @@ mod tests {
         let y: Vec<f32> = norm.forward(&x).view([-1]).try_into().unwrap();
         let rms = ((1.0f32 + 4.0 + 9.0) / 3.0 + 1e-6).sqrt();
         let want = [1.0 / rms * 1.5, 2.0 / rms * 0.0, 3.0 / rms * 1.0];
+        assert_eq!(y.len(), want.len());
         for (a, b) in y.iter().zip(want) {
             assert!((a - b).abs() < 1e-6, "{y:?} vs {want:?}");
         }

@@ -9,7 +9,7 @@ use tch::{Device, Kind, Tensor};
 use crate::checkpoint::{self, LM_HEAD, PROJECTOR, TEXT, VISION};
 use crate::config::PaliGemmaConfig;
 use crate::gemma2::{Gemma2, KvCache, RunOptions, TokenLayout};
-use crate::nn::{Init, Linear, NamedTensors, Weights};
+use crate::nn::{Init, Linear, NamedTensors, Param, Weights};
 use crate::siglip::{resample_positions, SiglipVision};
 use crate::ModelError;
 
@@ -40,17 +40,21 @@ pub struct PaliGemma {
     vision: SiglipVision,
     projector: Linear,
     text: Gemma2,
+    /// Every parameter, as the layers took them from the weights.
+    params: Vec<Param>,
 }
 
 impl PaliGemma {
-    /// Builds the model from `weights` (a checkpoint or fresh initialisation).
-    pub fn new(config: PaliGemmaConfig, weights: &mut Weights, options: RunOptions) -> Result<Self, ModelError> {
-        let vision = SiglipVision::new(&config.vision, weights, VISION)?;
+    /// Builds the model from `weights` (a checkpoint, every tensor of which it must use, or
+    /// fresh initialisation).
+    pub fn new(config: PaliGemmaConfig, mut weights: Weights, options: RunOptions) -> Result<Self, ModelError> {
+        let vision = SiglipVision::new(&config.vision, &mut weights, VISION)?;
         // big_vision zero-initialises the projector (its ViT `head`).
-        let projector = Linear::new(weights, PROJECTOR, config.vision.hidden_size, config.text.hidden_size, true, Init::Zeros)?;
+        let projector = Linear::new(&mut weights, PROJECTOR, config.vision.hidden_size, config.text.hidden_size, true, Init::Zeros)?;
         let tied = config.tie_word_embeddings;
-        let text = Gemma2::new(&config.text, weights, TEXT, LM_HEAD, tied)?;
-        Ok(Self { config, options, vision, projector, text })
+        let text = Gemma2::new(&config.text, &mut weights, TEXT, LM_HEAD, tied)?;
+        let params = weights.finish()?;
+        Ok(Self { config, options, vision, projector, text, params })
     }
 
     /// Loads a Hugging Face model folder onto `device`, computing in `kind`.
@@ -85,10 +89,7 @@ impl PaliGemma {
                 }
             }
         }
-        let mut weights = Weights::from_tensors(tensors, dir.display().to_string(), device, kind);
-        let model = Self::new(config, &mut weights, options)?;
-        weights.finish()?;
-        Ok(model)
+        Self::new(config, Weights::from_tensors(tensors, dir.display().to_string(), device, kind), options)
     }
 
     /// Writes a Hugging Face model folder (config.json + safetensors in the released layout).
@@ -101,11 +102,12 @@ impl PaliGemma {
 
     /// Every parameter with its checkpoint name; the tensors share storage with the model.
     pub fn parameters(&self) -> NamedTensors {
-        let mut out = Vec::new();
-        self.vision.parameters(VISION, &mut out);
-        self.projector.parameters(PROJECTOR, &mut out);
-        self.text.parameters(TEXT, LM_HEAD, &mut out);
-        out
+        self.params.iter().map(|p| (p.name.clone(), p.tensor.shallow_clone())).collect()
+    }
+
+    /// Every parameter with its name and kind, in the order the model took them.
+    pub fn params(&self) -> &[Param] {
+        &self.params
     }
 
     /// Number of decoder layers, for [`KvCache::new`].
@@ -199,7 +201,37 @@ impl PaliGemma {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{PaliGemmaConfig, TokenLayout, Weights};
+    use crate::{ParamKind, Part, PaliGemmaConfig, TokenLayout, Weights};
+
+    /// The layers record what each tensor is, for weight decay and freezing to read.
+    #[test]
+    fn parameters_are_recorded_with_their_kind_and_part() {
+        let config = PaliGemmaConfig::tiny(40, 39, 32).unwrap();
+        let model = PaliGemma::new(config, Weights::random(Device::Cpu, Kind::Float), RunOptions::default()).unwrap();
+        let kind = |name: &str| model.params().iter().find(|p| p.name == name).unwrap_or_else(|| panic!("no {name}")).kind;
+        let vision = "vision_tower.vision_model";
+        assert_eq!(kind(&format!("{vision}.embeddings.patch_embedding.weight")), ParamKind::Kernel);
+        assert_eq!(kind(&format!("{vision}.embeddings.patch_embedding.bias")), ParamKind::Bias);
+        assert_eq!(kind(&format!("{vision}.embeddings.position_embedding.weight")), ParamKind::PositionEmbedding);
+        assert_eq!(kind(&format!("{vision}.encoder.layers.0.layer_norm1.weight")), ParamKind::NormScale);
+        assert_eq!(kind(&format!("{vision}.encoder.layers.0.layer_norm1.bias")), ParamKind::Bias);
+        assert_eq!(kind(&format!("{vision}.encoder.layers.0.mlp.fc1.weight")), ParamKind::Kernel);
+        assert_eq!(kind("multi_modal_projector.linear.weight"), ParamKind::Kernel);
+        assert_eq!(kind("language_model.model.embed_tokens.weight"), ParamKind::Embedding);
+        assert_eq!(kind("language_model.model.layers.0.post_feedforward_layernorm.weight"), ParamKind::NormScale);
+        assert_eq!(kind("language_model.model.layers.0.self_attn.q_proj.weight"), ParamKind::Kernel);
+        assert_eq!(kind("language_model.model.norm.weight"), ParamKind::NormScale);
+        let mut names: Vec<&str> = model.params().iter().map(|p| p.name.as_str()).collect();
+        assert!(names.iter().all(|n| Part::of(n).is_some()), "every parameter belongs to a part");
+        let parts: Vec<Part> = names.iter().map(|n| Part::of(n).unwrap()).collect();
+        assert_eq!(parts.first(), Some(&Part::Vision));
+        assert_eq!(parts.last(), Some(&Part::Decoder));
+        assert!(parts.contains(&Part::Projector));
+        let count = names.len();
+        names.sort();
+        names.dedup();
+        assert_eq!(names.len(), count, "each name once");
+    }
 
     /// Activation checkpointing, of whole layers or of soft-capped attention alone, changes
     /// memory, not math: the loss and every parameter's gradient equal those of a forward
@@ -210,7 +242,7 @@ mod tests {
         for soft_caps in [true, false] {
             tch::manual_seed(4);
             let config = PaliGemmaConfig::tiny(40, 39, 32).unwrap();
-            let mut model = PaliGemma::new(config, &mut Weights::random(Device::Cpu, Kind::Float), RunOptions { soft_caps, ..RunOptions::default() }).unwrap();
+            let mut model = PaliGemma::new(config, Weights::random(Device::Cpu, Kind::Float), RunOptions { soft_caps, ..RunOptions::default() }).unwrap();
             let params = model.parameters();
             for (_, p) in &params {
                 let _ = p.set_requires_grad(true);

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use tch::{Kind, Tensor};
 
 use crate::config::SiglipVisionConfig;
-use crate::nn::{Init, LayerNorm, Linear, NamedTensors, Weights};
+use crate::nn::{Init, LayerNorm, Linear, ParamKind, Weights};
 use crate::ModelError;
 
 struct Attention {
@@ -42,12 +42,6 @@ impl Attention {
         self.out_proj.forward(&y.transpose(1, 2).reshape([b, t, d]))
     }
 
-    fn parameters(&self, p: &str, out: &mut NamedTensors) {
-        self.q_proj.parameters(&format!("{p}.q_proj"), out);
-        self.k_proj.parameters(&format!("{p}.k_proj"), out);
-        self.v_proj.parameters(&format!("{p}.v_proj"), out);
-        self.out_proj.parameters(&format!("{p}.out_proj"), out);
-    }
 }
 
 struct EncoderLayer {
@@ -77,13 +71,6 @@ impl EncoderLayer {
         x + self.fc2.forward(&h)
     }
 
-    fn parameters(&self, p: &str, out: &mut NamedTensors) {
-        self.layer_norm1.parameters(&format!("{p}.layer_norm1"), out);
-        self.self_attn.parameters(&format!("{p}.self_attn"), out);
-        self.layer_norm2.parameters(&format!("{p}.layer_norm2"), out);
-        self.fc1.parameters(&format!("{p}.mlp.fc1"), out);
-        self.fc2.parameters(&format!("{p}.mlp.fc2"), out);
-    }
 }
 
 /// Moves learned position embeddings `(grid^2, width)` to a `to_grid x to_grid` grid by
@@ -111,12 +98,13 @@ impl SiglipVision {
     pub fn new(cfg: &SiglipVisionConfig, w: &mut Weights, p: &str) -> Result<Self, ModelError> {
         let (d, ps) = (cfg.hidden_size as i64, cfg.patch_size as i64);
         Ok(Self {
-            patch_weight: w.take(&format!("{p}.embeddings.patch_embedding.weight"), &[d, 3, ps, ps], Init::Normal(0.02))?,
-            patch_bias: w.take(&format!("{p}.embeddings.patch_embedding.bias"), &[d], Init::Zeros)?,
+            patch_weight: w.take(&format!("{p}.embeddings.patch_embedding.weight"), &[d, 3, ps, ps], Init::Normal(0.02), ParamKind::Kernel)?,
+            patch_bias: w.take(&format!("{p}.embeddings.patch_embedding.bias"), &[d], Init::Zeros, ParamKind::Bias)?,
             position_embedding: w.take(
                 &format!("{p}.embeddings.position_embedding.weight"),
                 &[cfg.num_patches() as i64, d],
                 Init::Normal(1.0 / (d as f64).sqrt()),
+                ParamKind::PositionEmbedding,
             )?,
             layers: (0..cfg.num_hidden_layers)
                 .map(|i| EncoderLayer::new(cfg, w, &format!("{p}.encoder.layers.{i}")).map(Arc::new))
@@ -145,15 +133,6 @@ impl SiglipVision {
         self.post_layernorm.forward(&x)
     }
 
-    pub fn parameters(&self, p: &str, out: &mut NamedTensors) {
-        out.push((format!("{p}.embeddings.patch_embedding.weight"), self.patch_weight.shallow_clone()));
-        out.push((format!("{p}.embeddings.patch_embedding.bias"), self.patch_bias.shallow_clone()));
-        out.push((format!("{p}.embeddings.position_embedding.weight"), self.position_embedding.shallow_clone()));
-        for (i, layer) in self.layers.iter().enumerate() {
-            layer.parameters(&format!("{p}.encoder.layers.{i}"), out);
-        }
-        self.post_layernorm.parameters(&format!("{p}.post_layernorm"), out);
-    }
 
     /// Floating-point kind of the parameters.
     pub fn kind(&self) -> Kind {
@@ -173,6 +152,7 @@ mod tests {
         let up = Vec::<f32>::try_from(resample_positions(&pos, 4).view([-1])).unwrap();
         let row = |y: f32| [0.0, 0.25, 0.75, 1.0].map(|x| x + 10.0 * y);
         let want: Vec<f32> = [0.0, 0.25, 0.75, 1.0].iter().flat_map(|&y| row(y)).collect();
+        assert_eq!(up.len(), want.len());
         for (g, w) in up.iter().zip(&want) {
             assert!((g - w).abs() < 1e-5, "{up:?}");
         }

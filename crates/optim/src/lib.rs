@@ -45,12 +45,6 @@ pub struct ParamGroup {
     pub decay: bool,
 }
 
-/// Whether a parameter gets weight decay by default: matrices do; norms, biases and
-/// embeddings (token and position) do not, as big_vision decays only kernels.
-pub fn decays_by_default(name: &str, param: &Tensor) -> bool {
-    param.dim() > 1 && !name.contains("embed")
-}
-
 /// Adam over named parameters, with f32 moments.
 pub struct Adam {
     pub config: AdamConfig,
@@ -89,10 +83,10 @@ extern "C" {
 }
 
 impl Adam {
-    /// Takes the parameters to update (they must require gradients); weight decay applies
-    /// where [`decays_by_default`] says so, at the base learning rate.
+    /// Takes the parameters to update (they must require gradients), all at the base
+    /// learning rate and all decayed; [`Adam::with_groups`] chooses per parameter.
     pub fn new(params: Vec<(String, Tensor)>, config: AdamConfig) -> Self {
-        Self::with_groups(params, config, |name, p| ParamGroup { lr_mult: 1.0, decay: decays_by_default(name, p) })
+        Self::with_groups(params, config, |_, _| ParamGroup { lr_mult: 1.0, decay: true })
     }
 
     /// As [`Adam::new`], each parameter's settings chosen by `group(name, param)`.
@@ -330,6 +324,7 @@ impl Schedule {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use pg2_model::ParamKind;
     use tch::Device;
 
     fn param(values: &[f32]) -> Tensor {
@@ -345,6 +340,7 @@ mod tests {
         let got = Vec::<f32>::try_from(p.detach()).unwrap();
         // m_hat = g, v_hat = g^2: the direction is g / (|g| + eps) = sign(g); a zero gradient stays put.
         let want = [0.9f32, -1.9, 3.0];
+        assert_eq!(got.len(), want.len());
         for (g, w) in got.iter().zip(want) {
             assert!((g - w).abs() < 1e-6, "{got:?}");
         }
@@ -358,7 +354,11 @@ mod tests {
         let embed = Tensor::from_slice(&[2.0f32]).view([1, 1]).set_requires_grad(true);
         ((&w + &bias + &embed) * 0.0).sum(Kind::Float).backward();
         let params = vec![("l.weight".into(), w.shallow_clone()), ("l.bias".into(), bias.shallow_clone()), ("embed_tokens.weight".into(), embed.shallow_clone())];
-        let mut adam = Adam::new(params, AdamConfig { lr: 1e-3, weight_decay: 0.1, ..AdamConfig::default() });
+        // What each tensor is, as the layer that took it records it.
+        let kinds = [("l.weight", ParamKind::Kernel), ("l.bias", ParamKind::Bias), ("embed_tokens.weight", ParamKind::Embedding)];
+        let kind = |name: &str| kinds.iter().find(|(n, _)| *n == name).unwrap().1;
+        let config = AdamConfig { lr: 1e-3, weight_decay: 0.1, ..AdamConfig::default() };
+        let mut adam = Adam::with_groups(params, config, |name, _| ParamGroup { lr_mult: 1.0, decay: kind(name).decays_by_default() });
         adam.step(0.5);
         // param -= schedule * wd * param = 0.5 * 0.1 * 2
         assert!((w.double_value(&[0, 0]) - 1.9).abs() < 1e-6);
@@ -462,7 +462,7 @@ mod tests {
                 let params: Vec<(String, Tensor)> =
                     named.iter().map(|(n, shape, kind)| (n.to_string(), Tensor::randn(*shape, (Kind::Float, Device::Cpu)).to_kind(*kind).set_requires_grad(true))).collect();
                 let config = AdamConfig { lr: 0.05, weight_decay: 0.1, decay, fused, ..AdamConfig::default() };
-                let groups = |name: &str, p: &Tensor| ParamGroup { lr_mult: if name.starts_with("slow") { 0.1 } else { 1.0 }, decay: decays_by_default(name, p) && !name.ends_with("bias") };
+                let groups = |name: &str, p: &Tensor| ParamGroup { lr_mult: if name.starts_with("slow") { 0.1 } else { 1.0 }, decay: p.dim() > 1 && !name.ends_with("bias") };
                 let handles = || params.iter().map(|(n, p)| (n.clone(), p.shallow_clone())).collect::<Vec<_>>();
                 let mut adam = Adam::with_groups(handles(), config, groups);
                 for (step, schedule) in [0.0, 0.5, 1.0, 0.8, 0.3].into_iter().enumerate() {

@@ -13,8 +13,10 @@
 use std::path::{Path, PathBuf};
 
 use pg2_data::{OnBadRecord, RunLength};
-use pg2_optim::{Decay, DecayShape};
 use pg2_eval::anls::levenshtein;
+use pg2_eval::Metric;
+use pg2_model::{ModelError, PaliGemmaConfig, Part};
+use pg2_optim::{Decay, DecayShape};
 use serde::Deserialize;
 use toml::{Table, Value};
 
@@ -40,8 +42,9 @@ pub struct Recipe {
 pub struct EvalSection {
     /// JSONL records with the fields the metric needs (`answers`, `references`, ...).
     pub data: PathBuf,
-    /// `cider`, `bleu4`, `vqa`, `anls`, `relaxed`, `exact` or `refcoco`.
-    pub metric: String,
+    /// `cider`, `bleu4`, `vqa`, `anls`, `relaxed`, `exact`, `refcoco`, `teds`,
+    /// `teds_struct` or `ocr_f1`.
+    pub metric: Metric,
     /// Prompt template, as a source's `prefix`; the records' own prefix by default.
     pub prefix: Option<String>,
     #[serde(default = "default_eval_every")]
@@ -82,7 +85,7 @@ pub struct ModelSection {
     /// Where the weights come from: a preset shape with fresh random weights (`"tiny"`,
     /// `"paligemma2-3b"`, `"paligemma2-10b"`, `"paligemma2-28b"`), or a checkpoint: a
     /// Hugging Face model folder, or a run folder (its `checkpoints/latest`).
-    pub init: String,
+    pub init: Init,
     /// Image side in pixels.
     pub resolution: usize,
     /// `"f32"`, `"bf16"` (bf16 weights and compute, with f32 master weights and Adam
@@ -106,7 +109,7 @@ pub struct ModelSection {
     pub dropout: f64,
     /// Parts left untouched (no gradient, no optimizer state): `vision`, `projector`, `decoder`.
     #[serde(default)]
-    pub freeze: Vec<String>,
+    pub freeze: Vec<Part>,
     /// Keep only each layer's input in the forward pass and recompute the layer in the
     /// backward (about a third more compute, far less memory: what lets 3B at 896 px and
     /// 10B train on 80 GB GPUs). Not with `dropout`.
@@ -120,8 +123,58 @@ pub struct ModelSection {
     pub lean_attention: bool,
 }
 
-/// Checkpoint-name prefix of each part `model.freeze` may name.
-pub const PARTS: [(&str, &str); 3] = [("vision", "vision_tower."), ("projector", "multi_modal_projector."), ("decoder", "language_model.")];
+/// Where a model's weights come from (`model.init`).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Init {
+    /// Fresh random weights of a preset shape.
+    Preset(Preset),
+    /// A Hugging Face model folder, or a run folder (its `checkpoints/latest`).
+    Checkpoint(PathBuf),
+}
+
+impl<'de> Deserialize<'de> for Init {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let name = String::deserialize(deserializer)?;
+        Ok(Preset::parse(&name).map_or_else(|| Init::Checkpoint(PathBuf::from(name)), Init::Preset))
+    }
+}
+
+/// A model shape `model.init` can name, built with fresh weights.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Preset {
+    /// A few layers of a few dozen channels, sized to the tokenizer: trains on a CPU.
+    Tiny,
+    /// PaliGemma 2 of this many billion parameters (3, 10 or 28).
+    PaliGemma2(u32),
+}
+
+impl Preset {
+    /// Every preset with its name in recipes.
+    pub const ALL: [(&'static str, Preset); 4] =
+        [("tiny", Preset::Tiny), ("paligemma2-3b", Preset::PaliGemma2(3)), ("paligemma2-10b", Preset::PaliGemma2(10)), ("paligemma2-28b", Preset::PaliGemma2(28))];
+
+    /// The preset a recipe names, if `name` is one.
+    pub fn parse(name: &str) -> Option<Preset> {
+        Self::ALL.iter().find(|(n, _)| *n == name).map(|(_, p)| *p)
+    }
+
+    /// The configuration at `resolution`; the tiny model's vocabulary is the tokenizer's
+    /// (`vocab_size` ids, `<image>` at `image_id`).
+    pub fn config(self, vocab_size: usize, image_id: i64, resolution: usize) -> Result<PaliGemmaConfig, ModelError> {
+        match self {
+            Preset::Tiny => PaliGemmaConfig::tiny(vocab_size, image_id, resolution),
+            Preset::PaliGemma2(size) => PaliGemmaConfig::paligemma2(size, resolution),
+        }
+    }
+
+    /// The released PaliGemma 2 size (`"3b"`, ...) whose decoder `config` has, if any.
+    pub fn released_size(config: &PaliGemmaConfig) -> Option<String> {
+        [3, 10, 28].into_iter().find_map(|size| {
+            let released = PaliGemmaConfig::paligemma2(size, config.vision.image_size).ok()?;
+            (released.text == config.text).then(|| format!("{size}b"))
+        })
+    }
+}
 
 /// Where the examples come from and how they become tokens.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -343,8 +396,6 @@ pub struct RecipeError {
     pub msg: String,
 }
 
-/// `model.init` values that mean fresh weights of that shape.
-pub const PRESETS: [&str; 4] = ["tiny", "paligemma2-3b", "paligemma2-10b", "paligemma2-28b"];
 
 /// Keys whose relative paths resolve against the folder of the file that sets them.
 const PATH_KEYS: [(&str, &str); 7] = [
@@ -382,7 +433,7 @@ fn load_table(path: &Path, depth: usize) -> Result<Table, RecipeError> {
 fn resolve_paths(table: &mut Table, dir: &Path) {
     let join = |v: &mut Value| {
         if let Value::String(p) = v {
-            if !p.is_empty() && !PRESETS.contains(&p.as_str()) && !p.starts_with("$DATA/") {
+            if !p.is_empty() && Preset::parse(p).is_none() && !p.starts_with("$DATA/") {
                 *p = dir.join(&*p).display().to_string();
             }
         }
@@ -519,7 +570,6 @@ impl Recipe {
             return Err("data.mixture needs at least one source, each with a positive weight".into());
         }
         if let Some(e) = &self.eval {
-            e.metric.parse::<pg2_eval::Metric>().map_err(|err| format!("eval.metric: {err}"))?;
             if e.every == 0 || e.beam == 0 || e.batch_size == 0 {
                 return Err("eval.every, eval.beam and eval.batch_size must be positive".into());
             }
@@ -555,11 +605,8 @@ impl Recipe {
             return Err("train.grad_accumulation must be positive and train.lr_mults non-negative".into());
         }
         let from_parts = self.model.vision_init.is_some() || self.model.text_init.is_some();
-        if from_parts && !PRESETS.contains(&self.model.init.as_str()) {
+        if from_parts && !matches!(self.model.init, Init::Preset(_)) {
             return Err("model.vision_init and model.text_init need a preset model.init (the shape to fill)".into());
-        }
-        if let Some(part) = self.model.freeze.iter().find(|p| !PARTS.iter().any(|(name, _)| name == p)) {
-            return Err(format!("model.freeze: unknown part {part:?}; expected vision, projector or decoder"));
         }
         Ok(())
     }
@@ -645,7 +692,7 @@ lr = 1e-5
         let err = parse(&GOOD.replace("steps = 10", "steps = 10\nepochs = 2.0")).unwrap_err().to_string();
         assert!(err.contains("exactly one of"), "{err}");
         let err = parse(&GOOD.replace("resolution = 64", "resolution = 64\nfreeze = [\"vit\"]")).unwrap_err().to_string();
-        assert!(err.contains("\"vit\""), "{err}");
+        assert!(err.contains("`vit`") && err.contains("`vision`"), "{err}");
         let err = parse(&GOOD.replace("steps = 10", "steps = \"ten\"")).unwrap_err().to_string();
         assert!(err.contains("steps") && err.contains("ten"), "{err}");
         let err = parse(&GOOD.replace("resolution = 64", "resolution = 64\ndropout = 0.1\nactivation_checkpointing = true")).unwrap_err().to_string();

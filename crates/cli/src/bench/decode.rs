@@ -90,8 +90,7 @@ fn later_tokens_per_s(batch: i64, new_tokens: usize, first_s: f64, total_s: f64)
 /// `b.runs` times timed, and returns its figures and tokens as one JSON object.
 fn pg2_side(b: &DecodeBench, dir: &Path) -> Result<Value> {
     tch::set_num_threads(b.sides.threads as i32);
-    let device = pg2_model::parse_device(&b.sides.device)?;
-    pg2_model::keep_freed_memory(device);
+    let device = crate::device::prepare_device(&b.sides.device)?;
     let model = PaliGemma::load(dir, device, Kind::Float, RunOptions::default())?;
     let prompts = read_inputs(dir, device)?;
     let eos = unreachable_eos(&model.config);

@@ -7,17 +7,183 @@ use std::process::Command;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
+use clap::Subcommand;
 use pg2_data::image;
 use pg2_model::{checkpoint, PaliGemma, PaliGemmaConfig, RunOptions, Weights};
 use tch::{Device, Kind, Tensor};
 
 mod decode;
+mod padding;
 mod train;
 
 pub use decode::{decode, DecodeBench};
 pub use train::{train, TrainBench};
 
+use crate::device::{keep_freed_memory, parse_device, prepare_device, user_tunes_allocator, KEEP_FREED_MEMORY_ENV};
+use crate::model_args::DtypeArg;
+
 const BASELINE: &str = include_str!("siglip_baseline.py");
+
+#[derive(Subcommand)]
+pub enum BenchCommand {
+    /// Images/s per core of decode + resize + normalise, against transformers' SigLIP image
+    /// processor (PIL + numpy) on the same files.
+    Data {
+        /// Folder of JPEG/PNG images; by default 640x480 JPEGs are generated.
+        #[arg(long)]
+        images: Option<PathBuf>,
+        /// Images to time.
+        #[arg(long, default_value_t = 64)]
+        count: usize,
+        /// Output resolutions.
+        #[arg(long, value_delimiter = ',', default_value = "224,448,896")]
+        resolutions: Vec<u32>,
+        /// Python with transformers and pillow, for the baseline.
+        #[arg(long, default_value = "python3")]
+        python: String,
+    },
+    /// Step time and FLOP utilisation of a released-shape PaliGemma 2 with random weights.
+    Model {
+        /// Model size in billions: 3, 10 or 28.
+        #[arg(long, default_value_t = 3)]
+        size: u32,
+        /// Image resolution: 224, 448 or 896.
+        #[arg(long, default_value_t = 224)]
+        resolution: usize,
+        #[arg(long, default_value_t = 8)]
+        batch: i64,
+        /// Text tokens per example (half prompt, half target).
+        #[arg(long, default_value_t = 128)]
+        text_len: i64,
+        #[arg(long, value_enum, default_value = "bf16")]
+        dtype: DtypeArg,
+        /// cpu, cuda, cuda:N, or auto.
+        #[arg(long, default_value = "auto")]
+        device: String,
+        /// Timed steps (after one warm-up step).
+        #[arg(long, default_value_t = 5)]
+        steps: usize,
+        /// Time forward + backward instead of forward alone.
+        #[arg(long)]
+        train: bool,
+        /// Transfer's setting: soft-caps off, so attention runs libtorch's fused kernel.
+        #[arg(long)]
+        no_soft_caps: bool,
+        /// With --train: also the fused AdamW update, with f32 master weights and moments
+        /// for bf16 parameters, as the trainer runs it.
+        #[arg(long, requires = "train")]
+        optimizer: bool,
+        /// With --train: activation checkpointing (model.activation_checkpointing); its
+        /// recomputed forward is not counted in the utilisation.
+        #[arg(long, requires = "train")]
+        recompute: bool,
+        /// With --train: soft-capped attention recomputes its scores in the backward pass
+        /// (model.lean_attention), so one layer's scores exist at a time.
+        #[arg(long, requires = "train")]
+        lean_attention: bool,
+        /// The accelerator's dense peak in TFLOP/s for the utilisation figure (H100/H200 bf16: 989).
+        #[arg(long, default_value_t = 989.0)]
+        peak_tflops: f64,
+    },
+    /// Training steps/s, first-step loss and peak memory of a random PaliGemma 2 on the CPU,
+    /// against transformers + torch.optim.AdamW on the same checkpoint, batch and threads.
+    Train {
+        #[arg(long, value_enum, default_value = "tiny")]
+        shape: Shape,
+        #[arg(long, default_value_t = 16)]
+        batch: i64,
+        /// Timed steps (after one warm-up step).
+        #[arg(long, default_value_t = 20, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
+        steps: usize,
+        /// Activation checkpointing on both sides: less memory, more compute.
+        #[arg(long)]
+        recompute: bool,
+        /// pg2 only (transformers has no counterpart): soft-capped attention recomputes its
+        /// scores in the backward pass (model.lean_attention).
+        #[arg(long)]
+        lean_attention: bool,
+        #[command(flatten)]
+        sides: Sides,
+    },
+    /// Generated tokens/s of greedy decoding with a KV cache from a random PaliGemma 2,
+    /// against transformers' generate on the same checkpoint, prompts and threads.
+    Decode {
+        #[arg(long, value_enum, default_value = "tiny")]
+        shape: Shape,
+        #[arg(long, default_value_t = 16)]
+        batch: i64,
+        /// Tokens generated per prompt.
+        #[arg(long, default_value_t = 32)]
+        new_tokens: usize,
+        /// Timed runs (after one warm-up run).
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+        #[command(flatten)]
+        sides: Sides,
+    },
+    /// How much of a recipe's batches padding fills, with its examples dealt out in stream
+    /// order and sorted by length within each update (data.bucket_by_length). Tokenizes
+    /// the sources; reads no image.
+    Padding {
+        /// The recipe whose mixture, text limits, batch size and accumulation to use.
+        recipe: PathBuf,
+        /// Override a recipe key (repeatable), e.g. --set train.grad_accumulation=8.
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        overrides: Vec<String>,
+        /// Workers the batch is split over.
+        #[arg(long, default_value_t = 1)]
+        nproc: usize,
+        /// Updates to count.
+        #[arg(long, default_value_t = 50)]
+        updates: usize,
+    },
+    /// Correctness and bandwidth of the gradient all-reduce (NCCL on CUDA, the TCP ring on
+    /// the CPU): alone (a group of one), or one process per rank under torchrun-style
+    /// variables (RANK, WORLD_SIZE, MASTER_ADDR, ...), e.g. started by srun.
+    Allreduce {
+        /// cpu, cuda, cuda:N, or auto; a worker takes GPU LOCAL_RANK.
+        #[arg(long, default_value = "auto")]
+        device: String,
+        /// Megabytes of f32 per all-reduce (the trainer's default bucket is 25).
+        #[arg(long, default_value_t = 64.0)]
+        size_mb: f64,
+        /// Timed all-reduces (after one warm-up).
+        #[arg(long, default_value_t = 20)]
+        iters: usize,
+    },
+}
+
+/// Runs one `pg2 bench` subcommand.
+pub fn run(command: &BenchCommand) -> Result<()> {
+    match command {
+        BenchCommand::Data { images, count, resolutions, python } => data(images.as_deref(), *count, resolutions, python),
+        BenchCommand::Model { size, resolution, batch, text_len, dtype, device, steps, train, no_soft_caps, optimizer, recompute, lean_attention, peak_tflops } => {
+            model(&ModelBench {
+                size_b: *size,
+                resolution: *resolution,
+                batch: *batch,
+                text_len: *text_len,
+                kind: dtype.kind(),
+                device: prepare_device(device)?,
+                steps: (*steps).max(1),
+                train: *train,
+                no_soft_caps: *no_soft_caps,
+                optimizer: *optimizer,
+                recompute: *recompute,
+                lean_attention: *lean_attention,
+                peak_tflops: *peak_tflops,
+            })
+        }
+        BenchCommand::Train { shape, batch, steps, recompute, lean_attention, sides } => {
+            train(&TrainBench { shape: *shape, batch: *batch, steps: *steps, recompute: *recompute, lean_attention: *lean_attention, sides: sides.clone() })
+        }
+        BenchCommand::Decode { shape, batch, new_tokens, runs, sides } => {
+            decode(&DecodeBench { shape: *shape, batch: *batch, new_tokens: *new_tokens, runs: (*runs).max(1), sides: sides.clone() })
+        }
+        BenchCommand::Padding { recipe, overrides, nproc, updates } => padding::run(recipe, overrides, *nproc, *updates),
+        BenchCommand::Allreduce { device, size_mb, iters } => allreduce(device, *size_mb, (*iters).max(1)),
+    }
+}
 
 /// Writes `count` photo-like JPEGs (640x480, smooth colours plus noise, as COCO-sized
 /// inputs) so the benchmark needs no download.
@@ -68,7 +234,7 @@ fn baseline_rates(python: &str, files: &[PathBuf], resolutions: &[u32]) -> Resul
 
 /// `pg2 bench data`: decode + resize at each resolution, pg2 against transformers.
 pub fn data(images: Option<&Path>, count: usize, resolutions: &[u32], python: &str) -> Result<()> {
-    pg2_model::keep_freed_memory(tch::Device::Cpu);
+    keep_freed_memory(tch::Device::Cpu);
     let tmp = std::env::temp_dir().join(format!("pg2-bench-data-{}", std::process::id()));
     let files = match images {
         Some(dir) => {
@@ -128,13 +294,12 @@ pub fn model(b: &ModelBench) -> Result<()> {
     use pg2_model::{Inputs, PaliGemma, PaliGemmaConfig, RunOptions, TokenLayout, Weights};
     use tch::{Device, Kind, Tensor};
 
-    pg2_model::keep_freed_memory(b.device);
     let config = PaliGemmaConfig::paligemma2(b.size_b, b.resolution)?;
     let (t, v) = (&config.text, &config.vision);
     tch::manual_seed(0);
     let start = Instant::now();
     let options = RunOptions { soft_caps: !b.no_soft_caps, recompute: b.recompute, lean_attention: b.lean_attention, ..RunOptions::default() };
-    let model = PaliGemma::new(config.clone(), &mut Weights::random(b.device, b.kind), options)?;
+    let model = PaliGemma::new(config.clone(), Weights::random(b.device, b.kind), options)?;
     let mut params = model.parameters();
     let count = |prefix: &str| params.iter().filter(|(n, _)| n.starts_with(prefix)).map(|(_, p)| p.numel() as f64).sum::<f64>();
     let (vision_params, text_params) = (count("vision_tower"), count("language_model") + count("multi_modal_projector"));
@@ -212,7 +377,7 @@ pub fn allreduce(device: &str, size_mb: f64, iters: usize) -> Result<()> {
 
     let env = WorkerEnv::from_env()?
         .unwrap_or(WorkerEnv { rank: 0, local_rank: 0, world: 1, local_world: 1, master_addr: "127.0.0.1".into(), master_port: 0 });
-    let device = env.place(device, pg2_model::parse_device(device)?)?;
+    let device = env.place(device, parse_device(device)?)?;
     let (rank, world) = (env.rank, env.world);
     if world == 1 && !device.is_cuda() {
         bail!("a group of one on the CPU exchanges nothing: start one process per rank with RANK, WORLD_SIZE and MASTER_PORT set, or use a GPU");
@@ -293,7 +458,7 @@ impl Shape {
 fn write_random_model(shape: Shape, dir: &Path) -> Result<(PaliGemmaConfig, i64)> {
     let config = shape.config()?;
     tch::manual_seed(0);
-    let model = PaliGemma::new(config.clone(), &mut Weights::random(Device::Cpu, Kind::Float), RunOptions::default())?;
+    let model = PaliGemma::new(config.clone(), Weights::random(Device::Cpu, Kind::Float), RunOptions::default())?;
     let params = model.parameters();
     // big_vision starts the projector at zero; a random one lets the image reach the loss.
     for (_, p) in params.iter().filter(|(name, _)| name.starts_with(checkpoint::PROJECTOR)) {
@@ -387,10 +552,10 @@ fn run_pg2_side(dir: &Path) -> Result<serde_json::Value> {
     last_json_line(&out.stdout)
 }
 
-/// [`pg2_model::KEEP_FREED_MEMORY_ENV`], less what the user has set: pg2's process kept
-/// the user's settings then, and the baseline inherits them.
+/// [`KEEP_FREED_MEMORY_ENV`], less what the user has set: pg2's process kept the user's
+/// settings then, and the baseline inherits them.
 fn baseline_env() -> Vec<(&'static str, &'static str)> {
-    if pg2_model::user_tunes_allocator() { vec![] } else { pg2_model::KEEP_FREED_MEMORY_ENV.to_vec() }
+    if user_tunes_allocator() { vec![] } else { KEEP_FREED_MEMORY_ENV.to_vec() }
 }
 
 /// Runs a baseline script (written to a temporary file) with `args` and returns its

@@ -1,12 +1,18 @@
-//! `pg2 bench train`: full training steps (forward, loss, backward, AdamW) of a random
-//! PaliGemma 2, pg2 against transformers on the same checkpoint, batch and thread count.
+//! `pg2 bench train`: full training steps (forward, loss, backward, clipping, AdamW) of a
+//! random PaliGemma 2, pg2 against transformers on the same checkpoint, batch and thread
+//! count. pg2's side is `launch`'s own step ([`Trainer::step`]) under a recipe that says
+//! what the baseline does.
 
 use std::path::Path;
 use std::time::Instant;
 
 use anyhow::{bail, Result};
-use pg2_model::{PaliGemma, RunOptions};
-use pg2_optim::{Adam, AdamConfig, Decay};
+use pg2_data::Batch;
+use pg2_dist::Group;
+use pg2_model::{PaliGemma, PaliGemmaConfig};
+use pg2_optim::{DecayShape, Schedule};
+use pg2_train::trainer::training_options;
+use pg2_train::{Recipe, Trainer};
 use serde_json::{json, Value};
 use tch::Kind;
 
@@ -14,10 +20,30 @@ use super::{Sides, peak_rss_mb, read_inputs, run_baseline, run_pg2_side, write_i
 
 const BASELINE: &str = include_str!("train_baseline.py");
 
-/// AdamW's settings on both sides (weight decay on matrices other than embeddings, as
-/// `pg2_optim::decays_by_default`; the baseline builds the same two groups).
+/// AdamW's settings on both sides (weight decay on kernels, the patch-embedding convolution
+/// included, not on embeddings, norms or biases; the baseline builds the same two groups),
+/// after clipping the gradient norm to 1 (big_vision's and pg2's default).
 const LR: f64 = 1e-3;
 const WEIGHT_DECAY: f64 = 0.01;
+
+/// The recipe pg2's side trains with: the model in `dir`, the baseline's optimizer, the
+/// mean over target tokens. Its data section is never read (the batch is given).
+fn recipe(b: &TrainBench, dir: &Path, resolution: usize) -> Result<Recipe> {
+    let text = format!(
+        "[model]\ninit = {init:?}\nresolution = {resolution}\nactivation_checkpointing = {recompute}\nlean_attention = {lean}\n\
+         [data]\ntokenizer = \"unused.json\"\nmixture = [{{ path = \"unused.jsonl\", weight = 1.0 }}]\n\
+         [train]\nsteps = {steps}\nbatch_size = {batch}\nlr = {LR}\nweight_decay = {WEIGHT_DECAY}\nweight_decay_mode = \"lr_coupled\"\n\
+         schedule = \"constant\"\nloss_normalization = \"token\"\ngrad_clip = 1.0\n",
+        init = dir.display().to_string(),
+        recompute = b.recompute,
+        lean = b.lean_attention,
+        steps = b.steps + 1,
+        batch = b.batch,
+    );
+    let path = dir.join("bench.toml");
+    std::fs::write(&path, text)?;
+    Ok(Recipe::from_file(&path)?)
+}
 
 /// First-step losses further apart than this (relative) mean the two sides compute
 /// different things, so their times are not comparable.
@@ -52,7 +78,7 @@ pub fn train(b: &TrainBench) -> Result<()> {
     write_inputs(&config, b.batch, true, &dir.0)?;
     let tokens = config.vision.num_patches() as i64 + super::PROMPT_LEN + super::TARGET_LEN + 3;
     println!(
-        "training step (forward, mean target NLL, backward, AdamW) of the {:?} PaliGemma 2 ({:.2}M parameters), batch {} x {tokens} tokens ({} targets each), f32, soft-caps on, {}, {} thread(s){}{}",
+        "training step (forward, mean target NLL, backward, clipping, AdamW) of the {:?} PaliGemma 2 ({:.2}M parameters), batch {} x {tokens} tokens ({} targets each), f32, soft-caps on, {}, {} thread(s){}{}",
         b.shape, params as f64 / 1e6, b.batch, super::TARGET_LEN + 1, b.sides.device, b.sides.threads,
         if b.recompute { ", activation checkpointing" } else { "" },
         if b.lean_attention { ", lean attention (pg2)" } else { "" }
@@ -88,25 +114,18 @@ pub fn train(b: &TrainBench) -> Result<()> {
 /// timed ones, and returns its figures as one JSON object.
 fn pg2_side(b: &TrainBench, dir: &Path) -> Result<Value> {
     tch::set_num_threads(b.sides.threads as i32);
-    let device = pg2_model::parse_device(&b.sides.device)?;
-    pg2_model::keep_freed_memory(device);
-    let model = PaliGemma::load(dir, device, Kind::Float, RunOptions { recompute: b.recompute, lean_attention: b.lean_attention, ..RunOptions::default() })?;
+    let device = crate::device::prepare_device(&b.sides.device)?;
+    let recipe = recipe(b, dir, PaliGemmaConfig::from_file(&dir.join("config.json"))?.vision.image_size)?;
+    let model = PaliGemma::load(dir, device, Kind::Float, training_options(&recipe))?;
     let inputs = read_inputs(dir, device)?;
     let loss_mask = inputs.layout.mask_ar.to_kind(Kind::Bool);
-    let params = model.parameters();
-    for (_, p) in &params {
-        let _ = p.set_requires_grad(true);
-    }
-    let config = AdamConfig { lr: LR, weight_decay: WEIGHT_DECAY, decay: Decay::LrCoupled, ..AdamConfig::default() };
-    let mut adam = Adam::new(params, config);
+    let targets = loss_mask.sum(Kind::Int64).int64_value(&[]) as usize;
+    let batch = Batch { inputs, loss_mask };
+    let schedule = Schedule { warmup_steps: 0, total_steps: b.steps as u64 + 1, shape: DecayShape::Constant };
+    let mut group = Group::single();
+    let mut trainer = Trainer::new(model, &recipe, schedule, 0, &mut group)?;
     // Reading the loss each step waits for the device, as the baseline's `loss.item()`.
-    let mut step = || -> Result<f64> {
-        let (logprobs, _) = model.target_logprobs(&inputs, &loss_mask)?;
-        let loss = -logprobs.mean(Kind::Float);
-        loss.backward();
-        adam.step(1.0); // also clears the gradients
-        Ok(loss.double_value(&[]))
-    };
+    let mut step = || -> Result<f64> { Ok(trainer.step(&[&batch], targets, &mut group)?.loss.double_value(&[])) };
     let first = step()?;
     let start = Instant::now();
     let mut last = first;

@@ -1,5 +1,6 @@
 """Baseline of `pg2 bench train`: the same training step with transformers' PaliGemma
-(eager attention, so Gemma 2's soft-caps apply as in pg2) and torch.optim.AdamW (fused),
+(eager attention, so Gemma 2's soft-caps apply as in pg2), gradient clipping to norm 1 and
+torch.optim.AdamW (fused),
 on the checkpoint and batch pg2 wrote.
 
 Usage: python3 train_baseline.py DIR SETTINGS_JSON
@@ -28,9 +29,13 @@ def main():
     batch = {k: v.to(device) for k, v in load_file(f"{folder}/inputs.safetensors").items()}
     # The loss covers the target tokens (token type 1), as the processor's labels do.
     labels = batch["input_ids"].masked_fill(batch["token_type_ids"] == 0, -100)
-    # Weight decay where pg2 applies it: matrices, not embeddings, norms or biases.
-    decayed = [p for n, p in model.named_parameters() if p.dim() > 1 and "embed" not in n]
-    others = [p for n, p in model.named_parameters() if not (p.dim() > 1 and "embed" not in n)]
+    # Weight decay where pg2 applies it: kernels (the patch-embedding convolution too), not
+    # embeddings, norms or biases.
+    def is_kernel(name, p):
+        return p.dim() > 1 and ("embed" not in name or name.endswith("patch_embedding.weight"))
+
+    decayed = [p for n, p in model.named_parameters() if is_kernel(n, p)]
+    others = [p for n, p in model.named_parameters() if not is_kernel(n, p)]
     optimizer = torch.optim.AdamW(
         [{"params": decayed, "weight_decay": settings["weight_decay"]}, {"params": others, "weight_decay": 0.0}],
         lr=settings["lr"], betas=(0.9, 0.999), eps=1e-8,
@@ -40,6 +45,7 @@ def main():
     def step():
         loss = model(**batch, labels=labels, use_cache=False).loss
         loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad()
         return loss.item()  # waits for the device, as pg2 reading its loss

@@ -1,0 +1,73 @@
+//! What `pg2 score` and `pg2 predict` share: the checkpoint to load and how to run it.
+
+use std::path::PathBuf;
+
+use anyhow::Result;
+use clap::{Args, ValueEnum};
+use indicatif::{ProgressBar, ProgressStyle};
+use pg2_data::PgTokenizer;
+use pg2_model::{PaliGemma, RunOptions};
+use tch::Kind;
+
+/// A floating-point kind on the command line.
+#[derive(Clone, Copy, ValueEnum)]
+pub enum DtypeArg {
+    F32,
+    Bf16,
+}
+
+impl DtypeArg {
+    pub fn kind(self) -> Kind {
+        match self {
+            DtypeArg::F32 => Kind::Float,
+            DtypeArg::Bf16 => Kind::BFloat16,
+        }
+    }
+}
+
+/// The model a command runs.
+#[derive(Args)]
+pub struct ModelArgs {
+    /// A Hugging Face model folder (config.json, safetensors, tokenizer.json), or a run
+    /// folder (its checkpoints/latest).
+    #[arg(long)]
+    pub checkpoint: PathBuf,
+    /// Tokenizer file; defaults to the checkpoint's tokenizer.json.
+    #[arg(long)]
+    pub tokenizer: Option<PathBuf>,
+    /// Compute dtype.
+    #[arg(long, value_enum, default_value = "f32")]
+    pub dtype: DtypeArg,
+    /// cpu, cuda, cuda:N, or auto (the first GPU if there is one).
+    #[arg(long, default_value = "auto")]
+    pub device: String,
+    /// Switch off the attention and final-logit soft-caps (as transfer runs train without them).
+    #[arg(long)]
+    pub no_soft_caps: bool,
+    /// Apply the config's sliding window on its local layers, as transformers does
+    /// (big_vision, which trained the released weights, attends globally).
+    #[arg(long)]
+    pub sliding_window: bool,
+}
+
+impl ModelArgs {
+    /// Loads the model and its tokenizer.
+    pub fn load(&self) -> Result<(PaliGemma, PgTokenizer)> {
+        let kind = self.dtype.kind();
+        let options = RunOptions { soft_caps: !self.no_soft_caps, sliding_window: self.sliding_window, ..RunOptions::default() };
+        let device = crate::device::prepare_device(&self.device)?;
+        let dir = pg2_train::checkpoint_dir(&self.checkpoint)?;
+        eprintln!("pg2: loading {} on {device:?} in {kind:?}", dir.display());
+        let model = PaliGemma::load(&dir, device, kind, options)?;
+        let tokenizer = PgTokenizer::from_file(&self.tokenizer.clone().unwrap_or_else(|| dir.join("tokenizer.json")))?;
+        Ok((model, tokenizer))
+    }
+}
+
+/// A progress bar over `len` records, labelled `what`.
+pub fn progress(len: usize, what: &str) -> ProgressBar {
+    let bar = ProgressBar::new(len as u64);
+    bar.set_style(ProgressStyle::with_template("{msg} {bar:30} {pos}/{len} [{elapsed} < {eta}]").expect("a valid template"));
+    bar.set_message(what.to_string());
+    bar
+}

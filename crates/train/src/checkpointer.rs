@@ -1,0 +1,51 @@
+//! Checkpoints of a training run: when to save, what a checkpoint holds, how many to keep.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use tch::Kind;
+
+use crate::recipe::Recipe;
+use crate::run_dir::{RunDir, TrainerState};
+use crate::trainer::Trainer;
+
+/// Saves the trainer into the run folder as the recipe says.
+pub struct Checkpointer {
+    run: RunDir,
+    /// Updates between checkpoints (the last update always saves one).
+    every: Option<u64>,
+    /// How many of the newest to keep (all when `None`).
+    keep: Option<usize>,
+    /// Copied into each checkpoint, so that it is a complete model folder.
+    tokenizer: PathBuf,
+    /// The kind the weights are stored in.
+    kind: Kind,
+}
+
+impl Checkpointer {
+    pub fn new(run: RunDir, recipe: &Recipe) -> Checkpointer {
+        let t = &recipe.train;
+        Checkpointer { run, every: t.checkpoint_every, keep: t.keep_checkpoints, tokenizer: recipe.data.tokenizer.clone(), kind: recipe.model.dtype.kind() }
+    }
+
+    /// Whether the run saves after update `done` of `total`.
+    pub fn due(&self, done: u64, total: u64) -> bool {
+        self.every.is_some_and(|n| done.is_multiple_of(n)) || done == total
+    }
+
+    /// Writes `checkpoints/step-NNNNNN/` (the model folder with its tokenizer, the optimizer
+    /// state and `state`), points `latest` at it and prunes old ones; returns its folder.
+    pub fn save(&self, trainer: &Trainer, state: &TrainerState) -> Result<PathBuf> {
+        let dir = self.run.save_checkpoint(state.step, |dir: &Path| {
+            trainer.model.save(dir, self.kind)?;
+            std::fs::copy(&self.tokenizer, dir.join("tokenizer.json")).with_context(|| format!("copying {} into the checkpoint", self.tokenizer.display()))?;
+            pg2_model::checkpoint::write_file(&dir.join("optimizer.safetensors"), &trainer.optimizer_state(), Kind::Float)?;
+            std::fs::write(dir.join("trainer_state.json"), serde_json::to_string_pretty(state)?).context("writing trainer_state.json")?;
+            Ok(())
+        })?;
+        if let Some(keep) = self.keep {
+            self.run.prune(keep)?;
+        }
+        Ok(dir)
+    }
+}

@@ -1,0 +1,80 @@
+//! Evaluation during training and of a finished checkpoint (`pg2 eval`): decode a
+//! held-out set, write every record with its prediction, score them.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use pg2_data::{source, InferenceBatch, PgTokenizer, Record, TaskFormat};
+use pg2_dist::Group;
+use pg2_model::{generate, DecodeOptions, PaliGemma, RunOptions};
+use serde_json::{Map, Value};
+use tch::Device;
+
+use crate::recipe::{EvalSection, Recipe};
+use crate::run_dir::{checkpoint_dir, RunDir, TrainerState};
+
+/// A recipe's `[eval]` block with its records read.
+pub struct Evaluator {
+    spec: EvalSection,
+    records: Vec<Record>,
+    tokenizer: Arc<PgTokenizer>,
+}
+
+impl Evaluator {
+    /// Reads the first `max_examples` records of `spec.data`.
+    pub fn new(spec: &EvalSection, tokenizer: Arc<PgTokenizer>) -> Result<Evaluator> {
+        let mut records = source::read_jsonl(&spec.data)?;
+        records.truncate(spec.max_examples.unwrap_or(usize::MAX));
+        Ok(Evaluator { spec: spec.clone(), records, tokenizer })
+    }
+
+    /// Whether the run evaluates after update `done` of `total`.
+    pub fn due(&self, done: u64, total: u64) -> bool {
+        done.is_multiple_of(self.spec.every) || done == total
+    }
+
+    /// Decodes the records (each rank of `group` a contiguous share); on rank 0, writes
+    /// `eval/step-NNNNNN.jsonl` in `run` (each record with its prediction) and returns the
+    /// scores (`None` on the other ranks).
+    pub fn run(&self, model: &PaliGemma, step: u64, run: &RunDir, group: &mut Group) -> Result<Option<Map<String, Value>>> {
+        let (spec, tok) = (&self.spec, &self.tokenizer);
+        let (rank, world) = (group.rank(), group.world());
+        let records = &self.records[self.records.len() * rank / world..self.records.len() * (rank + 1) / world];
+        let image = (model.config.vision.image_size as u32, model.config.vision.num_patches());
+        let decode = DecodeOptions { max_new_tokens: spec.max_len, beam_size: spec.beam, eos_id: tok.eos_id, pad_id: tok.pad_id, length_penalty: 1.0 };
+        let format = TaskFormat { prefix: spec.prefix.clone(), ..TaskFormat::default() };
+        let mut lines = String::new();
+        for chunk in records.chunks(spec.batch_size) {
+            let prepared = InferenceBatch::new(chunk, tok, &format, image, false, model.device())?;
+            for ((record, prompt), tokens) in chunk.iter().zip(prepared.prompts).zip(generate(model, &prepared.batch.inputs, &decode)?) {
+                let mut row = record.extra.clone();
+                row.insert("prefix".into(), prompt.into());
+                if let Some(suffix) = &record.suffix {
+                    row.insert("suffix".into(), suffix.clone().into());
+                }
+                row.insert("prediction".into(), tok.decode(&tokens).into());
+                lines += &format!("{}\n", Value::Object(row));
+            }
+        }
+        let Some(parts) = group.gather_to_main(&format!("eval-{step}"), lines.as_bytes())? else { return Ok(None) };
+        let lines: String = parts.iter().map(|p| String::from_utf8_lossy(p)).collect();
+        let rows = lines.lines().map(serde_json::from_str).collect::<Result<Vec<Value>, _>>()?;
+        run.write_predictions(step, lines.as_bytes())?;
+        Ok(Some(pg2_eval::score(spec.metric, &rows)?))
+    }
+}
+
+/// `pg2 eval`: evaluates a checkpoint (a model folder or a run) with a recipe's `[eval]`
+/// block and its model settings (resolution, dtype, soft-caps), writing
+/// `out/eval/step-NNNNNN.jsonl` (the step the checkpoint was saved at, else 0).
+pub fn evaluate_checkpoint(recipe: &Recipe, checkpoint: &Path, device: Device, out: &Path) -> Result<Map<String, Value>> {
+    let spec = recipe.eval.as_ref().context("the recipe has no [eval] block")?;
+    let dir = checkpoint_dir(checkpoint)?;
+    let options = RunOptions { soft_caps: recipe.model.soft_caps, ..RunOptions::default() };
+    let model = PaliGemma::load_at(&dir, Some(recipe.model.resolution), device, recipe.model.dtype.kind(), options)?;
+    let evaluator = Evaluator::new(spec, Arc::new(PgTokenizer::from_file(&recipe.data.tokenizer)?))?;
+    let step = TrainerState::read(&dir).map_or(0, |s| s.step);
+    let scores = evaluator.run(&model, step, &RunDir::new(out), &mut Group::single())?;
+    Ok(scores.expect("a group of one is its own main rank"))
+}

@@ -1,0 +1,70 @@
+//! The recipe's `[data]` as an input pipeline: its weighted sources as a mixture, and the
+//! share of each batch one worker reads.
+
+use anyhow::{bail, Result};
+use pg2_data::{
+    source, Mixture, MixtureSource, OnBadLine, OnBadRecord, PipelineConfig, SourceData, StreamSource, TaskFormat, TextLimits,
+};
+use pg2_model::PaliGemmaConfig;
+
+use crate::recipe::Recipe;
+
+/// The mixture the recipe describes, from its first example.
+pub fn mixture(recipe: &Recipe) -> Result<Mixture> {
+    let d = &recipe.data;
+    let policy = match d.on_bad_record {
+        OnBadRecord::Error => OnBadLine::Error,
+        OnBadRecord::Skip => OnBadLine::Skip,
+    };
+    let sources = d
+        .mixture
+        .iter()
+        .map(|s| {
+            let data = match s.shuffle_buffer {
+                Some(buffer) => SourceData::Stream(StreamSource::open(&s.path, buffer, policy)?),
+                None => {
+                    let (records, skipped) = source::read_source(&s.path, policy)?;
+                    if skipped > 0 {
+                        eprintln!("launch: {} bad lines skipped in {}", skipped, s.path.display());
+                    }
+                    SourceData::Memory(records)
+                }
+            };
+            let limits = TextLimits {
+                max_prefix_tokens: s.max_prefix_tokens.or(d.max_prefix_tokens),
+                max_suffix_tokens: s.max_suffix_tokens.or(d.max_suffix_tokens),
+                keep_eos: d.keep_eos,
+            };
+            let format = TaskFormat { prefix: s.prefix.clone(), limits };
+            Ok(MixtureSource { name: s.path.display().to_string(), data, weight: s.weight, format })
+        })
+        .collect::<Result<Vec<_>, pg2_data::DataError>>()?;
+    Ok(Mixture::new(sources, recipe.seed)?)
+}
+
+/// Examples per micro-batch on each of `world` workers: `train.batch_size` is the global batch.
+pub fn worker_batch(recipe: &Recipe, world: usize) -> Result<usize> {
+    let batch = recipe.train.batch_size;
+    if world == 0 || !batch.is_multiple_of(world) {
+        bail!("train.batch_size = {batch} does not split evenly over {world} workers; make it a multiple of {world}");
+    }
+    Ok(batch / world)
+}
+
+/// The input pipeline of worker `rank` of `world` for the recipe and a model of `model`.
+pub fn pipeline_config(recipe: &Recipe, model: &PaliGemmaConfig, rank: usize, world: usize) -> Result<PipelineConfig> {
+    let (t, d) = (&recipe.train, &recipe.data);
+    Ok(PipelineConfig {
+        resolution: model.vision.image_size as u32,
+        image_tokens: model.vision.num_patches(),
+        batch_size: worker_batch(recipe, world)?,
+        accumulation: t.grad_accumulation,
+        bucket_by_length: d.bucket_by_length,
+        rank,
+        world,
+        workers: d.workers,
+        prefetch: d.prefetch,
+        pad_to: d.pad_to,
+        on_bad_record: d.on_bad_record,
+    })
+}
