@@ -1,0 +1,277 @@
+//! Converters from public dataset formats into pg2 JSONL.
+//!
+//! [`convert`] reads a dataset's own annotation files and writes one pg2 record a line,
+//! `{"image": "path relative to the output file", "prefix": "...", "suffix": "...", ...}`,
+//! keeping the dataset's ids and the ground truth an evaluator needs as extra fields.
+//! Prompts and targets follow big_vision's PaliGemma transfer configs
+//! (`big_vision/configs/proj/paligemma/transfers/*.py`); where big_vision draws a random
+//! target each epoch (VQA answers, DocVQA answers) a file must hold one, so the choice made
+//! is documented per format.
+//!
+//! | format | `inputs`, in order | image file | prefix | suffix |
+//! |---|---|---|---|---|
+//! | `coco-captions` | `captions_*.json` | `IMAGES/{file_name}` | `caption en` | the caption |
+//! | `vqav2` | questions json, annotations json (left out for test) | `IMAGES/COCO_{subtype}_{image_id:012}.jpg` | `answer en {question}` | `multiple_choice_answer` |
+//! | `textvqa` | `TextVQA_0.5.1_*.json` | `IMAGES/{image_id}.jpg` | `answer en {question}` | most common answer |
+//! | `ocrvqa` | `dataset.json` | `IMAGES/{id}{extension of imageURL}` | `answer en {question}` | the answer |
+//! | `refcoco` | COCO `instances.json`, refs as JSON | `IMAGES/{file_name}` | the sentence | `<locY1><locX1><locY2><locX2>` |
+//! | `docvqa` | `*_v1.0.json` | `IMAGES/{image}` | the question | first answer |
+//!
+//! Records come out in input order. Nothing is written unless the whole conversion succeeds:
+//! the output goes to `OUTPUT.tmp`, renamed at the end.
+
+mod coco_captions;
+mod docvqa;
+mod json;
+mod ocrvqa;
+mod refcoco;
+#[cfg(test)]
+mod test_support;
+mod textvqa;
+mod vqav2;
+mod write;
+
+use std::fmt;
+use std::path::PathBuf;
+use std::str::FromStr;
+
+use serde_json::{Map, Value};
+
+use crate::DataError;
+
+/// A public dataset format [`convert`] reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    /// COCO captions: one record per caption, `references` = every caption of its image.
+    CocoCaptions,
+    /// VQAv2: one record per question, `answers` = the 10 annotators' answers.
+    Vqa,
+    /// TextVQA: one record per question, suffix = the most common answer.
+    TextVqa,
+    /// OCR-VQA: one record per (book cover, question); `split` picks train/val/test.
+    OcrVqa,
+    /// RefCOCO / RefCOCO+ / RefCOCOg: one record per referring sentence, suffix = its box.
+    RefCoco,
+    /// DocVQA: one record per question, suffix = the first answer.
+    DocVqa,
+}
+
+impl Format {
+    /// Every format, in the order `--help` lists them.
+    pub const ALL: [Format; 6] =
+        [Format::CocoCaptions, Format::Vqa, Format::TextVqa, Format::OcrVqa, Format::RefCoco, Format::DocVqa];
+
+    /// The name the CLI takes.
+    pub fn name(self) -> &'static str {
+        match self {
+            Format::CocoCaptions => "coco-captions",
+            Format::Vqa => "vqav2",
+            Format::TextVqa => "textvqa",
+            Format::OcrVqa => "ocrvqa",
+            Format::RefCoco => "refcoco",
+            Format::DocVqa => "docvqa",
+        }
+    }
+
+    /// The `--input` files this format takes, in order, and what `--images` is.
+    pub fn usage(self) -> &'static str {
+        match self {
+            Format::CocoCaptions => "CAPTIONS.json (captions_train2014.json, ...); images: the folder of file_name",
+            Format::Vqa => {
+                "QUESTIONS.json [ANNOTATIONS.json] (v2_OpenEnded_mscoco_*_questions.json, \
+                 v2_mscoco_*_annotations.json; no annotations for test); images: train2014/, val2014/ or test2015/"
+            }
+            Format::TextVqa => "TextVQA_0.5.1_{train,val,test}.json; images: train_images/ or test_images/",
+            Format::OcrVqa => "dataset.json; images: the folder the download script filled; --split train|val|test",
+            Format::RefCoco => {
+                "INSTANCES.json REFS.json (refcoco/instances.json and refs(unc).p exported to JSON, a list of refs); \
+                 images: train2014/; --split train|val|testA|testB|test"
+            }
+            Format::DocVqa => "{train,val,test}_v1.0.json; images: the folder holding documents/",
+        }
+    }
+
+    /// Whether [`ConvertArgs::split`] applies (the other formats keep one split per file).
+    pub fn takes_split(self) -> bool {
+        matches!(self, Format::OcrVqa | Format::RefCoco)
+    }
+
+    /// One line per format, name and usage, for `--help`.
+    pub fn help() -> String {
+        Format::ALL.iter().map(|f| format!("  {:<14} {}\n", f.name(), f.usage())).collect()
+    }
+}
+
+impl fmt::Display for Format {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl FromStr for Format {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        Format::ALL.into_iter().find(|f| f.name() == s).ok_or_else(|| {
+            let names: Vec<_> = Format::ALL.iter().map(|f| f.name()).collect();
+            format!("unknown dataset format `{s}` (one of {})", names.join(", "))
+        })
+    }
+}
+
+/// What to convert: `pg2 convert FORMAT --input FILE... --images DIR --output FILE.jsonl
+/// [--split NAME] [--skip-missing]`.
+#[derive(Debug, Clone)]
+pub struct ConvertArgs {
+    /// The format of `inputs`.
+    pub format: Format,
+    /// The dataset's annotation files, in the order [`Format::usage`] gives.
+    pub inputs: Vec<PathBuf>,
+    /// The folder the dataset's image names are relative to.
+    pub images: PathBuf,
+    /// The JSONL file to write; its folder is created if needed, and image paths are
+    /// written relative to it.
+    pub output: PathBuf,
+    /// Keep only this split (formats with [`Format::takes_split`]; an error for the others).
+    pub split: Option<String>,
+    /// Leave out records whose image file is missing (counted in the summary) instead of failing.
+    pub skip_missing: bool,
+}
+
+/// What [`convert`] wrote.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConvertSummary {
+    /// Records in the output file.
+    pub records: usize,
+    /// Records left out because their image is missing (only with `skip_missing`).
+    pub skipped_records: usize,
+    /// The missing image files, each once, in the order first needed.
+    pub missing_images: Vec<PathBuf>,
+}
+
+/// Converts `args.inputs` (in `args.format`) into the pg2 JSONL file `args.output`.
+///
+/// Errors name the file at fault: an input that is not JSON or lacks a field (with the key
+/// and array index), a missing image (unless `skip_missing`), a wrong number of inputs.
+/// On error no output file is left behind (an existing one is left as it was).
+pub fn convert(args: &ConvertArgs) -> Result<ConvertSummary, DataError> {
+    let format = args.format;
+    if args.split.is_some() && !format.takes_split() {
+        return Err(usage_error(format, "--split only applies to ocrvqa and refcoco"));
+    }
+    let split = args.split.as_deref();
+    let examples = match format {
+        Format::CocoCaptions => coco_captions::coco_captions(&args.inputs)?,
+        Format::Vqa => vqav2::vqav2(&args.inputs)?,
+        Format::TextVqa => textvqa::textvqa(&args.inputs)?,
+        Format::OcrVqa => ocrvqa::ocrvqa(&args.inputs, split)?,
+        Format::RefCoco => refcoco::refcoco(&args.inputs, split)?,
+        Format::DocVqa => docvqa::docvqa(&args.inputs)?,
+    };
+    write::write_jsonl(args, &examples)
+}
+
+/// One output record before its image path is checked and made relative.
+struct Example {
+    /// Relative to the images folder.
+    image: PathBuf,
+    prefix: String,
+    suffix: Option<String>,
+    extra: Map<String, Value>,
+}
+
+/// A JSON object's fields for [`Example::extra`]; null fields (absent in the input) are left out.
+fn fields(object: Value) -> Map<String, Value> {
+    let Value::Object(mut map) = object else { unreachable!("fields() takes a json!({{...}}) object") };
+    map.retain(|_, v| !v.is_null());
+    map
+}
+
+fn vqa_prompt(question: &str) -> String {
+    format!("answer en {question}")
+}
+
+fn usage_error(format: Format, msg: &str) -> DataError {
+    DataError::File { path: format!("convert {format}"), msg: format!("{msg}; inputs: {}", format.usage()) }
+}
+
+fn wrong_inputs(format: Format, inputs: &[PathBuf]) -> DataError {
+    usage_error(format, &format!("wrong number of inputs ({})", inputs.len()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::test_support::{args, fixture, TempDir};
+    use super::*;
+
+    #[test]
+    fn format_names_round_trip() {
+        for format in Format::ALL {
+            assert_eq!(format.name().parse::<Format>(), Ok(format));
+            assert!(Format::help().contains(format.name()));
+        }
+    }
+
+    #[test]
+    fn bad_inputs_name_file_key_and_index() {
+        let tmp = TempDir::new("bad");
+        let write = |name: &str, text: &str| {
+            let path = tmp.0.join(name);
+            std::fs::write(&path, text).unwrap();
+            path
+        };
+        let output = tmp.0.join("out.jsonl");
+        let mut a = args(Format::CocoCaptions, &[], "val2014", &output);
+        let expect_error = |a: &ConvertArgs, parts: &[&str]| {
+            let err = convert(a).unwrap_err().to_string();
+            assert!(parts.iter().all(|p| err.contains(p)), "{err} lacks {parts:?}");
+            assert!(!output.exists() && !tmp.0.join("out.jsonl.tmp").exists());
+        };
+
+        a.inputs = vec![write("broken.json", "{\"images\": [{\"id\": 1,")];
+        expect_error(&a, &["broken.json", "invalid JSON", "EOF"]);
+        let captions = r#"{"images": [{"id": 42, "file_name": "a.jpg"}],
+            "annotations": [{"image_id": 42, "caption": "x"}, {"image_id": 42, "id": 2}]}"#;
+        a.inputs = vec![write("captions.json", captions)];
+        expect_error(&a, &["captions.json", "`annotations[1]`: missing key `caption`"]);
+        a.inputs = vec![write("no_images.json", r#"{"annotations": []}"#)];
+        expect_error(&a, &["no_images.json", "missing key `images`"]);
+        a.inputs = vec![write("unknown.json", r#"{"images": [], "annotations": [{"image_id": 7, "caption": "x"}]}"#)];
+        expect_error(&a, &["unknown.json", "`annotations[0].image_id`: no image with id 7"]);
+        a.inputs = vec![write("list.json", "[]")];
+        expect_error(&a, &["list.json", "invalid JSON", "expected a JSON object"]);
+        a.inputs = vec![write("typed.json", r#"{"images": [{"id": 42, "file_name": 3}], "annotations": []}"#)];
+        expect_error(&a, &["typed.json", "`images[0].file_name`: expected a string, found a number"]);
+
+        // Refs with an annotation instances.json lacks; a bbox that is not 4 numbers.
+        a.format = Format::RefCoco;
+        let instances = write("instances.json", r#"{"images": [], "annotations": []}"#);
+        let refs = r#"[{"ref_id": 5, "ann_id": 8, "image_id": 1, "split": "train", "sentences": []}]"#;
+        a.inputs = vec![instances, write("refs.json", refs)];
+        expect_error(&a, &["refs.json", "`[0]`: annotation 8 is not in", "instances.json"]);
+        let instances = r#"{"images": [], "annotations": [{"id": 8, "bbox": [1, 2, 3]}]}"#;
+        a.inputs[0] = write("instances.json", instances);
+        expect_error(&a, &["instances.json", "`annotations[0].bbox`: expected [x, y, w, h]"]);
+
+        // OCR-VQA entries are named by their key.
+        a.format = Format::OcrVqa;
+        let books = r#"{"b1": {"imageURL": "u.jpg", "questions": ["q"], "answers": [], "split": 1}}"#;
+        a.inputs = vec![write("dataset.json", books)];
+        expect_error(&a, &["dataset.json", "`b1`: 1 questions but 0 answers"]);
+
+        // Usage: input count, --split where it does not apply, unknown names.
+        a.format = Format::RefCoco;
+        expect_error(&a, &["convert refcoco", "wrong number of inputs (1)", "INSTANCES.json REFS.json"]);
+        a.format = Format::DocVqa;
+        a.split = Some("train".into());
+        expect_error(&a, &["convert docvqa", "--split only applies"]);
+        a.split = None;
+        a.images = tmp.0.join("nowhere");
+        a.inputs = vec![fixture(Format::DocVqa).join("val_v1.0.json")];
+        expect_error(&a, &["nowhere: images folder"]);
+        assert!("vqa"
+            .parse::<Format>()
+            .unwrap_err()
+            .contains("coco-captions, vqav2, textvqa, ocrvqa, refcoco, docvqa"));
+    }
+}
