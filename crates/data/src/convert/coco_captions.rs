@@ -56,7 +56,7 @@ pub(super) fn coco_captions(inputs: &[PathBuf]) -> Result<Vec<Example>, DataErro
 mod tests {
     use serde_json::json;
 
-    use crate::convert::test_support::{args, assert_image, convert_and_read, texts, TempDir};
+    use crate::convert::test_support::{args, assert_image, convert_and_read, no_temporary, texts, TempDir};
     use crate::convert::Format;
 
     #[test]
@@ -78,6 +78,6 @@ mod tests {
         assert_eq!(records[2].extra["references"], dog);
         assert_eq!(records[1].extra["references"], json!(["Two bikes leaning on a wall."]));
         assert_eq!((&records[2].extra["id"], &records[2].extra["image_id"]), (&json!(1003), &json!(42)));
-        assert!(!output.with_extension("jsonl.tmp").exists());
+        assert!(no_temporary(output.parent().unwrap()), "no temporary left");
     }
 }

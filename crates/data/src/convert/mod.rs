@@ -18,7 +18,7 @@
 //! | `docvqa` | `*_v1.0.json` | `IMAGES/{image}` | the question | first answer |
 //!
 //! Records come out in input order. Nothing is written unless the whole conversion succeeds:
-//! the output goes to `OUTPUT.tmp`, renamed at the end.
+//! the output goes to a temporary file beside it, renamed at the end.
 
 mod coco_captions;
 mod docvqa;
@@ -201,7 +201,7 @@ fn wrong_inputs(format: Format, inputs: &[PathBuf]) -> DataError {
 
 #[cfg(test)]
 mod tests {
-    use super::test_support::{args, fixture, TempDir};
+    use super::test_support::{args, fixture, no_temporary, TempDir};
     use super::*;
 
     #[test]
@@ -225,7 +225,7 @@ mod tests {
         let expect_error = |a: &ConvertArgs, parts: &[&str]| {
             let err = convert(a).unwrap_err().to_string();
             assert!(parts.iter().all(|p| err.contains(p)), "{err} lacks {parts:?}");
-            assert!(!output.exists() && !tmp.0.join("out.jsonl.tmp").exists());
+            assert!(!output.exists() && no_temporary(&tmp.0), "no output, no temporary");
         };
 
         a.inputs = vec![write("broken.json", "{\"images\": [{\"id\": 1,")];

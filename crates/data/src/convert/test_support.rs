@@ -58,3 +58,8 @@ pub(super) fn assert_image(record: &Record, format: Format, rel: &str) {
 pub(super) fn texts(record: &Record) -> (&str, Option<&str>) {
     (record.prefix.as_str(), record.suffix.as_deref())
 }
+
+/// Whether `dir` holds no temporary file (a conversion's output before its rename).
+pub(super) fn no_temporary(dir: &Path) -> bool {
+    std::fs::read_dir(dir).unwrap().all(|e| !e.unwrap().file_name().to_string_lossy().contains(".tmp"))
+}

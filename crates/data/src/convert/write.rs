@@ -4,6 +4,8 @@ use std::collections::HashMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
+use crate::files::Staged;
+
 use serde::Serialize;
 use serde_json::{Map, Value};
 
@@ -11,7 +13,7 @@ use super::{ConvertArgs, ConvertSummary, Example};
 use crate::DataError;
 
 /// Checks every image, makes its path relative to the output's folder and writes the records
-/// to `OUTPUT.tmp`, renamed to `OUTPUT` only once all went well.
+/// to a temporary file beside `OUTPUT`, renamed to `OUTPUT` only once all went well.
 pub(super) fn write_jsonl(args: &ConvertArgs, examples: &[Example]) -> Result<ConvertSummary, DataError> {
     let file_error =
         |path: &Path, e: std::io::Error| DataError::File { path: path.display().to_string(), msg: e.to_string() };
@@ -27,11 +29,10 @@ pub(super) fn write_jsonl(args: &ConvertArgs, examples: &[Example]) -> Result<Co
         .canonicalize()
         .map_err(|e| DataError::File { path: args.images.display().to_string(), msg: format!("images folder: {e}") })?;
 
-    let mut tmp = args.output.clone().into_os_string();
-    tmp.push(".tmp");
-    let tmp = PathBuf::from(tmp);
-    let written = (|| -> Result<ConvertSummary, DataError> {
-        let file = std::fs::File::create(&tmp).map_err(|e| file_error(&tmp, e))?;
+    let staged = Staged::new(&args.output).map_err(|e| file_error(&args.output, e))?;
+    let tmp = staged.path();
+    let summary = (|| -> Result<ConvertSummary, DataError> {
+        let file = std::fs::File::create(tmp).map_err(|e| file_error(tmp, e))?;
         let mut out = std::io::BufWriter::new(file);
         let mut summary = ConvertSummary { records: 0, skipped_records: 0, missing_images: Vec::new() };
         let mut exists = HashMap::new();
@@ -57,20 +58,14 @@ pub(super) fn write_jsonl(args: &ConvertArgs, examples: &[Example]) -> Result<Co
                 extra: &example.extra,
             };
             let text = serde_json::to_string(&line).expect("a record always serializes");
-            writeln!(out, "{text}").map_err(|e| file_error(&tmp, e))?;
+            writeln!(out, "{text}").map_err(|e| file_error(tmp, e))?;
             summary.records += 1;
         }
-        out.flush().map_err(|e| file_error(&tmp, e))?;
+        out.flush().map_err(|e| file_error(tmp, e))?;
         Ok(summary)
-    })();
-    let renamed = written.and_then(|summary| {
-        std::fs::rename(&tmp, &args.output).map_err(|e| file_error(&args.output, e))?;
-        Ok(summary)
-    });
-    if renamed.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    renamed
+    })()?;
+    staged.commit().map_err(|e| file_error(&args.output, e))?;
+    Ok(summary)
 }
 
 /// One output line: `image`, `prefix`, `suffix` first, then the extra fields.
@@ -103,7 +98,7 @@ mod tests {
     use serde_json::Value;
 
     use super::relative_to;
-    use crate::convert::test_support::{args, fixture, TempDir};
+    use crate::convert::test_support::{args, fixture, no_temporary, TempDir};
     use crate::convert::{convert, ConvertSummary, Format};
     use crate::source::read_jsonl;
 
@@ -136,7 +131,7 @@ mod tests {
 
         let err = convert(&a).unwrap_err().to_string();
         assert!(err.contains("COCO_val2014_000000000073.jpg") && err.contains("image not found"), "{err}");
-        assert!(!a.output.exists() && !tmp.0.join("coco.jsonl.tmp").exists());
+        assert!(!a.output.exists() && no_temporary(&tmp.0), "no output, no temporary");
 
         a.skip_missing = true;
         let summary = convert(&a).unwrap();
