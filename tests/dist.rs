@@ -35,15 +35,24 @@ fn losses(run: &Path) -> Vec<f64> {
 
 fn weights(run: &Path) -> Vec<(String, tch::Tensor)> {
     let latest = std::fs::read_to_string(run.join("checkpoints/latest")).unwrap();
-    let mut tensors = pg2_model::checkpoint::read_file(&run.join("checkpoints").join(latest.trim()).join("model.safetensors")).unwrap();
+    let mut tensors =
+        pg2_model::checkpoint::read_file(&run.join("checkpoints").join(latest.trim()).join("model.safetensors"))
+            .unwrap();
     tensors.sort_by(|a, b| a.0.cmp(&b.0));
     tensors
 }
 
 #[test]
 fn two_workers_equal_one_process_with_the_whole_batch() {
-    let dir = common::scratch("dist", "equal", common::Tiny { steps: 6, batch_size: 8, lr: 3e-3, warmup_steps: 2, checkpoint_every: 6, eval_every: 100 });
-    for (tag, normalization) in [("example", &[][..]), ("token", &["--set", "train.loss_normalization=\"token\"", "--set", "train.grad_accumulation=2"][..])] {
+    let dir = common::scratch(
+        "dist",
+        "equal",
+        common::Tiny { steps: 6, batch_size: 8, lr: 3e-3, warmup_steps: 2, checkpoint_every: 6, eval_every: 100 },
+    );
+    for (tag, normalization) in [
+        ("example", &[][..]),
+        ("token", &["--set", "train.loss_normalization=\"token\"", "--set", "train.grad_accumulation=2"][..]),
+    ] {
         let (one, two) = (format!("one-{tag}"), format!("two-{tag}"));
         run(launch(&dir, &one, normalization));
         run(launch(&dir, &two, &[normalization, &["--nproc-per-node", "2"]].concat()));
@@ -54,7 +63,9 @@ fn two_workers_equal_one_process_with_the_whole_batch() {
         }
         // Summed instead of averaged gradients would leave Adam's updates alone (it is
         // scale-free, and the norm is clipped): the logged norm tells them apart.
-        let norms = |run: &str| -> Vec<f64> { metric_lines(&dir.join(run)).iter().filter_map(|v| v.get("grad_norm")?.as_f64()).collect() };
+        let norms = |run: &str| -> Vec<f64> {
+            metric_lines(&dir.join(run)).iter().filter_map(|v| v.get("grad_norm")?.as_f64()).collect()
+        };
         assert_eq!(norms(&one).len(), norms(&two).len(), "{tag}: both runs log every step's norm");
         for (x, y) in norms(&one).iter().zip(norms(&two)) {
             assert!((x - y).abs() <= 1e-4 * x, "{tag}: gradient norms {x} vs {y}");
@@ -75,13 +86,20 @@ fn two_workers_equal_one_process_with_the_whole_batch() {
         assert!(apart * 1000 < total, "{tag}: {apart} of {total} weights differ by more than 1e-6");
         assert_eq!(std::fs::read_dir(dir.join(&two).join("tb")).unwrap().count(), 1, "one TensorBoard writer");
         // Evaluation is shared out over the ranks and gathered on rank 0, in record order.
-        let predictions = |run: &str, step: &str| std::fs::read_to_string(dir.join(run).join(format!("eval/step-{step}.jsonl"))).unwrap();
+        let predictions = |run: &str, step: &str| {
+            std::fs::read_to_string(dir.join(run).join(format!("eval/step-{step}.jsonl"))).unwrap()
+        };
         assert_eq!(predictions(&one, "000000"), predictions(&two, "000000"), "{tag}: the same weights decode the same");
         assert_eq!(predictions(&one, "000006").lines().count(), predictions(&two, "000006").lines().count());
     }
     // Two machines of one worker each (both on this one here): the same losses again.
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port().to_string();
-    let node = |rank: &str| launch(&dir, "nodes", &["--nnodes", "2", "--node-rank", rank, "--master-port", &port]).stderr(Stdio::piped()).spawn().unwrap();
+    let node = |rank: &str| {
+        launch(&dir, "nodes", &["--nnodes", "2", "--node-rank", rank, "--master-port", &port])
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
     let nodes = [node("0"), node("1")];
     for n in nodes {
         let out = n.wait_with_output().unwrap();
@@ -93,14 +111,18 @@ fn two_workers_equal_one_process_with_the_whole_batch() {
     }
     let out = launch(&dir, "three", &["--nproc-per-node", "3"]).output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success() && err.contains("train.batch_size = 8 does not split evenly over 3 workers"), "{err}");
+    assert!(
+        !out.status.success() && err.contains("train.batch_size = 8 does not split evenly over 3 workers"),
+        "{err}"
+    );
 }
 
 /// The pid of the worker of `rank` among the children of `launcher`.
 fn worker_pid(launcher: u32, rank: usize) -> Option<u32> {
     std::fs::read_dir("/proc").ok()?.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok()).find(|pid| {
         let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-        let ppid = stat.rsplit(')').next().and_then(|rest| rest.split_whitespace().nth(1)).and_then(|p| p.parse::<u32>().ok());
+        let ppid =
+            stat.rsplit(')').next().and_then(|rest| rest.split_whitespace().nth(1)).and_then(|p| p.parse::<u32>().ok());
         let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
         ppid == Some(launcher) && environ.split(|&b| b == 0).any(|v| v == format!("RANK={rank}").as_bytes())
     })
@@ -119,7 +141,11 @@ fn kill_rank_one_after(launcher: &Child, run: &Path, step: u64) {
 
 #[test]
 fn a_killed_worker_stops_the_group_and_a_restart_finishes_the_run() {
-    let dir = common::scratch("dist", "fault", common::Tiny { steps: 120, batch_size: 8, lr: 3e-3, warmup_steps: 2, checkpoint_every: 10, eval_every: 1000 });
+    let dir = common::scratch(
+        "dist",
+        "fault",
+        common::Tiny { steps: 120, batch_size: 8, lr: 3e-3, warmup_steps: 2, checkpoint_every: 10, eval_every: 1000 },
+    );
     let run_dir = dir.join("run");
     let group = launch(&dir, "run", &["--nproc-per-node", "2"]).stderr(Stdio::piped()).spawn().unwrap();
     kill_rank_one_after(&group, &run_dir, 15);
@@ -134,14 +160,21 @@ fn a_killed_worker_stops_the_group_and_a_restart_finishes_the_run() {
 
     // Resume the run under --max-restarts 1, kill rank 1 again: the group restarts from
     // the latest checkpoint and finishes.
-    let group = launch(&dir, "run", &["--nproc-per-node", "2", "--resume", "--max-restarts", "1"]).stderr(Stdio::piped()).spawn().unwrap();
+    let group = launch(&dir, "run", &["--nproc-per-node", "2", "--resume", "--max-restarts", "1"])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
     kill_rank_one_after(&group, &run_dir, stopped_at as u64 + 10);
     let out = group.wait_with_output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{err}");
     assert!(err.contains("restarting the group from the latest checkpoint (restart 1 of 1)"), "{err}");
     assert_eq!(std::fs::read_to_string(run_dir.join("checkpoints/latest")).unwrap().trim(), "step-000120");
-    let steps: Vec<u64> = metric_lines(&run_dir).iter().filter(|v| v.get("loss").is_some()).map(|v| v["step"].as_u64().unwrap()).collect();
+    let steps: Vec<u64> = metric_lines(&run_dir)
+        .iter()
+        .filter(|v| v.get("loss").is_some())
+        .map(|v| v["step"].as_u64().unwrap())
+        .collect();
     assert_eq!(steps.last(), Some(&120));
     std::fs::remove_dir_all(dir).unwrap();
 }

@@ -135,7 +135,8 @@ fn each_soft_cap_is_applied_and_can_be_switched_off() {
         let want = uncapped["final_logit_softcapping"].as_f64().unwrap();
         assert_close(logprobs(name, &model, records)[0], want, 1e-4, &format!("{name} without final cap"));
         // The run switch turns both off, whatever the config says.
-        let switched = logprobs(name, &load(name, RunOptions { soft_caps: false, ..RunOptions::default() }), records)[0];
+        let switched =
+            logprobs(name, &load(name, RunOptions { soft_caps: false, ..RunOptions::default() }), records)[0];
         let both_off = load_with(
             name,
             |c| (c.text.attn_logit_softcapping, c.text.final_logit_softcapping) = (None, None),
@@ -152,10 +153,20 @@ fn sliding_window_matches_transformers_when_asked_for() {
     let records = &records()[..1];
     let windowed = RunOptions { sliding_window: true, ..RunOptions::default() };
     let model = load_with("released", |c| c.text.sliding_window = Some(window), windowed);
-    assert_close(logprobs("released", &model, records)[0], expected["windowed_logprob_0"].as_f64().unwrap(), 1e-4, "window");
+    assert_close(
+        logprobs("released", &model, records)[0],
+        expected["windowed_logprob_0"].as_f64().unwrap(),
+        1e-4,
+        "window",
+    );
     // Off by default (big_vision): then the window changes nothing.
     let model = load_with("released", |c| c.text.sliding_window = Some(window), RunOptions::default());
-    assert_close(logprobs("released", &model, records)[0], expected["records"][0]["logprob"].as_f64().unwrap(), 1e-4, "no window");
+    assert_close(
+        logprobs("released", &model, records)[0],
+        expected["records"][0]["logprob"].as_f64().unwrap(),
+        1e-4,
+        "no window",
+    );
 }
 
 fn decode(name: &str, beam_size: usize) -> Vec<Vec<i64>> {
@@ -210,7 +221,8 @@ fn score_and_predict_commands_match_transformers() {
     for name in CHECKPOINTS {
         let dir = fixtures().join(name);
         let want = expected["checkpoints"][name]["records"].as_array().unwrap();
-        let args = ["score", "--checkpoint", dir.to_str().unwrap(), "--data", data.to_str().unwrap(), "--batch-size", "3"];
+        let args =
+            ["score", "--checkpoint", dir.to_str().unwrap(), "--data", data.to_str().unwrap(), "--batch-size", "3"];
         let lines: Vec<Value> = pg2(&args).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
         assert_eq!(lines.len(), want.len());
         // The binary decodes the images itself: exact for PNG, near for JPEG (see above).
@@ -220,7 +232,8 @@ fn score_and_predict_commands_match_transformers() {
             assert_close(got["logprob"].as_f64().unwrap(), want["logprob"].as_f64().unwrap(), tolerance, name);
             assert_eq!(got["tokens"], want["tokens"]);
         }
-        let args = ["predict", "--checkpoint", dir.to_str().unwrap(), "--data", data.to_str().unwrap(), "--max-len", "8"];
+        let args =
+            ["predict", "--checkpoint", dir.to_str().unwrap(), "--data", data.to_str().unwrap(), "--max-len", "8"];
         let lines: Vec<Value> = pg2(&args).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
         assert_eq!(lines.len(), want.len());
         for ((got, want), &png) in lines.iter().zip(want).zip(&is_png) {
@@ -235,7 +248,8 @@ fn score_and_predict_commands_match_transformers() {
 fn bf16_compute_stays_near_f32() {
     let records = records();
     let expected = expected();
-    let model = PaliGemma::load(&fixtures().join("native"), Device::Cpu, Kind::BFloat16, RunOptions::default()).unwrap();
+    let model =
+        PaliGemma::load(&fixtures().join("native"), Device::Cpu, Kind::BFloat16, RunOptions::default()).unwrap();
     for (i, got) in logprobs("native", &model, &records).iter().enumerate() {
         let want = expected["checkpoints"]["native"]["records"][i]["logprob"].as_f64().unwrap();
         // bf16 keeps 8 bits of mantissa; the summed log-prob drifts by a few percent at most.
@@ -249,9 +263,12 @@ fn saved_model_reloads_identically_and_inspects() {
     let dir = std::env::temp_dir().join(format!("pg2-parity-save-{}", std::process::id()));
     model.save(&dir, Kind::Float).unwrap();
     let names: Vec<String> = checkpoint::read_tensors(&dir).unwrap().into_keys().collect();
-    assert!(names.iter().all(|n| n.starts_with("vision_tower.vision_model.")
-        || n.starts_with("multi_modal_projector.linear.")
-        || n.starts_with("language_model.model.")), "released layout: {names:?}");
+    assert!(
+        names.iter().all(|n| n.starts_with("vision_tower.vision_model.")
+            || n.starts_with("multi_modal_projector.linear.")
+            || n.starts_with("language_model.model.")),
+        "released layout: {names:?}"
+    );
     let back = PaliGemma::load(&dir, Device::Cpu, Kind::Float, RunOptions::default()).unwrap();
     assert_eq!(model.parameters().len(), back.parameters().len());
     for ((n1, a), (n2, b)) in model.parameters().iter().zip(back.parameters()) {

@@ -11,7 +11,11 @@ mod common;
 
 /// A 4-step tiny run (checkpoints at steps 2 and 4, evaluated before training and at the end).
 fn setup(name: &str) -> PathBuf {
-    common::scratch("sweep", name, common::Tiny { steps: 4, batch_size: 4, lr: 1e-3, warmup_steps: 1, checkpoint_every: 2, eval_every: 4 })
+    common::scratch(
+        "sweep",
+        name,
+        common::Tiny { steps: 4, batch_size: 4, lr: 1e-3, warmup_steps: 1, checkpoint_every: 2, eval_every: 4 },
+    )
 }
 
 /// Runs `sweep` on the scratch recipe into `dir/sweep`.
@@ -78,7 +82,8 @@ fn three_learning_rates_give_a_table_a_best_point_and_a_plot() {
 fn a_rerun_keeps_finished_points_and_completes_the_others() {
     let dir = setup("resume");
     assert!(sweep(&dir, &["--grid", LRS]).status.success());
-    let [kept, deleted, killed] = ["train.lr=1e-4", "train.lr=1e-3", "train.lr=1e-2"].map(|name| dir.join("sweep").join(name));
+    let [kept, deleted, killed] =
+        ["train.lr=1e-4", "train.lr=1e-3", "train.lr=1e-2"].map(|name| dir.join("sweep").join(name));
     let kept_log = read(kept.join("launch.log"));
     std::fs::remove_dir_all(&deleted).unwrap();
     // A run killed during its last checkpoint: `latest` still names step 2.
@@ -94,7 +99,8 @@ fn a_rerun_keeps_finished_points_and_completes_the_others() {
         assert_eq!(read(run.join("checkpoints/latest")), "step-000004", "{}", run.display());
     }
     assert!(read(killed.join("launch.log")).contains("resuming from"), "continued with --resume");
-    let statuses: Vec<Value> = summary(&dir)["points"].as_array().unwrap().iter().map(|p| p["status"].clone()).collect();
+    let statuses: Vec<Value> =
+        summary(&dir)["points"].as_array().unwrap().iter().map(|p| p["status"].clone()).collect();
     assert_eq!(statuses, ["kept", "ran", "ran"]);
     std::fs::remove_dir_all(dir).unwrap();
 }
@@ -107,9 +113,12 @@ fn emit_slurm_writes_one_array_task_per_point() {
     assert!(String::from_utf8_lossy(&out.stdout).contains("sbatch "));
     let script = read(dir.join("sweep/sweep.sbatch"));
     assert!(script.contains("#SBATCH --array=0-3\n"), "{script}");
-    for name in
-        ["train.lr=1e-4,train.warmup_steps=0", "train.lr=1e-4,train.warmup_steps=1", "train.lr=1e-3,train.warmup_steps=0", "train.lr=1e-3,train.warmup_steps=1"]
-    {
+    for name in [
+        "train.lr=1e-4,train.warmup_steps=0",
+        "train.lr=1e-4,train.warmup_steps=1",
+        "train.lr=1e-3,train.warmup_steps=0",
+        "train.lr=1e-3,train.warmup_steps=1",
+    ] {
         assert!(script.contains(&format!("/{name}'")), "{name} in\n{script}");
     }
     assert_eq!(script.matches("exec ./launch/launch ").count(), 4);
@@ -137,7 +146,10 @@ fn a_failing_point_is_reported_and_the_others_finish() {
     let statuses: Vec<&str> = points.iter().map(|p| p["status"].as_str().unwrap()).collect();
     assert_eq!(statuses, ["failed", "failed", "ran", "ran"]);
     assert!(points[2..].iter().all(|p| p["final"].as_f64().unwrap() > 0.0 && p["final"] == p["final_loss"]));
-    let best = points[2..].iter().min_by(|a, b| a["final"].as_f64().unwrap().total_cmp(&b["final"].as_f64().unwrap())).unwrap();
+    let best = points[2..]
+        .iter()
+        .min_by(|a, b| a["final"].as_f64().unwrap().total_cmp(&b["final"].as_f64().unwrap()))
+        .unwrap();
     assert_eq!(json["best"], best["name"], "lowest final loss");
     assert_eq!(read(dir.join("sweep/sweep.csv")).lines().count(), 5);
     assert!(std::fs::read(dir.join("sweep/sweep.png")).unwrap().starts_with(b"\x89PNG"));

@@ -10,7 +10,11 @@ mod common;
 
 /// A tiny run of `steps` steps, evaluated every 20 steps.
 fn setup(name: &str, steps: u64, checkpoint_every: u64) -> PathBuf {
-    common::scratch("train", name, common::Tiny { steps, batch_size: 8, lr: 3e-3, warmup_steps: 2, checkpoint_every, eval_every: 20 })
+    common::scratch(
+        "train",
+        name,
+        common::Tiny { steps, batch_size: 8, lr: 3e-3, warmup_steps: 2, checkpoint_every, eval_every: 20 },
+    )
 }
 
 fn launch(dir: &Path, extra: &[&str]) -> Output {
@@ -37,11 +41,19 @@ fn next_stage(dir: &Path, extra: &[&str]) -> Output {
 }
 
 fn metric_lines(dir: &Path) -> Vec<Value> {
-    std::fs::read_to_string(dir.join("run/metrics.jsonl")).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+    std::fs::read_to_string(dir.join("run/metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
 }
 
 fn losses(dir: &Path) -> Vec<(u64, f64)> {
-    metric_lines(dir).iter().filter(|v| v.get("loss").is_some()).map(|v| (v["step"].as_u64().unwrap(), v["loss"].as_f64().unwrap())).collect()
+    metric_lines(dir)
+        .iter()
+        .filter(|v| v.get("loss").is_some())
+        .map(|v| (v["step"].as_u64().unwrap(), v["loss"].as_f64().unwrap()))
+        .collect()
 }
 
 #[test]
@@ -59,12 +71,21 @@ fn tiny_run_learns_and_its_checkpoint_scores() {
     for key in ["lr", "grad_norm", "examples_per_s"] {
         assert!(metrics[key].as_f64().unwrap().is_finite(), "{key}");
     }
-    for key in ["skipped_records", "skipped_steps", "prefix_truncated", "suffix_truncated", "eos_dropped", "tokens", "batch_tokens"] {
+    for key in [
+        "skipped_records",
+        "skipped_steps",
+        "prefix_truncated",
+        "suffix_truncated",
+        "eos_dropped",
+        "tokens",
+        "batch_tokens",
+    ] {
         assert!(metrics[key].is_u64(), "{key}: {metrics}");
     }
     assert_eq!(std::fs::read_to_string(dir.join("run/checkpoints/latest")).unwrap(), "step-000040");
     // Evaluated before training, every 20 steps and at the end, predictions kept.
-    let evals: Vec<(u64, f64)> = lines.iter().filter_map(|v| Some((v["step"].as_u64()?, v.get("eval/vqa")?.as_f64()?))).collect();
+    let evals: Vec<(u64, f64)> =
+        lines.iter().filter_map(|v| Some((v["step"].as_u64()?, v.get("eval/vqa")?.as_f64()?))).collect();
     assert_eq!(evals.iter().map(|e| e.0).collect::<Vec<_>>(), vec![0, 20, 40]);
     assert!(evals.iter().all(|e| (0.0..=1.0).contains(&e.1)), "{evals:?}");
     assert!(evals[2].1 > evals[0].1 + 0.1, "the metric rises well above its untrained value: {evals:?}");
@@ -78,7 +99,13 @@ fn tiny_run_learns_and_its_checkpoint_scores() {
     let report = Command::new(env!("CARGO_BIN_EXE_pg2")).arg("report").arg(dir.join("run")).output().unwrap();
     assert!(report.status.success(), "{}", String::from_utf8_lossy(&report.stderr));
     let table = String::from_utf8(report.stdout).unwrap();
-    assert!(table.lines().nth(2).is_some_and(|row| row.starts_with("| learn | vqa (vqa) | custom-32 |") && row.ends_with("| n/a |")), "{table}");
+    assert!(
+        table
+            .lines()
+            .nth(2)
+            .is_some_and(|row| row.starts_with("| learn | vqa (vqa) | custom-32 |") && row.ends_with("| n/a |")),
+        "{table}"
+    );
     // pg2 eval repeats the final evaluation outside training.
     let eval = Command::new(env!("CARGO_BIN_EXE_pg2"))
         .args(["eval", "--device", "cpu", "--checkpoint"])
@@ -102,20 +129,36 @@ fn tiny_run_learns_and_its_checkpoint_scores() {
         .output()
         .unwrap();
     assert!(score.status.success(), "{}", String::from_utf8_lossy(&score.stderr));
-    let lines: Vec<Value> = String::from_utf8(score.stdout.clone()).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let lines: Vec<Value> =
+        String::from_utf8(score.stdout.clone()).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     assert_eq!(lines.len(), 8);
     assert!(lines.iter().all(|v| v["logprob"].as_f64().unwrap() < 0.0));
     // Every command that takes a checkpoint takes the run folder too (its latest checkpoint).
     let pg2 = |args: &[&str]| {
-        let out = Command::new(env!("CARGO_BIN_EXE_pg2")).args(args).arg("--checkpoint").arg(dir.join("run")).output().unwrap();
+        let out = Command::new(env!("CARGO_BIN_EXE_pg2"))
+            .args(args)
+            .arg("--checkpoint")
+            .arg(dir.join("run"))
+            .output()
+            .unwrap();
         assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
         String::from_utf8(out.stdout).unwrap()
     };
     let val = dir.join("synth/val.jsonl");
-    assert_eq!(pg2(&["score", "--device", "cpu", "--data", val.to_str().unwrap()]).as_bytes(), score.stdout, "the run folder is its latest checkpoint");
-    assert_eq!(pg2(&["predict", "--device", "cpu", "--max-len", "4", "--data", val.to_str().unwrap()]).lines().count(), 8);
+    assert_eq!(
+        pg2(&["score", "--device", "cpu", "--data", val.to_str().unwrap()]).as_bytes(),
+        score.stdout,
+        "the run folder is its latest checkpoint"
+    );
+    assert_eq!(
+        pg2(&["predict", "--device", "cpu", "--max-len", "4", "--data", val.to_str().unwrap()]).lines().count(),
+        8
+    );
     assert!(pg2(&["inspect"]).contains("checkpoints/step-000040"));
-    let state: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("run/checkpoints/step-000040/trainer_state.json")).unwrap()).unwrap();
+    let state: Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.join("run/checkpoints/step-000040/trainer_state.json")).unwrap(),
+    )
+    .unwrap();
     assert_eq!((state["step"].as_u64(), state["total_steps"].as_u64()), (Some(40), Some(40)), "{state}");
     std::fs::remove_dir_all(dir).unwrap();
 }
@@ -154,7 +197,9 @@ fn next_stage_starts_from_the_run_at_a_higher_resolution() {
     // Stage 2: the run folder as init, twice the resolution, a --set override.
     let out = next_stage(&dir, &["--set", "model.resolution=64", "--set", "train.steps=2"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let config: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("run2/checkpoints/step-000002/config.json")).unwrap()).unwrap();
+    let config: Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("run2/checkpoints/step-000002/config.json")).unwrap())
+            .unwrap();
     assert_eq!(config["vision_config"]["image_size"], 64);
     assert_eq!(config["vision_config"]["num_image_tokens"], 64, "8x8 patches of 8 px");
     std::fs::remove_dir_all(dir).unwrap();
@@ -164,7 +209,10 @@ fn next_stage_starts_from_the_run_at_a_higher_resolution() {
 fn streamed_sources_fixed_padding_and_per_task_limits_train() {
     let dir = setup("stream", 3, 3);
     // --set paths are relative to the current folder, so give an absolute one.
-    let mixture = format!("data.mixture=[{{path = {:?}, weight = 1.0, shuffle_buffer = 16, max_suffix_tokens = 6}}]", dir.join("synth/train.jsonl"));
+    let mixture = format!(
+        "data.mixture=[{{path = {:?}, weight = 1.0, shuffle_buffer = 16, max_suffix_tokens = 6}}]",
+        dir.join("synth/train.jsonl")
+    );
     let out = launch(&dir, &["--set", &mixture, "--set", "data.pad_to=96"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let streamed = losses(&dir);
@@ -174,7 +222,8 @@ fn streamed_sources_fixed_padding_and_per_task_limits_train() {
     assert!(last["tokens"].as_u64().unwrap() < 3 * 8 * 96, "{last}");
     assert!(last["suffix_truncated"].as_u64().unwrap() > 0, "the source's own max_suffix_tokens cut targets: {last}");
     // Read whole and shuffled in memory, the same source gives other batches.
-    let whole = format!("data.mixture=[{{path = {:?}, weight = 1.0, max_suffix_tokens = 6}}]", dir.join("synth/train.jsonl"));
+    let whole =
+        format!("data.mixture=[{{path = {:?}, weight = 1.0, max_suffix_tokens = 6}}]", dir.join("synth/train.jsonl"));
     let out = launch(&dir, &["--set", &whole, "--set", "data.pad_to=96", "--overwrite"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert_ne!(losses(&dir)[0], streamed[0], "the shuffle buffer decides the order");
@@ -185,7 +234,8 @@ fn streamed_sources_fixed_padding_and_per_task_limits_train() {
 fn frozen_parts_stay_bit_identical() {
     let dir = setup("freeze", 2, 2);
     assert!(launch(&dir, &[]).status.success());
-    let out = next_stage(&dir, &["--set", "model.freeze=[\"vision\", \"projector\"]", "--set", "train.label_smoothing=0.1"]);
+    let out =
+        next_stage(&dir, &["--set", "model.freeze=[\"vision\", \"projector\"]", "--set", "train.label_smoothing=0.1"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let before = pg2_model::checkpoint::read_tensors(&dir.join("run/checkpoints/step-000002")).unwrap();
     let after = pg2_model::checkpoint::read_tensors(&dir.join("run2/checkpoints/step-000002")).unwrap();
@@ -201,21 +251,34 @@ fn frozen_parts_stay_bit_identical() {
 fn accumulated_gradients_match_one_big_batch() {
     let dir = setup("accumulate", 3, 1);
     let common = [
-        "--set", "train.schedule=\"constant\"", "--set", "train.warmup_steps=0", "--set", "train.lr_mults={\"vision_tower.\" = 0.5}",
-        "--set", "train.keep_checkpoints=2", "--set", "train.no_weight_decay=[\"language_model.\"]",
+        "--set",
+        "train.schedule=\"constant\"",
+        "--set",
+        "train.warmup_steps=0",
+        "--set",
+        "train.lr_mults={\"vision_tower.\" = 0.5}",
+        "--set",
+        "train.keep_checkpoints=2",
+        "--set",
+        "train.no_weight_decay=[\"language_model.\"]",
     ];
     let whole = launch(&dir, &common);
     assert!(whole.status.success(), "{}", String::from_utf8_lossy(&whole.stderr));
     let big = losses(&dir);
     let lrs: Vec<f64> = metric_lines(&dir).iter().filter_map(|v| v.get("lr")?.as_f64()).collect();
     assert!(lrs.iter().all(|&lr| (lr - 3e-3).abs() < 1e-12), "constant schedule: {lrs:?}");
-    let mut kept: Vec<_> = std::fs::read_dir(dir.join("run/checkpoints")).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+    let mut kept: Vec<_> = std::fs::read_dir(dir.join("run/checkpoints"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
     kept.sort();
     assert_eq!(kept, ["latest", "step-000002", "step-000003"], "only the newest two checkpoints stay");
     // The same examples in two halves, dealt out in stream order or sorted by length: equal
     // up to float rounding (padding differs).
     let halves = |extra: &[&str]| {
-        let args = [&common[..], &["--overwrite", "--set", "train.batch_size=4", "--set", "train.grad_accumulation=2"], extra].concat();
+        let args =
+            [&common[..], &["--overwrite", "--set", "train.batch_size=4", "--set", "train.grad_accumulation=2"], extra]
+                .concat();
         let out = launch(&dir, &args);
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
         losses(&dir)
@@ -233,8 +296,14 @@ fn accumulated_gradients_match_one_big_batch() {
     let whole = launch(&dir, &[&common[..], &["--overwrite"], &per_token].concat());
     assert!(whole.status.success(), "{}", String::from_utf8_lossy(&whole.stderr));
     let big_per_token = losses(&dir);
-    assert!(big_per_token[0].1.is_finite() && (big_per_token[0].1 - big[0].1).abs() > 1e-6, "{:?} vs {:?}", big_per_token[0], big[0]);
-    for (tag, split) in [("in order", halves(&per_token)), ("bucketed", halves(&[&per_token[..], &bucketed].concat()))] {
+    assert!(
+        big_per_token[0].1.is_finite() && (big_per_token[0].1 - big[0].1).abs() > 1e-6,
+        "{:?} vs {:?}",
+        big_per_token[0],
+        big[0]
+    );
+    for (tag, split) in [("in order", halves(&per_token)), ("bucketed", halves(&[&per_token[..], &bucketed].concat()))]
+    {
         assert_eq!(big_per_token.len(), split.len(), "per token, {tag}: both runs log the same steps");
         for ((step, a), (_, b)) in big_per_token.iter().zip(split) {
             assert!((a - b).abs() < 1e-4 * a.abs(), "per token, {tag}, step {step}: {a} vs {b}");
@@ -248,7 +317,17 @@ fn bf16_autocast_keeps_f32_weights_and_computes_in_bf16_also_with_recomputed_lay
     let dir = setup("autocast", 6, 6);
     // Also the op-by-op optimizer (the fused kernel's reference) and recomputed layers,
     // whose backward must recompute under the forward's autocast.
-    let out = launch(&dir, &["--set", "model.dtype=\"bf16_autocast\"", "--set", "train.fused_optimizer=false", "--set", "model.activation_checkpointing=true"]);
+    let out = launch(
+        &dir,
+        &[
+            "--set",
+            "model.dtype=\"bf16_autocast\"",
+            "--set",
+            "train.fused_optimizer=false",
+            "--set",
+            "model.activation_checkpointing=true",
+        ],
+    );
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let autocast = losses(&dir);
     assert!(autocast[5].1 < autocast[0].1, "the loss falls: {autocast:?}");
@@ -268,7 +347,18 @@ fn non_finite_steps_stop_the_run_or_are_skipped_leaving_the_weights_alone() {
     let dir = setup("nonfinite", 4, 4);
     // An absurd learning rate without soft-caps: the first update throws the decoder's
     // weights to about 1e30, and every later loss or gradient is non-finite.
-    let blowup = ["--set", "train.lr=1e30", "--set", "model.soft_caps=false", "--set", "train.warmup_steps=0", "--set", "train.schedule=\"constant\"", "--set", "eval=\"\""];
+    let blowup = [
+        "--set",
+        "train.lr=1e30",
+        "--set",
+        "model.soft_caps=false",
+        "--set",
+        "train.warmup_steps=0",
+        "--set",
+        "train.schedule=\"constant\"",
+        "--set",
+        "eval=\"\"",
+    ];
     let stopped = launch(&dir, &blowup);
     let err = String::from_utf8_lossy(&stopped.stderr);
     assert!(!stopped.status.success() && err.contains("step 2: non-finite loss or gradient norm"), "{err}");

@@ -31,7 +31,8 @@ pub enum DataCommand {
 pub fn run(command: &DataCommand) -> Result<()> {
     let DataCommand::Synth { out, seed, train, val, canvas } = command;
     let start = std::time::Instant::now();
-    let summary = synth::write_synth(out, &synth::SynthOptions { seed: *seed, train: *train, val: *val, canvas: *canvas })?;
+    let summary =
+        synth::write_synth(out, &synth::SynthOptions { seed: *seed, train: *train, val: *val, canvas: *canvas })?;
     eprintln!(
         "pg2 data synth: {} train and {} val examples of {} in {} ({:.1}s), tokenizer of {} tokens",
         summary.train,

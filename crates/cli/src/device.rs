@@ -18,7 +18,10 @@ pub fn parse_device(name: &str) -> Result<Device> {
     if let Device::Cuda(n) = device {
         let count = tch::Cuda::device_count() as usize;
         if n >= count {
-            bail!("--device {name}: this machine has {count} CUDA device(s){}", if count > 0 { format!(", cuda:0 to cuda:{}", count - 1) } else { String::new() });
+            bail!(
+                "--device {name}: this machine has {count} CUDA device(s){}",
+                if count > 0 { format!(", cuda:0 to cuda:{}", count - 1) } else { String::new() }
+            );
         }
     }
     Ok(device)
@@ -29,7 +32,8 @@ pub fn parse_device(name: &str) -> Result<Device> {
 /// takes). They act on the main thread's arena, where pg2 computes; a worker thread's own
 /// arena still gives a wholly freed heap back. As environment variables they tune a
 /// process at its start, such as a baseline.
-pub const KEEP_FREED_MEMORY_ENV: [(&str, &str); 2] = [("MALLOC_MMAP_MAX_", "0"), ("MALLOC_TRIM_THRESHOLD_", "2147483647")];
+pub const KEEP_FREED_MEMORY_ENV: [(&str, &str); 2] =
+    [("MALLOC_MMAP_MAX_", "0"), ("MALLOC_TRIM_THRESHOLD_", "2147483647")];
 
 /// True when the user has set any of [`KEEP_FREED_MEMORY_ENV`]'s variables: then their
 /// settings, not pg2's, hold for this process and the processes it starts.

@@ -32,7 +32,13 @@ pub fn run(args: &InspectArgs) -> Result<()> {
     );
     println!(
         "decoder     Gemma 2 width {}, depth {}, MLP {}, {} heads / {} KV heads of {}, query scale 1/sqrt({})",
-        t.hidden_size, t.num_hidden_layers, t.intermediate_size, t.num_attention_heads, t.num_key_value_heads, t.head_dim, t.query_pre_attn_scalar
+        t.hidden_size,
+        t.num_hidden_layers,
+        t.intermediate_size,
+        t.num_attention_heads,
+        t.num_key_value_heads,
+        t.head_dim,
+        t.query_pre_attn_scalar
     );
     println!(
         "            vocab {}, soft-caps attention {:?} final {:?}, rope theta {}, window {:?} (off unless asked)",

@@ -91,7 +91,12 @@ pub fn run(cli: &LaunchCli) -> Result<()> {
             master_port: cli.master_port,
             max_restarts: cli.max_restarts,
         };
-        eprintln!("launch: {} with {} worker(s) on this node -> {}", cli.recipe.display(), cli.nproc_per_node, out.display());
+        eprintln!(
+            "launch: {} with {} worker(s) on this node -> {}",
+            cli.recipe.display(),
+            cli.nproc_per_node,
+            out.display()
+        );
         let exe = std::env::current_exe().context("finding the launch binary")?;
         pg2_dist::supervise(&plan, |attempt| worker_command(&exe, cli, &out, attempt))?;
         return Ok(());
@@ -103,7 +108,8 @@ pub fn run(cli: &LaunchCli) -> Result<()> {
             let device = env.place(&cli.device, parse_device(&cli.device)?)?;
             let timeout = Duration::from_secs(cli.rendezvous_timeout);
             let (rank, world) = (env.rank, env.world);
-            let group = Group::join(env, device, timeout).with_context(|| format!("rank {rank} of {world} joining the group"))?;
+            let group = Group::join(env, device, timeout)
+                .with_context(|| format!("rank {rank} of {world} joining the group"))?;
             (device, group)
         }
         None => (parse_device(&cli.device)?, Group::single()),
@@ -115,7 +121,13 @@ pub fn run(cli: &LaunchCli) -> Result<()> {
     keep_freed_memory(device);
     let opts = LaunchOptions { out, resume: cli.resume, overwrite: cli.overwrite, device };
     let (rank, world) = (group.rank(), group.world());
-    let summary = train(&recipe, &resolved, &opts, &mut group).map_err(|e| if world > 1 { e.context(format!("rank {rank} of {world}")) } else { e })?;
+    let summary = train(&recipe, &resolved, &opts, &mut group).map_err(|e| {
+        if world > 1 {
+            e.context(format!("rank {rank} of {world}"))
+        } else {
+            e
+        }
+    })?;
     if let (Some(first), Some(last), true) = (summary.losses.first(), summary.losses.last(), group.is_main()) {
         eprintln!("launch: loss {first:.4} -> {last:.4}; checkpoint {}", summary.checkpoint.display());
     }

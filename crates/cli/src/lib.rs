@@ -20,7 +20,11 @@ use clap::{Parser, Subcommand};
 
 /// `pg2`'s command line.
 #[derive(Parser)]
-#[command(name = "pg2", version, about = "PaliGemma 2 tools: score, predict, evaluate, inspect checkpoints; convert data; benchmark")]
+#[command(
+    name = "pg2",
+    version,
+    about = "PaliGemma 2 tools: score, predict, evaluate, inspect checkpoints; convert data; benchmark"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,

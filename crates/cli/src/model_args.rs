@@ -54,7 +54,8 @@ impl ModelArgs {
     /// Loads the model and its tokenizer.
     pub fn load(&self) -> Result<(PaliGemma, PgTokenizer)> {
         let kind = self.dtype.kind();
-        let options = RunOptions { soft_caps: !self.no_soft_caps, sliding_window: self.sliding_window, ..RunOptions::default() };
+        let options =
+            RunOptions { soft_caps: !self.no_soft_caps, sliding_window: self.sliding_window, ..RunOptions::default() };
         let device = crate::device::prepare_device(&self.device)?;
         let dir = pg2_train::checkpoint_dir(&self.checkpoint)?;
         eprintln!("pg2: loading {} on {device:?} in {kind:?}", dir.display());
@@ -67,7 +68,9 @@ impl ModelArgs {
 /// A progress bar over `len` records, labelled `what`.
 pub fn progress(len: usize, what: &str) -> ProgressBar {
     let bar = ProgressBar::new(len as u64);
-    bar.set_style(ProgressStyle::with_template("{msg} {bar:30} {pos}/{len} [{elapsed} < {eta}]").expect("a valid template"));
+    bar.set_style(
+        ProgressStyle::with_template("{msg} {bar:30} {pos}/{len} [{elapsed} < {eta}]").expect("a valid template"),
+    );
     bar.set_message(what.to_string());
     bar
 }

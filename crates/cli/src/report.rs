@@ -31,8 +31,16 @@ fn row(run: &RunDir) -> Result<String> {
     let eval = recipe.eval.as_ref().with_context(|| format!("{}: the recipe has no [eval]", run.root().display()))?;
     let last = run.last_evaluation()?.with_context(|| format!("{}: no evaluation logged yet", run.root().display()))?;
     let config = run.latest()?.and_then(|dir| PaliGemmaConfig::from_file(&dir.join("config.json")).ok());
-    let shape = config.map(|c| format!("{}-{}", Preset::released_size(&c).unwrap_or_else(|| "custom".into()), c.vision.image_size));
+    let shape = config
+        .map(|c| format!("{}-{}", Preset::released_size(&c).unwrap_or_else(|| "custom".into()), c.vision.image_size));
     let paper = shape.as_ref().and_then(|s| eval.paper.get(s)).map_or("n/a".to_string(), |p| format!("{p:.4}"));
     let name = recipe.name.clone().unwrap_or_default();
-    Ok(format!("| {name} | {} ({}) | {} | {:.4} (step {}) | {paper} |", eval.metric, last.metric, shape.unwrap_or_default(), last.value, last.step))
+    Ok(format!(
+        "| {name} | {} ({}) | {} | {:.4} (step {}) | {paper} |",
+        eval.metric,
+        last.metric,
+        shape.unwrap_or_default(),
+        last.value,
+        last.step
+    ))
 }

@@ -43,7 +43,8 @@ pub fn preprocess(img: &RgbImage, res: u32) -> Vec<f32> {
 /// Decodes and preprocesses the records' images into a `(batch, 3, res, res)` tensor; an
 /// unreadable image is an error naming its record.
 pub fn load_pixels(records: &[crate::Record], res: u32) -> Result<Tensor, crate::DataError> {
-    let images = records.iter().map(|r| Ok(preprocess(&r.load_image()?, res))).collect::<Result<Vec<_>, crate::DataError>>()?;
+    let images =
+        records.iter().map(|r| Ok(preprocess(&r.load_image()?, res))).collect::<Result<Vec<_>, crate::DataError>>()?;
     Ok(stack(&images, res))
 }
 

@@ -114,7 +114,10 @@ impl Batch {
             inputs: Inputs {
                 pixels: self.inputs.pixels.as_ref().map(send),
                 ids: send(&self.inputs.ids),
-                layout: TokenLayout { mask_ar: send(&self.inputs.layout.mask_ar), valid: send(&self.inputs.layout.valid) },
+                layout: TokenLayout {
+                    mask_ar: send(&self.inputs.layout.mask_ar),
+                    valid: send(&self.inputs.layout.valid),
+                },
             },
             loss_mask: send(&self.loss_mask),
         }
@@ -127,7 +130,13 @@ impl Batch {
 
     /// As [`Batch::collate`], padding to at least `min_len` tokens (a fixed length keeps
     /// tensor shapes constant from step to step).
-    pub fn collate_to(examples: &[EncodedExample], pixels: Option<Tensor>, pad_id: i64, device: Device, min_len: Option<usize>) -> Self {
+    pub fn collate_to(
+        examples: &[EncodedExample],
+        pixels: Option<Tensor>,
+        pad_id: i64,
+        device: Device,
+        min_len: Option<usize>,
+    ) -> Self {
         let longest = examples.iter().map(|e| e.ids.len()).max().unwrap_or(0);
         let len = longest.max(min_len.unwrap_or(0));
         let mut ids = Vec::with_capacity(examples.len() * len);
@@ -147,7 +156,10 @@ impl Batch {
             inputs: Inputs {
                 pixels: pixels.map(|p| p.to_device(device)),
                 ids: tensor(Tensor::from_slice(&ids)),
-                layout: TokenLayout { mask_ar: tensor(Tensor::from_slice(&mask_ar)), valid: tensor(Tensor::from_slice(&valid)) },
+                layout: TokenLayout {
+                    mask_ar: tensor(Tensor::from_slice(&mask_ar)),
+                    valid: tensor(Tensor::from_slice(&valid)),
+                },
             },
             loss_mask: tensor(Tensor::from_slice(&loss)).to_kind(Kind::Bool),
         }
@@ -209,7 +221,10 @@ mod tests {
     use std::path::Path;
 
     fn tokenizer() -> PgTokenizer {
-        PgTokenizer::from_file(&Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/paligemma/tokenizer.json")).unwrap()
+        PgTokenizer::from_file(
+            &Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/paligemma/tokenizer.json"),
+        )
+        .unwrap()
     }
 
     #[test]
@@ -240,8 +255,8 @@ mod tests {
         let (cut, t) = EncodedExample::with_limits(&tok, 1, "answer en how many circles are there", Some("2"), &prompt);
         assert!(t.prefix && !t.suffix);
         assert_eq!(cut.mask_ar.iter().filter(|&&m| m == 0).count(), 1 + 1 + 2);
-        let (_, t) = EncodedExample::with_limits(&tok, 1, "ocr", Some("4"), &TextLimits { max_suffix_tokens: Some(8), ..keep });
+        let (_, t) =
+            EncodedExample::with_limits(&tok, 1, "ocr", Some("4"), &TextLimits { max_suffix_tokens: Some(8), ..keep });
         assert_eq!(t, Truncation::default());
     }
 }
-

@@ -37,7 +37,10 @@ impl TaskFormat {
         let mut out = String::new();
         let mut rest = template.as_str();
         while let Some(open) = rest.find('{') {
-            let close = rest[open..].find('}').map(|c| open + c).ok_or_else(|| record.error(format!("prompt template {template:?} has an unclosed `{{`")))?;
+            let close = rest[open..]
+                .find('}')
+                .map(|c| open + c)
+                .ok_or_else(|| record.error(format!("prompt template {template:?} has an unclosed `{{`")))?;
             out.push_str(&rest[..open]);
             let name = &rest[open + 1..close];
             let value = match name {
@@ -45,7 +48,9 @@ impl TaskFormat {
                 "suffix" => record.suffix.clone(),
                 _ => record.extra.get(name).map(|v| v.as_str().map(str::to_string).unwrap_or_else(|| v.to_string())),
             };
-            out.push_str(&value.ok_or_else(|| record.error(format!("prompt template {template:?} needs field `{name}`, which the record lacks")))?);
+            out.push_str(&value.ok_or_else(|| {
+                record.error(format!("prompt template {template:?} needs field `{name}`, which the record lacks"))
+            })?);
             rest = &rest[close + 1..];
         }
         out.push_str(rest);
@@ -136,13 +141,16 @@ impl StreamSource {
         loop {
             if e.lines.is_none() {
                 let Some(file) = e.pending.next() else { return Ok(None) };
-                let f = File::open(&file).map_err(|err| DataError::File { path: file.display().to_string(), msg: err.to_string() })?;
+                let f = File::open(&file)
+                    .map_err(|err| DataError::File { path: file.display().to_string(), msg: err.to_string() })?;
                 e.lines = Some((file, BufReader::new(f).lines().enumerate()));
             }
             let (file, lines) = e.lines.as_mut().unwrap();
             match lines.next() {
                 None => e.lines = None,
-                Some((_, Err(err))) => return Err(DataError::File { path: file.display().to_string(), msg: err.to_string() }),
+                Some((_, Err(err))) => {
+                    return Err(DataError::File { path: file.display().to_string(), msg: err.to_string() })
+                }
                 Some((_, Ok(line))) if line.trim().is_empty() => {}
                 Some((i, Ok(line))) => match parse_line(file, i + 1, &line) {
                     Ok(record) => return Ok(Some(record)),
@@ -234,13 +242,22 @@ impl Mixture {
         let total: f64 = sources.iter().map(|s| s.weight).sum();
         for s in &sources {
             if s.data.is_empty() || s.weight.is_nan() || s.weight <= 0.0 {
-                return Err(DataError::File { path: s.name.clone(), msg: "a mixture source needs records and a positive weight".into() });
+                return Err(DataError::File {
+                    path: s.name.clone(),
+                    msg: "a mixture source needs records and a positive weight".into(),
+                });
             }
         }
         if sources.is_empty() {
             return Err(DataError::File { path: "mixture".into(), msg: "no sources".into() });
         }
-        let cumulative = sources.iter().scan(0.0, |acc, s| { *acc += s.weight / total; Some(*acc) }).collect();
+        let cumulative = sources
+            .iter()
+            .scan(0.0, |acc, s| {
+                *acc += s.weight / total;
+                Some(*acc)
+            })
+            .collect();
         let position = MixturePosition { next: 0, consumed: vec![0; sources.len()] };
         let orders = sources.iter().map(|_| None).collect();
         Ok(Self { sources, cumulative, seed, position, orders })
@@ -266,7 +283,11 @@ impl Mixture {
         if position.consumed.len() != self.sources.len() {
             return Err(DataError::File {
                 path: "mixture".into(),
-                msg: format!("saved position has {} sources, the recipe {}", position.consumed.len(), self.sources.len()),
+                msg: format!(
+                    "saved position has {} sources, the recipe {}",
+                    position.consumed.len(),
+                    self.sources.len()
+                ),
             });
         }
         self.position = position;
@@ -415,7 +436,8 @@ mod stream_tests {
         let dir = std::env::temp_dir().join(format!("pg2-stream-{}-{name}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         for shard in 0..3 {
-            let lines: String = (0..5).map(|i| format!("{{\"image\": \"x.png\", \"prefix\": \"s{shard} {i}\"}}\n")).collect();
+            let lines: String =
+                (0..5).map(|i| format!("{{\"image\": \"x.png\", \"prefix\": \"s{shard} {i}\"}}\n")).collect();
             std::fs::write(dir.join(format!("{shard}.jsonl")), lines).unwrap();
         }
         dir
@@ -423,7 +445,8 @@ mod stream_tests {
 
     fn stream_mixture(dir: &Path, buffer: usize) -> Mixture {
         let data = SourceData::Stream(StreamSource::open(dir, buffer, OnBadLine::Error).unwrap());
-        Mixture::new(vec![MixtureSource { name: "s".into(), data, weight: 1.0, format: TaskFormat::default() }], 9).unwrap()
+        Mixture::new(vec![MixtureSource { name: "s".into(), data, weight: 1.0, format: TaskFormat::default() }], 9)
+            .unwrap()
     }
 
     fn prefixes(m: &mut Mixture, n: usize) -> Vec<String> {

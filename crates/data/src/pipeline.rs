@@ -149,7 +149,12 @@ enum Outcome {
 /// when bucketing, and returns this rank's micro-batches with the update's target count.
 /// Micro-batch `m` is the `m`-th run of `world * batch_size` examples; rank `r` takes the
 /// `r`-th slice of it, so together the ranks see what one process with the whole batch would.
-fn next_update(mixture: &mut Mixture, tok: &PgTokenizer, config: &PipelineConfig, pool: &rayon::ThreadPool) -> Result<(Vec<Vec<Encoded>>, usize), DataError> {
+fn next_update(
+    mixture: &mut Mixture,
+    tok: &PgTokenizer,
+    config: &PipelineConfig,
+    pool: &rayon::ThreadPool,
+) -> Result<(Vec<Vec<Encoded>>, usize), DataError> {
     let per_micro_batch = config.batch_size * config.world;
     let draws = mixture.next_examples(per_micro_batch * config.accumulation.max(1))?;
     let sources = mixture.sources();
@@ -158,7 +163,13 @@ fn next_update(mixture: &mut Mixture, tok: &PgTokenizer, config: &PipelineConfig
             .into_par_iter()
             .map(|(s, record)| {
                 let prompt = sources[s].format.prompt(&record)?;
-                let (tokens, truncation) = EncodedExample::with_limits(tok, config.image_tokens, &prompt, record.suffix.as_deref(), &sources[s].format.limits);
+                let (tokens, truncation) = EncodedExample::with_limits(
+                    tok,
+                    config.image_tokens,
+                    &prompt,
+                    record.suffix.as_deref(),
+                    &sources[s].format.limits,
+                );
                 Ok(Encoded { record, tokens, truncation })
             })
             .collect::<Result<_, DataError>>()
@@ -183,7 +194,12 @@ pub struct TokenCounts {
 
 /// Counts the tokens of this rank's micro-batches over the next `updates` updates, as the
 /// pipeline would lay them out, without reading an image (`pg2 bench padding`).
-pub fn count_tokens(mut mixture: Mixture, tok: &PgTokenizer, config: &PipelineConfig, updates: usize) -> Result<TokenCounts, DataError> {
+pub fn count_tokens(
+    mut mixture: Mixture,
+    tok: &PgTokenizer,
+    config: &PipelineConfig,
+    updates: usize,
+) -> Result<TokenCounts, DataError> {
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(config.workers.max(1))
         .build()
@@ -200,10 +216,17 @@ pub fn count_tokens(mut mixture: Mixture, tok: &PgTokenizer, config: &PipelineCo
     Ok(counts)
 }
 
-fn load_batch(mixture: &Mixture, tok: &PgTokenizer, config: &PipelineConfig, examples: Vec<Encoded>, update_targets: usize) -> Result<LoadedBatch, DataError> {
+fn load_batch(
+    mixture: &Mixture,
+    tok: &PgTokenizer,
+    config: &PipelineConfig,
+    examples: Vec<Encoded>,
+    update_targets: usize,
+) -> Result<LoadedBatch, DataError> {
     let outcomes: Vec<Outcome> = examples.into_par_iter().map(|example| prepare(config, example)).collect();
     let mut stats = BatchStats::default();
-    let ready: Vec<Prepared> = outcomes.iter().filter_map(|o| if let Outcome::Ready(p) = o { Some(p.clone()) } else { None }).collect();
+    let ready: Vec<Prepared> =
+        outcomes.iter().filter_map(|o| if let Outcome::Ready(p) = o { Some(p.clone()) } else { None }).collect();
     let mut prepared = Vec::with_capacity(outcomes.len());
     for (i, outcome) in outcomes.into_iter().enumerate() {
         match outcome {
@@ -265,7 +288,8 @@ mod tests {
                 let v = 10 * i as u8;
                 ::image::RgbImage::from_pixel(9, 7, ::image::Rgb([v, v, v])).save(dir.join(&file)).unwrap();
             }
-            lines += &format!("{{\"image\": \"{file}\", \"prefix\": \"caption en\", \"suffix\": \"three\", \"n\": {i}}}\n");
+            lines +=
+                &format!("{{\"image\": \"{file}\", \"prefix\": \"caption en\", \"suffix\": \"three\", \"n\": {i}}}\n");
         }
         std::fs::write(dir.join("data.jsonl"), lines).unwrap();
         let records = read_jsonl(&dir.join("data.jsonl")).unwrap();
@@ -323,7 +347,12 @@ mod tests {
     fn fixed_length_padding_is_masked_out() {
         let (dir, records) = dataset("pad");
         let tok = tokenizer();
-        let p = Pipeline::start(mixture(&records[..2]), tok.clone(), PipelineConfig { pad_to: Some(40), ..config(OnBadRecord::Error) }).unwrap();
+        let p = Pipeline::start(
+            mixture(&records[..2]),
+            tok.clone(),
+            PipelineConfig { pad_to: Some(40), ..config(OnBadRecord::Error) },
+        )
+        .unwrap();
         let b = p.next_batch().unwrap();
         assert_eq!(b.batch.inputs.ids.size(), [2, 40]);
         let row = Vec::<i64>::try_from(b.batch.inputs.ids.get(0)).unwrap();
@@ -343,7 +372,10 @@ mod tests {
             (0..n).map(|_| p.next_batch().unwrap()).collect::<Vec<_>>()
         };
         let whole = run(mixture(&good), 6);
-        assert_eq!(whole.iter().map(ids_of).collect::<Vec<_>>(), run(mixture(&good), 6).iter().map(ids_of).collect::<Vec<_>>());
+        assert_eq!(
+            whole.iter().map(ids_of).collect::<Vec<_>>(),
+            run(mixture(&good), 6).iter().map(ids_of).collect::<Vec<_>>()
+        );
         let mut resumed = mixture(&good);
         resumed.seek(whole[2].position.clone()).unwrap();
         let rest = run(resumed, 3);
@@ -371,10 +403,16 @@ mod tests {
     /// The records of `updates` updates, as `[update][micro-batch][rank]` lists of ids.
     fn deal(records: &[Record], config: &PipelineConfig, updates: usize) -> Vec<Vec<Vec<Vec<i64>>>> {
         let pipelines: Vec<Pipeline> = (0..config.world)
-            .map(|rank| Pipeline::start(mixture(records), tokenizer(), PipelineConfig { rank, ..config.clone() }).unwrap())
+            .map(|rank| {
+                Pipeline::start(mixture(records), tokenizer(), PipelineConfig { rank, ..config.clone() }).unwrap()
+            })
             .collect();
         (0..updates)
-            .map(|_| (0..config.accumulation).map(|_| pipelines.iter().map(|p| ids_of(&p.next_batch().unwrap())).collect()).collect())
+            .map(|_| {
+                (0..config.accumulation)
+                    .map(|_| pipelines.iter().map(|p| ids_of(&p.next_batch().unwrap())).collect())
+                    .collect()
+            })
             .collect()
     }
 
@@ -384,7 +422,8 @@ mod tests {
         let config = PipelineConfig { batch_size: 2, world: 3, accumulation: 2, ..config(OnBadRecord::Error) };
         let dealt: Vec<i64> = deal(&records, &config, 2).into_iter().flatten().flatten().flatten().collect();
         let mut stream = mixture(&records);
-        let want: Vec<i64> = stream.next_examples(24).unwrap().iter().map(|(_, r)| r.extra["n"].as_i64().unwrap()).collect();
+        let want: Vec<i64> =
+            stream.next_examples(24).unwrap().iter().map(|(_, r)| r.extra["n"].as_i64().unwrap()).collect();
         assert_eq!(dealt, want);
         std::fs::remove_dir_all(dir).unwrap();
     }
@@ -412,10 +451,15 @@ mod tests {
             (batches.iter().map(|b| b.batch.inputs.ids.numel()).sum::<usize>(), targets, batches[0].update_targets)
         };
         let world1 = |c: &PipelineConfig| PipelineConfig { batch_size: 4, world: 1, ..c.clone() };
-        let ((plain_tokens, plain_targets, plain_update), (sorted_tokens, sorted_targets, sorted_update)) = (padded(&world1(&plain)), padded(&world1(&bucketed)));
+        let ((plain_tokens, plain_targets, plain_update), (sorted_tokens, sorted_targets, sorted_update)) =
+            (padded(&world1(&plain)), padded(&world1(&bucketed)));
         assert!(sorted_tokens < plain_tokens, "{sorted_tokens} vs {plain_tokens}");
         for (config, tokens) in [(world1(&plain), plain_tokens), (world1(&bucketed), sorted_tokens)] {
-            assert_eq!(count_tokens(mixture(&records), &tokenizer(), &config, 1).unwrap().padded, tokens, "counted as laid out");
+            assert_eq!(
+                count_tokens(mixture(&records), &tokenizer(), &config, 1).unwrap().padded,
+                tokens,
+                "counted as laid out"
+            );
         }
         assert_eq!((plain_targets, sorted_targets), (plain_update as i64, sorted_update as i64));
         std::fs::remove_dir_all(dir).unwrap();

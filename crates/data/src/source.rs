@@ -159,7 +159,10 @@ mod tests {
 
     #[test]
     fn missing_and_corrupt_images_name_the_record() {
-        let path = write("img", "{\"image\": \"missing.png\", \"prefix\": \"x\"}\n{\"image\": \"broken.png\", \"prefix\": \"x\"}\n");
+        let path = write(
+            "img",
+            "{\"image\": \"missing.png\", \"prefix\": \"x\"}\n{\"image\": \"broken.png\", \"prefix\": \"x\"}\n",
+        );
         std::fs::write(path.parent().unwrap().join("broken.png"), b"not a png").unwrap();
         let records = read_jsonl(&path).unwrap();
         let err = records[0].load_image().unwrap_err().to_string();

@@ -621,9 +621,9 @@ mod tests {
     use std::collections::{BTreeMap, HashSet};
 
     use super::*;
-    use std::path::PathBuf;
     use crate::source::{read_jsonl, Record};
     use crate::tokenizer::PgTokenizer;
+    use std::path::PathBuf;
 
     const CANVAS: u32 = 64;
 
@@ -736,10 +736,7 @@ mod tests {
         }
         // Written in place, no leftovers; a second run refuses to overwrite.
         let tmp_left = fs::read_dir(dir.0.parent().unwrap()).unwrap().any(|e| {
-            e.unwrap()
-                .file_name()
-                .to_string_lossy()
-                .contains(&format!("pg2-synth-{}-layout.tmp", std::process::id()))
+            e.unwrap().file_name().to_string_lossy().contains(&format!("pg2-synth-{}-layout.tmp", std::process::id()))
         });
         assert!(!tmp_left);
         let again = write_synth(&dir.0, &SynthOptions { train: 5, val: 5, canvas: CANVAS, seed: 0 });

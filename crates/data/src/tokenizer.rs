@@ -28,7 +28,9 @@ impl PgTokenizer {
         let err = |msg: String| DataError::Tokenizer { path: path.display().to_string(), msg };
         let mut inner = Tokenizer::from_file(path).map_err(|e| err(format!("cannot load: {e}")))?;
         if inner.token_to_id("<image>").is_none() {
-            inner.add_special_tokens([AddedToken::from("<image>", true)]).map_err(|e| err(format!("cannot add <image>: {e}")))?;
+            inner
+                .add_special_tokens([AddedToken::from("<image>", true)])
+                .map_err(|e| err(format!("cannot add <image>: {e}")))?;
         }
         let missing: Vec<AddedToken> = location_and_segment_tokens()
             .into_iter()
@@ -36,7 +38,8 @@ impl PgTokenizer {
             .map(|t| AddedToken::from(t, false))
             .collect();
         inner.add_tokens(missing).map_err(|e| err(format!("cannot add loc/seg tokens: {e}")))?;
-        let id = |token: &str| inner.token_to_id(token).map(i64::from).ok_or_else(|| err(format!("has no {token} token")));
+        let id =
+            |token: &str| inner.token_to_id(token).map(i64::from).ok_or_else(|| err(format!("has no {token} token")));
         Ok(Self { bos_id: id("<bos>")?, eos_id: id("<eos>")?, pad_id: id("<pad>")?, image_id: id("<image>")?, inner })
     }
 

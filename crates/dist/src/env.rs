@@ -34,7 +34,11 @@ impl WorkerEnv {
     pub fn from_vars(var: impl Fn(&str) -> Option<String>) -> Result<Option<WorkerEnv>, DistError> {
         let number = |name: &str| -> Result<Option<usize>, DistError> {
             var(name)
-                .map(|v| v.trim().parse().map_err(|_| DistError::Env { var: name.into(), msg: format!("{v:?} is not a number") }))
+                .map(|v| {
+                    v.trim()
+                        .parse()
+                        .map_err(|_| DistError::Env { var: name.into(), msg: format!("{v:?} is not a number") })
+                })
                 .transpose()
         };
         let master = |default_addr: Option<String>, default_port: u16| -> Result<(String, u16), DistError> {
@@ -43,7 +47,10 @@ impl WorkerEnv {
                 msg: "not set: it names the host of rank 0".into(),
             })?;
             let port = match var("MASTER_PORT") {
-                Some(p) => p.trim().parse().map_err(|_| DistError::Env { var: "MASTER_PORT".into(), msg: format!("{p:?} is not a port") })?,
+                Some(p) => p
+                    .trim()
+                    .parse()
+                    .map_err(|_| DistError::Env { var: "MASTER_PORT".into(), msg: format!("{p:?} is not a port") })?,
                 None => default_port,
             };
             Ok((addr, port))
@@ -59,9 +66,13 @@ impl WorkerEnv {
                 master_port,
             }
         } else if var("SLURM_STEP_ID").is_some() {
-            let need = |name: &str| number(name)?.ok_or_else(|| DistError::Env { var: name.into(), msg: "not set inside an srun step".into() });
+            let need = |name: &str| {
+                number(name)?
+                    .ok_or_else(|| DistError::Env { var: name.into(), msg: "not set inside an srun step".into() })
+            };
             let job = number("SLURM_JOB_ID")?.unwrap_or(0);
-            let first_host = var("SLURM_STEP_NODELIST").or_else(|| var("SLURM_JOB_NODELIST")).map(|list| first_host(&list));
+            let first_host =
+                var("SLURM_STEP_NODELIST").or_else(|| var("SLURM_JOB_NODELIST")).map(|list| first_host(&list));
             let (master_addr, master_port) = master(first_host, 20000 + (job % 20000) as u16)?;
             let world = need("SLURM_NTASKS")?;
             let nodes = number("SLURM_NNODES")?.unwrap_or(1).max(1);
@@ -79,7 +90,10 @@ impl WorkerEnv {
         if env.rank >= env.world || env.local_rank >= env.local_world.max(1) {
             return Err(DistError::Env {
                 var: "RANK".into(),
-                msg: format!("rank {} (local {}) does not fit a world of {} ({} per node)", env.rank, env.local_rank, env.world, env.local_world),
+                msg: format!(
+                    "rank {} (local {}) does not fit a world of {} ({} per node)",
+                    env.rank, env.local_rank, env.world, env.local_world
+                ),
             });
         }
         Ok(Some(env))
@@ -103,7 +117,10 @@ impl WorkerEnv {
             n if self.local_rank < n => Ok(self.local_rank),
             n => Err(DistError::Env {
                 var: "LOCAL_RANK".into(),
-                msg: format!("rank {} wants GPU {}, but {n} are visible: start at most {n} workers per node", self.rank, self.local_rank),
+                msg: format!(
+                    "rank {} wants GPU {}, but {n} are visible: start at most {n} workers per node",
+                    self.rank, self.local_rank
+                ),
             }),
         }
     }
@@ -155,11 +172,26 @@ mod tests {
     #[test]
     fn torchrun_and_srun_workers_are_recognised() {
         assert_eq!(env(&[]).unwrap(), None);
-        assert_eq!(env(&[("SLURM_PROCID", "0"), ("SLURM_NTASKS", "8")]).unwrap(), None, "a batch script is not a worker");
-        let torchrun = env(&[("RANK", "3"), ("WORLD_SIZE", "4"), ("LOCAL_RANK", "1"), ("LOCAL_WORLD_SIZE", "2"), ("MASTER_ADDR", "h0"), ("MASTER_PORT", "1234")]);
-        let want = WorkerEnv { rank: 3, local_rank: 1, world: 4, local_world: 2, master_addr: "h0".into(), master_port: 1234 };
+        assert_eq!(
+            env(&[("SLURM_PROCID", "0"), ("SLURM_NTASKS", "8")]).unwrap(),
+            None,
+            "a batch script is not a worker"
+        );
+        let torchrun = env(&[
+            ("RANK", "3"),
+            ("WORLD_SIZE", "4"),
+            ("LOCAL_RANK", "1"),
+            ("LOCAL_WORLD_SIZE", "2"),
+            ("MASTER_ADDR", "h0"),
+            ("MASTER_PORT", "1234"),
+        ]);
+        let want =
+            WorkerEnv { rank: 3, local_rank: 1, world: 4, local_world: 2, master_addr: "h0".into(), master_port: 1234 };
         assert_eq!(torchrun.unwrap(), Some(want.clone()));
-        assert_eq!(WorkerEnv::from_vars(|k| want.vars().into_iter().find(|(n, _)| *n == k).map(|(_, v)| v)).unwrap(), Some(want));
+        assert_eq!(
+            WorkerEnv::from_vars(|k| want.vars().into_iter().find(|(n, _)| *n == k).map(|(_, v)| v)).unwrap(),
+            Some(want)
+        );
         let srun = env(&[
             ("SLURM_STEP_ID", "0"),
             ("SLURM_PROCID", "9"),

@@ -60,7 +60,10 @@ pub fn supervise(plan: &LaunchPlan, worker: impl Fn(usize) -> Command) -> Result
     if plan.nproc_per_node == 0 || plan.nnodes == 0 || plan.node_rank >= plan.nnodes {
         return Err(DistError::Env {
             var: "--node-rank".into(),
-            msg: format!("node {} of {} with {} workers each is impossible", plan.node_rank, plan.nnodes, plan.nproc_per_node),
+            msg: format!(
+                "node {} of {} with {} workers each is impossible",
+                plan.node_rank, plan.nnodes, plan.nproc_per_node
+            ),
         });
     }
     let mut attempt = 0;
@@ -74,11 +77,18 @@ pub fn supervise(plan: &LaunchPlan, worker: impl Fn(usize) -> Command) -> Result
         let Some((rank, status)) = failure else { return Ok(()) };
         let what = format!("rank {rank} {}", describe(status));
         if attempt == plan.max_restarts {
-            let advice = if plan.max_restarts == 0 { "; --max-restarts K restarts the group from its latest checkpoint" } else { "" };
+            let advice = if plan.max_restarts == 0 {
+                "; --max-restarts K restarts the group from its latest checkpoint"
+            } else {
+                ""
+            };
             return Err(DistError::Worker(format!("{what}; stopped the group{advice}")));
         }
         attempt += 1;
-        eprintln!("launch: {what}; restarting the group from the latest checkpoint (restart {attempt} of {})", plan.max_restarts);
+        eprintln!(
+            "launch: {what}; restarting the group from the latest checkpoint (restart {attempt} of {})",
+            plan.max_restarts
+        );
     }
 }
 
@@ -154,7 +164,14 @@ mod tests {
     use super::*;
 
     fn plan(nproc: usize, restarts: usize) -> LaunchPlan {
-        LaunchPlan { nproc_per_node: nproc, nnodes: 1, node_rank: 0, master_addr: "127.0.0.1".into(), master_port: None, max_restarts: restarts }
+        LaunchPlan {
+            nproc_per_node: nproc,
+            nnodes: 1,
+            node_rank: 0,
+            master_addr: "127.0.0.1".into(),
+            master_port: None,
+            max_restarts: restarts,
+        }
     }
 
     fn sh(script: &str) -> Command {
@@ -167,7 +184,8 @@ mod tests {
     fn workers_get_torchrun_variables_and_all_succeed() {
         let dir = std::env::temp_dir().join(format!("pg2-launcher-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
-        let script = format!("echo $RANK $LOCAL_RANK $WORLD_SIZE $LOCAL_WORLD_SIZE $MASTER_ADDR > {}/$RANK", dir.display());
+        let script =
+            format!("echo $RANK $LOCAL_RANK $WORLD_SIZE $LOCAL_WORLD_SIZE $MASTER_ADDR > {}/$RANK", dir.display());
         supervise(&plan(3, 0), |_| sh(&script)).unwrap();
         for rank in 0..3 {
             let line = std::fs::read_to_string(dir.join(rank.to_string())).unwrap();
@@ -179,7 +197,8 @@ mod tests {
     #[test]
     fn a_failed_worker_stops_the_group_promptly_and_is_named() {
         let start = std::time::Instant::now();
-        let err = supervise(&plan(2, 0), |_| sh("if [ $RANK = 1 ]; then exit 3; fi; sleep 60")).unwrap_err().to_string();
+        let err =
+            supervise(&plan(2, 0), |_| sh("if [ $RANK = 1 ]; then exit 3; fi; sleep 60")).unwrap_err().to_string();
         assert!(err.contains("rank 1 exited with status 3"), "{err}");
         assert!(start.elapsed() < Duration::from_secs(10), "the sleeping rank 0 was not stopped");
     }

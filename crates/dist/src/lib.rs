@@ -72,7 +72,9 @@ impl Group {
         }
         let mut store = store::StoreClient::connect(&format!("{}:{}", env.master_addr, env.master_port), timeout)?;
         let collective: Option<Box<dyn Collective>> = match device {
-            Device::Cuda(index) => Some(Box::new(nccl::Nccl::connect(&mut store, env.rank, env.world, index, timeout)?)),
+            Device::Cuda(index) => {
+                Some(Box::new(nccl::Nccl::connect(&mut store, env.rank, env.world, index, timeout)?))
+            }
             _ if env.world == 1 => None,
             _ => Some(Box::new(ring::Ring::connect(&mut store, env.rank, env.world, timeout)?)),
         };
@@ -83,7 +85,8 @@ impl Group {
 
     /// A process training alone: rank 0 of 1, every collective the identity.
     pub fn single() -> Group {
-        let env = WorkerEnv { rank: 0, local_rank: 0, world: 1, local_world: 1, master_addr: String::new(), master_port: 0 };
+        let env =
+            WorkerEnv { rank: 0, local_rank: 0, world: 1, local_world: 1, master_addr: String::new(), master_port: 0 };
         Group { env, store: None, collective: None, device: Device::Cpu, timeout: Duration::ZERO }
     }
 
@@ -127,7 +130,9 @@ impl Group {
 
     /// The sums over the ranks of a few numbers (losses, counts), read back to the host.
     pub fn sum_scalars(&mut self, values: &[f64]) -> Result<Vec<f64>, DistError> {
-        let Some(collective) = self.collective.as_mut().filter(|_| self.env.world > 1) else { return Ok(values.to_vec()) };
+        let Some(collective) = self.collective.as_mut().filter(|_| self.env.world > 1) else {
+            return Ok(values.to_vec());
+        };
         let t = Tensor::from_slice(values).to_device(self.device);
         collective.all_reduce_sum(&t)?;
         Ok(Vec::<f64>::try_from(&t.to_device(Device::Cpu))?)
@@ -136,7 +141,9 @@ impl Group {
     /// Every rank's `data` on rank 0, in rank order (`None` elsewhere), through the store:
     /// for small, uneven results such as evaluation predictions. `name` must be new.
     pub fn gather_to_main(&mut self, name: &str, data: &[u8]) -> Result<Option<Vec<Vec<u8>>>, DistError> {
-        let Some(store) = self.store.as_mut().filter(|_| self.env.world > 1) else { return Ok(Some(vec![data.to_vec()])) };
+        let Some(store) = self.store.as_mut().filter(|_| self.env.world > 1) else {
+            return Ok(Some(vec![data.to_vec()]));
+        };
         let key = |rank: usize| format!("gather/{name}/{rank}");
         store.set(&key(self.env.rank), data)?;
         if self.env.rank != 0 {
@@ -144,9 +151,12 @@ impl Group {
         }
         let mut all = Vec::with_capacity(self.env.world);
         for rank in 0..self.env.world {
-            let part = store
-                .get(&key(rank), self.timeout)?
-                .ok_or_else(|| DistError::Timeout(format!("rank {rank} never sent its part of `{name}` within {}s", self.timeout.as_secs())))?;
+            let part = store.get(&key(rank), self.timeout)?.ok_or_else(|| {
+                DistError::Timeout(format!(
+                    "rank {rank} never sent its part of `{name}` within {}s",
+                    self.timeout.as_secs()
+                ))
+            })?;
             store.set(&key(rank), b"")?; // the store keeps no copy
             all.push(part);
         }
@@ -201,18 +211,32 @@ mod tests {
             let handles: Vec<_> = (0..3)
                 .map(|rank| {
                     s.spawn(move || {
-                        let env = WorkerEnv { rank, local_rank: rank, world: 3, local_world: 3, master_addr: "127.0.0.1".into(), master_port: port };
+                        let env = WorkerEnv {
+                            rank,
+                            local_rank: rank,
+                            world: 3,
+                            local_world: 3,
+                            master_addr: "127.0.0.1".into(),
+                            master_port: port,
+                        };
                         let mut group = Group::join(env, Device::Cpu, Duration::from_secs(10)).unwrap();
                         // Four tensors of 8, 8, 40 and 8 bytes in 16-byte buckets: [a, b], [c], [d].
-                        let grads: Vec<Tensor> = [2, 2, 10, 2].iter().map(|&n| Tensor::full([n], rank as f64, (Kind::Float, Device::Cpu))).collect();
+                        let grads: Vec<Tensor> = [2, 2, 10, 2]
+                            .iter()
+                            .map(|&n| Tensor::full([n], rank as f64, (Kind::Float, Device::Cpu)))
+                            .collect();
                         group.all_reduce_mean(&grads, 16).unwrap();
                         let params = [Tensor::full([3], rank as f64 + 5.0, (Kind::Float, Device::Cpu))];
                         group.broadcast_from_main(&params).unwrap();
                         let gathered = group.gather_to_main("ranks", format!("rank {rank}").as_bytes()).unwrap();
-                        let want = (rank == 0).then(|| (0..3).map(|r| format!("rank {r}").into_bytes()).collect::<Vec<_>>());
+                        let want =
+                            (rank == 0).then(|| (0..3).map(|r| format!("rank {r}").into_bytes()).collect::<Vec<_>>());
                         assert_eq!(gathered, want);
                         group.barrier("end").unwrap();
-                        (grads.iter().map(|g| Vec::<f32>::try_from(g).unwrap()).collect::<Vec<_>>(), Vec::<f32>::try_from(&params[0]).unwrap())
+                        (
+                            grads.iter().map(|g| Vec::<f32>::try_from(g).unwrap()).collect::<Vec<_>>(),
+                            Vec::<f32>::try_from(&params[0]).unwrap(),
+                        )
                     })
                 })
                 .collect();

@@ -30,7 +30,13 @@ fn nccl_error(what: &str, e: impl std::fmt::Debug) -> DistError {
 impl Nccl {
     /// Creates the communicator of `world` ranks on GPU `device`: rank 0 makes the unique
     /// id and shares it through the store.
-    pub fn connect(store: &mut StoreClient, rank: usize, world: usize, device: usize, timeout: Duration) -> Result<Nccl, DistError> {
+    pub fn connect(
+        store: &mut StoreClient,
+        rank: usize,
+        world: usize,
+        device: usize,
+        timeout: Duration,
+    ) -> Result<Nccl, DistError> {
         // SAFETY: only probes whether the library can be opened.
         if !unsafe { sys::is_culib_present() } {
             return Err(DistError::Nccl(
@@ -44,9 +50,9 @@ impl Nccl {
             store.set("nccl/id", &id.internal.map(|c| c as u8))?;
             id
         } else {
-            let bytes = store
-                .get("nccl/id", timeout)?
-                .ok_or_else(|| DistError::Timeout(format!("rank 0 never published the NCCL id within {}s", timeout.as_secs())))?;
+            let bytes = store.get("nccl/id", timeout)?.ok_or_else(|| {
+                DistError::Timeout(format!("rank 0 never published the NCCL id within {}s", timeout.as_secs()))
+            })?;
             let mut id = sys::ncclUniqueId { internal: [0; 128] };
             for (c, b) in id.internal.iter_mut().zip(bytes) {
                 *c = b as _;
@@ -55,7 +61,8 @@ impl Nccl {
         };
         let mut comm = std::mem::MaybeUninit::uninit();
         // SAFETY: `comm` is written by NCCL on success; the id came from rank 0.
-        unsafe { result::comm_init_rank(comm.as_mut_ptr(), world as i32, id, rank as i32) }.map_err(|e| nccl_error("ncclCommInitRank", e))?;
+        unsafe { result::comm_init_rank(comm.as_mut_ptr(), world as i32, id, rank as i32) }
+            .map_err(|e| nccl_error("ncclCommInitRank", e))?;
         // SAFETY: initialised by the successful call above.
         Ok(Nccl { comm: unsafe { comm.assume_init() }, _context: context })
     }
@@ -72,7 +79,10 @@ impl Nccl {
 
     fn check(tensor: &Tensor) -> Result<(), DistError> {
         if !tensor.device().is_cuda() || !tensor.is_contiguous() {
-            return Err(DistError::Nccl(format!("NCCL needs contiguous CUDA tensors, got one on {:?}", tensor.device())));
+            return Err(DistError::Nccl(format!(
+                "NCCL needs contiguous CUDA tensors, got one on {:?}",
+                tensor.device()
+            )));
         }
         Ok(())
     }
@@ -87,8 +97,18 @@ impl Collective for Nccl {
         let ptr = tensor.data_ptr();
         // SAFETY: in place on a contiguous tensor of `numel` elements that outlives the call;
         // the stream orders it after the kernels that wrote it.
-        unsafe { result::all_reduce(ptr, ptr, tensor.numel(), Self::data_type(tensor)?, sys::ncclRedOp_t::ncclSum, self.comm, DEFAULT_STREAM) }
-            .map_err(|e| nccl_error("ncclAllReduce", e))?;
+        unsafe {
+            result::all_reduce(
+                ptr,
+                ptr,
+                tensor.numel(),
+                Self::data_type(tensor)?,
+                sys::ncclRedOp_t::ncclSum,
+                self.comm,
+                DEFAULT_STREAM,
+            )
+        }
+        .map_err(|e| nccl_error("ncclAllReduce", e))?;
         Ok(())
     }
 
@@ -96,8 +116,18 @@ impl Collective for Nccl {
         Self::check(tensor)?;
         let ptr = tensor.data_ptr();
         // SAFETY: as for all_reduce.
-        unsafe { result::broadcast(ptr, ptr, tensor.numel(), Self::data_type(tensor)?, root as i32, self.comm, DEFAULT_STREAM) }
-            .map_err(|e| nccl_error("ncclBroadcast", e))?;
+        unsafe {
+            result::broadcast(
+                ptr,
+                ptr,
+                tensor.numel(),
+                Self::data_type(tensor)?,
+                root as i32,
+                self.comm,
+                DEFAULT_STREAM,
+            )
+        }
+        .map_err(|e| nccl_error("ncclBroadcast", e))?;
         Ok(())
     }
 }
@@ -120,7 +150,10 @@ mod tests {
     #[test]
     fn the_wheels_nccl_loads_through_the_rpath() {
         // SAFETY: only opens the library.
-        assert!(unsafe { sys::is_culib_present() }, "libnccl.so not found: rerun ./launch/test, whose bootstrap links it");
+        assert!(
+            unsafe { sys::is_culib_present() },
+            "libnccl.so not found: rerun ./launch/test, whose bootstrap links it"
+        );
         let version = result::get_nccl_version().unwrap();
         assert!(version >= 22800, "NCCL {version}: the torch 2.11 wheel ships 2.28");
     }

@@ -23,22 +23,31 @@ impl Ring {
     /// the next rank and accepts the previous one. Needs `world >= 2`.
     pub fn connect(store: &mut StoreClient, rank: usize, world: usize, timeout: Duration) -> Result<Ring, DistError> {
         assert!(world >= 2, "a ring needs two ranks");
-        let listener = TcpListener::bind((store.local_ip, 0)).map_err(|e| DistError::io("opening this rank's ring port", e))?;
+        let listener =
+            TcpListener::bind((store.local_ip, 0)).map_err(|e| DistError::io("opening this rank's ring port", e))?;
         let addr = listener.local_addr().map_err(|e| DistError::io("this rank's ring port", e))?;
         store.set(&format!("ring/{rank}"), addr.to_string().as_bytes())?;
         let next_rank = (rank + 1) % world;
-        let next_addr = store
-            .get(&format!("ring/{next_rank}"), timeout)?
-            .ok_or_else(|| DistError::Timeout(format!("rank {next_rank} never published its ring address within {}s", timeout.as_secs())))?;
+        let next_addr = store.get(&format!("ring/{next_rank}"), timeout)?.ok_or_else(|| {
+            DistError::Timeout(format!(
+                "rank {next_rank} never published its ring address within {}s",
+                timeout.as_secs()
+            ))
+        })?;
         let next_addr = String::from_utf8_lossy(&next_addr).into_owned();
-        let mut next = TcpStream::connect(&next_addr).map_err(|e| DistError::io(format!("connecting to rank {next_rank} at {next_addr}"), e))?;
-        next.write_all(&(rank as u32).to_le_bytes()).map_err(|e| DistError::io(format!("greeting rank {next_rank}"), e))?;
+        let mut next = TcpStream::connect(&next_addr)
+            .map_err(|e| DistError::io(format!("connecting to rank {next_rank} at {next_addr}"), e))?;
+        next.write_all(&(rank as u32).to_le_bytes())
+            .map_err(|e| DistError::io(format!("greeting rank {next_rank}"), e))?;
         let (mut prev, _) = listener.accept().map_err(|e| DistError::io("accepting the previous rank", e))?;
         let mut greeting = [0u8; 4];
         prev.read_exact(&mut greeting).map_err(|e| DistError::io("reading the previous rank's greeting", e))?;
         let prev_rank = (rank + world - 1) % world;
         if u32::from_le_bytes(greeting) as usize != prev_rank {
-            return Err(DistError::Protocol(format!("rank {rank} expected rank {prev_rank} in the ring, got {}", u32::from_le_bytes(greeting))));
+            return Err(DistError::Protocol(format!(
+                "rank {rank} expected rank {prev_rank} in the ring, got {}",
+                u32::from_le_bytes(greeting)
+            )));
         }
         for s in [&next, &prev] {
             let _ = s.set_nodelay(true);
@@ -55,8 +64,18 @@ impl Ring {
             (sender.join().expect("ring sender thread"), received)
         });
         let rank = self.rank;
-        sent.map_err(|e| DistError::io(format!("sending to rank {} (has it failed? see its message)", (rank + 1) % self.world), e))?;
-        received.map_err(|e| DistError::io(format!("receiving from rank {} (has it failed? see its message)", (rank + self.world - 1) % self.world), e))
+        sent.map_err(|e| {
+            DistError::io(format!("sending to rank {} (has it failed? see its message)", (rank + 1) % self.world), e)
+        })?;
+        received.map_err(|e| {
+            DistError::io(
+                format!(
+                    "receiving from rank {} (has it failed? see its message)",
+                    (rank + self.world - 1) % self.world
+                ),
+                e,
+            )
+        })
     }
 
     /// Sums `data` over the ranks: a reduce-scatter then an all-gather, `world - 1` steps
@@ -165,9 +184,10 @@ mod tests {
                 ring.all_reduce_f32(&mut data).unwrap();
                 data
             });
-            for i in 0..7 {
+            assert_eq!(results[0].len(), 7);
+            for (i, got) in results[0].iter().enumerate() {
                 let want: f32 = (0..world).map(|r| (r * 10 + i) as f32 * 0.1).sum();
-                assert!((results[0][i] - want).abs() < 1e-5, "world {world}: {} vs {want}", results[0][i]);
+                assert!((got - want).abs() < 1e-5, "world {world}: {got} vs {want}");
             }
             assert!(results.iter().all(|r| r == &results[0]), "ranks disagree: {results:?}");
         }

@@ -23,7 +23,9 @@ type Shared = Arc<(Mutex<HashMap<Vec<u8>, Vec<u8>>>, Condvar)>;
 
 /// Serves the store from a background thread for as long as the process lives.
 pub fn host(port: u16) -> Result<SocketAddr, DistError> {
-    let listener = TcpListener::bind(("0.0.0.0", port)).map_err(|e| DistError::io(format!("hosting the store on port {port} (in use? pass another --master-port)"), e))?;
+    let listener = TcpListener::bind(("0.0.0.0", port)).map_err(|e| {
+        DistError::io(format!("hosting the store on port {port} (in use? pass another --master-port)"), e)
+    })?;
     let addr = listener.local_addr().map_err(|e| DistError::io("the store's address", e))?;
     let shared: Shared = Arc::default();
     std::thread::spawn(move || {
@@ -92,7 +94,8 @@ impl StoreClient {
         let deadline = Instant::now() + timeout;
         let conn = loop {
             let attempt = addr.to_socket_addrs().and_then(|mut addrs| {
-                let target = addrs.next().ok_or_else(|| std::io::Error::new(std::io::ErrorKind::NotFound, "no address"))?;
+                let target =
+                    addrs.next().ok_or_else(|| std::io::Error::new(std::io::ErrorKind::NotFound, "no address"))?;
                 TcpStream::connect_timeout(&target, Duration::from_secs(2))
             });
             match attempt {
@@ -211,7 +214,8 @@ mod tests {
     #[test]
     fn a_missing_store_times_out_with_advice() {
         let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port(); // closed again
-        let err = StoreClient::connect(&format!("127.0.0.1:{port}"), Duration::from_millis(300)).err().unwrap().to_string();
+        let err =
+            StoreClient::connect(&format!("127.0.0.1:{port}"), Duration::from_millis(300)).err().unwrap().to_string();
         assert!(err.contains("MASTER_ADDR"), "{err}");
     }
 }

@@ -10,18 +10,11 @@ pub const THRESHOLD: f64 = 0.5;
 /// lengths are those of the upper-cased strings (`ß` counts 2), and two empty strings match.
 pub fn anls(prediction: &str, answers: &[&str]) -> f64 {
     let prediction = prediction.trim().to_lowercase();
-    answers
-        .iter()
-        .map(|a| similarity(&prediction, &a.trim().to_lowercase()))
-        .fold(0.0, f64::max)
+    answers.iter().map(|a| similarity(&prediction, &a.trim().to_lowercase())).fold(0.0, f64::max)
 }
 
 fn similarity(a: &str, b: &str) -> f64 {
-    let length = a
-        .to_uppercase()
-        .chars()
-        .count()
-        .max(b.to_uppercase().chars().count());
+    let length = a.to_uppercase().chars().count().max(b.to_uppercase().chars().count());
     if length == 0 {
         return 1.0;
     }

@@ -29,14 +29,8 @@ pub fn cider(items: &[(&str, Vec<&str>)]) -> Vec<f64> {
         .zip(&refs)
         .map(|(hyp, refs)| {
             let hyp = TfIdf::new(hyp, &doc_freq, log_images);
-            let total: f64 = refs
-                .iter()
-                .map(|r| {
-                    hyp.similarity(&TfIdf::new(r, &doc_freq, log_images))
-                        .iter()
-                        .sum::<f64>()
-                })
-                .sum();
+            let total: f64 =
+                refs.iter().map(|r| hyp.similarity(&TfIdf::new(r, &doc_freq, log_images)).iter().sum::<f64>()).sum();
             total / MAX_N as f64 / refs.len() as f64 * 10.0
         })
         .collect()
@@ -56,25 +50,15 @@ pub fn bleu(items: &[(&str, Vec<&str>)]) -> [f64; MAX_N] {
         let refs: Vec<Vec<String>> = references.iter().map(|r| ptb::tokenize(r)).collect();
         let max_ref_counts = max_counts(&refs);
         for (n, counts) in ngram_counts(&hyp).iter().enumerate() {
-            correct[n] += counts
-                .iter()
-                .map(|(g, &c)| c.min(max_ref_counts[n].get(g).copied().unwrap_or(0)))
-                .sum::<usize>();
+            correct[n] +=
+                counts.iter().map(|(g, &c)| c.min(max_ref_counts[n].get(g).copied().unwrap_or(0))).sum::<usize>();
             guess[n] += (hyp.len() + 1).saturating_sub(n + 1);
         }
         hyp_len += hyp.len();
-        ref_len += refs
-            .iter()
-            .map(Vec::len)
-            .min_by_key(|&l| (l.abs_diff(hyp.len()), l))
-            .unwrap_or(0);
+        ref_len += refs.iter().map(Vec::len).min_by_key(|&l| (l.abs_diff(hyp.len()), l)).unwrap_or(0);
     }
     let ratio = (hyp_len as f64 + TINY) / (ref_len as f64 + SMALL);
-    let brevity = if ratio < 1.0 {
-        (1.0 - 1.0 / ratio).exp()
-    } else {
-        1.0
-    };
+    let brevity = if ratio < 1.0 { (1.0 - 1.0 / ratio).exp() } else { 1.0 };
     let mut product = 1.0;
     std::array::from_fn(|n| {
         product *= (correct[n] as f64 + TINY) / (guess[n] as f64 + SMALL);
@@ -85,10 +69,7 @@ pub fn bleu(items: &[(&str, Vec<&str>)]) -> [f64; MAX_N] {
 /// PTB-tokenised n-gram counts of the predictions and of each image's references.
 fn tokenized_counts(items: &[(&str, Vec<&str>)]) -> (Vec<Counts>, Vec<Vec<Counts>>) {
     let counts = |s: &str| ngram_counts(&ptb::tokenize(s));
-    items
-        .iter()
-        .map(|(p, refs)| (counts(p), refs.iter().map(|r| counts(r)).collect()))
-        .unzip()
+    items.iter().map(|(p, refs)| (counts(p), refs.iter().map(|r| counts(r)).collect())).unzip()
 }
 
 /// Counts of every 1- to 4-gram of `words`, keyed by the n-gram's words joined with spaces.
@@ -120,11 +101,8 @@ fn max_counts(refs: &[Vec<String>]) -> Counts {
 fn document_frequencies(refs: &[Vec<Counts>]) -> HashMap<&str, f64> {
     let mut df = HashMap::new();
     for image in refs {
-        let grams: HashSet<&str> = image
-            .iter()
-            .flat_map(|r| r.iter().flat_map(|c| c.keys()))
-            .map(String::as_str)
-            .collect();
+        let grams: HashSet<&str> =
+            image.iter().flat_map(|r| r.iter().flat_map(|c| c.keys())).map(String::as_str).collect();
         for g in grams {
             *df.entry(g).or_insert(0.0) += 1.0;
         }
@@ -152,11 +130,7 @@ impl<'a> TfIdf<'a> {
                 .collect()
         });
         let norms = std::array::from_fn(|n| weights[n].values().map(|w| w * w).sum::<f64>().sqrt());
-        TfIdf {
-            weights,
-            norms,
-            bigrams: counts[1].values().sum(),
-        }
+        TfIdf { weights, norms, bigrams: counts[1].values().sum() }
     }
 
     /// CIDEr-D's per-order similarity of this hypothesis to one reference.

@@ -24,53 +24,32 @@ impl<'a> Example<'a> {
 
     /// A string (`prediction`, `html`).
     pub fn string(&self, name: &'static str) -> Result<&'a str, EvalError> {
-        self.field(name)?
-            .as_str()
-            .ok_or_else(|| self.error(name, "is not a string"))
+        self.field(name)?.as_str().ok_or_else(|| self.error(name, "is not a string"))
     }
 
     /// A non-empty list of strings (`references`, `answers`).
     pub fn non_empty_strings(&self, name: &'static str) -> Result<Vec<&'a str>, EvalError> {
-        let list = self
-            .field(name)?
-            .as_array()
-            .ok_or_else(|| self.error(name, "is not a list of strings"))?;
+        let list = self.field(name)?.as_array().ok_or_else(|| self.error(name, "is not a list of strings"))?;
         if list.is_empty() {
             return Err(self.error(name, "is empty"));
         }
-        list.iter()
-            .map(|v| {
-                v.as_str()
-                    .ok_or_else(|| self.error(name, "is not a list of strings"))
-            })
-            .collect()
+        list.iter().map(|v| v.as_str().ok_or_else(|| self.error(name, "is not a list of strings"))).collect()
     }
 
     /// A number (`width`, `height`).
     pub fn number(&self, name: &'static str) -> Result<f64, EvalError> {
-        self.field(name)?
-            .as_f64()
-            .ok_or_else(|| self.error(name, "is not a number"))
+        self.field(name)?.as_f64().ok_or_else(|| self.error(name, "is not a number"))
     }
 
     /// The first box of `boxes`, a list of `[y1, x1, y2, x2]` pixel boxes.
     pub fn first_box(&self) -> Result<Box, EvalError> {
         let bad = || self.error("boxes", "is not a non-empty list of [y1, x1, y2, x2] boxes");
-        self.field("boxes")?
-            .as_array()
-            .and_then(|b| b.first())
-            .and_then(pixel_box)
-            .ok_or_else(bad)
+        self.field("boxes")?.as_array().and_then(|b| b.first()).and_then(pixel_box).ok_or_else(bad)
     }
 
     /// A list (possibly empty) of `{"text": "...", "box": [y1, x1, y2, x2]}` words (`words`).
     pub fn words(&self, name: &'static str) -> Result<Vec<Word<'a>>, EvalError> {
-        let bad = || {
-            self.error(
-                name,
-                "is not a list of {\"text\", \"box\": [y1, x1, y2, x2]} words",
-            )
-        };
+        let bad = || self.error(name, "is not a list of {\"text\", \"box\": [y1, x1, y2, x2]} words");
         self.field(name)?
             .as_array()
             .ok_or_else(bad)?
@@ -79,10 +58,7 @@ impl<'a> Example<'a> {
                 let text = w.get("text").and_then(Value::as_str);
                 let bbox = w.get("box").and_then(pixel_box);
                 match (text, bbox) {
-                    (Some(text), Some(bbox)) => Ok(Word {
-                        text,
-                        bbox: Some(bbox),
-                    }),
+                    (Some(text), Some(bbox)) => Ok(Word { text, bbox: Some(bbox) }),
                     _ => Err(bad()),
                 }
             })
@@ -90,18 +66,12 @@ impl<'a> Example<'a> {
     }
 
     fn field(&self, name: &'static str) -> Result<&'a Value, EvalError> {
-        self.value
-            .get(name)
-            .ok_or_else(|| self.error(name, "is missing"))
+        self.value.get(name).ok_or_else(|| self.error(name, "is missing"))
     }
 
     /// An error about field `field` of this example.
     pub(crate) fn error(&self, field: &'static str, problem: &str) -> EvalError {
-        EvalError::Field {
-            index: self.index,
-            field,
-            problem: problem.to_string(),
-        }
+        EvalError::Field { index: self.index, field, problem: problem.to_string() }
     }
 }
 

@@ -94,11 +94,7 @@ impl Metric {
 
     /// The metric's name, as `FromStr` accepts it.
     pub fn name(self) -> &'static str {
-        Self::ALL
-            .iter()
-            .find(|(m, _)| *m == self)
-            .map(|(_, n)| *n)
-            .unwrap_or_default()
+        Self::ALL.iter().find(|(m, _)| *m == self).map(|(_, n)| *n).unwrap_or_default()
     }
 }
 
@@ -112,11 +108,7 @@ impl FromStr for Metric {
     type Err = EvalError;
 
     fn from_str(s: &str) -> Result<Self, EvalError> {
-        Self::ALL
-            .iter()
-            .find(|(_, n)| *n == s)
-            .map(|(m, _)| *m)
-            .ok_or_else(|| EvalError::UnknownMetric(s.to_string()))
+        Self::ALL.iter().find(|(_, n)| *n == s).map(|(m, _)| *m).ok_or_else(|| EvalError::UnknownMetric(s.to_string()))
     }
 }
 
@@ -131,29 +123,20 @@ impl<'de> serde::Deserialize<'de> for Metric {
 /// Why a set of examples could not be scored.
 #[derive(Debug, thiserror::Error)]
 pub enum EvalError {
-    #[error("unknown metric {0:?} (known: cider, bleu4, vqa, anls, relaxed, exact, refcoco, teds, teds_struct, ocr_f1)")]
+    #[error(
+        "unknown metric {0:?} (known: cider, bleu4, vqa, anls, relaxed, exact, refcoco, teds, teds_struct, ocr_f1)"
+    )]
     UnknownMetric(String),
     #[error("no examples to score")]
     Empty,
     /// An example lacks a field, or the field has the wrong type; `index` counts from 0.
     #[error("example {index}: field `{field}` {problem}")]
-    Field {
-        index: usize,
-        field: &'static str,
-        problem: String,
-    },
+    Field { index: usize, field: &'static str, problem: String },
     #[error("{}: {source}", path.display())]
-    Io {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Io { path: PathBuf, source: std::io::Error },
     /// A line of a JSONL file that is not JSON or not a valid example; `line` counts from 1.
     #[error("{}:{line}: {message}", path.display())]
-    Line {
-        path: PathBuf,
-        line: usize,
-        message: String,
-    },
+    Line { path: PathBuf, line: usize, message: String },
 }
 
 /// Scores `examples` (JSON objects, fields as in the crate docs) with `metric`.
@@ -164,36 +147,23 @@ pub fn score(metric: Metric, examples: &[Value]) -> Result<Map<String, Value>, E
     if examples.is_empty() {
         return Err(EvalError::Empty);
     }
-    let examples: Vec<Example> = examples
-        .iter()
-        .enumerate()
-        .map(|(i, v)| Example::new(i, v))
-        .collect();
+    let examples: Vec<Example> = examples.iter().enumerate().map(|(i, v)| Example::new(i, v)).collect();
     let scores = match metric {
         Metric::Cider => vec![("cider", mean(&caption::cider(&caption_pairs(&examples)?)))],
         Metric::Bleu4 => {
             let bleu = caption::bleu(&caption_pairs(&examples)?);
-            ["bleu1", "bleu2", "bleu3", "bleu4"]
-                .into_iter()
-                .zip(bleu)
-                .collect()
+            ["bleu1", "bleu2", "bleu3", "bleu4"].into_iter().zip(bleu).collect()
         }
         Metric::Vqa => vec![("vqa", mean_over(&examples, "answers", qa::vqa_accuracy)?)],
         Metric::Anls => vec![("anls", mean_over(&examples, "answers", anls::anls)?)],
-        Metric::Relaxed => vec![(
-            "relaxed",
-            mean_over(&examples, "answers", qa::relaxed_accuracy)?,
-        )],
+        Metric::Relaxed => vec![("relaxed", mean_over(&examples, "answers", qa::relaxed_accuracy)?)],
         Metric::Exact => vec![("exact", mean_over(&examples, "answers", qa::exact_match)?)],
         Metric::RefCoco => refcoco_scores(&examples)?,
         Metric::Teds => vec![("teds", mean_teds(&examples, false)?)],
         Metric::TedsStruct => vec![("teds_struct", mean_teds(&examples, true)?)],
         Metric::OcrF1 => ocr_scores(&examples)?,
     };
-    let mut out: Map<String, Value> = scores
-        .into_iter()
-        .map(|(k, v)| (k.to_string(), Value::from(v)))
-        .collect();
+    let mut out: Map<String, Value> = scores.into_iter().map(|(k, v)| (k.to_string(), Value::from(v))).collect();
     out.insert("n".into(), Value::from(examples.len()));
     Ok(out)
 }
@@ -202,31 +172,16 @@ pub fn score(metric: Metric, examples: &[Value]) -> Result<Map<String, Value>, E
 ///
 /// Errors name the file and the 1-based line of the offending example.
 pub fn score_file(metric: Metric, path: &Path) -> Result<Map<String, Value>, EvalError> {
-    let text = std::fs::read_to_string(path).map_err(|source| EvalError::Io {
-        path: path.into(),
-        source,
-    })?;
-    let line_error = |line: usize, message: String| EvalError::Line {
-        path: path.into(),
-        line,
-        message,
-    };
+    let text = std::fs::read_to_string(path).map_err(|source| EvalError::Io { path: path.into(), source })?;
+    let line_error = |line: usize, message: String| EvalError::Line { path: path.into(), line, message };
     let mut lines = Vec::new();
     let mut examples = Vec::new();
-    for (i, line) in text
-        .lines()
-        .enumerate()
-        .filter(|(_, l)| !l.trim().is_empty())
-    {
+    for (i, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
         examples.push(serde_json::from_str(line).map_err(|e| line_error(i + 1, e.to_string()))?);
         lines.push(i + 1);
     }
     score(metric, &examples).map_err(|e| match e {
-        EvalError::Field {
-            index,
-            field,
-            problem,
-        } => line_error(lines[index], format!("field `{field}` {problem}")),
+        EvalError::Field { index, field, problem } => line_error(lines[index], format!("field `{field}` {problem}")),
         EvalError::Empty => line_error(0, "no examples to score".into()),
         e => e,
     })
@@ -234,18 +189,11 @@ pub fn score_file(metric: Metric, path: &Path) -> Result<Map<String, Value>, Eva
 
 /// (prediction, references) of every example, for the caption metrics.
 fn caption_pairs<'a>(examples: &[Example<'a>]) -> Result<Vec<(&'a str, Vec<&'a str>)>, EvalError> {
-    examples
-        .iter()
-        .map(|e| Ok((e.prediction()?, e.non_empty_strings("references")?)))
-        .collect()
+    examples.iter().map(|e| Ok((e.prediction()?, e.non_empty_strings("references")?))).collect()
 }
 
 /// Mean over the examples of `f(prediction, answers)`, answers read from `field`.
-fn mean_over(
-    examples: &[Example],
-    field: &'static str,
-    f: fn(&str, &[&str]) -> f64,
-) -> Result<f64, EvalError> {
+fn mean_over(examples: &[Example], field: &'static str, f: fn(&str, &[&str]) -> f64) -> Result<f64, EvalError> {
     let values = examples
         .iter()
         .map(|e| Ok(f(e.prediction()?, &e.non_empty_strings(field)?)))
@@ -256,19 +204,9 @@ fn mean_over(
 fn refcoco_scores(examples: &[Example]) -> Result<Vec<(&'static str, f64)>, EvalError> {
     let ious = examples
         .iter()
-        .map(|e| {
-            Ok(refcoco::prediction_iou(
-                e.prediction()?,
-                e.first_box()?,
-                e.number("width")?,
-                e.number("height")?,
-            ))
-        })
+        .map(|e| Ok(refcoco::prediction_iou(e.prediction()?, e.first_box()?, e.number("width")?, e.number("height")?)))
         .collect::<Result<Vec<f64>, EvalError>>()?;
-    let hits: Vec<f64> = ious
-        .iter()
-        .map(|&iou| f64::from(u8::from(iou >= refcoco::IOU_THRESHOLD)))
-        .collect();
+    let hits: Vec<f64> = ious.iter().map(|&iou| f64::from(u8::from(iou >= refcoco::IOU_THRESHOLD))).collect();
     Ok(vec![("accuracy", mean(&hits)), ("mean_iou", mean(&ious))])
 }
 
@@ -276,8 +214,7 @@ fn mean_teds(examples: &[Example], structure_only: bool) -> Result<f64, EvalErro
     let values = examples
         .iter()
         .map(|e| {
-            let reference = teds::Table::parse(e.string("html")?)
-                .ok_or_else(|| e.error("html", "holds no <table>"))?;
+            let reference = teds::Table::parse(e.string("html")?).ok_or_else(|| e.error("html", "holds no <table>"))?;
             Ok(teds::teds(e.prediction()?, &reference, structure_only))
         })
         .collect::<Result<Vec<f64>, EvalError>>()?;
@@ -287,16 +224,11 @@ fn mean_teds(examples: &[Example], structure_only: bool) -> Result<f64, EvalErro
 fn ocr_scores(examples: &[Example]) -> Result<Vec<(&'static str, f64)>, EvalError> {
     let mut total = ocr::Counts::default();
     for e in examples {
-        let predictions =
-            ocr::parse_prediction(e.prediction()?, e.number("width")?, e.number("height")?);
+        let predictions = ocr::parse_prediction(e.prediction()?, e.number("width")?, e.number("height")?);
         total += ocr::Counts::of(&predictions, &e.words("words")?);
     }
     let (precision, recall, f1) = total.scores();
-    Ok(vec![
-        ("precision", precision),
-        ("recall", recall),
-        ("f1", f1),
-    ])
+    Ok(vec![("precision", precision), ("recall", recall), ("f1", f1)])
 }
 
 fn mean(values: &[f64]) -> f64 {

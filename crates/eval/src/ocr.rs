@@ -36,14 +36,8 @@ pub fn parse_prediction(text: &str, width: f64, height: f64) -> Vec<Word<'_>> {
         .map(str::trim)
         .filter(|segment| !segment.is_empty())
         .map(|segment| match leading_box(segment, width, height) {
-            Some((bbox, rest)) => Word {
-                text: rest.trim(),
-                bbox: Some(bbox),
-            },
-            None => Word {
-                text: segment,
-                bbox: None,
-            },
+            Some((bbox, rest)) => Word { text: rest.trim(), bbox: Some(bbox) },
+            None => Word { text: segment, bbox: None },
         })
         .collect()
 }
@@ -71,17 +65,11 @@ impl Counts {
             .filter(|&(i, r)| {
                 best_prediction(r).is_some_and(|(j, score)| {
                     let p = &predictions[j];
-                    score >= IOU_THRESHOLD
-                        && best_reference(p).is_some_and(|(k, _)| k == i)
-                        && p.text == r.text
+                    score >= IOU_THRESHOLD && best_reference(p).is_some_and(|(k, _)| k == i) && p.text == r.text
                 })
             })
             .count();
-        Counts {
-            matches,
-            predictions: predictions.len(),
-            references: references.len(),
-        }
+        Counts { matches, predictions: predictions.len(), references: references.len() }
     }
 
     /// `(precision, recall, f1)`.
@@ -90,11 +78,7 @@ impl Counts {
         let precision = ratio(self.matches, self.predictions);
         let recall = ratio(self.matches, self.references);
         let sum = precision + recall;
-        let f1 = if sum > 0.0 {
-            2.0 * precision * recall / sum
-        } else {
-            0.0
-        };
+        let f1 = if sum > 0.0 { 2.0 * precision * recall / sum } else { 0.0 };
         (precision, recall, f1)
     }
 }

@@ -19,37 +19,25 @@
 
 /// Tokens pycocoevalcap removes after tokenising (its `PUNCTUATIONS`, as they appear in
 /// lower-cased output: the bracket names never match, see the module docs).
-const REMOVED: [&str; 13] = [
-    "''", "'", "``", "`", ".", "?", "!", ",", ":", ";", "-", "--", "...",
-];
+const REMOVED: [&str; 13] = ["''", "'", "``", "`", ".", "?", "!", ",", ":", ";", "-", "--", "..."];
 
 /// Words that keep a following period, as CoreNLP's abbreviation patterns do (each checked
 /// against CoreNLP 3.4.1; `no.` is left out, CoreNLP keeps it only before a number).
 pub const ABBREVIATIONS: [&str; 28] = [
-    "mr", "mrs", "ms", "dr", "prof", "gen", "sgt", "st", "jr", "sr", "vs", "etc", "inc", "ltd",
-    "co", "corp", "mt", "ave", "blvd", "rd", "ft", "jan", "feb", "aug", "sept", "oct", "nov",
-    "dec",
+    "mr", "mrs", "ms", "dr", "prof", "gen", "sgt", "st", "jr", "sr", "vs", "etc", "inc", "ltd", "co", "corp", "mt",
+    "ave", "blvd", "rd", "ft", "jan", "feb", "aug", "sept", "oct", "nov", "dec",
 ];
 
 /// Clitics split from the end of a word (`n't` is handled first, as it ends in `t`).
 const CLITICS: [&str; 6] = ["'s", "'re", "'ll", "'d", "'ve", "'m"];
 
 /// Words CoreNLP splits in two, with where.
-const SPLIT_WORDS: [(&str, usize); 6] = [
-    ("cannot", 3),
-    ("gonna", 3),
-    ("wanna", 3),
-    ("gotta", 3),
-    ("gimme", 3),
-    ("lemme", 3),
-];
+const SPLIT_WORDS: [(&str, usize); 6] =
+    [("cannot", 3), ("gonna", 3), ("wanna", 3), ("gotta", 3), ("gimme", 3), ("lemme", 3)];
 
 /// Tokenises a caption as COCO evaluation does: lower-cased tokens, punctuation removed.
 pub fn tokenize(text: &str) -> Vec<String> {
-    ptb_tokens(text)
-        .into_iter()
-        .filter(|t| !REMOVED.contains(&t.as_str()))
-        .collect()
+    ptb_tokens(text).into_iter().filter(|t| !REMOVED.contains(&t.as_str())).collect()
 }
 
 /// The lower-cased PTB tokens of `text`, before the punctuation filter.
@@ -112,21 +100,13 @@ fn word_end(chars: &[char], start: usize) -> usize {
 
 /// Whether `rest` starts with exactly three digits (the tail of `1,000`).
 fn thousands_group(rest: &[char]) -> bool {
-    rest.len() >= 3
-        && rest[..3].iter().all(char::is_ascii_digit)
-        && !rest.get(3).is_some_and(char::is_ascii_digit)
+    rest.len() >= 3 && rest[..3].iter().all(char::is_ascii_digit) && !rest.get(3).is_some_and(char::is_ascii_digit)
 }
 
 /// `u.s.a`, `e.g`, `a.m` (single letters joined by periods) or a known abbreviation.
 fn is_abbreviation(word: &[char]) -> bool {
-    let initials = word.len() >= 3
-        && word.iter().enumerate().all(|(k, c)| {
-            if k % 2 == 0 {
-                c.is_alphabetic()
-            } else {
-                *c == '.'
-            }
-        });
+    let initials =
+        word.len() >= 3 && word.iter().enumerate().all(|(k, c)| if k % 2 == 0 { c.is_alphabetic() } else { *c == '.' });
     let lower = word.iter().collect::<String>().to_lowercase();
     initials || ABBREVIATIONS.contains(&lower.as_str())
 }
@@ -146,11 +126,7 @@ fn split_clitics(word: &str, tokens: &mut Vec<String>) {
     }
     let mut clitics = Vec::new();
     loop {
-        let clitic = if stem.ends_with("n't") {
-            Some("n't")
-        } else {
-            CLITICS.into_iter().find(|c| stem.ends_with(c))
-        };
+        let clitic = if stem.ends_with("n't") { Some("n't") } else { CLITICS.into_iter().find(|c| stem.ends_with(c)) };
         match clitic {
             Some(c) if stem.len() > c.len() => {
                 stem = &stem[..stem.len() - c.len()];

@@ -33,10 +33,8 @@ pub fn normalize_vqa(text: &str) -> String {
 }
 
 /// Characters `processPunctuation` deletes or turns into spaces (periods are handled apart).
-const VQA_PUNCT: [char; 21] = [
-    ';', '/', '[', ']', '"', '{', '}', '(', ')', '=', '+', '\\', '_', '-', '>', '<', '@', '`', ',',
-    '?', '!',
-];
+const VQA_PUNCT: [char; 21] =
+    [';', '/', '[', ']', '"', '{', '}', '(', ')', '=', '+', '\\', '_', '-', '>', '<', '@', '`', ',', '?', '!'];
 
 /// `processPunctuation`: each punctuation mark is deleted if it touches a space anywhere in the
 /// text (or the text has a digit-comma-digit), else replaced by a space; then periods not
@@ -45,20 +43,11 @@ const VQA_PUNCT: [char; 21] = [
 /// decimal digits).
 fn strip_punctuation(text: &str) -> String {
     let chars: Vec<char> = text.chars().collect();
-    let digit_comma_digit = chars
-        .windows(3)
-        .any(|w| w[0].is_ascii_digit() && w[1] == ',' && w[2].is_ascii_digit());
+    let digit_comma_digit = chars.windows(3).any(|w| w[0].is_ascii_digit() && w[1] == ',' && w[2].is_ascii_digit());
     let mut out = text.to_string();
     for p in VQA_PUNCT {
         let touches_space = text.contains(&format!("{p} ")) || text.contains(&format!(" {p}"));
-        out = out.replace(
-            p,
-            if touches_space || digit_comma_digit {
-                ""
-            } else {
-                " "
-            },
-        );
+        out = out.replace(p, if touches_space || digit_comma_digit { "" } else { " " });
     }
     let chars: Vec<char> = out.chars().collect();
     let mut removed = 0;
@@ -80,19 +69,9 @@ fn digits_and_articles(text: &str) -> String {
     let lower = text.to_lowercase();
     let words: Vec<&str> = lower
         .split_whitespace()
-        .map(|w| {
-            NUMBER_WORDS
-                .iter()
-                .find(|(k, _)| *k == w)
-                .map_or(w, |(_, v)| v)
-        })
+        .map(|w| NUMBER_WORDS.iter().find(|(k, _)| *k == w).map_or(w, |(_, v)| v))
         .filter(|w| !["a", "an", "the"].contains(w))
-        .map(|w| {
-            CONTRACTIONS
-                .iter()
-                .find(|(k, _)| *k == w)
-                .map_or(w, |(_, v)| v)
-        })
+        .map(|w| CONTRACTIONS.iter().find(|(k, _)| *k == w).map_or(w, |(_, v)| v))
         .collect();
     words.join(" ")
 }

@@ -75,18 +75,12 @@ const LOC_LEN: usize = 9;
 
 /// `[y1, x1, y2, x2]` loc values to pixels.
 fn from_locs([y1, x1, y2, x2]: [f64; 4], width: f64, height: f64) -> Box {
-    Box {
-        y1: y1 / 1023.0 * height,
-        x1: x1 / 1023.0 * width,
-        y2: y2 / 1023.0 * height,
-        x2: x2 / 1023.0 * width,
-    }
+    Box { y1: y1 / 1023.0 * height, x1: x1 / 1023.0 * width, y2: y2 / 1023.0 * height, x2: x2 / 1023.0 * width }
 }
 
 /// The values of the `<locNNNN>` tokens of `text`, in order.
 fn loc_values(text: &str) -> impl Iterator<Item = f64> + '_ {
-    text.match_indices("<loc")
-        .filter_map(move |(k, _)| loc_value(&text[k..]))
+    text.match_indices("<loc").filter_map(move |(k, _)| loc_value(&text[k..]))
 }
 
 /// The value of the `<locNNNN>` token `text` starts with, if it does.

@@ -42,10 +42,7 @@ impl Table {
     pub fn parse(html: &str) -> Option<Table> {
         let dom = Dom::parse(html);
         let table = dom.find_table(0)?;
-        Some(Table {
-            root: dom.tree(table),
-            elements: dom.descendants(table),
-        })
+        Some(Table { root: dom.tree(table), elements: dom.descendants(table) })
     }
 }
 
@@ -116,19 +113,13 @@ struct Postorder<'a> {
 
 impl<'a> Postorder<'a> {
     fn new(root: &'a Node) -> Self {
-        let mut tree = Postorder {
-            nodes: Vec::new(),
-            leftmost: Vec::new(),
-            keyroots: Vec::new(),
-        };
+        let mut tree = Postorder { nodes: Vec::new(), leftmost: Vec::new(), keyroots: Vec::new() };
         tree.visit(root);
         let mut last_with_leftmost = vec![0; tree.nodes.len()];
         for (k, &l) in tree.leftmost.iter().enumerate() {
             last_with_leftmost[l] = k;
         }
-        tree.keyroots = (0..tree.nodes.len())
-            .filter(|&k| last_with_leftmost[tree.leftmost[k]] == k)
-            .collect();
+        tree.keyroots = (0..tree.nodes.len()).filter(|&k| last_with_leftmost[tree.leftmost[k]] == k).collect();
         tree
     }
 
@@ -168,9 +159,7 @@ fn tree_distance(a: &Node, b: &Node, structure_only: bool) -> f64 {
                     let (dx, dy) = (x - li + 1, y - lj + 1);
                     let edit = (forest[dx - 1][dy] + 1.0).min(forest[dx][dy - 1] + 1.0);
                     forest[dx][dy] = if a.leftmost[x] == li && b.leftmost[y] == lj {
-                        let d = edit.min(
-                            forest[dx - 1][dy - 1] + rename(a.nodes[x], b.nodes[y], structure_only),
-                        );
+                        let d = edit.min(forest[dx - 1][dy - 1] + rename(a.nodes[x], b.nodes[y], structure_only));
                         tree[x][y] = d;
                         d
                     } else {
@@ -186,10 +175,8 @@ fn tree_distance(a: &Node, b: &Node, structure_only: bool) -> f64 {
 // ------------------------------------------------------------------------------- HTML parsing
 
 /// Elements that never have content (HTML 4's empty elements).
-const VOID: [&str; 13] = [
-    "area", "base", "basefont", "br", "col", "frame", "hr", "img", "input", "isindex", "link",
-    "meta", "param",
-];
+const VOID: [&str; 13] =
+    ["area", "base", "basefont", "br", "col", "frame", "hr", "img", "input", "isindex", "link", "meta", "param"];
 
 /// Whether the start tag `new` closes the open element `old`: libxml2's `htmlStartClose`
 /// entries whose new tag belongs to tables, plus those that close paragraphs and headings.
@@ -198,22 +185,13 @@ fn start_closes(new: &str, old: &str) -> bool {
         "td" | "th" => &["a", "b", "font", "i", "p", "span", "td", "th", "u"],
         "tr" => &["caption", "col", "colgroup", "p", "td", "th", "tr"],
         "thead" => &["caption", "col", "colgroup"],
-        "tbody" => &[
-            "caption", "col", "colgroup", "p", "tbody", "td", "tfoot", "th", "thead", "tr",
-        ],
-        "tfoot" => &[
-            "caption", "col", "colgroup", "p", "tbody", "td", "th", "thead", "tr",
-        ],
-        "table" => &[
-            "a", "h1", "h2", "h3", "h4", "h5", "h6", "head", "listing", "p", "pre", "xmp",
-        ],
+        "tbody" => &["caption", "col", "colgroup", "p", "tbody", "td", "tfoot", "th", "thead", "tr"],
+        "tfoot" => &["caption", "col", "colgroup", "p", "tbody", "td", "th", "thead", "tr"],
+        "table" => &["a", "h1", "h2", "h3", "h4", "h5", "h6", "head", "listing", "p", "pre", "xmp"],
         "caption" => &["p"],
         "col" => &["caption", "p"],
         "colgroup" => &["caption", "col", "colgroup", "p"],
-        "p" => &[
-            "b", "big", "h1", "h2", "h3", "h4", "h5", "h6", "i", "p", "s", "small", "strike", "tt",
-            "u",
-        ],
+        "p" => &["b", "big", "h1", "h2", "h3", "h4", "h5", "h6", "i", "p", "s", "small", "strike", "tt", "u"],
         _ => &[],
     };
     closed.contains(&old)
@@ -253,13 +231,8 @@ struct Dom {
 
 impl Dom {
     fn parse(html: &str) -> Dom {
-        let mut dom = Dom {
-            elements: vec![Element {
-                name: String::new(),
-                attributes: Vec::new(),
-                children: Vec::new(),
-            }],
-        };
+        let mut dom =
+            Dom { elements: vec![Element { name: String::new(), attributes: Vec::new(), children: Vec::new() }] };
         let mut open = vec![0];
         let mut rest = html;
         while !rest.is_empty() {
@@ -271,11 +244,7 @@ impl Dom {
             rest = after;
             match tag {
                 Tag::Text(text) => dom.add_text(*open.last().unwrap_or(&0), text),
-                Tag::Start {
-                    name,
-                    attributes,
-                    self_closing,
-                } => {
+                Tag::Start { name, attributes, self_closing } => {
                     while open.len() > 1 && start_closes(&name, dom.name(&open)) {
                         open.pop();
                     }
@@ -283,11 +252,7 @@ impl Dom {
                     let id = dom.elements.len();
                     dom.elements[parent].children.push(Child::Element(id));
                     let void = self_closing || VOID.contains(&name.as_str());
-                    dom.elements.push(Element {
-                        name,
-                        attributes,
-                        children: Vec::new(),
-                    });
+                    dom.elements.push(Element { name, attributes, children: Vec::new() });
                     if !void {
                         open.push(id);
                     }
@@ -333,18 +298,15 @@ impl Dom {
 
     /// The first `table` child of `id`, looking through `html` and `body` elements.
     fn find_table(&self, id: usize) -> Option<usize> {
-        self.child_elements(id)
-            .find_map(|child| match self.elements[child].name.as_str() {
-                "table" => Some(child),
-                "html" | "body" => self.find_table(child),
-                _ => None,
-            })
+        self.child_elements(id).find_map(|child| match self.elements[child].name.as_str() {
+            "table" => Some(child),
+            "html" | "body" => self.find_table(child),
+            _ => None,
+        })
     }
 
     fn descendants(&self, id: usize) -> usize {
-        self.child_elements(id)
-            .map(|child| 1 + self.descendants(child))
-            .sum()
+        self.child_elements(id).map(|child| 1 + self.descendants(child)).sum()
     }
 
     /// The TEDS tree below element `id`, as the official `load_html_tree`.
@@ -354,23 +316,10 @@ impl Dom {
             let mut content = Vec::new();
             self.tokenize_children(id, &mut content);
             let span = |name: &str| {
-                element
-                    .attributes
-                    .iter()
-                    .find(|(k, _)| k == name)
-                    .and_then(|(_, v)| v.trim().parse().ok())
-                    .unwrap_or(1)
+                element.attributes.iter().find(|(k, _)| k == name).and_then(|(_, v)| v.trim().parse().ok()).unwrap_or(1)
             };
-            let cell = Cell {
-                colspan: span("colspan"),
-                rowspan: span("rowspan"),
-                content,
-            };
-            return Node {
-                tag: element.name.clone(),
-                cell: Some(cell),
-                children: Vec::new(),
-            };
+            let cell = Cell { colspan: span("colspan"), rowspan: span("rowspan"), content };
+            return Node { tag: element.name.clone(), cell: Some(cell), children: Vec::new() };
         }
         Node {
             tag: element.name.clone(),
@@ -414,29 +363,20 @@ enum Tag<'a> {
 
 /// Reads the markup at the start of `s` (which starts with `<`); returns it and the rest.
 fn read_tag(s: &str) -> (Tag<'_>, &str) {
-    let after = |marker: &str, from: usize| {
-        s[from..]
-            .find(marker)
-            .map_or("", |k| &s[from + k + marker.len()..])
-    };
+    let after = |marker: &str, from: usize| s[from..].find(marker).map_or("", |k| &s[from + k + marker.len()..]);
     if s.starts_with("<!--") {
         return (Tag::Skipped, after("-->", 4));
     }
     if s.starts_with("<!") || s.starts_with("<?") {
         return (Tag::Skipped, after(">", 2));
     }
-    let (is_end, start) = if s.starts_with("</") {
-        (true, 2)
-    } else {
-        (false, 1)
-    };
+    let (is_end, start) = if s.starts_with("</") { (true, 2) } else { (false, 1) };
     if !s[start..].starts_with(|c: char| c.is_ascii_alphabetic()) {
         // A lone `<` is text.
         return (Tag::Text(&s[..1]), &s[1..]);
     }
-    let name_len = s[start..]
-        .find(|c: char| c.is_ascii_whitespace() || c == '>' || c == '/')
-        .unwrap_or(s.len() - start);
+    let name_len =
+        s[start..].find(|c: char| c.is_ascii_whitespace() || c == '>' || c == '/').unwrap_or(s.len() - start);
     let name = s[start..start + name_len].to_ascii_lowercase();
     let mut rest = &s[start + name_len..];
     let mut attributes = Vec::new();
@@ -459,10 +399,7 @@ fn read_tag(s: &str) -> (Tag<'_>, &str) {
             rest = r;
             continue;
         }
-        let key_len = rest
-            .find(|c: char| c.is_ascii_whitespace() || "=>/".contains(c))
-            .unwrap_or(rest.len())
-            .max(1);
+        let key_len = rest.find(|c: char| c.is_ascii_whitespace() || "=>/".contains(c)).unwrap_or(rest.len()).max(1);
         let key = rest[..key_len].to_ascii_lowercase();
         rest = rest[key_len..].trim_start_matches(|c: char| c.is_ascii_whitespace());
         let mut value = String::new();
@@ -474,9 +411,7 @@ fn read_tag(s: &str) -> (Tag<'_>, &str) {
                     None => (&r[1..], ""),
                 },
                 _ => {
-                    let k = r
-                        .find(|c: char| c.is_ascii_whitespace() || c == '>')
-                        .unwrap_or(r.len());
+                    let k = r.find(|c: char| c.is_ascii_whitespace() || c == '>').unwrap_or(r.len());
                     (&r[..k], &r[k..])
                 }
             };
@@ -485,15 +420,7 @@ fn read_tag(s: &str) -> (Tag<'_>, &str) {
         }
         attributes.push((key, value));
     }
-    let tag = if is_end {
-        Tag::End(name)
-    } else {
-        Tag::Start {
-            name,
-            attributes,
-            self_closing,
-        }
-    };
+    let tag = if is_end { Tag::End(name) } else { Tag::Start { name, attributes, self_closing } };
     (tag, rest)
 }
 
@@ -516,9 +443,7 @@ fn decode_entities(text: &str) -> String {
                 "nbsp" => Some('\u{a0}'),
                 _ => {
                     let code = match name.strip_prefix('#') {
-                        Some(hex) if hex.starts_with(['x', 'X']) => {
-                            u32::from_str_radix(&hex[1..], 16).ok()
-                        }
+                        Some(hex) if hex.starts_with(['x', 'X']) => u32::from_str_radix(&hex[1..], 16).ok(),
                         Some(dec) => dec.parse().ok(),
                         None => None,
                     };

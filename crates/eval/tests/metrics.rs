@@ -23,17 +23,11 @@ fn expected() -> Value {
 
 fn examples(name: &str) -> Vec<Value> {
     let text = std::fs::read_to_string(fixtures().join(name)).unwrap();
-    text.lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
+    text.lines().map(|l| serde_json::from_str(l).unwrap()).collect()
 }
 
 fn floats(v: &Value) -> Vec<f64> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_f64().unwrap())
-        .collect()
+    v.as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect()
 }
 
 fn assert_close(got: &[f64], want: &[f64], what: &str) {
@@ -44,37 +38,19 @@ fn assert_close(got: &[f64], want: &[f64], what: &str) {
 }
 
 fn file_score(metric: Metric, file: &str, key: &str) -> f64 {
-    score_file(metric, &fixtures().join(file)).unwrap()[key]
-        .as_f64()
-        .unwrap()
+    score_file(metric, &fixtures().join(file)).unwrap()[key].as_f64().unwrap()
 }
 
 /// `(prediction, answers)` of a QA fixture file.
 fn qa_pairs(name: &str) -> Vec<(String, Vec<String>)> {
-    let strings = |v: &Value| {
-        v.as_array()
-            .unwrap()
-            .iter()
-            .map(|s| s.as_str().unwrap().to_string())
-            .collect()
-    };
-    examples(name)
-        .iter()
-        .map(|e| {
-            (
-                e["prediction"].as_str().unwrap().to_string(),
-                strings(&e["answers"]),
-            )
-        })
-        .collect()
+    let strings = |v: &Value| v.as_array().unwrap().iter().map(|s| s.as_str().unwrap().to_string()).collect();
+    examples(name).iter().map(|e| (e["prediction"].as_str().unwrap().to_string(), strings(&e["answers"]))).collect()
 }
 
 fn check_qa(name: &str, metric: Metric, f: fn(&str, &[&str]) -> f64) {
     let want = &expected()[metric.name()];
-    let got: Vec<f64> = qa_pairs(name)
-        .iter()
-        .map(|(p, a)| f(p, &a.iter().map(String::as_str).collect::<Vec<_>>()))
-        .collect();
+    let got: Vec<f64> =
+        qa_pairs(name).iter().map(|(p, a)| f(p, &a.iter().map(String::as_str).collect::<Vec<_>>())).collect();
     assert_close(&got, &floats(&want["per_example"]), metric.name());
     let corpus = file_score(metric, name, metric.name());
     assert_close(&[corpus], &[want["score"].as_f64().unwrap()], metric.name());
@@ -87,10 +63,7 @@ fn ptb_tokenizer_matches_corenlp_on_probe_sentences() {
         .unwrap()
         .iter()
         .filter_map(|case| {
-            let (text, want) = (
-                case["text"].as_str().unwrap(),
-                case["tokens"].as_str().unwrap(),
-            );
+            let (text, want) = (case["text"].as_str().unwrap(), case["tokens"].as_str().unwrap());
             let got = ptb::tokenize(text).join(" ");
             (got != want).then(|| format!("{text:?}: got {got:?}, want {want:?}"))
         })
@@ -104,24 +77,13 @@ fn cider_matches_pycocoevalcap() {
     let items: Vec<(String, Vec<String>)> = examples("captions.jsonl")
         .iter()
         .map(|e| {
-            let refs = e["references"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|r| r.as_str().unwrap().to_string())
-                .collect();
+            let refs = e["references"].as_array().unwrap().iter().map(|r| r.as_str().unwrap().to_string()).collect();
             (e["prediction"].as_str().unwrap().to_string(), refs)
         })
         .collect();
-    let borrowed: Vec<(&str, Vec<&str>)> = items
-        .iter()
-        .map(|(p, r)| (p.as_str(), r.iter().map(String::as_str).collect()))
-        .collect();
-    assert_close(
-        &caption::cider(&borrowed),
-        &floats(&want["per_example"]),
-        "cider",
-    );
+    let borrowed: Vec<(&str, Vec<&str>)> =
+        items.iter().map(|(p, r)| (p.as_str(), r.iter().map(String::as_str).collect())).collect();
+    assert_close(&caption::cider(&borrowed), &floats(&want["per_example"]), "cider");
     let corpus = file_score(Metric::Cider, "captions.jsonl", "cider");
     assert_close(&[corpus], &[want["score"].as_f64().unwrap()], "cider");
 }
@@ -129,10 +91,7 @@ fn cider_matches_pycocoevalcap() {
 #[test]
 fn bleu_matches_pycocoevalcap() {
     let out = score_file(Metric::Bleu4, &fixtures().join("captions.jsonl")).unwrap();
-    let got: Vec<f64> = ["bleu1", "bleu2", "bleu3", "bleu4"]
-        .iter()
-        .map(|k| out[*k].as_f64().unwrap())
-        .collect();
+    let got: Vec<f64> = ["bleu1", "bleu2", "bleu3", "bleu4"].iter().map(|k| out[*k].as_f64().unwrap()).collect();
     assert_close(&got, &floats(&expected()["bleu"]["score"]), "bleu");
     assert_eq!(out["n"], 10);
 }
@@ -171,16 +130,8 @@ fn refcoco_iou_and_accuracy() {
         .collect();
     assert_close(&got, &floats(&want["per_example"]), "refcoco iou");
     let out = score_file(Metric::RefCoco, &fixtures().join("refcoco.jsonl")).unwrap();
-    assert_close(
-        &[out["accuracy"].as_f64().unwrap()],
-        &[want["accuracy"].as_f64().unwrap()],
-        "accuracy",
-    );
-    assert_close(
-        &[out["mean_iou"].as_f64().unwrap()],
-        &[want["mean_iou"].as_f64().unwrap()],
-        "mean_iou",
-    );
+    assert_close(&[out["accuracy"].as_f64().unwrap()], &[want["accuracy"].as_f64().unwrap()], "accuracy");
+    assert_close(&[out["mean_iou"].as_f64().unwrap()], &[want["mean_iou"].as_f64().unwrap()], "mean_iou");
 }
 
 fn check_teds(metric: Metric, structure_only: bool) {
@@ -189,11 +140,7 @@ fn check_teds(metric: Metric, structure_only: bool) {
         .iter()
         .map(|e| {
             let reference = teds::Table::parse(e["html"].as_str().unwrap()).unwrap();
-            teds::teds(
-                e["prediction"].as_str().unwrap(),
-                &reference,
-                structure_only,
-            )
+            teds::teds(e["prediction"].as_str().unwrap(), &reference, structure_only)
         })
         .collect();
     assert_close(&got, &floats(&want["per_example"]), metric.name());
@@ -258,12 +205,7 @@ fn hand_computed_cases() {
     assert!((qa::vqa_accuracy("two", &answers) - 0.6).abs() < 1e-12);
     assert_eq!(qa::normalize_vqa("The Two dogs."), "2 dogs");
     // RefCOCO: <loc1023> is the far edge; tokens past the fourth are ignored.
-    let b = refcoco::parse_box(
-        "<loc0000><loc0000><loc1023><loc0511><loc0001>",
-        200.0,
-        100.0,
-    )
-    .unwrap();
+    let b = refcoco::parse_box("<loc0000><loc0000><loc1023><loc0511><loc0001>", 200.0, 100.0).unwrap();
     assert_eq!((b.y2, b.x2), (100.0, 511.0 / 1023.0 * 200.0));
 }
 
@@ -272,42 +214,25 @@ fn hand_computed_cases() {
 fn teds_hand_computed_cases() {
     let t = |body: &str| format!("<table>{body}</table>");
     let score = |pred: &str, reference: &str, structure_only: bool| {
-        teds::teds(
-            &t(pred),
-            &teds::Table::parse(&t(reference)).unwrap(),
-            structure_only,
-        )
+        teds::teds(&t(pred), &teds::Table::parse(&t(reference)).unwrap(), structure_only)
     };
-    let both =
-        |pred: &str, reference: &str| (score(pred, reference, false), score(pred, reference, true));
+    let both = |pred: &str, reference: &str| (score(pred, reference, false), score(pred, reference, true));
     // Empty prediction table: insert tr and td (2) over n = 2.
     assert_eq!(both("", "<tr><td>a</td></tr>"), (0.0, 0.0));
     // Two empty tables are identical (the official code divides by zero).
     assert_eq!(both("", ""), (1.0, 1.0));
     // A colspan mismatch renames the cell (1) over n = 2, in both variants.
-    assert_eq!(
-        both("<tr><td colspan=\"2\">a</td></tr>", "<tr><td>a</td></tr>"),
-        (0.5, 0.5)
-    );
+    assert_eq!(both("<tr><td colspan=\"2\">a</td></tr>", "<tr><td>a</td></tr>"), (0.5, 0.5));
     // A missing cell: one insertion over n = 3.
     let (content, structure) = both("<tr><td>a</td></tr>", "<tr><td>a</td><td>b</td></tr>");
     assert!((content - 2.0 / 3.0).abs() < 1e-12 && (structure - 2.0 / 3.0).abs() < 1e-12);
     // One character of two differs: rename costs 1/2, over n = 2; S-TEDS ignores it.
-    assert_eq!(
-        both("<tr><td>ab</td></tr>", "<tr><td>ac</td></tr>"),
-        (0.75, 1.0)
-    );
+    assert_eq!(both("<tr><td>ab</td></tr>", "<tr><td>ac</td></tr>"), (0.75, 1.0));
     // `<b>` inside a cell is content (tokens <b> a </b> against a: 2/3) and counts in n (3).
     let (content, structure) = both("<tr><td><b>a</b></td></tr>", "<tr><td>a</td></tr>");
     assert!((content - (1.0 - 2.0 / 9.0)).abs() < 1e-12 && structure == 1.0);
     // Unclosed cells and rows close as libxml2 closes them.
-    assert_eq!(
-        both(
-            "<tr><td>a<td>b<tr><td>c",
-            "<tr><td>a</td><td>b</td></tr><tr><td>c</td></tr>"
-        ),
-        (1.0, 1.0)
-    );
+    assert_eq!(both("<tr><td>a<td>b<tr><td>c", "<tr><td>a</td><td>b</td></tr><tr><td>c</td></tr>"), (1.0, 1.0));
     // No table at all scores 0.
     let reference = teds::Table::parse(&t("<tr><td>a</td></tr>")).unwrap();
     assert_eq!(teds::teds("<div>a</div>", &reference, false), 0.0);
@@ -316,10 +241,7 @@ fn teds_hand_computed_cases() {
 /// HierText's matching: mutually best IoU >= 0.5, then exact text; each word matches once.
 #[test]
 fn ocr_hand_computed_cases() {
-    let word = |text, b: [f64; 4]| Word {
-        text,
-        bbox: Some(refcoco::Box::from_yxyx(b)),
-    };
+    let word = |text, b: [f64; 4]| Word { text, bbox: Some(refcoco::Box::from_yxyx(b)) };
     let hello = word("Hello", [0.0, 0.0, 10.0, 50.0]);
     let counts = |p: &[Word], r: &[Word]| {
         let c = Counts::of(p, r);
@@ -336,46 +258,19 @@ fn ocr_hand_computed_cases() {
     let (p, r, f1) = c.scores();
     assert!(p == 0.5 && r == 1.0 && (f1 - 2.0 / 3.0).abs() < 1e-12);
     // Right box, wrong text (case counts): no match.
-    assert_eq!(
-        counts(&[word("hello", [0.0, 0.0, 10.0, 50.0])], &[hello]).0,
-        0
-    );
+    assert_eq!(counts(&[word("hello", [0.0, 0.0, 10.0, 50.0])], &[hello]).0, 0);
     // Right text, box IoU 0.4 < 0.5: no match.
-    assert_eq!(
-        counts(&[word("Hello", [0.0, 0.0, 10.0, 20.0])], &[hello]).0,
-        0
-    );
+    assert_eq!(counts(&[word("Hello", [0.0, 0.0, 10.0, 20.0])], &[hello]).0, 0);
     // A wrong-text prediction with the best box takes the word from a right-text one (IoU 0.8).
     let near = word("Hello", [0.0, 0.0, 10.0, 40.0]);
-    assert_eq!(
-        counts(&[word("Hallo", [0.0, 0.0, 10.0, 50.0]), near], &[hello]).0,
-        0
-    );
+    assert_eq!(counts(&[word("Hallo", [0.0, 0.0, 10.0, 50.0]), near], &[hello]).0, 0);
     assert_eq!(counts(&[near], &[hello]).0, 1);
     // Parsing: loc tokens map to pixels; a segment without a box is a word that cannot match.
-    let words = ocr::parse_prediction(
-        "<loc0000><loc0000><loc1023><loc0511> a b ; stray",
-        200.0,
-        100.0,
-    );
+    let words = ocr::parse_prediction("<loc0000><loc0000><loc1023><loc0511> a b ; stray", 200.0, 100.0);
     assert_eq!(words.len(), 2);
     assert_eq!(words[0].text, "a b");
-    assert_eq!(
-        words[0].bbox,
-        Some(refcoco::Box::from_yxyx([
-            0.0,
-            0.0,
-            100.0,
-            511.0 / 1023.0 * 200.0
-        ]))
-    );
-    assert_eq!(
-        words[1],
-        Word {
-            text: "stray",
-            bbox: None
-        }
-    );
+    assert_eq!(words[0].bbox, Some(refcoco::Box::from_yxyx([0.0, 0.0, 100.0, 511.0 / 1023.0 * 200.0])));
+    assert_eq!(words[1], Word { text: "stray", bbox: None });
     assert!(ocr::parse_prediction("", 1.0, 1.0).is_empty());
 }
 
@@ -383,19 +278,10 @@ fn ocr_hand_computed_cases() {
 fn empty_prediction_scores_zero() {
     let caption = json!({"prediction": "", "references": ["a dog", "a cat"]});
     let other = json!({"prediction": "a dog", "references": ["a dog", "a bird"]});
-    assert_eq!(
-        caption::cider(&[
-            ("", vec!["a dog", "a cat"]),
-            ("a dog", vec!["a dog", "a bird"])
-        ])[0],
-        0.0
-    );
+    assert_eq!(caption::cider(&[("", vec!["a dog", "a cat"]), ("a dog", vec!["a dog", "a bird"])])[0], 0.0);
     assert_eq!(score(Metric::Cider, &[caption, other]).unwrap()["n"], 2);
     assert_eq!(anls::anls("", &["x"]), 0.0);
-    assert_eq!(
-        refcoco::prediction_iou("", refcoco::Box::from_yxyx([0.0, 0.0, 1.0, 1.0]), 1.0, 1.0),
-        0.0
-    );
+    assert_eq!(refcoco::prediction_iou("", refcoco::Box::from_yxyx([0.0, 0.0, 1.0, 1.0]), 1.0, 1.0), 0.0);
 }
 
 #[test]
@@ -404,37 +290,19 @@ fn metric_names_round_trip() {
         assert_eq!(name.parse::<Metric>().unwrap(), metric);
         assert_eq!(metric.to_string(), name);
     }
-    assert!(matches!(
-        "ciderd".parse::<Metric>(),
-        Err(EvalError::UnknownMetric(_))
-    ));
+    assert!(matches!("ciderd".parse::<Metric>(), Err(EvalError::UnknownMetric(_))));
 }
 
 #[test]
 fn errors_name_the_example_and_field() {
-    let examples = [
-        json!({"prediction": "a", "answers": ["a"]}),
-        json!({"prediction": "b"}),
-    ];
+    let examples = [json!({"prediction": "a", "answers": ["a"]}), json!({"prediction": "b"})];
     let err = score(Metric::Vqa, &examples).unwrap_err().to_string();
     assert_eq!(err, "example 1: field `answers` is missing");
-    let err = score(
-        Metric::RefCoco,
-        &[json!({"prediction": "", "boxes": [[1, 2, 3]], "width": 1, "height": 1})],
-    );
+    let err = score(Metric::RefCoco, &[json!({"prediction": "", "boxes": [[1, 2, 3]], "width": 1, "height": 1})]);
     assert!(err.unwrap_err().to_string().contains("field `boxes`"));
-    let err = score(
-        Metric::Teds,
-        &[json!({"prediction": "", "html": "<p>no table</p>"})],
-    );
-    assert_eq!(
-        err.unwrap_err().to_string(),
-        "example 0: field `html` holds no <table>"
-    );
-    let err = score(
-        Metric::OcrF1,
-        &[json!({"prediction": "", "words": [{"text": "a"}], "width": 1, "height": 1})],
-    );
+    let err = score(Metric::Teds, &[json!({"prediction": "", "html": "<p>no table</p>"})]);
+    assert_eq!(err.unwrap_err().to_string(), "example 0: field `html` holds no <table>");
+    let err = score(Metric::OcrF1, &[json!({"prediction": "", "words": [{"text": "a"}], "width": 1, "height": 1})]);
     assert!(err.unwrap_err().to_string().contains("field `words`"));
     assert!(matches!(score(Metric::Exact, &[]), Err(EvalError::Empty)));
 }
@@ -444,17 +312,14 @@ fn file_errors_name_file_and_line() {
     let dir = std::env::temp_dir().join(format!("pg2-eval-test-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let path = dir.join("bad.jsonl");
-    std::fs::write(&path, "{\"prediction\": \"a\", \"answers\": [\"a\"]}\n\n{\"prediction\": 3, \"answers\": [\"a\"]}\n")
-        .unwrap();
+    std::fs::write(
+        &path,
+        "{\"prediction\": \"a\", \"answers\": [\"a\"]}\n\n{\"prediction\": 3, \"answers\": [\"a\"]}\n",
+    )
+    .unwrap();
     let err = score_file(Metric::Exact, &path).unwrap_err().to_string();
-    assert_eq!(
-        err,
-        format!("{}:3: field `prediction` is not a string", path.display())
-    );
+    assert_eq!(err, format!("{}:3: field `prediction` is not a string", path.display()));
     std::fs::write(&path, "{not json\n").unwrap();
-    assert!(score_file(Metric::Exact, &path)
-        .unwrap_err()
-        .to_string()
-        .starts_with(&format!("{}:1: ", path.display())));
+    assert!(score_file(Metric::Exact, &path).unwrap_err().to_string().starts_with(&format!("{}:1: ", path.display())));
     std::fs::remove_dir_all(&dir).unwrap();
 }

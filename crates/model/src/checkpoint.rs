@@ -87,9 +87,7 @@ const LAYOUTS: &[(&str, &str)] = &[
 
 /// Maps a tensor name of any known layout to pg2's canonical (released) name.
 pub fn canonical_name(name: &str) -> Option<String> {
-    LAYOUTS
-        .iter()
-        .find_map(|(from, to)| name.strip_prefix(from).map(|rest| format!("{to}{rest}")))
+    LAYOUTS.iter().find_map(|(from, to)| name.strip_prefix(from).map(|rest| format!("{to}{rest}")))
 }
 
 /// The safetensors files of a model folder, in shard order.
@@ -134,7 +132,10 @@ pub fn read_tensors(dir: &Path) -> Result<BTreeMap<String, Tensor>, ModelError> 
     for path in weight_files(dir)? {
         for (name, tensor) in read_file(&path)? {
             let canonical = canonical_name(&name).ok_or_else(|| {
-                ModelError::Checkpoint(format!("{}: unknown tensor `{name}`: not part of a PaliGemma checkpoint", path.display()))
+                ModelError::Checkpoint(format!(
+                    "{}: unknown tensor `{name}`: not part of a PaliGemma checkpoint",
+                    path.display()
+                ))
             })?;
             if out.insert(canonical.clone(), tensor).is_some() {
                 return Err(ModelError::Checkpoint(format!(
@@ -159,7 +160,11 @@ pub fn read_file(path: &Path) -> Result<Vec<(String, Tensor)>, ModelError> {
         .into_iter()
         .map(|(name, view)| {
             let kind = kind_of(view.dtype()).ok_or_else(|| {
-                ModelError::Checkpoint(format!("{}: tensor `{name}` has dtype {:?}; pg2 reads f32, bf16, f16", path.display(), view.dtype()))
+                ModelError::Checkpoint(format!(
+                    "{}: tensor `{name}` has dtype {:?}; pg2 reads f32, bf16, f16",
+                    path.display(),
+                    view.dtype()
+                ))
             })?;
             let shape: Vec<i64> = view.shape().iter().map(|&d| d as i64).collect();
             let tensor = Tensor::f_from_data_size(view.data(), &shape, kind)
@@ -171,9 +176,13 @@ pub fn read_file(path: &Path) -> Result<Vec<(String, Tensor)>, ModelError> {
 
 /// Writes `tensors` as one safetensors file, converted to `kind`.
 pub fn write_file(path: &Path, tensors: &[(String, Tensor)], kind: Kind) -> Result<(), ModelError> {
-    let views = tensors.iter().map(|(n, t)| Ok((n.clone(), TensorBytes::new(t, kind)?))).collect::<Result<Vec<_>, ModelError>>()?;
+    let views = tensors
+        .iter()
+        .map(|(n, t)| Ok((n.clone(), TensorBytes::new(t, kind)?)))
+        .collect::<Result<Vec<_>, ModelError>>()?;
     let metadata = Some(HashMap::from([("format".to_string(), "pt".to_string())]));
-    safetensors::serialize_to_file(views, metadata, path).map_err(|e| ModelError::Checkpoint(format!("{}: {e}", path.display())))
+    safetensors::serialize_to_file(views, metadata, path)
+        .map_err(|e| ModelError::Checkpoint(format!("{}: {e}", path.display())))
 }
 
 /// A CPU tensor's bytes, for the safetensors writer.
@@ -235,7 +244,8 @@ pub fn write_tensors(dir: &Path, tensors: &[(String, Tensor)], kind: Kind) -> Re
     let n = shards.len();
     let mut weight_map = serde_json::Map::new();
     for (i, shard) in shards.iter().enumerate() {
-        let file = if n == 1 { "model.safetensors".to_string() } else { format!("model-{:05}-of-{n:05}.safetensors", i + 1) };
+        let file =
+            if n == 1 { "model.safetensors".to_string() } else { format!("model-{:05}-of-{n:05}.safetensors", i + 1) };
         for (name, _) in shard {
             weight_map.insert(name.clone(), file.clone().into());
         }

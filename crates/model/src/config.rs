@@ -177,7 +177,9 @@ impl<'a> Keys<'a> {
         }
         match self.map.keys().next() {
             None => Ok(()),
-            Some(key) => Err(self.err(key, "unknown key: pg2 does not implement it (see METADATA_KEYS for the ignored ones)")),
+            Some(key) => {
+                Err(self.err(key, "unknown key: pg2 does not implement it (see METADATA_KEYS for the ignored ones)"))
+            }
         }
     }
 }
@@ -215,7 +217,10 @@ impl Gemma2Config {
         let rope_theta = Self::rope_theta(&mut k)?;
         let sliding_window = match k.take("sliding_window") {
             None => None,
-            Some(v) => Some(v.as_u64().filter(|&n| n > 0).ok_or_else(|| k.err("sliding_window", "expected a positive integer"))? as usize),
+            Some(v) => Some(
+                v.as_u64().filter(|&n| n > 0).ok_or_else(|| k.err("sliding_window", "expected a positive integer"))?
+                    as usize,
+            ),
         };
         let sliding_layers = match k.take("layer_types") {
             // transformers' default: layers 0, 2, 4, ... use the window.
@@ -268,7 +273,9 @@ impl Gemma2Config {
             }
         };
         match (flat, nested) {
-            (Some(a), Some(b)) if a != b => Err(k.err("rope_theta", format!("{a} disagrees with rope_parameters.rope_theta = {b}"))),
+            (Some(a), Some(b)) if a != b => {
+                Err(k.err("rope_theta", format!("{a} disagrees with rope_parameters.rope_theta = {b}")))
+            }
             (a, b) => Ok(a.or(b).unwrap_or(10_000.0)),
         }
     }
@@ -291,7 +298,9 @@ impl SiglipVisionConfig {
             layer_norm_eps: k.f64("layer_norm_eps", 1e-6)?,
         };
         if !cfg.image_size.is_multiple_of(cfg.patch_size) {
-            return Err(k.err("image_size", format!("{} is not a multiple of patch_size {}", cfg.image_size, cfg.patch_size)));
+            return Err(
+                k.err("image_size", format!("{} is not a multiple of patch_size {}", cfg.image_size, cfg.patch_size))
+            );
         }
         if !cfg.hidden_size.is_multiple_of(cfg.num_attention_heads) {
             return Err(k.err("num_attention_heads", "does not divide hidden_size"));
@@ -299,7 +308,9 @@ impl SiglipVisionConfig {
         for key in ["num_image_tokens", "num_positions"] {
             if let Some(n) = k.take(key) {
                 if n.as_u64() != Some(cfg.num_patches() as u64) {
-                    return Err(k.err(key, format!("{n} disagrees with (image_size/patch_size)^2 = {}", cfg.num_patches())));
+                    return Err(
+                        k.err(key, format!("{n} disagrees with (image_size/patch_size)^2 = {}", cfg.num_patches()))
+                    );
                 }
             }
         }
@@ -325,20 +336,31 @@ impl PaliGemmaConfig {
         let text_value = k.take("text_config").ok_or_else(|| k.err("text_config", "missing"))?;
         let text = Gemma2Config::from_keys(Keys::new(file, "text_config", text_value.clone())?)?;
         let vision_value = k.take("vision_config").ok_or_else(|| k.err("vision_config", "missing"))?;
-        let (vision, vision_projection) = SiglipVisionConfig::from_keys(Keys::new(file, "vision_config", vision_value)?)?;
+        let (vision, vision_projection) =
+            SiglipVisionConfig::from_keys(Keys::new(file, "vision_config", vision_value)?)?;
         if let Some(n) = text_value.get("num_image_tokens").filter(|v| !v.is_null()) {
             if n.as_u64() != Some(vision.num_patches() as u64) {
-                return Err(ModelError::config(file, "text_config.num_image_tokens", format!("{n} disagrees with the vision grid ({})", vision.num_patches())));
+                return Err(ModelError::config(
+                    file,
+                    "text_config.num_image_tokens",
+                    format!("{n} disagrees with the vision grid ({})", vision.num_patches()),
+                ));
             }
         }
         let projection_dim = k.usize("projection_dim", text.hidden_size)?;
-        for (key, dim) in [("projection_dim", Some(projection_dim)), ("vision_config.projection_dim", vision_projection)] {
+        for (key, dim) in
+            [("projection_dim", Some(projection_dim)), ("vision_config.projection_dim", vision_projection)]
+        {
             if dim.is_some_and(|d| d != text.hidden_size) {
-                return Err(k.err(key, format!("{} must equal text_config.hidden_size = {}", dim.unwrap(), text.hidden_size)));
+                return Err(
+                    k.err(key, format!("{} must equal text_config.hidden_size = {}", dim.unwrap(), text.hidden_size))
+                );
             }
         }
         let image_token_id = match (k.take("image_token_index"), k.take("image_token_id")) {
-            (Some(v), _) | (None, Some(v)) => v.as_i64().ok_or_else(|| k.err("image_token_index", "expected an integer"))?,
+            (Some(v), _) | (None, Some(v)) => {
+                v.as_i64().ok_or_else(|| k.err("image_token_index", "expected an integer"))?
+            }
             (None, None) => 256_000,
         };
         let tie_word_embeddings = k.bool("tie_word_embeddings", true)?;
@@ -406,7 +428,9 @@ impl PaliGemmaConfig {
     /// (GQA, soft-caps, pre/post norms) at a few hundred thousand parameters; 8x8 patches.
     pub fn tiny(vocab_size: usize, image_token_id: i64, resolution: usize) -> Result<Self, ModelError> {
         if !resolution.is_multiple_of(8) {
-            return Err(ModelError::Invalid(format!("the tiny model needs a resolution divisible by its 8-pixel patches, not {resolution}")));
+            return Err(ModelError::Invalid(format!(
+                "the tiny model needs a resolution divisible by its 8-pixel patches, not {resolution}"
+            )));
         }
         Ok(Self {
             text: Gemma2Config {
@@ -450,7 +474,9 @@ impl PaliGemmaConfig {
             other => return Err(ModelError::Invalid(format!("no PaliGemma 2 {other}B: choose 3, 10 or 28"))),
         };
         if ![224, 448, 896].contains(&resolution) {
-            return Err(ModelError::Invalid(format!("PaliGemma 2 was released at 224, 448 and 896 px, not {resolution}")));
+            return Err(ModelError::Invalid(format!(
+                "PaliGemma 2 was released at 224, 448 and 896 px, not {resolution}"
+            )));
         }
         Ok(Self {
             text: Gemma2Config {

@@ -68,7 +68,12 @@ fn step(model: &PaliGemma, cache: &mut KvCache, tokens: &[i64], live: &[bool]) -
     Ok(log_probs(model, &hidden.squeeze_dim(1)))
 }
 
-fn greedy(model: &PaliGemma, mut cache: KvCache, mut logprobs: Tensor, opts: &DecodeOptions) -> Result<Vec<Vec<i64>>, ModelError> {
+fn greedy(
+    model: &PaliGemma,
+    mut cache: KvCache,
+    mut logprobs: Tensor,
+    opts: &DecodeOptions,
+) -> Result<Vec<Vec<i64>>, ModelError> {
     let b = logprobs.size()[0] as usize;
     let mut out = vec![Vec::new(); b];
     let mut live = vec![true; b];
@@ -99,7 +104,12 @@ struct Beam {
     score: f64,
 }
 
-fn beam_search(model: &PaliGemma, mut cache: KvCache, first: Tensor, opts: &DecodeOptions) -> Result<Vec<Vec<i64>>, ModelError> {
+fn beam_search(
+    model: &PaliGemma,
+    mut cache: KvCache,
+    first: Tensor,
+    opts: &DecodeOptions,
+) -> Result<Vec<Vec<i64>>, ModelError> {
     let (b, k) = (first.size()[0] as usize, opts.beam_size);
     let vocab = first.size()[1];
     let device = model.device();
@@ -154,8 +164,11 @@ fn beam_search(model: &PaliGemma, mut cache: KvCache, first: Tensor, opts: &Deco
         }
         cache.select(&Tensor::from_slice(&parents).to_device(device));
         let live: Vec<bool> = beams.iter().map(|beam| beam.score > f64::NEG_INFINITY).collect();
-        let tokens: Vec<i64> =
-            beams.iter().zip(&live).map(|(beam, &l)| if l { *beam.tokens.last().unwrap() } else { opts.pad_id }).collect();
+        let tokens: Vec<i64> = beams
+            .iter()
+            .zip(&live)
+            .map(|(beam, &l)| if l { *beam.tokens.last().unwrap() } else { opts.pad_id })
+            .collect();
         logprobs = step(model, &mut cache, &tokens, &live)?;
     }
     // Beams still running at the length limit compete with the ended ones.

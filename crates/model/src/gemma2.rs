@@ -254,7 +254,16 @@ impl Attention {
         let y = match self.soft_cap.filter(|_| opts.soft_caps) {
             // Without a soft-cap the attention is plain softmax(q k^T * scale) v: libtorch's
             // fused kernel computes it without materialising the scores (transfer, inference).
-            None => Tensor::scaled_dot_product_attention(&q, &k, &v, Some(&mask.allowed), 0.0, false, Some(self.scale), true),
+            None => Tensor::scaled_dot_product_attention(
+                &q,
+                &k,
+                &v,
+                Some(&mask.allowed),
+                0.0,
+                false,
+                Some(self.scale),
+                true,
+            ),
             // The cap sits between the product and the softmax, where no fused kernel reaches.
             Some(cap) if lean => {
                 // q, k and v travel as one tensor, the input the recompute keeps.
@@ -263,7 +272,11 @@ impl Attention {
                 let packed = Tensor::cat(&[q.reshape([b, -1]), k.reshape([b, -1]), v.reshape([b, -1])], 1);
                 let (blocked, heads, scale) = (mask.blocked.shallow_clone(), self.heads, self.scale);
                 crate::recompute::recompute(&packed, move |p| {
-                    let (q, k, v) = (p.narrow(1, 0, q_len).view(q_size.as_slice()), p.narrow(1, q_len, kv_len).view(kv_size.as_slice()), p.narrow(1, q_len + kv_len, kv_len).view(kv_size.as_slice()));
+                    let (q, k, v) = (
+                        p.narrow(1, 0, q_len).view(q_size.as_slice()),
+                        p.narrow(1, q_len, kv_len).view(kv_size.as_slice()),
+                        p.narrow(1, q_len + kv_len, kv_len).view(kv_size.as_slice()),
+                    );
                     capped_attention(&q, &k, &v, &blocked, scale, cap, heads)
                 })
             }
@@ -271,7 +284,6 @@ impl Attention {
         };
         self.o_proj.forward(&y.transpose(1, 2).reshape([b, t, self.heads * hd]))
     }
-
 }
 
 /// softmax(cap(q k^T * scale)) v over the keys `blocked` leaves, in grouped-query form
@@ -325,7 +337,14 @@ impl DecoderLayer {
         })
     }
 
-    fn forward(&self, x: &Tensor, rope: (&Tensor, &Tensor), plan: &Plan, cache: Option<(&mut LayerCache, i64)>, opts: RunOptions) -> Tensor {
+    fn forward(
+        &self,
+        x: &Tensor,
+        rope: (&Tensor, &Tensor),
+        plan: &Plan,
+        cache: Option<(&mut LayerCache, i64)>,
+        opts: RunOptions,
+    ) -> Tensor {
         let mask = match (&plan.windowed, self.windowed) {
             (Some(windowed), true) => windowed,
             _ => &plan.full,
@@ -337,7 +356,6 @@ impl DecoderLayer {
         let h = self.down_proj.forward(&(self.gate_proj.forward(&h).gelu("tanh") * self.up_proj.forward(&h)));
         x + self.post_feedforward_layernorm.forward(&drop(h))
     }
-
 }
 
 /// The decoder and its output head. `prefix` names (e.g. `language_model.model`) are the
@@ -357,14 +375,26 @@ pub struct Gemma2 {
 impl Gemma2 {
     /// Builds the decoder from `prefix.*` tensors; `lm_head` names the untied head, read
     /// only when `tied` is false.
-    pub fn new(cfg: &Gemma2Config, w: &mut Weights, prefix: &str, lm_head: &str, tied: bool) -> Result<Self, ModelError> {
+    pub fn new(
+        cfg: &Gemma2Config,
+        w: &mut Weights,
+        prefix: &str,
+        lm_head: &str,
+        tied: bool,
+    ) -> Result<Self, ModelError> {
         let (v, d) = (cfg.vocab_size as i64, cfg.hidden_size as i64);
-        let embed_tokens = w.take(&format!("{prefix}.embed_tokens.weight"), &[v, d], Init::Normal(1.0 / (d as f64).sqrt()), ParamKind::Embedding)?;
+        let embed_tokens = w.take(
+            &format!("{prefix}.embed_tokens.weight"),
+            &[v, d],
+            Init::Normal(1.0 / (d as f64).sqrt()),
+            ParamKind::Embedding,
+        )?;
         let layers = (0..cfg.num_hidden_layers)
             .map(|i| DecoderLayer::new(cfg, w, &format!("{prefix}.layers.{i}"), i).map(Arc::new))
             .collect::<Result<_, _>>()?;
         let norm = RmsNorm::new(w, &format!("{prefix}.norm"), cfg.hidden_size, cfg.rms_norm_eps)?;
-        let lm_head = if tied { None } else { Some(w.take(lm_head, &[v, d], Init::Normal(0.02), ParamKind::Kernel)?) };
+        let lm_head =
+            if tied { None } else { Some(w.take(lm_head, &[v, d], Init::Normal(0.02), ParamKind::Kernel)?) };
         let device = w.device();
         let hd = cfg.head_dim as i64;
         let exponents = Tensor::arange_start_step(0, hd, 2, (Kind::Int64, device)).to_kind(Kind::Float) / hd as f64;
@@ -433,7 +463,13 @@ impl Gemma2 {
     /// Runs the decoder over `embeds` `(batch, tokens, width)` and returns the final-normed
     /// hidden states. With a cache, the tokens continue the cached sequences and are
     /// appended to the cache.
-    pub fn forward(&self, embeds: &Tensor, layout: &TokenLayout, mut cache: Option<&mut KvCache>, opts: RunOptions) -> Tensor {
+    pub fn forward(
+        &self,
+        embeds: &Tensor,
+        layout: &TokenLayout,
+        mut cache: Option<&mut KvCache>,
+        opts: RunOptions,
+    ) -> Tensor {
         let plan = Rc::new(self.plan(layout, cache.as_deref(), opts));
         let (cos, signed_sin) = rotary_tables(&plan.positions, &self.inv_freq, embeds.kind());
         let mut x = embeds.shallow_clone();
@@ -441,7 +477,8 @@ impl Gemma2 {
         let recompute = opts.recompute && cache.is_none() && embeds.requires_grad();
         for (i, layer) in self.layers.iter().enumerate() {
             if recompute {
-                let (layer, plan, cos, signed_sin) = (layer.clone(), plan.clone(), cos.shallow_clone(), signed_sin.shallow_clone());
+                let (layer, plan, cos, signed_sin) =
+                    (layer.clone(), plan.clone(), cos.shallow_clone(), signed_sin.shallow_clone());
                 x = crate::recompute::recompute(&x, move |x| layer.forward(x, (&cos, &signed_sin), &plan, None, opts));
             } else {
                 let slot = cache.as_deref_mut().map(|c| (&mut c.layers[i], c.reserve));
@@ -461,7 +498,6 @@ impl Gemma2 {
         let head = self.lm_head.as_ref().unwrap_or(&self.embed_tokens);
         soft_cap(&hidden.matmul(&head.tr()), self.final_soft_cap.filter(|_| opts.soft_caps))
     }
-
 }
 
 #[cfg(test)]
@@ -503,7 +539,11 @@ mod tests {
     fn prefix_is_bidirectional_suffix_causal_padding_hidden() {
         let model = tiny();
         // image/prefix x3, suffix x2, padding x1 (big_vision: padding has mask_ar 1).
-        let plan = model.plan(&layout(&[0, 0, 0, 1, 1, 1], &[true, true, true, true, true, false]), None, RunOptions::default());
+        let plan = model.plan(
+            &layout(&[0, 0, 0, 1, 1, 1], &[true, true, true, true, true, false]),
+            None,
+            RunOptions::default(),
+        );
         assert_eq!(
             allowed(&plan.full.blocked),
             vec![
@@ -544,7 +584,12 @@ mod tests {
         let x = Tensor::from_slice(&[1.0f32, 2.0, 3.0, 4.0]).view([1, 1, 1, 4]);
         let y = Vec::<f32>::try_from(apply_rotary(&x, &cos, &sin).view([-1])).unwrap();
         let (a, b) = (3.0f32, 0.03f32);
-        let want = [1.0 * a.cos() - 3.0 * a.sin(), 2.0 * b.cos() - 4.0 * b.sin(), 3.0 * a.cos() + 1.0 * a.sin(), 4.0 * b.cos() + 2.0 * b.sin()];
+        let want = [
+            1.0 * a.cos() - 3.0 * a.sin(),
+            2.0 * b.cos() - 4.0 * b.sin(),
+            3.0 * a.cos() + 1.0 * a.sin(),
+            4.0 * b.cos() + 2.0 * b.sin(),
+        ];
         assert_eq!(y.len(), want.len());
         for (g, w) in y.iter().zip(want) {
             assert!((g - w).abs() < 1e-5, "{y:?} vs {want:?}");
@@ -580,7 +625,11 @@ mod tests {
         let with_caps = |soft_caps| RunOptions { soft_caps, ..RunOptions::default() };
         let eager = attention.forward(&embeds, (&cos, &sin), &plan.full, None, with_caps(true));
         let fused = attention.forward(&embeds, (&cos, &sin), &plan.full, None, with_caps(false));
-        assert!(eager.allclose(&fused, 1e-5, 1e-5, false), "max diff {}", (eager - fused).abs().max().double_value(&[]));
+        assert!(
+            eager.allclose(&fused, 1e-5, 1e-5, false),
+            "max diff {}",
+            (eager - fused).abs().max().double_value(&[])
+        );
     }
 
     /// The fast soft-capped attention (groups folded into rows, scaling inside the GEMM,
@@ -596,11 +645,15 @@ mod tests {
         // Prefix of 2, causal after; the second sequence's last token is padding.
         let mut plan_layout = layout(&[0, 0, 1, 1, 1], &[true; 5]);
         plan_layout.mask_ar = plan_layout.mask_ar.repeat([2, 1]);
-        plan_layout.valid = Tensor::from_slice(&[true, true, true, true, true, true, true, true, true, false]).view([2, 5]);
+        plan_layout.valid =
+            Tensor::from_slice(&[true, true, true, true, true, true, true, true, true, false]).view([2, 5]);
         let blocked = tiny().plan(&plan_layout, None, RunOptions::default()).full.blocked;
         let fast = capped_attention(&q, &k, &v, &blocked, scale, cap, heads);
         let plain = {
-            let (k, v) = (k.repeat_interleave_self_int(heads / kv_heads, 1, None), v.repeat_interleave_self_int(heads / kv_heads, 1, None));
+            let (k, v) = (
+                k.repeat_interleave_self_int(heads / kv_heads, 1, None),
+                v.repeat_interleave_self_int(heads / kv_heads, 1, None),
+            );
             let scores = soft_cap(&(q.matmul(&k.transpose(-1, -2)) * scale), Some(cap));
             scores.masked_fill(&blocked.squeeze_dim(1), f64::NEG_INFINITY).softmax(-1, Kind::Float).matmul(&v)
         };
@@ -619,7 +672,14 @@ mod tests {
     fn dropout_acts_only_when_asked_for() {
         let model = tiny();
         let embeds = Tensor::randn([1, 5, 16], (Kind::Float, Device::Cpu));
-        let run = |dropout| model.forward(&embeds, &layout(&[0, 0, 1, 1, 1], &[true; 5]), None, RunOptions { dropout, ..RunOptions::default() });
+        let run = |dropout| {
+            model.forward(
+                &embeds,
+                &layout(&[0, 0, 1, 1, 1], &[true; 5]),
+                None,
+                RunOptions { dropout, ..RunOptions::default() },
+            )
+        };
         assert!(run(0.0).equal(&run(0.0)));
         assert!(!run(0.5).allclose(&run(0.0), 1e-3, 1e-3, false));
     }
@@ -631,7 +691,12 @@ mod tests {
         let mask_ar = Tensor::from_slice(&[0i64, 0, 0, 0, 1, 1]).view([1, 6]).repeat([2, 1]);
         let valid = Tensor::ones([2, 6], (Kind::Bool, Device::Cpu));
         let opts = RunOptions { sliding_window: true, ..RunOptions::default() };
-        let full = model.forward(&embeds, &TokenLayout { mask_ar: mask_ar.shallow_clone(), valid: valid.shallow_clone() }, None, opts);
+        let full = model.forward(
+            &embeds,
+            &TokenLayout { mask_ar: mask_ar.shallow_clone(), valid: valid.shallow_clone() },
+            None,
+            opts,
+        );
         let mut cache = KvCache::new(model.num_layers(), 2, 3, Device::Cpu);
         let mut parts = vec![];
         for (start, len) in [(0, 4), (4, 1), (5, 1)] {
@@ -640,6 +705,10 @@ mod tests {
         }
         assert_eq!(cache.len(), 6);
         let stepped = Tensor::cat(&parts, 1);
-        assert!(full.allclose(&stepped, 1e-5, 1e-5, false), "max diff {}", (full - stepped).abs().max().double_value(&[]));
+        assert!(
+            full.allclose(&stepped, 1e-5, 1e-5, false),
+            "max diff {}",
+            (full - stepped).abs().max().double_value(&[])
+        );
     }
 }

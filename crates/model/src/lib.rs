@@ -16,10 +16,10 @@ pub mod recompute;
 pub mod siglip;
 
 pub use autocast::autocast;
+pub use checkpoint::Part;
 pub use config::{Gemma2Config, PaliGemmaConfig, SiglipVisionConfig};
 pub use decode::{generate, DecodeOptions};
 pub use gemma2::{KvCache, RunOptions, TokenLayout};
-pub use checkpoint::Part;
 pub use nn::{Param, ParamKind, Weights};
 pub use paligemma::{Inputs, PaliGemma, Targets};
 

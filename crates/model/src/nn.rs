@@ -74,7 +74,12 @@ pub struct Weights {
 
 impl Weights {
     /// Parameters read from a checkpoint (`origin` names it in errors).
-    pub fn from_tensors(tensors: BTreeMap<String, Tensor>, origin: impl Into<String>, device: Device, kind: Kind) -> Self {
+    pub fn from_tensors(
+        tensors: BTreeMap<String, Tensor>,
+        origin: impl Into<String>,
+        device: Device,
+        kind: Kind,
+    ) -> Self {
         Self { source: Source::Checkpoint { tensors, origin: origin.into() }, device, kind, taken: Vec::new() }
     }
 
@@ -149,7 +154,14 @@ pub struct Linear {
 }
 
 impl Linear {
-    pub fn new(w: &mut Weights, prefix: &str, in_dim: usize, out_dim: usize, bias: bool, init: Init) -> Result<Self, ModelError> {
+    pub fn new(
+        w: &mut Weights,
+        prefix: &str,
+        in_dim: usize,
+        out_dim: usize,
+        bias: bool,
+        init: Init,
+    ) -> Result<Self, ModelError> {
         let weight = w.take(&format!("{prefix}.weight"), &[out_dim as i64, in_dim as i64], init, ParamKind::Kernel)?;
         let bias = match bias {
             true => Some(w.take(&format!("{prefix}.bias"), &[out_dim as i64], Init::Zeros, ParamKind::Bias)?),
@@ -161,7 +173,6 @@ impl Linear {
     pub fn forward(&self, x: &Tensor) -> Tensor {
         x.linear(&self.weight, self.bias.as_ref())
     }
-
 }
 
 /// LayerNorm with weight and bias (SigLIP).
@@ -184,7 +195,6 @@ impl LayerNorm {
         let dim = *self.weight.size().last().unwrap();
         x.layer_norm([dim], Some(&self.weight), Some(&self.bias), self.eps, true)
     }
-
 }
 
 /// Gemma's RMSNorm: `x * rsqrt(mean(x^2) + eps) * (1 + w)`, computed in f32.

@@ -50,7 +50,14 @@ impl PaliGemma {
     pub fn new(config: PaliGemmaConfig, mut weights: Weights, options: RunOptions) -> Result<Self, ModelError> {
         let vision = SiglipVision::new(&config.vision, &mut weights, VISION)?;
         // big_vision zero-initialises the projector (its ViT `head`).
-        let projector = Linear::new(&mut weights, PROJECTOR, config.vision.hidden_size, config.text.hidden_size, true, Init::Zeros)?;
+        let projector = Linear::new(
+            &mut weights,
+            PROJECTOR,
+            config.vision.hidden_size,
+            config.text.hidden_size,
+            true,
+            Init::Zeros,
+        )?;
         let tied = config.tie_word_embeddings;
         let text = Gemma2::new(&config.text, &mut weights, TEXT, LM_HEAD, tied)?;
         let params = weights.finish()?;
@@ -64,12 +71,21 @@ impl PaliGemma {
 
     /// As [`PaliGemma::load`], moved to another image `resolution` when given: the position
     /// embedding grid is resampled bilinearly (stage chaining 224 -> 448 -> 896 px).
-    pub fn load_at(dir: &Path, resolution: Option<usize>, device: Device, kind: Kind, options: RunOptions) -> Result<Self, ModelError> {
+    pub fn load_at(
+        dir: &Path,
+        resolution: Option<usize>,
+        device: Device,
+        kind: Kind,
+        options: RunOptions,
+    ) -> Result<Self, ModelError> {
         let mut config = PaliGemmaConfig::from_file(&dir.join("config.json"))?;
         let mut tensors = checkpoint::read_tensors(dir)?;
         if let Some(res) = resolution.filter(|&r| r != config.vision.image_size) {
             if res % config.vision.patch_size != 0 {
-                return Err(ModelError::Invalid(format!("resolution {res} is not a multiple of the patch size {}", config.vision.patch_size)));
+                return Err(ModelError::Invalid(format!(
+                    "resolution {res} is not a multiple of the patch size {}",
+                    config.vision.patch_size
+                )));
             }
             config.vision.image_size = res;
             let name = format!("{VISION}.embeddings.position_embedding.weight");
@@ -193,7 +209,11 @@ impl PaliGemma {
     pub fn sequence_logprobs(&self, inputs: &Inputs, loss_mask: &Tensor) -> Result<Vec<f64>, ModelError> {
         let (logprobs, example) = self.target_logprobs(inputs, loss_mask)?;
         let b = inputs.ids.size()[0];
-        let sums = Tensor::zeros([b], (Kind::Double, logprobs.device())).index_add(0, &example, &logprobs.to_kind(Kind::Double));
+        let sums = Tensor::zeros([b], (Kind::Double, logprobs.device())).index_add(
+            0,
+            &example,
+            &logprobs.to_kind(Kind::Double),
+        );
         Ok(Vec::<f64>::try_from(sums.to_device(Device::Cpu)).unwrap())
     }
 }
@@ -201,14 +221,15 @@ impl PaliGemma {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{ParamKind, Part, PaliGemmaConfig, TokenLayout, Weights};
+    use crate::{PaliGemmaConfig, ParamKind, Part, TokenLayout, Weights};
 
     /// The layers record what each tensor is, for weight decay and freezing to read.
     #[test]
     fn parameters_are_recorded_with_their_kind_and_part() {
         let config = PaliGemmaConfig::tiny(40, 39, 32).unwrap();
         let model = PaliGemma::new(config, Weights::random(Device::Cpu, Kind::Float), RunOptions::default()).unwrap();
-        let kind = |name: &str| model.params().iter().find(|p| p.name == name).unwrap_or_else(|| panic!("no {name}")).kind;
+        let kind =
+            |name: &str| model.params().iter().find(|p| p.name == name).unwrap_or_else(|| panic!("no {name}")).kind;
         let vision = "vision_tower.vision_model";
         assert_eq!(kind(&format!("{vision}.embeddings.patch_embedding.weight")), ParamKind::Kernel);
         assert_eq!(kind(&format!("{vision}.embeddings.patch_embedding.bias")), ParamKind::Bias);
@@ -242,20 +263,45 @@ mod tests {
         for soft_caps in [true, false] {
             tch::manual_seed(4);
             let config = PaliGemmaConfig::tiny(40, 39, 32).unwrap();
-            let mut model = PaliGemma::new(config, Weights::random(Device::Cpu, Kind::Float), RunOptions { soft_caps, ..RunOptions::default() }).unwrap();
+            let mut model = PaliGemma::new(
+                config,
+                Weights::random(Device::Cpu, Kind::Float),
+                RunOptions { soft_caps, ..RunOptions::default() },
+            )
+            .unwrap();
             let params = model.parameters();
             for (_, p) in &params {
                 let _ = p.set_requires_grad(true);
             }
             // Non-zero projector, so gradients reach the vision tower.
-            tch::no_grad(|| params.iter().filter(|(n, _)| n.starts_with(PROJECTOR)).for_each(|(_, p)| drop(p.shallow_clone().normal_(0.0, 0.1))));
+            tch::no_grad(|| {
+                params
+                    .iter()
+                    .filter(|(n, _)| n.starts_with(PROJECTOR))
+                    .for_each(|(_, p)| drop(p.shallow_clone().normal_(0.0, 0.1)))
+            });
             let image = model.config.vision.num_patches() as i64;
-            let ids = Tensor::cat(&[Tensor::full([2, image], 39, (Kind::Int64, Device::Cpu)), Tensor::randint_low(1, 38, [2, 6], (Kind::Int64, Device::Cpu))], 1);
-            let mask_ar = Tensor::cat(&[Tensor::zeros([2, image + 3], (Kind::Int64, Device::Cpu)), Tensor::ones([2, 3], (Kind::Int64, Device::Cpu))], 1);
+            let ids = Tensor::cat(
+                &[
+                    Tensor::full([2, image], 39, (Kind::Int64, Device::Cpu)),
+                    Tensor::randint_low(1, 38, [2, 6], (Kind::Int64, Device::Cpu)),
+                ],
+                1,
+            );
+            let mask_ar = Tensor::cat(
+                &[
+                    Tensor::zeros([2, image + 3], (Kind::Int64, Device::Cpu)),
+                    Tensor::ones([2, 3], (Kind::Int64, Device::Cpu)),
+                ],
+                1,
+            );
             let inputs = Inputs {
                 pixels: Some(Tensor::rand([2, 3, 32, 32], (Kind::Float, Device::Cpu)) * 2.0 - 1.0),
                 ids,
-                layout: TokenLayout { valid: mask_ar.ones_like().to_kind(Kind::Bool), mask_ar: mask_ar.shallow_clone() },
+                layout: TokenLayout {
+                    valid: mask_ar.ones_like().to_kind(Kind::Bool),
+                    mask_ar: mask_ar.shallow_clone(),
+                },
             };
             let loss_mask = mask_ar.to_kind(Kind::Bool);
             let mut run = |recompute: bool, lean_attention: bool| {
@@ -270,7 +316,9 @@ mod tests {
                 (loss.double_value(&[]), grads)
             };
             let (kept, kept_grads) = run(false, false);
-            for (tag, recompute, lean_attention) in [("recomputed layers", true, false), ("lean attention", false, true)] {
+            for (tag, recompute, lean_attention) in
+                [("recomputed layers", true, false), ("lean attention", false, true)]
+            {
                 let (recomputed, recomputed_grads) = run(recompute, lean_attention);
                 assert_eq!(kept, recomputed, "{tag}, soft_caps {soft_caps}");
                 for ((name, _), (a, b)) in params.iter().zip(kept_grads.iter().zip(&recomputed_grads)) {

@@ -41,7 +41,6 @@ impl Attention {
         let y = Tensor::scaled_dot_product_attention(&q, &k, &v, None::<Tensor>, 0.0, false, None, false);
         self.out_proj.forward(&y.transpose(1, 2).reshape([b, t, d]))
     }
-
 }
 
 struct EncoderLayer {
@@ -70,7 +69,6 @@ impl EncoderLayer {
         let h = self.fc1.forward(&self.layer_norm2.forward(&x)).gelu("tanh");
         x + self.fc2.forward(&h)
     }
-
 }
 
 /// Moves learned position embeddings `(grid^2, width)` to a `to_grid x to_grid` grid by
@@ -98,7 +96,12 @@ impl SiglipVision {
     pub fn new(cfg: &SiglipVisionConfig, w: &mut Weights, p: &str) -> Result<Self, ModelError> {
         let (d, ps) = (cfg.hidden_size as i64, cfg.patch_size as i64);
         Ok(Self {
-            patch_weight: w.take(&format!("{p}.embeddings.patch_embedding.weight"), &[d, 3, ps, ps], Init::Normal(0.02), ParamKind::Kernel)?,
+            patch_weight: w.take(
+                &format!("{p}.embeddings.patch_embedding.weight"),
+                &[d, 3, ps, ps],
+                Init::Normal(0.02),
+                ParamKind::Kernel,
+            )?,
             patch_bias: w.take(&format!("{p}.embeddings.patch_embedding.bias"), &[d], Init::Zeros, ParamKind::Bias)?,
             position_embedding: w.take(
                 &format!("{p}.embeddings.position_embedding.weight"),
@@ -132,7 +135,6 @@ impl SiglipVision {
         }
         self.post_layernorm.forward(&x)
     }
-
 
     /// Floating-point kind of the parameters.
     pub fn kind(&self) -> Kind {

@@ -90,12 +90,17 @@ impl Adam {
     }
 
     /// As [`Adam::new`], each parameter's settings chosen by `group(name, param)`.
-    pub fn with_groups(params: Vec<(String, Tensor)>, config: AdamConfig, group: impl Fn(&str, &Tensor) -> ParamGroup) -> Self {
+    pub fn with_groups(
+        params: Vec<(String, Tensor)>,
+        config: AdamConfig,
+        group: impl Fn(&str, &Tensor) -> ParamGroup,
+    ) -> Self {
         let zeros = |p: &Tensor| Tensor::zeros_like(p).to_kind(Kind::Float);
         let m = params.iter().map(|(_, p)| zeros(p)).collect();
         let v = params.iter().map(|(_, p)| zeros(p)).collect();
         let groups = params.iter().map(|(n, p)| group(n, p)).collect();
-        let master = params.iter().map(|(_, p)| (p.kind() != Kind::Float).then(|| p.detach().to_kind(Kind::Float))).collect();
+        let master =
+            params.iter().map(|(_, p)| (p.kind() != Kind::Float).then(|| p.detach().to_kind(Kind::Float))).collect();
         let step_counts = params.iter().map(|(_, p)| Tensor::zeros([], (Kind::Float, p.device()))).collect();
         Self { config, params, groups, m, v, master, steps: 0, step_counts }
     }
@@ -173,9 +178,15 @@ impl Adam {
                 let step_lr = lr * group.lr_mult * schedule;
                 // AdamW decays by `lr * wd`; ours is `schedule * rate`.
                 let wd = if step_lr > 0.0 { schedule * self.decay_rate(group) / step_lr } else { 0.0 };
-                let targets: Vec<Tensor> = members.iter().map(|&i| self.master[i].as_ref().unwrap_or(&self.params[i].1).shallow_clone()).collect();
-                let grads: Vec<Tensor> = members.iter().map(|&i| self.params[i].1.grad().to_kind(Kind::Float)).collect();
-                let ptrs = |ts: &[Tensor]| -> Vec<*const std::ffi::c_void> { ts.iter().map(|t| t.as_ptr() as *const std::ffi::c_void).collect() };
+                let targets: Vec<Tensor> = members
+                    .iter()
+                    .map(|&i| self.master[i].as_ref().unwrap_or(&self.params[i].1).shallow_clone())
+                    .collect();
+                let grads: Vec<Tensor> =
+                    members.iter().map(|&i| self.params[i].1.grad().to_kind(Kind::Float)).collect();
+                let ptrs = |ts: &[Tensor]| -> Vec<*const std::ffi::c_void> {
+                    ts.iter().map(|t| t.as_ptr() as *const std::ffi::c_void).collect()
+                };
                 let pick = |ts: &[Tensor]| -> Vec<Tensor> { members.iter().map(|&i| ts[i].shallow_clone()).collect() };
                 let (m, v, counts) = (pick(&self.m), pick(&self.v), pick(&self.step_counts));
                 // SAFETY: five arrays of `members.len()` live tensors, each list on one device
@@ -255,20 +266,33 @@ impl Adam {
         };
         let mut state = named("m", &self.m);
         state.extend(named("v", &self.v));
-        let masters: Vec<(String, Tensor)> = self.params.iter().zip(&self.master).filter_map(|((n, _), m)| Some((format!("master.{n}"), m.as_ref()?.shallow_clone()))).collect();
+        let masters: Vec<(String, Tensor)> = self
+            .params
+            .iter()
+            .zip(&self.master)
+            .filter_map(|((n, _), m)| Some((format!("master.{n}"), m.as_ref()?.shallow_clone())))
+            .collect();
         state.extend(masters);
         state
     }
 
     /// Restores moments and the step count saved with [`Adam::state`].
-    pub fn load_state(&mut self, mut state: std::collections::BTreeMap<String, Tensor>, steps: i64) -> Result<(), String> {
+    pub fn load_state(
+        &mut self,
+        mut state: std::collections::BTreeMap<String, Tensor>,
+        steps: i64,
+    ) -> Result<(), String> {
         for (i, (name, p)) in self.params.iter().enumerate() {
             for (prefix, slot) in [("m", &mut self.m[i]), ("v", &mut self.v[i])] {
-                let t = state.remove(&format!("{prefix}.{name}")).ok_or_else(|| format!("optimizer state lacks `{prefix}.{name}`"))?;
+                let t = state
+                    .remove(&format!("{prefix}.{name}"))
+                    .ok_or_else(|| format!("optimizer state lacks `{prefix}.{name}`"))?;
                 *slot = t.to_kind(Kind::Float).to_device(p.device());
             }
             if let Some(master) = &mut self.master[i] {
-                let t = state.remove(&format!("master.{name}")).ok_or_else(|| format!("optimizer state lacks `master.{name}`"))?;
+                let t = state
+                    .remove(&format!("master.{name}"))
+                    .ok_or_else(|| format!("optimizer state lacks `master.{name}`"))?;
                 *master = t.to_kind(Kind::Float).to_device(p.device());
             }
         }
@@ -335,7 +359,8 @@ mod tests {
     fn first_adam_step_moves_by_lr_against_the_gradient_sign() {
         let p = param(&[1.0, -2.0, 3.0]);
         (&p * Tensor::from_slice(&[0.5f32, -4.0, 0.0])).sum(Kind::Float).backward();
-        let mut adam = Adam::new(vec![("w".into(), p.shallow_clone())], AdamConfig { lr: 0.1, ..AdamConfig::default() });
+        let mut adam =
+            Adam::new(vec![("w".into(), p.shallow_clone())], AdamConfig { lr: 0.1, ..AdamConfig::default() });
         adam.step(1.0);
         let got = Vec::<f32>::try_from(p.detach()).unwrap();
         // m_hat = g, v_hat = g^2: the direction is g / (|g| + eps) = sign(g); a zero gradient stays put.
@@ -353,12 +378,23 @@ mod tests {
         let bias = param(&[2.0]);
         let embed = Tensor::from_slice(&[2.0f32]).view([1, 1]).set_requires_grad(true);
         ((&w + &bias + &embed) * 0.0).sum(Kind::Float).backward();
-        let params = vec![("l.weight".into(), w.shallow_clone()), ("l.bias".into(), bias.shallow_clone()), ("embed_tokens.weight".into(), embed.shallow_clone())];
+        let params = vec![
+            ("l.weight".into(), w.shallow_clone()),
+            ("l.bias".into(), bias.shallow_clone()),
+            ("embed_tokens.weight".into(), embed.shallow_clone()),
+        ];
         // What each tensor is, as the layer that took it records it.
-        let kinds = [("l.weight", ParamKind::Kernel), ("l.bias", ParamKind::Bias), ("embed_tokens.weight", ParamKind::Embedding)];
+        let kinds = [
+            ("l.weight", ParamKind::Kernel),
+            ("l.bias", ParamKind::Bias),
+            ("embed_tokens.weight", ParamKind::Embedding),
+        ];
         let kind = |name: &str| kinds.iter().find(|(n, _)| *n == name).unwrap().1;
         let config = AdamConfig { lr: 1e-3, weight_decay: 0.1, ..AdamConfig::default() };
-        let mut adam = Adam::with_groups(params, config, |name, _| ParamGroup { lr_mult: 1.0, decay: kind(name).decays_by_default() });
+        let mut adam = Adam::with_groups(params, config, |name, _| ParamGroup {
+            lr_mult: 1.0,
+            decay: kind(name).decays_by_default(),
+        });
         adam.step(0.5);
         // param -= schedule * wd * param = 0.5 * 0.1 * 2
         assert!((w.double_value(&[0, 0]) - 1.9).abs() < 1e-6);
@@ -396,7 +432,10 @@ mod tests {
         ((&a + &b) * 1.0).sum(Kind::Float).backward();
         let params = vec![("slow.w".into(), a.shallow_clone()), ("fast.w".into(), b.shallow_clone())];
         let config = AdamConfig { lr: 0.1, weight_decay: 0.5, decay: Decay::LrCoupled, ..AdamConfig::default() };
-        let mut adam = Adam::with_groups(params, config, |name, _| ParamGroup { lr_mult: if name.starts_with("slow") { 0.1 } else { 1.0 }, decay: true });
+        let mut adam = Adam::with_groups(params, config, |name, _| ParamGroup {
+            lr_mult: if name.starts_with("slow") { 0.1 } else { 1.0 },
+            decay: true,
+        });
         adam.step(1.0);
         // p -= lr' * (sign(g) + wd * p) with lr' = 0.01 and 0.1.
         assert!((a.double_value(&[0]) - (1.0 - 0.01 * 1.5)).abs() < 1e-6);
@@ -412,7 +451,10 @@ mod tests {
             Tensor::from_slice(&rows.concat()).view([rows.len() as i64, -1])
         };
         let p = matrix(&fixture["start"]).set_requires_grad(true);
-        let mut adam = Adam::with_groups(vec![("w".into(), p.shallow_clone())], config, |_, _| ParamGroup { lr_mult: 1.0, decay: true });
+        let mut adam = Adam::with_groups(vec![("w".into(), p.shallow_clone())], config, |_, _| ParamGroup {
+            lr_mult: 1.0,
+            decay: true,
+        });
         for g in fixture["grads"].as_array().unwrap() {
             (&p * matrix(g)).sum(Kind::Float).backward();
             adam.step(1.0);
@@ -425,8 +467,30 @@ mod tests {
     #[test]
     fn three_steps_equal_torch_optim_adam_and_adamw() {
         for fused in [true, false] {
-            torch_case("adam", AdamConfig { lr: 1e-2, b1: 0.9, b2: 0.999, eps: 1e-8, weight_decay: 0.0, decay: Decay::Decoupled, fused });
-            torch_case("adamw", AdamConfig { lr: 1e-2, b1: 0.9, b2: 0.95, eps: 1e-8, weight_decay: 0.1, decay: Decay::LrCoupled, fused });
+            torch_case(
+                "adam",
+                AdamConfig {
+                    lr: 1e-2,
+                    b1: 0.9,
+                    b2: 0.999,
+                    eps: 1e-8,
+                    weight_decay: 0.0,
+                    decay: Decay::Decoupled,
+                    fused,
+                },
+            );
+            torch_case(
+                "adamw",
+                AdamConfig {
+                    lr: 1e-2,
+                    b1: 0.9,
+                    b2: 0.95,
+                    eps: 1e-8,
+                    weight_decay: 0.1,
+                    decay: Decay::LrCoupled,
+                    fused,
+                },
+            );
         }
     }
 
@@ -434,7 +498,10 @@ mod tests {
     fn a_skipped_step_changes_nothing_and_the_next_one_counts_as_the_first() {
         for fused in [true, false] {
             let p = param(&[1.0, -2.0]);
-            let mut adam = Adam::new(vec![("w".into(), p.shallow_clone())], AdamConfig { lr: 0.1, fused, ..AdamConfig::default() });
+            let mut adam = Adam::new(
+                vec![("w".into(), p.shallow_clone())],
+                AdamConfig { lr: 0.1, fused, ..AdamConfig::default() },
+            );
             (&p * Tensor::from_slice(&[f32::NAN, 1.0])).sum(Kind::Float).backward();
             let norm = adam.clip_grad_norm(Some(1.0));
             let skip = norm.isfinite().logical_not().to_kind(Kind::Float);
@@ -458,15 +525,35 @@ mod tests {
         for decay in [Decay::Decoupled, Decay::LrCoupled] {
             let run = |fused: bool| -> Vec<Tensor> {
                 tch::manual_seed(7);
-                let named = [("slow.w", [4, 3], Kind::Float), ("fast.bias", [3, 1], Kind::Float), ("fast.w", [5, 2], Kind::BFloat16)];
-                let params: Vec<(String, Tensor)> =
-                    named.iter().map(|(n, shape, kind)| (n.to_string(), Tensor::randn(*shape, (Kind::Float, Device::Cpu)).to_kind(*kind).set_requires_grad(true))).collect();
+                let named = [
+                    ("slow.w", [4, 3], Kind::Float),
+                    ("fast.bias", [3, 1], Kind::Float),
+                    ("fast.w", [5, 2], Kind::BFloat16),
+                ];
+                let params: Vec<(String, Tensor)> = named
+                    .iter()
+                    .map(|(n, shape, kind)| {
+                        (
+                            n.to_string(),
+                            Tensor::randn(*shape, (Kind::Float, Device::Cpu)).to_kind(*kind).set_requires_grad(true),
+                        )
+                    })
+                    .collect();
                 let config = AdamConfig { lr: 0.05, weight_decay: 0.1, decay, fused, ..AdamConfig::default() };
-                let groups = |name: &str, p: &Tensor| ParamGroup { lr_mult: if name.starts_with("slow") { 0.1 } else { 1.0 }, decay: p.dim() > 1 && !name.ends_with("bias") };
+                let groups = |name: &str, p: &Tensor| ParamGroup {
+                    lr_mult: if name.starts_with("slow") { 0.1 } else { 1.0 },
+                    decay: p.dim() > 1 && !name.ends_with("bias"),
+                };
                 let handles = || params.iter().map(|(n, p)| (n.clone(), p.shallow_clone())).collect::<Vec<_>>();
                 let mut adam = Adam::with_groups(handles(), config, groups);
                 for (step, schedule) in [0.0, 0.5, 1.0, 0.8, 0.3].into_iter().enumerate() {
-                    let loss: Tensor = params.iter().map(|(_, p)| (p.to_kind(Kind::Float) * Tensor::randn(p.size(), (Kind::Float, Device::Cpu))).sum(Kind::Float)).sum();
+                    let loss: Tensor = params
+                        .iter()
+                        .map(|(_, p)| {
+                            (p.to_kind(Kind::Float) * Tensor::randn(p.size(), (Kind::Float, Device::Cpu)))
+                                .sum(Kind::Float)
+                        })
+                        .sum();
                     loss.backward();
                     adam.step(schedule);
                     if step == 2 {
@@ -488,7 +575,8 @@ mod tests {
     fn bf16_parameters_keep_f32_master_weights() {
         // An update of 1e-4 on 1.0 vanishes in bf16 (spacing 2^-7), but accumulates in the master copy.
         let p = Tensor::from_slice(&[1.0f32]).to_kind(Kind::BFloat16).set_requires_grad(true);
-        let mut adam = Adam::new(vec![("w".into(), p.shallow_clone())], AdamConfig { lr: 1e-4, ..AdamConfig::default() });
+        let mut adam =
+            Adam::new(vec![("w".into(), p.shallow_clone())], AdamConfig { lr: 1e-4, ..AdamConfig::default() });
         for _ in 0..100 {
             (&p * 1.0).sum(Kind::Float).backward();
             adam.step(1.0);

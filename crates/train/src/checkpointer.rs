@@ -25,7 +25,13 @@ pub struct Checkpointer {
 impl Checkpointer {
     pub fn new(run: RunDir, recipe: &Recipe) -> Checkpointer {
         let t = &recipe.train;
-        Checkpointer { run, every: t.checkpoint_every, keep: t.keep_checkpoints, tokenizer: recipe.data.tokenizer.clone(), kind: recipe.model.dtype.kind() }
+        Checkpointer {
+            run,
+            every: t.checkpoint_every,
+            keep: t.keep_checkpoints,
+            tokenizer: recipe.data.tokenizer.clone(),
+            kind: recipe.model.dtype.kind(),
+        }
     }
 
     /// Whether the run saves after update `done` of `total`.
@@ -38,9 +44,15 @@ impl Checkpointer {
     pub fn save(&self, trainer: &Trainer, state: &TrainerState) -> Result<PathBuf> {
         let dir = self.run.save_checkpoint(state.step, |dir: &Path| {
             trainer.model.save(dir, self.kind)?;
-            std::fs::copy(&self.tokenizer, dir.join("tokenizer.json")).with_context(|| format!("copying {} into the checkpoint", self.tokenizer.display()))?;
-            pg2_model::checkpoint::write_file(&dir.join("optimizer.safetensors"), &trainer.optimizer_state(), Kind::Float)?;
-            std::fs::write(dir.join("trainer_state.json"), serde_json::to_string_pretty(state)?).context("writing trainer_state.json")?;
+            std::fs::copy(&self.tokenizer, dir.join("tokenizer.json"))
+                .with_context(|| format!("copying {} into the checkpoint", self.tokenizer.display()))?;
+            pg2_model::checkpoint::write_file(
+                &dir.join("optimizer.safetensors"),
+                &trainer.optimizer_state(),
+                Kind::Float,
+            )?;
+            std::fs::write(dir.join("trainer_state.json"), serde_json::to_string_pretty(state)?)
+                .context("writing trainer_state.json")?;
             Ok(())
         })?;
         if let Some(keep) = self.keep {

@@ -37,17 +37,31 @@ impl Evaluator {
     /// Decodes the records (each rank of `group` a contiguous share); on rank 0, writes
     /// `eval/step-NNNNNN.jsonl` in `run` (each record with its prediction) and returns the
     /// scores (`None` on the other ranks).
-    pub fn run(&self, model: &PaliGemma, step: u64, run: &RunDir, group: &mut Group) -> Result<Option<Map<String, Value>>> {
+    pub fn run(
+        &self,
+        model: &PaliGemma,
+        step: u64,
+        run: &RunDir,
+        group: &mut Group,
+    ) -> Result<Option<Map<String, Value>>> {
         let (spec, tok) = (&self.spec, &self.tokenizer);
         let (rank, world) = (group.rank(), group.world());
         let records = &self.records[self.records.len() * rank / world..self.records.len() * (rank + 1) / world];
         let image = (model.config.vision.image_size as u32, model.config.vision.num_patches());
-        let decode = DecodeOptions { max_new_tokens: spec.max_len, beam_size: spec.beam, eos_id: tok.eos_id, pad_id: tok.pad_id, length_penalty: 1.0 };
+        let decode = DecodeOptions {
+            max_new_tokens: spec.max_len,
+            beam_size: spec.beam,
+            eos_id: tok.eos_id,
+            pad_id: tok.pad_id,
+            length_penalty: 1.0,
+        };
         let format = TaskFormat { prefix: spec.prefix.clone(), ..TaskFormat::default() };
         let mut lines = String::new();
         for chunk in records.chunks(spec.batch_size) {
             let prepared = InferenceBatch::new(chunk, tok, &format, image, false, model.device())?;
-            for ((record, prompt), tokens) in chunk.iter().zip(prepared.prompts).zip(generate(model, &prepared.batch.inputs, &decode)?) {
+            for ((record, prompt), tokens) in
+                chunk.iter().zip(prepared.prompts).zip(generate(model, &prepared.batch.inputs, &decode)?)
+            {
                 let mut row = record.extra.clone();
                 row.insert("prefix".into(), prompt.into());
                 if let Some(suffix) = &record.suffix {
@@ -68,7 +82,12 @@ impl Evaluator {
 /// `pg2 eval`: evaluates a checkpoint (a model folder or a run) with a recipe's `[eval]`
 /// block and its model settings (resolution, dtype, soft-caps), writing
 /// `out/eval/step-NNNNNN.jsonl` (the step the checkpoint was saved at, else 0).
-pub fn evaluate_checkpoint(recipe: &Recipe, checkpoint: &Path, device: Device, out: &Path) -> Result<Map<String, Value>> {
+pub fn evaluate_checkpoint(
+    recipe: &Recipe,
+    checkpoint: &Path,
+    device: Device,
+    out: &Path,
+) -> Result<Map<String, Value>> {
     let spec = recipe.eval.as_ref().context("the recipe has no [eval] block")?;
     let dir = checkpoint_dir(checkpoint)?;
     let options = RunOptions { soft_caps: recipe.model.soft_caps, ..RunOptions::default() };

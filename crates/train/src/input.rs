@@ -3,7 +3,8 @@
 
 use anyhow::{bail, Result};
 use pg2_data::{
-    source, Mixture, MixtureSource, OnBadLine, OnBadRecord, PipelineConfig, SourceData, StreamSource, TaskFormat, TextLimits,
+    source, Mixture, MixtureSource, OnBadLine, OnBadRecord, PipelineConfig, SourceData, StreamSource, TaskFormat,
+    TextLimits,
 };
 use pg2_model::PaliGemmaConfig;
 

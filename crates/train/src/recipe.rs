@@ -150,8 +150,12 @@ pub enum Preset {
 
 impl Preset {
     /// Every preset with its name in recipes.
-    pub const ALL: [(&'static str, Preset); 4] =
-        [("tiny", Preset::Tiny), ("paligemma2-3b", Preset::PaliGemma2(3)), ("paligemma2-10b", Preset::PaliGemma2(10)), ("paligemma2-28b", Preset::PaliGemma2(28))];
+    pub const ALL: [(&'static str, Preset); 4] = [
+        ("tiny", Preset::Tiny),
+        ("paligemma2-3b", Preset::PaliGemma2(3)),
+        ("paligemma2-10b", Preset::PaliGemma2(10)),
+        ("paligemma2-28b", Preset::PaliGemma2(28)),
+    ];
 
     /// The preset a recipe names, if `name` is one.
     pub fn parse(name: &str) -> Option<Preset> {
@@ -396,7 +400,6 @@ pub struct RecipeError {
     pub msg: String,
 }
 
-
 /// Keys whose relative paths resolve against the folder of the file that sets them.
 const PATH_KEYS: [(&str, &str); 7] = [
     ("model", "init"),
@@ -443,7 +446,11 @@ fn resolve_paths(table: &mut Table, dir: &Path) {
             join(v);
         }
     }
-    let sources = table.get_mut("data").and_then(Value::as_table_mut).and_then(|d| d.get_mut("mixture")).and_then(Value::as_array_mut);
+    let sources = table
+        .get_mut("data")
+        .and_then(Value::as_table_mut)
+        .and_then(|d| d.get_mut("mixture"))
+        .and_then(Value::as_array_mut);
     for source in sources.into_iter().flatten() {
         if let Some(v) = source.as_table_mut().and_then(|s| s.get_mut("path")) {
             join(v);
@@ -478,7 +485,8 @@ fn merge(base: &mut Table, over: Table) {
 
 /// Applies `key.path=value`; the value is read as TOML, or else taken as a string.
 fn set(table: &mut Table, assignment: &str) -> Result<(), String> {
-    let (key, raw) = assignment.split_once('=').ok_or_else(|| format!("--set {assignment}: expected key.path=value"))?;
+    let (key, raw) =
+        assignment.split_once('=').ok_or_else(|| format!("--set {assignment}: expected key.path=value"))?;
     let value = toml::from_str::<Table>(&format!("v = {raw}"))
         .ok()
         .and_then(|mut t| t.remove("v"))
@@ -503,7 +511,9 @@ fn with_hint(msg: String) -> String {
     let unknown = rest.split('`').next().unwrap_or_default();
     let valid: Vec<&str> = rest.split("expected ").nth(1).unwrap_or_default().split('`').skip(1).step_by(2).collect();
     match valid.iter().min_by_key(|v| levenshtein(unknown, v)) {
-        Some(best) if levenshtein(unknown, best) <= best.len().max(unknown.len()) / 2 => format!("{msg} (did you mean `{best}`?)"),
+        Some(best) if levenshtein(unknown, best) <= best.len().max(unknown.len()) / 2 => {
+            format!("{msg} (did you mean `{best}`?)")
+        }
         _ => msg,
     }
 }
@@ -530,13 +540,17 @@ impl Recipe {
             let stem = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
             table.insert("name".into(), Value::String(stem));
         }
-        let mut recipe: Recipe = Value::Table(table.clone()).try_into().map_err(|e: toml::de::Error| err(with_hint(e.to_string())))?;
+        let mut recipe: Recipe =
+            Value::Table(table.clone()).try_into().map_err(|e: toml::de::Error| err(with_hint(e.to_string())))?;
         recipe.check().map_err(err)?;
         let root = recipe.data.root.clone();
         let place = |path: &mut PathBuf| -> Result<(), RecipeError> {
             if let Ok(rest) = path.strip_prefix("$DATA") {
                 let root = root.as_ref().ok_or_else(|| {
-                    err(format!("{} needs a data root: set data.root, --set data.root=DIR or PG2_DATA_ROOT", path.display()))
+                    err(format!(
+                        "{} needs a data root: set data.root, --set data.root=DIR or PG2_DATA_ROOT",
+                        path.display()
+                    ))
                 })?;
                 *path = root.join(rest);
             }
@@ -579,20 +593,32 @@ impl Recipe {
         if lengths != 1 {
             return Err("set exactly one of train.steps, train.examples and train.epochs".into());
         }
-        let positive_length = t.steps.is_none_or(|n| n > 0) && t.examples.is_none_or(|n| n > 0) && t.epochs.is_none_or(|e| e > 0.0);
+        let positive_length =
+            t.steps.is_none_or(|n| n > 0) && t.examples.is_none_or(|n| n > 0) && t.epochs.is_none_or(|e| e > 0.0);
         if self.model.activation_checkpointing && self.model.dropout > 0.0 {
             return Err("model.activation_checkpointing does not go with model.dropout: the recompute would draw other dropout masks".into());
         }
         if t.allreduce_bucket_mb.is_nan() || t.allreduce_bucket_mb <= 0.0 {
             return Err("train.allreduce_bucket_mb must be positive".into());
         }
-        if !positive_length || t.batch_size == 0 || t.lr.is_nan() || t.lr <= 0.0 || t.log_every == 0 || t.checkpoint_every == Some(0) {
-            return Err("the length, train.batch_size, train.lr, train.log_every and train.checkpoint_every must be positive".into());
+        if !positive_length
+            || t.batch_size == 0
+            || t.lr.is_nan()
+            || t.lr <= 0.0
+            || t.log_every == 0
+            || t.checkpoint_every == Some(0)
+        {
+            return Err(
+                "the length, train.batch_size, train.lr, train.log_every and train.checkpoint_every must be positive"
+                    .into(),
+            );
         }
         if !(0.0..1.0).contains(&t.label_smoothing) {
             return Err(format!("train.label_smoothing = {}: expected a value in [0, 1)", t.label_smoothing));
         }
-        if t.warmup_fraction.is_some_and(|f| !(0.0..=1.0).contains(&f)) || (t.warmup_fraction.is_some() && t.warmup_steps > 0) {
+        if t.warmup_fraction.is_some_and(|f| !(0.0..=1.0).contains(&f))
+            || (t.warmup_fraction.is_some() && t.warmup_steps > 0)
+        {
             return Err("train.warmup_fraction must lie in [0, 1], and not come with train.warmup_steps".into());
         }
         if t.keep_checkpoints == Some(0) {
@@ -667,11 +693,19 @@ lr = 1e-5
         let dir = std::env::temp_dir().join(format!("pg2-recipe-base-{}", std::process::id()));
         std::fs::create_dir_all(dir.join("sub")).unwrap();
         std::fs::write(dir.join("base.toml"), GOOD).unwrap();
-        let child = "base = \"../base.toml\"\nname = \"child\"\n[train]\nsteps = 99\n[data]\ntokenizer = \"tok.json\"\n";
+        let child =
+            "base = \"../base.toml\"\nname = \"child\"\n[train]\nsteps = 99\n[data]\ntokenizer = \"tok.json\"\n";
         std::fs::write(dir.join("sub/child.toml"), child).unwrap();
-        let overrides = ["train.lr=0.5".to_string(), "data.mixture=[{path = \"$DATA/x.jsonl\", weight = 2.0}]".into(), "data.root=/data".into()];
+        let overrides = [
+            "train.lr=0.5".to_string(),
+            "data.mixture=[{path = \"$DATA/x.jsonl\", weight = 2.0}]".into(),
+            "data.root=/data".into(),
+        ];
         let (r, table) = Recipe::load(&dir.join("sub/child.toml"), &overrides).unwrap();
-        assert_eq!((r.name.as_deref(), r.train.steps, r.train.batch_size, r.train.lr), (Some("child"), Some(99), 4, 0.5));
+        assert_eq!(
+            (r.name.as_deref(), r.train.steps, r.train.batch_size, r.train.lr),
+            (Some("child"), Some(99), 4, 0.5)
+        );
         assert_eq!(r.data.tokenizer, dir.join("sub/tok.json"), "paths resolve against the file that sets them");
         assert_eq!(r.data.mixture[0].path, PathBuf::from("/data/x.jsonl"));
         assert_eq!(table["train"]["steps"].as_integer(), Some(99));
@@ -681,7 +715,9 @@ lr = 1e-5
 
     #[test]
     fn impossible_values_are_rejected() {
-        let err = parse(&GOOD.replace("dtype", "x").replace("resolution = 64", "resolution = 64\ndtype = \"f16\"")).unwrap_err().to_string();
+        let err = parse(&GOOD.replace("dtype", "x").replace("resolution = 64", "resolution = 64\ndtype = \"f16\""))
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("f16"), "{err}");
         // NaN fails every comparison, so `x <= 0.0` alone would let it through.
         for weight in ["0.0", "nan"] {
@@ -691,11 +727,15 @@ lr = 1e-5
         assert!(parse(&GOOD.replace("lr = 1e-5", "lr = nan")).is_err());
         let err = parse(&GOOD.replace("steps = 10", "steps = 10\nepochs = 2.0")).unwrap_err().to_string();
         assert!(err.contains("exactly one of"), "{err}");
-        let err = parse(&GOOD.replace("resolution = 64", "resolution = 64\nfreeze = [\"vit\"]")).unwrap_err().to_string();
+        let err =
+            parse(&GOOD.replace("resolution = 64", "resolution = 64\nfreeze = [\"vit\"]")).unwrap_err().to_string();
         assert!(err.contains("`vit`") && err.contains("`vision`"), "{err}");
         let err = parse(&GOOD.replace("steps = 10", "steps = \"ten\"")).unwrap_err().to_string();
         assert!(err.contains("steps") && err.contains("ten"), "{err}");
-        let err = parse(&GOOD.replace("resolution = 64", "resolution = 64\ndropout = 0.1\nactivation_checkpointing = true")).unwrap_err().to_string();
+        let err =
+            parse(&GOOD.replace("resolution = 64", "resolution = 64\ndropout = 0.1\nactivation_checkpointing = true"))
+                .unwrap_err()
+                .to_string();
         assert!(err.contains("activation_checkpointing") && err.contains("dropout"), "{err}");
     }
 }

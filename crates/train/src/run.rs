@@ -68,10 +68,15 @@ pub fn train(recipe: &Recipe, resolved: &toml::Table, opts: &LaunchOptions, grou
     if let Some(dir) = &resume_from {
         trainer.load_optimizer_state(dir)?;
     }
-    let pipeline = Pipeline::start(mixture, tokenizer.clone(), input::pipeline_config(recipe, &trainer.model.config, group.rank(), group.world())?)?;
+    let pipeline = Pipeline::start(
+        mixture,
+        tokenizer.clone(),
+        input::pipeline_config(recipe, &trainer.model.config, group.rank(), group.world())?,
+    )?;
     let evaluator = recipe.eval.as_ref().map(|spec| Evaluator::new(spec, tokenizer.clone())).transpose()?;
     let checkpointer = Checkpointer::new(run.clone(), recipe);
-    let mut log = RunLog::open(&run, recipe.name.as_deref().unwrap_or_default(), first_step, total_steps, group.is_main())?;
+    let mut log =
+        RunLog::open(&run, recipe.name.as_deref().unwrap_or_default(), first_step, total_steps, group.is_main())?;
     let evaluate = |step: u64, trainer: &Trainer, group: &mut Group, log: &mut RunLog| -> Result<()> {
         let Some(evaluator) = &evaluator else { return Ok(()) };
         match log.suspend(|| evaluator.run(&trainer.model, step, &run, group))? {
@@ -85,9 +90,11 @@ pub fn train(recipe: &Recipe, resolved: &toml::Table, opts: &LaunchOptions, grou
     let (mut losses, mut last_checkpoint, mut counts) = (Vec::new(), None, DataCounts::default());
     let (mut window_start, mut window_examples) = (Instant::now(), 0usize);
     for _ in first_step..total_steps {
-        let update = (0..t.grad_accumulation).map(|_| pipeline.next_batch()).collect::<Result<Vec<LoadedBatch>, _>>()?;
+        let update =
+            (0..t.grad_accumulation).map(|_| pipeline.next_batch()).collect::<Result<Vec<LoadedBatch>, _>>()?;
         add_counts(&mut counts, &update);
-        let stats = trainer.step(&update.iter().map(|l| &l.batch).collect::<Vec<_>>(), update[0].update_targets, group)?;
+        let stats =
+            trainer.step(&update.iter().map(|l| &l.batch).collect::<Vec<_>>(), update[0].update_targets, group)?;
         let done = stats.step;
         window_examples += t.batch_size * t.grad_accumulation;
         // The first step too, so the logged curve starts from the starting weights' loss.
@@ -95,12 +102,21 @@ pub fn train(recipe: &Recipe, resolved: &toml::Table, opts: &LaunchOptions, grou
         let eval_step = evaluator.as_ref().is_some_and(|e| e.due(done, total_steps));
         let checkpoint_step = checkpointer.due(done, total_steps);
         // Here, and only here, the host waits for the device: before anything is logged or saved.
-        let skipped_steps = if log_step || eval_step || checkpoint_step { trainer.check_nonfinite(t.on_nonfinite)? } else { 0 };
+        let skipped_steps =
+            if log_step || eval_step || checkpoint_step { trainer.check_nonfinite(t.on_nonfinite)? } else { 0 };
         if log_step {
             let loss = stats.loss.double_value(&[]);
             let examples_per_s = window_examples as f64 / window_start.elapsed().as_secs_f64();
             let data = sum_counts(&counts, group)?;
-            log.step(&StepLine { step: done, loss, lr: stats.lr, grad_norm: stats.grad_norm.double_value(&[]), examples_per_s, skipped_steps, data })?;
+            log.step(&StepLine {
+                step: done,
+                loss,
+                lr: stats.lr,
+                grad_norm: stats.grad_norm.double_value(&[]),
+                examples_per_s,
+                skipped_steps,
+                data,
+            })?;
             losses.push(loss);
             (window_start, window_examples) = (Instant::now(), 0);
         }
@@ -126,7 +142,13 @@ pub fn train(recipe: &Recipe, resolved: &toml::Table, opts: &LaunchOptions, grou
 /// folder with checkpoints is continued with `resume`, cleared with `overwrite`, and else
 /// left alone with an error; the resolved recipe and, once, the synthetic demo data are
 /// written. Returns the checkpoint to resume from.
-fn prepare(run: &RunDir, recipe: &Recipe, resolved: &toml::Table, opts: &LaunchOptions, group: &mut Group) -> Result<Option<PathBuf>> {
+fn prepare(
+    run: &RunDir,
+    recipe: &Recipe,
+    resolved: &toml::Table,
+    opts: &LaunchOptions,
+    group: &mut Group,
+) -> Result<Option<PathBuf>> {
     let main = group.is_main();
     input::worker_batch(recipe, group.world())?; // before anything in the run folder changes
     if run.root().is_file() {
@@ -134,9 +156,14 @@ fn prepare(run: &RunDir, recipe: &Recipe, resolved: &toml::Table, opts: &LaunchO
     }
     let latest = run.latest()?;
     match (&latest, opts.resume, opts.overwrite) {
-        (Some(_), false, false) => bail!("{} already holds checkpoints: pass --resume to continue the run or --overwrite to start over", run.root().display()),
+        (Some(_), false, false) => bail!(
+            "{} already holds checkpoints: pass --resume to continue the run or --overwrite to start over",
+            run.root().display()
+        ),
         (Some(_), _, true) if main => run.clear()?,
-        (None, true, _) if main => eprintln!("launch: nothing to resume in {}; starting from step 0", run.root().display()),
+        (None, true, _) if main => {
+            eprintln!("launch: nothing to resume in {}; starting from step 0", run.root().display())
+        }
         _ => {}
     }
     let missing = recipe.missing_sources();
@@ -175,6 +202,7 @@ fn sum_counts(counts: &DataCounts, group: &mut Group) -> Result<DataCounts> {
     let c = counts;
     let all = [c.skipped_records, c.prefix_truncated, c.suffix_truncated, c.eos_dropped, c.tokens, c.batch_tokens];
     let sums = group.sum_scalars(&all.map(|x| x as f64))?;
-    let [skipped_records, prefix_truncated, suffix_truncated, eos_dropped, tokens, batch_tokens] = [0, 1, 2, 3, 4, 5].map(|i| sums[i] as u64);
+    let [skipped_records, prefix_truncated, suffix_truncated, eos_dropped, tokens, batch_tokens] =
+        [0, 1, 2, 3, 4, 5].map(|i| sums[i] as u64);
     Ok(DataCounts { skipped_records, prefix_truncated, suffix_truncated, eos_dropped, tokens, batch_tokens })
 }

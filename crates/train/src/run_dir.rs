@@ -42,7 +42,9 @@ impl TrainerState {
     pub fn read(checkpoint: &Path) -> Result<TrainerState> {
         let path = checkpoint.join("trainer_state.json");
         let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
-        serde_json::from_str(&text).with_context(|| format!("{}: not a trainer state (truncated?); resume from another checkpoint", path.display()))
+        serde_json::from_str(&text).with_context(|| {
+            format!("{}: not a trainer state (truncated?); resume from another checkpoint", path.display())
+        })
     }
 }
 
@@ -142,7 +144,8 @@ impl RunDir {
             std::fs::remove_dir_all(&folder).with_context(|| format!("replacing {}", folder.display()))?;
         }
         staged.commit().with_context(|| format!("renaming the new checkpoint to {}", folder.display()))?;
-        write_atomically(&self.pointer(), name.as_bytes()).with_context(|| format!("writing {}", self.pointer().display()))?;
+        write_atomically(&self.pointer(), name.as_bytes())
+            .with_context(|| format!("writing {}", self.pointer().display()))?;
         Ok(folder)
     }
 
@@ -212,7 +215,10 @@ fn resolve_pointer(pointer: &Path) -> Result<PathBuf> {
     }
     let dir = pointer.parent().unwrap_or(Path::new(".")).join(name);
     if !dir.is_dir() {
-        bail!("{} names {name}, which does not exist: point it at a checkpoint folder beside it or pass --overwrite", pointer.display());
+        bail!(
+            "{} names {name}, which does not exist: point it at a checkpoint folder beside it or pass --overwrite",
+            pointer.display()
+        );
     }
     Ok(dir)
 }
@@ -224,11 +230,15 @@ pub fn checkpoint_dir(path: &Path) -> Result<PathBuf> {
     if path.join("config.json").is_file() {
         return Ok(path.to_path_buf());
     }
-    let pointer = [path.to_path_buf(), path.join("latest"), path.join("checkpoints/latest")].into_iter().find(|p| p.is_file());
+    let pointer =
+        [path.to_path_buf(), path.join("latest"), path.join("checkpoints/latest")].into_iter().find(|p| p.is_file());
     match pointer {
         Some(pointer) => resolve_pointer(&pointer),
         None if !path.exists() => bail!("{}: no such model or run folder", path.display()),
-        None => bail!("{}: neither a model folder (config.json) nor a run with checkpoints (checkpoints/latest)", path.display()),
+        None => bail!(
+            "{}: neither a model folder (config.json) nor a run with checkpoints (checkpoints/latest)",
+            path.display()
+        ),
     }
 }
 
@@ -244,7 +254,12 @@ mod tests {
     }
 
     fn state(step: u64, total: u64) -> TrainerState {
-        TrainerState { step, total_steps: Some(total), position: MixturePosition { next: step, consumed: vec![step] }, seed: 0 }
+        TrainerState {
+            step,
+            total_steps: Some(total),
+            position: MixturePosition { next: step, consumed: vec![step] },
+            seed: 0,
+        }
     }
 
     fn save(run: &RunDir, step: u64, total: u64) -> PathBuf {
@@ -268,12 +283,25 @@ mod tests {
             assert_eq!(run.finished(), step == 6, "step {step}");
         }
         run.prune(2).unwrap();
-        let mut left: Vec<String> = std::fs::read_dir(run.root().join("checkpoints")).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+        let mut left: Vec<String> = std::fs::read_dir(run.root().join("checkpoints"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
         left.sort();
         assert_eq!(left, ["latest", "step-000004", "step-000006"]);
         // Every form a user may pass resolves to the newest checkpoint.
-        for given in [run.root().to_path_buf(), run.root().join("checkpoints"), run.root().join("checkpoints/latest"), run.root().join("checkpoints/step-000006")] {
-            assert_eq!(checkpoint_dir(&given).unwrap(), run.root().join("checkpoints/step-000006"), "{}", given.display());
+        for given in [
+            run.root().to_path_buf(),
+            run.root().join("checkpoints"),
+            run.root().join("checkpoints/latest"),
+            run.root().join("checkpoints/step-000006"),
+        ] {
+            assert_eq!(
+                checkpoint_dir(&given).unwrap(),
+                run.root().join("checkpoints/step-000006"),
+                "{}",
+                given.display()
+            );
         }
         // A failed write leaves the previous checkpoint and its pointer alone.
         let failed = run.save_checkpoint(8, |dir| {

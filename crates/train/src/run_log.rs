@@ -54,13 +54,20 @@ impl RunLog {
     pub fn open(run: &RunDir, name: &str, first_step: u64, total_steps: u64, main: bool) -> Result<RunLog> {
         let interactive = main && std::io::stderr().is_terminal();
         let bar = if interactive { ProgressBar::new(total_steps) } else { ProgressBar::hidden() };
-        bar.set_style(ProgressStyle::with_template("{prefix} {bar:30} {pos}/{len} {msg} [{elapsed} < {eta}]").expect("a valid template"));
+        bar.set_style(
+            ProgressStyle::with_template("{prefix} {bar:30} {pos}/{len} {msg} [{elapsed} < {eta}]")
+                .expect("a valid template"),
+        );
         bar.set_prefix(name.to_string());
         bar.set_position(first_step);
         let files = match main {
             true => {
                 let path = run.metrics_path();
-                let metrics = std::fs::OpenOptions::new().create(true).append(true).open(&path).with_context(|| format!("opening {}", path.display()))?;
+                let metrics = std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(&path)
+                    .with_context(|| format!("opening {}", path.display()))?;
                 Some((metrics, EventWriter::create(&run.tensorboard_dir())?))
             }
             false => None,
@@ -80,7 +87,10 @@ impl RunLog {
         if self.files.is_some() {
             match self.interactive {
                 true => self.bar.set_message(format!("loss {:.4} | {:.1} ex/s", s.loss, s.examples_per_s)),
-                false => eprintln!("step {}/{} loss {:.4} lr {:.3e} grad_norm {:.3} {:.1} ex/s", s.step, self.total_steps, s.loss, s.lr, s.grad_norm, s.examples_per_s),
+                false => eprintln!(
+                    "step {}/{} loss {:.4} lr {:.3e} grad_norm {:.3} {:.1} ex/s",
+                    s.step, self.total_steps, s.loss, s.lr, s.grad_norm, s.examples_per_s
+                ),
             }
         }
         Ok(())
@@ -93,7 +103,11 @@ impl RunLog {
         for (name, value) in scores.iter().filter(|(name, _)| name.as_str() != "n") {
             line.insert(format!("eval/{name}"), value.clone());
         }
-        let tags: Vec<(String, f64)> = line.iter().filter(|(tag, _)| *tag != "step").filter_map(|(tag, v)| Some((tag.clone(), v.as_f64()?))).collect();
+        let tags: Vec<(String, f64)> = line
+            .iter()
+            .filter(|(tag, _)| *tag != "step")
+            .filter_map(|(tag, v)| Some((tag.clone(), v.as_f64()?)))
+            .collect();
         for (tag, v) in &tags {
             self.bar.suspend(|| eprintln!("step {step} {tag} {v:.4}"));
         }

@@ -42,7 +42,12 @@ pub fn build_model(recipe: &Recipe, tok: &PgTokenizer, device: Device) -> Result
     let mut config = preset.config(tok.vocab_size(), tok.image_id, recipe.model.resolution)?;
     config.image_token_id = tok.image_id;
     if tok.vocab_size() > config.text.vocab_size {
-        bail!("{}: {} tokens do not fit the model's {}-row embedding", recipe.data.tokenizer.display(), tok.vocab_size(), config.text.vocab_size);
+        bail!(
+            "{}: {} tokens do not fit the model's {}-row embedding",
+            recipe.data.tokenizer.display(),
+            tok.vocab_size(),
+            config.text.vocab_size
+        );
     }
     tch::manual_seed(recipe.seed as i64);
     let model = PaliGemma::new(config, Weights::random(device, kind), options)?;
@@ -52,7 +57,10 @@ pub fn build_model(recipe: &Recipe, tok: &PgTokenizer, device: Device) -> Result
         // get no gradient through it at first and learns much more slowly (tiny stage 1:
         // colour questions at 0.25 instead of 0.43 after 400 steps).
         None => tch::no_grad(|| {
-            let kernels = model.params().iter().filter(|p| Part::of(&p.name) == Some(Part::Projector) && p.kind == pg2_model::ParamKind::Kernel);
+            let kernels = model
+                .params()
+                .iter()
+                .filter(|p| Part::of(&p.name) == Some(Part::Projector) && p.kind == pg2_model::ParamKind::Kernel);
             for p in kernels {
                 let _ = p.tensor.shallow_clone().normal_(0.0, 0.02);
             }
@@ -83,18 +91,28 @@ fn load_part(model: &PaliGemma, dir: &Path, part: Part) -> Result<()> {
                 continue;
             }
             let target = format!("{to}.{rest}");
-            let param = params.get(&target).with_context(|| format!("{}: `{name}` has no place in the model", file.display()))?;
+            let param = params
+                .get(&target)
+                .with_context(|| format!("{}: `{name}` has no place in the model", file.display()))?;
             let mut value = tensor.to_kind(param.kind()).to_device(param.device());
             if rest == "embeddings.position_embedding.weight" && value.size() != param.size() {
                 value = pg2_model::siglip::resample_positions(&value, (param.size()[0] as f64).sqrt().round() as i64);
             }
             tch::no_grad(|| -> Result<()> {
-                if rest == "embed_tokens.weight" && value.size()[0] <= param.size()[0] && value.size()[1] == param.size()[1] {
+                if rest == "embed_tokens.weight"
+                    && value.size()[0] <= param.size()[0]
+                    && value.size()[1] == param.size()[1]
+                {
                     param.narrow(0, 0, value.size()[0]).copy_(&value);
                 } else if value.size() == param.size() {
                     param.shallow_clone().copy_(&value);
                 } else {
-                    bail!("{}: `{name}` has shape {:?}, the model needs {:?}", file.display(), value.size(), param.size());
+                    bail!(
+                        "{}: `{name}` has shape {:?}, the model needs {:?}",
+                        file.display(),
+                        value.size(),
+                        param.size()
+                    );
                 }
                 Ok(())
             })?;
@@ -153,7 +171,13 @@ impl Trainer {
     /// Trains `model` as the recipe says from update `first_step` on: frozen parts get no
     /// gradient and no optimizer state, `lr_mults` and weight decay are set per parameter,
     /// and every rank of `group` starts from rank 0's weights.
-    pub fn new(model: PaliGemma, recipe: &Recipe, schedule: Schedule, first_step: u64, group: &mut Group) -> Result<Trainer> {
+    pub fn new(
+        model: PaliGemma,
+        recipe: &Recipe,
+        schedule: Schedule,
+        first_step: u64,
+        group: &mut Group,
+    ) -> Result<Trainer> {
         group.broadcast_from_main(&model.parameters().into_iter().map(|(_, p)| p).collect::<Vec<_>>())?;
         let frozen = |name: &str| Part::of(name).is_some_and(|part| recipe.model.freeze.contains(&part));
         let trainable: Vec<&pg2_model::Param> = model.params().iter().filter(|p| !frozen(&p.name)).collect();
@@ -161,12 +185,26 @@ impl Trainer {
         let mut groups = BTreeMap::new();
         for p in &trainable {
             let _ = p.tensor.set_requires_grad(true);
-            let mult = t.lr_mults.iter().filter(|(prefix, _)| p.name.starts_with(prefix.as_str())).max_by_key(|(prefix, _)| prefix.len());
+            let mult = t
+                .lr_mults
+                .iter()
+                .filter(|(prefix, _)| p.name.starts_with(prefix.as_str()))
+                .max_by_key(|(prefix, _)| prefix.len());
             let spared = t.no_weight_decay.iter().any(|prefix| p.name.starts_with(prefix.as_str()));
-            groups.insert(p.name.clone(), ParamGroup { lr_mult: mult.map_or(1.0, |(_, &m)| m), decay: p.kind.decays_by_default() && !spared });
+            groups.insert(
+                p.name.clone(),
+                ParamGroup { lr_mult: mult.map_or(1.0, |(_, &m)| m), decay: p.kind.decays_by_default() && !spared },
+            );
         }
         let params = trainable.iter().map(|p| (p.name.clone(), p.tensor.shallow_clone())).collect();
-        let config = AdamConfig { lr: t.lr, b2: t.b2, weight_decay: t.weight_decay, decay: t.weight_decay_mode, fused: t.fused_optimizer, ..AdamConfig::default() };
+        let config = AdamConfig {
+            lr: t.lr,
+            b2: t.b2,
+            weight_decay: t.weight_decay,
+            decay: t.weight_decay_mode,
+            fused: t.fused_optimizer,
+            ..AdamConfig::default()
+        };
         let optimizer = Adam::with_groups(params, config, |name, _| groups[name]);
         let settings = StepSettings {
             accumulation: t.grad_accumulation,
@@ -181,7 +219,16 @@ impl Trainer {
         };
         let float = (Kind::Float, model.device());
         let (nonfinite_steps, first_nonfinite) = (Tensor::zeros([], float), Tensor::full([], -1.0, float));
-        Ok(Trainer { model, optimizer, schedule, settings, step: first_step, nonfinite_steps, first_nonfinite, reported_nonfinite: 0 })
+        Ok(Trainer {
+            model,
+            optimizer,
+            schedule,
+            settings,
+            step: first_step,
+            nonfinite_steps,
+            first_nonfinite,
+            reported_nonfinite: 0,
+        })
     }
 
     /// Updates made so far.
@@ -209,7 +256,11 @@ impl Trainer {
     pub fn step(&mut self, micro_batches: &[&Batch], update_targets: usize, group: &mut Group) -> Result<StepStats> {
         let s = &self.settings;
         if micro_batches.len() != s.accumulation {
-            bail!("an update needs {} micro-batches (train.grad_accumulation), got {}", s.accumulation, micro_batches.len());
+            bail!(
+                "an update needs {} micro-batches (train.grad_accumulation), got {}",
+                s.accumulation,
+                micro_batches.len()
+            );
         }
         let (device, world) = (self.model.device(), group.world());
         let per_token = s.loss_normalization == LossNormalization::Token;
@@ -243,19 +294,25 @@ impl Trainer {
                 .optimizer
                 .params()
                 .iter()
-                .map(|(name, p)| Some(p.grad()).filter(Tensor::defined).with_context(|| format!("`{name}` got no gradient; every trainable parameter needs one with several workers")))
+                .map(|(name, p)| {
+                    Some(p.grad()).filter(Tensor::defined).with_context(|| {
+                        format!("`{name}` got no gradient; every trainable parameter needs one with several workers")
+                    })
+                })
                 .collect::<Result<Vec<_>>>()?;
             group.all_reduce_mean(&grads, s.bucket_bytes)?;
             group.all_reduce_sum(&loss_sum)?;
             loss_sum /= world as f64;
         }
         let grad_norm = self.optimizer.clip_grad_norm(s.grad_clip);
-        let nonfinite = loss_sum.isfinite().logical_and(&grad_norm.to_device(device).isfinite()).logical_not().to_kind(Kind::Float);
+        let nonfinite =
+            loss_sum.isfinite().logical_and(&grad_norm.to_device(device).isfinite()).logical_not().to_kind(Kind::Float);
         let factor = self.schedule.factor(self.step);
         self.optimizer.step_unless(factor, Some(&nonfinite));
         self.step += 1;
         let first_unset = self.first_nonfinite.ge(0.0).logical_or(&nonfinite.eq(0.0));
-        self.first_nonfinite = self.first_nonfinite.where_self(&first_unset, &Tensor::full([], self.step as f64, (Kind::Float, device)));
+        self.first_nonfinite =
+            self.first_nonfinite.where_self(&first_unset, &Tensor::full([], self.step as f64, (Kind::Float, device)));
         self.nonfinite_steps += &nonfinite;
         Ok(StepStats { step: self.step, loss: loss_sum, grad_norm, lr: s.lr * factor })
     }
@@ -316,10 +373,12 @@ mod tests {
     fn stage_one_parts_load_from_siglip_and_gemma_checkpoints() {
         let config = PaliGemmaConfig::tiny(40, 39, 32).unwrap();
         tch::manual_seed(1);
-        let source = PaliGemma::new(config.clone(), Weights::random(Device::Cpu, Kind::Float), RunOptions::default()).unwrap();
+        let source =
+            PaliGemma::new(config.clone(), Weights::random(Device::Cpu, Kind::Float), RunOptions::default()).unwrap();
         let dir = std::env::temp_dir().join(format!("pg2-parts-{}", std::process::id()));
         // transformers' names: SiglipModel has a text tower too; Gemma 2's vocabulary is shorter.
-        let mut vision = vec![("text_model.final_layer_norm.weight".to_string(), Tensor::ones([4], (Kind::Float, Device::Cpu)))];
+        let mut vision =
+            vec![("text_model.final_layer_norm.weight".to_string(), Tensor::ones([4], (Kind::Float, Device::Cpu)))];
         let mut text = vec![];
         for (name, t) in source.parameters() {
             if let Some(rest) = name.strip_prefix("vision_tower.") {
@@ -341,7 +400,10 @@ mod tests {
         for ((name, got), (_, want)) in model.parameters().iter().zip(source.parameters()) {
             if name.ends_with("embed_tokens.weight") {
                 assert!(got.narrow(0, 0, 30).equal(&want.narrow(0, 0, 30)));
-                assert!(!got.narrow(0, 30, 10).equal(&want.narrow(0, 30, 10)), "rows past Gemma's vocabulary stay fresh");
+                assert!(
+                    !got.narrow(0, 30, 10).equal(&want.narrow(0, 30, 10)),
+                    "rows past Gemma's vocabulary stay fresh"
+                );
             } else if name.starts_with("multi_modal_projector") {
                 assert_eq!(got.abs().sum(Kind::Float).double_value(&[]), 0.0, "the projector starts at zero");
             } else {

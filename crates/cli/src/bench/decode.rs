@@ -9,7 +9,9 @@ use pg2_model::{generate, DecodeOptions, PaliGemma, PaliGemmaConfig, RunOptions}
 use serde_json::{json, Value};
 use tch::Kind;
 
-use super::{Sides, peak_rss_mb, read_inputs, run_baseline, run_pg2_side, write_inputs, write_random_model, Shape, TempDir};
+use super::{
+    peak_rss_mb, read_inputs, run_baseline, run_pg2_side, write_inputs, write_random_model, Shape, Sides, TempDir,
+};
 
 const BASELINE: &str = include_str!("decode_baseline.py");
 
@@ -53,7 +55,13 @@ pub fn decode(b: &DecodeBench) -> Result<()> {
     let settings = json!({"new_tokens": b.new_tokens, "runs": b.runs, "threads": b.sides.threads, "device": b.sides.device,
         "eos_id": unreachable_eos(&config)});
     // Null when the baseline cannot run: its figures read as n/a.
-    let theirs = run_baseline(&b.sides.python, "decode-baseline", BASELINE, &[dir.0.as_os_str(), settings.to_string().as_ref()])?.unwrap_or_default();
+    let theirs = run_baseline(
+        &b.sides.python,
+        "decode-baseline",
+        BASELINE,
+        &[dir.0.as_os_str(), settings.to_string().as_ref()],
+    )?
+    .unwrap_or_default();
     let cell = |x: Option<f64>, digits: usize| x.map_or("n/a".to_string(), |x| format!("{x:.digits$}"));
     println!("{:<20} {:>14} {:>14} {:>8}", "", "pg2", "transformers", "ratio");
     // Ratios are pg2's speed-up (above 1: pg2 is faster), and pg2 / transformers for memory.
@@ -70,7 +78,8 @@ pub fn decode(b: &DecodeBench) -> Result<()> {
         println!("{label:<20} {:>14} {:>14} {ratio:>8}", cell(a, digits), cell(t, digits));
     }
     if !theirs.is_null() {
-        let tokens = |v: &Value| serde_json::from_value::<Vec<Vec<i64>>>(v["tokens"].clone()).context("generated tokens");
+        let tokens =
+            |v: &Value| serde_json::from_value::<Vec<Vec<i64>>>(v["tokens"].clone()).context("generated tokens");
         let (a, t) = (tokens(&ours)?, tokens(&theirs)?);
         let total = a.iter().map(Vec::len).sum::<usize>().max(t.iter().map(Vec::len).sum());
         let same: usize = a.iter().zip(&t).map(|(x, y)| x.iter().zip(y).filter(|(p, q)| p == q).count()).sum();
@@ -94,7 +103,8 @@ fn pg2_side(b: &DecodeBench, dir: &Path) -> Result<Value> {
     let model = PaliGemma::load(dir, device, Kind::Float, RunOptions::default())?;
     let prompts = read_inputs(dir, device)?;
     let eos = unreachable_eos(&model.config);
-    let opts = DecodeOptions { max_new_tokens: b.new_tokens, beam_size: 1, eos_id: eos, pad_id: 0, length_penalty: 1.0 };
+    let opts =
+        DecodeOptions { max_new_tokens: b.new_tokens, beam_size: 1, eos_id: eos, pad_id: 0, length_penalty: 1.0 };
     // Each step brings the chosen tokens to the host, which waits for the device.
     let timed = |opts: &DecodeOptions| -> Result<(f64, Vec<Vec<i64>>)> {
         let mut tokens = generate(&model, &prompts, opts)?;

@@ -156,31 +156,56 @@ pub enum BenchCommand {
 /// Runs one `pg2 bench` subcommand.
 pub fn run(command: &BenchCommand) -> Result<()> {
     match command {
-        BenchCommand::Data { images, count, resolutions, python } => data(images.as_deref(), *count, resolutions, python),
-        BenchCommand::Model { size, resolution, batch, text_len, dtype, device, steps, train, no_soft_caps, optimizer, recompute, lean_attention, peak_tflops } => {
-            model(&ModelBench {
-                size_b: *size,
-                resolution: *resolution,
-                batch: *batch,
-                text_len: *text_len,
-                kind: dtype.kind(),
-                device: prepare_device(device)?,
-                steps: (*steps).max(1),
-                train: *train,
-                no_soft_caps: *no_soft_caps,
-                optimizer: *optimizer,
-                recompute: *recompute,
-                lean_attention: *lean_attention,
-                peak_tflops: *peak_tflops,
-            })
+        BenchCommand::Data { images, count, resolutions, python } => {
+            data(images.as_deref(), *count, resolutions, python)
         }
-        BenchCommand::Train { shape, batch, steps, recompute, lean_attention, sides } => {
-            train(&TrainBench { shape: *shape, batch: *batch, steps: *steps, recompute: *recompute, lean_attention: *lean_attention, sides: sides.clone() })
+        BenchCommand::Model {
+            size,
+            resolution,
+            batch,
+            text_len,
+            dtype,
+            device,
+            steps,
+            train,
+            no_soft_caps,
+            optimizer,
+            recompute,
+            lean_attention,
+            peak_tflops,
+        } => model(&ModelBench {
+            size_b: *size,
+            resolution: *resolution,
+            batch: *batch,
+            text_len: *text_len,
+            kind: dtype.kind(),
+            device: prepare_device(device)?,
+            steps: (*steps).max(1),
+            train: *train,
+            no_soft_caps: *no_soft_caps,
+            optimizer: *optimizer,
+            recompute: *recompute,
+            lean_attention: *lean_attention,
+            peak_tflops: *peak_tflops,
+        }),
+        BenchCommand::Train { shape, batch, steps, recompute, lean_attention, sides } => train(&TrainBench {
+            shape: *shape,
+            batch: *batch,
+            steps: *steps,
+            recompute: *recompute,
+            lean_attention: *lean_attention,
+            sides: sides.clone(),
+        }),
+        BenchCommand::Decode { shape, batch, new_tokens, runs, sides } => decode(&DecodeBench {
+            shape: *shape,
+            batch: *batch,
+            new_tokens: *new_tokens,
+            runs: (*runs).max(1),
+            sides: sides.clone(),
+        }),
+        BenchCommand::Padding { recipe, overrides, nproc, updates } => {
+            padding::run(recipe, overrides, *nproc, *updates)
         }
-        BenchCommand::Decode { shape, batch, new_tokens, runs, sides } => {
-            decode(&DecodeBench { shape: *shape, batch: *batch, new_tokens: *new_tokens, runs: (*runs).max(1), sides: sides.clone() })
-        }
-        BenchCommand::Padding { recipe, overrides, nproc, updates } => padding::run(recipe, overrides, *nproc, *updates),
         BenchCommand::Allreduce { device, size_mb, iters } => allreduce(device, *size_mb, (*iters).max(1)),
     }
 }
@@ -220,11 +245,14 @@ fn pg2_rate(files: &[PathBuf], res: u32) -> Result<f64> {
 /// Runs the Python baseline; `None` (with the reason printed) when it cannot run here.
 fn baseline_rates(python: &str, files: &[PathBuf], resolutions: &[u32]) -> Result<Option<Vec<f64>>> {
     let list = resolutions.iter().map(u32::to_string).collect::<Vec<_>>().join(",");
-    let args: Vec<&std::ffi::OsStr> = std::iter::once(list.as_ref()).chain(files.iter().map(|f| f.as_os_str())).collect();
+    let args: Vec<&std::ffi::OsStr> =
+        std::iter::once(list.as_ref()).chain(files.iter().map(|f| f.as_os_str())).collect();
     let Some(stdout) = run_script(python, "siglip-baseline", BASELINE, &args)? else { return Ok(None) };
     let rates = String::from_utf8(stdout)?
         .lines()
-        .map(|l| -> Result<f64> { serde_json::from_str::<serde_json::Value>(l)?["images_per_s"].as_f64().context("baseline output") })
+        .map(|l| -> Result<f64> {
+            serde_json::from_str::<serde_json::Value>(l)?["images_per_s"].as_f64().context("baseline output")
+        })
         .collect::<Result<Vec<f64>>>()?;
     if rates.len() != resolutions.len() {
         bail!("the baseline printed {} results for {} resolutions", rates.len(), resolutions.len());
@@ -240,7 +268,10 @@ pub fn data(images: Option<&Path>, count: usize, resolutions: &[u32], python: &s
         Some(dir) => {
             let mut files: Vec<PathBuf> = std::fs::read_dir(dir)?
                 .filter_map(|e| e.ok().map(|e| e.path()))
-                .filter(|p| p.extension().is_some_and(|x| ["jpg", "jpeg", "png"].contains(&x.to_string_lossy().to_lowercase().as_str())))
+                .filter(|p| {
+                    p.extension()
+                        .is_some_and(|x| ["jpg", "jpeg", "png"].contains(&x.to_string_lossy().to_lowercase().as_str()))
+                })
                 .collect();
             files.sort();
             files.truncate(count);
@@ -298,13 +329,27 @@ pub fn model(b: &ModelBench) -> Result<()> {
     let (t, v) = (&config.text, &config.vision);
     tch::manual_seed(0);
     let start = Instant::now();
-    let options = RunOptions { soft_caps: !b.no_soft_caps, recompute: b.recompute, lean_attention: b.lean_attention, ..RunOptions::default() };
+    let options = RunOptions {
+        soft_caps: !b.no_soft_caps,
+        recompute: b.recompute,
+        lean_attention: b.lean_attention,
+        ..RunOptions::default()
+    };
     let model = PaliGemma::new(config.clone(), Weights::random(b.device, b.kind), options)?;
     let mut params = model.parameters();
-    let count = |prefix: &str| params.iter().filter(|(n, _)| n.starts_with(prefix)).map(|(_, p)| p.numel() as f64).sum::<f64>();
-    let (vision_params, text_params) = (count("vision_tower"), count("language_model") + count("multi_modal_projector"));
-    println!("PaliGemma 2 {}B at {} px: {:.3}B parameters, built in {:.1}s on {:?} in {:?}", b.size_b, b.resolution,
-        (vision_params + text_params) / 1e9, start.elapsed().as_secs_f64(), b.device, b.kind);
+    let count =
+        |prefix: &str| params.iter().filter(|(n, _)| n.starts_with(prefix)).map(|(_, p)| p.numel() as f64).sum::<f64>();
+    let (vision_params, text_params) =
+        (count("vision_tower"), count("language_model") + count("multi_modal_projector"));
+    println!(
+        "PaliGemma 2 {}B at {} px: {:.3}B parameters, built in {:.1}s on {:?} in {:?}",
+        b.size_b,
+        b.resolution,
+        (vision_params + text_params) / 1e9,
+        start.elapsed().as_secs_f64(),
+        b.device,
+        b.kind
+    );
     if b.train {
         for (_, p) in &params {
             let _ = p.set_requires_grad(true);
@@ -319,12 +364,22 @@ pub fn model(b: &ModelBench) -> Result<()> {
     let position = Tensor::arange(seq, opts).unsqueeze(0).expand([b.batch, seq], false);
     let mask_ar = position.ge(patches + b.text_len / 2).to_kind(Kind::Int64);
     let inputs = Inputs {
-        pixels: Some(Tensor::rand([b.batch, 3, b.resolution as i64, b.resolution as i64], (Kind::Float, b.device)) * 2.0 - 1.0),
+        pixels: Some(
+            Tensor::rand([b.batch, 3, b.resolution as i64, b.resolution as i64], (Kind::Float, b.device)) * 2.0 - 1.0,
+        ),
         ids,
-        layout: TokenLayout { mask_ar: mask_ar.shallow_clone(), valid: Tensor::ones([b.batch, seq], (Kind::Bool, b.device)) },
+        layout: TokenLayout {
+            mask_ar: mask_ar.shallow_clone(),
+            valid: Tensor::ones([b.batch, seq], (Kind::Bool, b.device)),
+        },
     };
     let loss_mask = mask_ar.to_kind(Kind::Bool);
-    let mut adam = b.optimizer.then(|| pg2_optim::Adam::new(params.iter().map(|(n, p)| (n.clone(), p.shallow_clone())).collect(), pg2_optim::AdamConfig::default()));
+    let mut adam = b.optimizer.then(|| {
+        pg2_optim::Adam::new(
+            params.iter().map(|(n, p)| (n.clone(), p.shallow_clone())).collect(),
+            pg2_optim::AdamConfig::default(),
+        )
+    });
     let mut step = || -> Result<()> {
         if b.train {
             let (logprobs, _) = model.target_logprobs(&inputs, &loss_mask)?;
@@ -351,14 +406,27 @@ pub fn model(b: &ModelBench) -> Result<()> {
     // output head over supervised tokens), plus attention's two matmuls, 4 * T^2 * width per layer.
     let embed = (t.vocab_size * t.hidden_size) as f64;
     let (bt, targets) = (b.batch as f64, (b.text_len / 2) as f64);
-    let vision = 2.0 * vision_params * patches as f64 + 4.0 * (patches as f64).powi(2) * (v.hidden_size * v.num_hidden_layers) as f64;
+    let vision = 2.0 * vision_params * patches as f64
+        + 4.0 * (patches as f64).powi(2) * (v.hidden_size * v.num_hidden_layers) as f64;
     let text = 2.0 * (text_params - embed) * seq as f64
         + 2.0 * embed * targets
         + 4.0 * (seq as f64).powi(2) * (t.num_attention_heads * t.head_dim * t.num_hidden_layers) as f64;
     let flops = bt * (vision + text) * if b.train { 3.0 } else { 1.0 };
-    println!("{} of batch {} x {} tokens: {:.1} ms/step, {:.0} tokens/s, {:.1} TFLOP/s = {:.1}% of {} TFLOP/s peak",
-        match (b.train, b.optimizer) { (true, true) => "forward+backward+AdamW", (true, false) => "forward+backward", _ => "forward" }, b.batch, seq, per_step * 1e3, bt * seq as f64 / per_step,
-        flops / per_step / 1e12, 100.0 * flops / per_step / 1e12 / b.peak_tflops, b.peak_tflops);
+    println!(
+        "{} of batch {} x {} tokens: {:.1} ms/step, {:.0} tokens/s, {:.1} TFLOP/s = {:.1}% of {} TFLOP/s peak",
+        match (b.train, b.optimizer) {
+            (true, true) => "forward+backward+AdamW",
+            (true, false) => "forward+backward",
+            _ => "forward",
+        },
+        b.batch,
+        seq,
+        per_step * 1e3,
+        bt * seq as f64 / per_step,
+        flops / per_step / 1e12,
+        100.0 * flops / per_step / 1e12 / b.peak_tflops,
+        b.peak_tflops
+    );
     let attention = match (b.no_soft_caps, b.train && b.lean_attention && !b.recompute) {
         (true, _) => "fused (no soft-caps)",
         (false, true) => "eager, soft-capped, scores recomputed in the backward pass (one layer's kept at a time)",
@@ -375,8 +443,14 @@ pub fn allreduce(device: &str, size_mb: f64, iters: usize) -> Result<()> {
     use pg2_dist::{Group, WorkerEnv};
     use tch::{Device, Kind, Tensor};
 
-    let env = WorkerEnv::from_env()?
-        .unwrap_or(WorkerEnv { rank: 0, local_rank: 0, world: 1, local_world: 1, master_addr: "127.0.0.1".into(), master_port: 0 });
+    let env = WorkerEnv::from_env()?.unwrap_or(WorkerEnv {
+        rank: 0,
+        local_rank: 0,
+        world: 1,
+        local_world: 1,
+        master_addr: "127.0.0.1".into(),
+        master_port: 0,
+    });
     let device = env.place(device, parse_device(device)?)?;
     let (rank, world) = (env.rank, env.world);
     if world == 1 && !device.is_cuda() {
@@ -489,7 +563,12 @@ fn write_inputs(config: &PaliGemmaConfig, batch: i64, with_target: bool, dir: &P
     }
     let ids = Tensor::cat(&parts, 1);
     let len = ids.size()[1];
-    let token_type_ids = Tensor::arange(len, opts).ge(prefix_len).to_kind(Kind::Int64).unsqueeze(0).expand([batch, len], false).contiguous();
+    let token_type_ids = Tensor::arange(len, opts)
+        .ge(prefix_len)
+        .to_kind(Kind::Int64)
+        .unsqueeze(0)
+        .expand([batch, len], false)
+        .contiguous();
     let pixels = Tensor::rand([batch, 3, res, res], (Kind::Float, Device::Cpu)) * 2.0 - 1.0;
     let tensors = [
         ("input_ids", ids),
@@ -503,12 +582,18 @@ fn write_inputs(config: &PaliGemmaConfig, batch: i64, with_target: bool, dir: &P
 
 /// Reads `DIR/inputs.safetensors` (see [`write_inputs`]) as pg2's model inputs on `device`.
 fn read_inputs(dir: &Path, device: Device) -> Result<pg2_model::Inputs> {
-    let mut tensors: std::collections::HashMap<String, Tensor> = Tensor::read_safetensors(dir.join("inputs.safetensors"))?.into_iter().collect();
-    let mut take = |name: &str| tensors.remove(name).with_context(|| format!("inputs.safetensors lacks `{name}`")).map(|t| t.to_device(device));
+    let mut tensors: std::collections::HashMap<String, Tensor> =
+        Tensor::read_safetensors(dir.join("inputs.safetensors"))?.into_iter().collect();
+    let mut take = |name: &str| {
+        tensors.remove(name).with_context(|| format!("inputs.safetensors lacks `{name}`")).map(|t| t.to_device(device))
+    };
     Ok(pg2_model::Inputs {
         ids: take("input_ids")?,
         pixels: Some(take("pixel_values")?),
-        layout: pg2_model::TokenLayout { mask_ar: take("token_type_ids")?, valid: take("attention_mask")?.to_kind(Kind::Bool) },
+        layout: pg2_model::TokenLayout {
+            mask_ar: take("token_type_ids")?,
+            valid: take("attention_mask")?.to_kind(Kind::Bool),
+        },
     })
 }
 
@@ -537,7 +622,8 @@ fn all_cores() -> usize {
 /// The process's peak resident memory (VmHWM) in MB; `None` where /proc is unavailable.
 fn peak_rss_mb() -> Option<f64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let kb: f64 = status.lines().find_map(|l| l.strip_prefix("VmHWM:"))?.trim().trim_end_matches("kB").trim().parse().ok()?;
+    let kb: f64 =
+        status.lines().find_map(|l| l.strip_prefix("VmHWM:"))?.trim().trim_end_matches("kB").trim().parse().ok()?;
     Some(kb / 1024.0)
 }
 
@@ -555,7 +641,11 @@ fn run_pg2_side(dir: &Path) -> Result<serde_json::Value> {
 /// [`KEEP_FREED_MEMORY_ENV`], less what the user has set: pg2's process kept the user's
 /// settings then, and the baseline inherits them.
 fn baseline_env() -> Vec<(&'static str, &'static str)> {
-    if user_tunes_allocator() { vec![] } else { KEEP_FREED_MEMORY_ENV.to_vec() }
+    if user_tunes_allocator() {
+        vec![]
+    } else {
+        KEEP_FREED_MEMORY_ENV.to_vec()
+    }
 }
 
 /// Runs a baseline script (written to a temporary file) with `args` and returns its
@@ -570,7 +660,10 @@ fn run_script(python: &str, name: &str, source: &str, args: &[&std::ffi::OsStr])
     match out {
         Ok(out) if out.status.success() => Ok(Some(out.stdout)),
         Ok(out) => {
-            eprintln!("baseline unavailable: {python} failed: {}", String::from_utf8_lossy(&out.stderr).lines().last().unwrap_or(""));
+            eprintln!(
+                "baseline unavailable: {python} failed: {}",
+                String::from_utf8_lossy(&out.stderr).lines().last().unwrap_or("")
+            );
             Ok(None)
         }
         Err(e) => {
@@ -581,7 +674,12 @@ fn run_script(python: &str, name: &str, source: &str, args: &[&std::ffi::OsStr])
 }
 
 /// [`run_script`] for a baseline whose last stdout line is JSON.
-fn run_baseline(python: &str, name: &str, source: &str, args: &[&std::ffi::OsStr]) -> Result<Option<serde_json::Value>> {
+fn run_baseline(
+    python: &str,
+    name: &str,
+    source: &str,
+    args: &[&std::ffi::OsStr],
+) -> Result<Option<serde_json::Value>> {
     run_script(python, name, source, args)?.map(|stdout| last_json_line(&stdout)).transpose()
 }
 

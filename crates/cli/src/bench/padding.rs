@@ -40,6 +40,11 @@ fn count(recipe: &Recipe, world: usize, updates: usize) -> Result<[TokenCounts; 
     model.vision.image_size = recipe.model.resolution;
     let config = PipelineConfig { bucket_by_length: false, ..input::pipeline_config(recipe, &model, 0, world)? };
     let plain = pipeline::count_tokens(input::mixture(recipe)?, &tok, &config, updates)?;
-    let bucketed = pipeline::count_tokens(input::mixture(recipe)?, &tok, &PipelineConfig { bucket_by_length: true, ..config }, updates)?;
+    let bucketed = pipeline::count_tokens(
+        input::mixture(recipe)?,
+        &tok,
+        &PipelineConfig { bucket_by_length: true, ..config },
+        updates,
+    )?;
     Ok([plain, bucketed])
 }

@@ -16,7 +16,9 @@ use pg2_train::{Recipe, Trainer};
 use serde_json::{json, Value};
 use tch::Kind;
 
-use super::{Sides, peak_rss_mb, read_inputs, run_baseline, run_pg2_side, write_inputs, write_random_model, Shape, TempDir};
+use super::{
+    peak_rss_mb, read_inputs, run_baseline, run_pg2_side, write_inputs, write_random_model, Shape, Sides, TempDir,
+};
 
 const BASELINE: &str = include_str!("train_baseline.py");
 
@@ -86,13 +88,18 @@ pub fn train(b: &TrainBench) -> Result<()> {
     let ours = run_pg2_side(&dir.0)?;
     let settings = json!({"steps": b.steps, "threads": b.sides.threads, "device": b.sides.device, "lr": LR, "weight_decay": WEIGHT_DECAY, "recompute": b.recompute});
     // Null when the baseline cannot run: its figures read as n/a.
-    let theirs = run_baseline(&b.sides.python, "train-baseline", BASELINE, &[dir.0.as_os_str(), settings.to_string().as_ref()])?.unwrap_or_default();
+    let theirs =
+        run_baseline(&b.sides.python, "train-baseline", BASELINE, &[dir.0.as_os_str(), settings.to_string().as_ref()])?
+            .unwrap_or_default();
     let cell = |x: Option<f64>, digits: usize| x.map_or("n/a".to_string(), |x| format!("{x:.digits$}"));
     println!("{:<16} {:>14} {:>14} {:>8}", "", "pg2", "transformers", "ratio");
     // Ratios are pg2 / transformers: above 1 is faster for steps/s, more memory for RSS.
-    for (label, key, digits, with_ratio) in
-        [("steps/s", "steps_per_s", 3, true), ("first loss", "first_loss", 6, false), ("last loss", "last_loss", 6, false), ("peak RSS (MB)", "peak_rss_mb", 0, true)]
-    {
+    for (label, key, digits, with_ratio) in [
+        ("steps/s", "steps_per_s", 3, true),
+        ("first loss", "first_loss", 6, false),
+        ("last loss", "last_loss", 6, false),
+        ("peak RSS (MB)", "peak_rss_mb", 0, true),
+    ] {
         let (a, t) = (ours[key].as_f64(), theirs[key].as_f64());
         let ratio = match (a, t) {
             (Some(a), Some(t)) if with_ratio => format!("{:.2}x", a / t),
@@ -133,5 +140,7 @@ fn pg2_side(b: &TrainBench, dir: &Path) -> Result<Value> {
         last = step()?;
     }
     let elapsed = start.elapsed().as_secs_f64();
-    Ok(json!({"steps_per_s": b.steps as f64 / elapsed, "first_loss": first, "last_loss": last, "peak_rss_mb": peak_rss_mb()}))
+    Ok(
+        json!({"steps_per_s": b.steps as f64 / elapsed, "first_loss": first, "last_loss": last, "peak_rss_mb": peak_rss_mb()}),
+    )
 }

@@ -16,7 +16,10 @@ impl Axis {
     pub(super) fn parse(arg: &str) -> Result<Self> {
         let (key, values) = arg.split_once('=').ok_or_else(|| anyhow!("--grid {arg}: expected KEY=V1,V2,..."))?;
         let values: Vec<String> = values.split(',').map(|v| v.trim().to_string()).collect();
-        ensure!(!key.trim().is_empty() && values.iter().all(|v| !v.is_empty()), "--grid {arg}: expected KEY=V1,V2,... with no empty value");
+        ensure!(
+            !key.trim().is_empty() && values.iter().all(|v| !v.is_empty()),
+            "--grid {arg}: expected KEY=V1,V2,... with no empty value"
+        );
         Ok(Axis { key: key.trim().to_string(), values })
     }
 }
@@ -45,7 +48,8 @@ impl Point {
 
     /// launch's arguments after the recipe: the point's overrides and run folder.
     pub(super) fn launch_args(&self, device: Option<&str>) -> Vec<String> {
-        let mut args: Vec<String> = self.values.iter().flat_map(|(k, v)| ["--set".to_string(), format!("{k}={v}")]).collect();
+        let mut args: Vec<String> =
+            self.values.iter().flat_map(|(k, v)| ["--set".to_string(), format!("{k}={v}")]).collect();
         args.extend(["--out".to_string(), self.dir.display().to_string()]);
         if let Some(device) = device {
             args.extend(["--device".to_string(), device.to_string()]);
@@ -69,12 +73,20 @@ pub(super) fn grid_points(axes: &[Axis], sweep_dir: &Path) -> Result<Vec<Point>>
     let mut combos: Vec<Vec<(String, String)>> = vec![vec![]];
     for axis in axes {
         ensure!(axes.iter().filter(|a| a.key == axis.key).count() == 1, "--grid {} is given twice", axis.key);
-        combos = combos.into_iter().flat_map(|combo| axis.values.iter().map(move |v| [combo.clone(), vec![(axis.key.clone(), v.clone())]].concat())).collect();
+        combos = combos
+            .into_iter()
+            .flat_map(|combo| {
+                axis.values.iter().map(move |v| [combo.clone(), vec![(axis.key.clone(), v.clone())]].concat())
+            })
+            .collect();
     }
     let points: Vec<Point> = combos.into_iter().map(|values| Point::new(values, sweep_dir)).collect();
     for (i, p) in points.iter().enumerate() {
-        ensure!(points[..i].iter().all(|q| q.name != p.name), "two points of the grid would share the folder {}", p.dir.display());
+        ensure!(
+            points[..i].iter().all(|q| q.name != p.name),
+            "two points of the grid would share the folder {}",
+            p.dir.display()
+        );
     }
     Ok(points)
 }
-

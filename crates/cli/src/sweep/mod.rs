@@ -28,7 +28,11 @@ use anyhow::{bail, ensure, Context, Result};
 use grid::{grid_points, Axis};
 
 #[derive(clap::Parser)]
-#[command(name = "sweep", version, about = "Train a recipe over a grid of overrides (learning rates, ...) and compare the runs")]
+#[command(
+    name = "sweep",
+    version,
+    about = "Train a recipe over a grid of overrides (learning rates, ...) and compare the runs"
+)]
 pub struct SweepCli {
     /// The recipe, e.g. recipes/tiny/transfer-color.toml.
     pub recipe: PathBuf,
@@ -75,10 +79,18 @@ pub fn run(cli: &SweepCli) -> Result<()> {
     let statuses = run::run_points(cli, &points)?;
     let runs: Vec<_> = points.iter().map(|p| results::read_metrics(&p.dir)).collect();
     let metric = cli.metric.clone().unwrap_or_else(|| results::default_metric(&runs));
-    let rows: Vec<results::Row> = points.iter().zip(statuses).zip(&runs).map(|((point, status), run)| results::Row::new(point, status, run, &metric)).collect();
+    let rows: Vec<results::Row> = points
+        .iter()
+        .zip(statuses)
+        .zip(&runs)
+        .map(|((point, status), run)| results::Row::new(point, status, run, &metric))
+        .collect();
     let best = results::best_row(&rows, &metric);
     fs::write(dir.join("sweep.csv"), results::csv(&axes, &rows, &metric, best))?;
-    fs::write(dir.join("sweep.json"), serde_json::to_string_pretty(&results::summary_json(&cli.recipe, &rows, &metric, best))? + "\n")?;
+    fs::write(
+        dir.join("sweep.json"),
+        serde_json::to_string_pretty(&results::summary_json(&cli.recipe, &rows, &metric, best))? + "\n",
+    )?;
     print!("{}", results::table(&rows, &metric, best));
     let png = dir.join("sweep.png");
     if let Err(e) = plot::plot(&png, &axes, &rows, &metric, best) {
@@ -95,4 +107,3 @@ pub fn run(cli: &SweepCli) -> Result<()> {
     }
     Ok(())
 }
-

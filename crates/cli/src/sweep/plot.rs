@@ -7,7 +7,7 @@ use anyhow::{anyhow, ensure, Context, Result};
 use plotters::prelude::*;
 
 use super::grid::Axis;
-use super::results::{Row};
+use super::results::Row;
 use super::run::Status;
 
 /// Draws sweep.png: the final metric against the learning rate (or, when `train.lr` is not
@@ -27,7 +27,14 @@ pub(super) fn plot(path: &Path, axes: &[Axis], rows: &[Row], metric: &str, best:
     let mut best_point = None;
     for (i, (row, &x)) in rows.iter().zip(&xs).enumerate() {
         let Some(y) = row.last.filter(|_| row.status != Status::Failed) else { continue };
-        let label = row.point.values.iter().filter(|(k, _)| k != x_key).map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(", ");
+        let label = row
+            .point
+            .values
+            .iter()
+            .filter(|(k, _)| k != x_key)
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect::<Vec<_>>()
+            .join(", ");
         match series.iter_mut().find(|(l, _)| *l == label) {
             Some((_, line)) => line.push((to_axis(x), y)),
             None => series.push((label, vec![(to_axis(x), y)])),
@@ -44,7 +51,8 @@ pub(super) fn plot(path: &Path, axes: &[Axis], rows: &[Row], metric: &str, best:
     let x_range = padded(all().map(|p| p.0));
     let y_range = padded(all().map(|p| p.1));
 
-    plotters::style::register_font("sans-serif", FontStyle::Normal, dejavu::sans::regular()).map_err(|_| anyhow!("the embedded font did not load"))?;
+    plotters::style::register_font("sans-serif", FontStyle::Normal, dejavu::sans::regular())
+        .map_err(|_| anyhow!("the embedded font did not load"))?;
     let (width, height) = (800u32, 500u32);
     let mut pixels = vec![0u8; (width * height * 3) as usize];
     {
@@ -72,12 +80,21 @@ pub(super) fn plot(path: &Path, axes: &[Axis], rows: &[Row], metric: &str, best:
             chart.draw_series(line.iter().map(|&p| Circle::new(p, 4, color.filled())))?;
         }
         if let Some(p) = best_point {
-            chart.draw_series([Circle::new(p, 10, RED.stroke_width(3))])?.label("best").legend(|(x, y)| Circle::new((x + 10, y), 5, RED.stroke_width(2)));
+            chart
+                .draw_series([Circle::new(p, 10, RED.stroke_width(3))])?
+                .label("best")
+                .legend(|(x, y)| Circle::new((x + 10, y), 5, RED.stroke_width(2)));
         }
-        chart.configure_series_labels().position(SeriesLabelPosition::UpperRight).border_style(BLACK).background_style(WHITE.mix(0.8)).draw()?;
+        chart
+            .configure_series_labels()
+            .position(SeriesLabelPosition::UpperRight)
+            .border_style(BLACK)
+            .background_style(WHITE.mix(0.8))
+            .draw()?;
         root.present()?;
     }
-    image::save_buffer(path, &pixels, width, height, image::ColorType::Rgb8).with_context(|| format!("writing {}", path.display()))
+    image::save_buffer(path, &pixels, width, height, image::ColorType::Rgb8)
+        .with_context(|| format!("writing {}", path.display()))
 }
 
 /// The values' range with a margin, never empty.

@@ -17,7 +17,12 @@ pub(super) fn read_metrics(run: &Path) -> Metrics {
 
 /// The first `eval/...` key of the runs, else `loss`.
 pub(super) fn default_metric(runs: &[Metrics]) -> String {
-    runs.iter().flat_map(|run| run.values()).flat_map(|fields| fields.keys()).find(|k| k.starts_with("eval/")).cloned().unwrap_or_else(|| "loss".into())
+    runs.iter()
+        .flat_map(|run| run.values())
+        .flat_map(|fields| fields.keys())
+        .find(|k| k.starts_with("eval/"))
+        .cloned()
+        .unwrap_or_else(|| "loss".into())
 }
 
 pub(super) fn lower_is_better(metric: &str) -> bool {
@@ -64,16 +69,29 @@ pub(super) fn best_row(rows: &[Row], metric: &str) -> Option<usize> {
 
 /// `point,<grid keys>,status,final_<metric>,best_<metric>,final_loss,best_point`.
 pub(super) fn csv(axes: &[Axis], rows: &[Row], metric: &str, best: Option<usize>) -> String {
-    let field = |s: &str| if s.contains([',', '"', '\n']) { format!("\"{}\"", s.replace('"', "\"\"")) } else { s.to_string() };
+    let field =
+        |s: &str| if s.contains([',', '"', '\n']) { format!("\"{}\"", s.replace('"', "\"\"")) } else { s.to_string() };
     let number = |v: Option<f64>| v.map(|v| v.to_string()).unwrap_or_default();
     let mut header = vec!["point".to_string()];
     header.extend(axes.iter().map(|a| a.key.clone()));
-    header.extend(["status".into(), format!("final_{metric}"), format!("best_{metric}"), "final_loss".into(), "best_point".into()]);
+    header.extend([
+        "status".into(),
+        format!("final_{metric}"),
+        format!("best_{metric}"),
+        "final_loss".into(),
+        "best_point".into(),
+    ]);
     let mut lines = vec![header.iter().map(|h| field(h)).collect::<Vec<_>>().join(",")];
     for (i, row) in rows.iter().enumerate() {
         let mut cells = vec![field(&row.point.name)];
         cells.extend(row.point.values.iter().map(|(_, v)| field(v)));
-        cells.extend([row.status.as_str().into(), number(row.last), number(row.best), number(row.final_loss), (best == Some(i)).to_string()]);
+        cells.extend([
+            row.status.as_str().into(),
+            number(row.last),
+            number(row.best),
+            number(row.final_loss),
+            (best == Some(i)).to_string(),
+        ]);
         lines.push(cells.join(","));
     }
     lines.join("\n") + "\n"
@@ -110,8 +128,10 @@ pub(super) fn summary_json(recipe: &Path, rows: &[Row], metric: &str, best: Opti
 pub(super) fn table(rows: &[Row], metric: &str, best: Option<usize>) -> String {
     let number = |v: Option<f64>| v.map(|v| format!("{v:.4}")).unwrap_or_else(|| "-".into());
     let header = ["point", "status", "final", "best", "final loss"].map(String::from);
-    let cells: Vec<[String; 5]> =
-        rows.iter().map(|r| [r.point.name.clone(), r.status.as_str().into(), number(r.last), number(r.best), number(r.final_loss)]).collect();
+    let cells: Vec<[String; 5]> = rows
+        .iter()
+        .map(|r| [r.point.name.clone(), r.status.as_str().into(), number(r.last), number(r.best), number(r.final_loss)])
+        .collect();
     let width = |c: usize| cells.iter().map(|row| row[c].len()).chain([header[c].len()]).max().unwrap();
     let line = |row: &[String; 5]| {
         format!(
@@ -136,4 +156,3 @@ pub(super) fn table(rows: &[Row], metric: &str, best: Option<usize>) -> String {
     }
     out
 }
-

@@ -37,7 +37,11 @@ impl Status {
 /// Trains the unfinished points, `--parallel` at a time; returns each point's status.
 pub(super) fn run_points(cli: &SweepCli, points: &[Point]) -> Result<Vec<Status>> {
     let launch = std::env::current_exe()?.with_file_name("launch");
-    ensure!(launch.is_file(), "{} is missing: build it with cargo build --release --bins (./launch/sweep does)", launch.display());
+    ensure!(
+        launch.is_file(),
+        "{} is missing: build it with cargo build --release --bins (./launch/sweep does)",
+        launch.display()
+    );
     let mut todo = vec![];
     for (i, point) in points.iter().enumerate() {
         if point.is_finished() {
@@ -94,4 +98,3 @@ fn launch_point(launch: &Path, cli: &SweepCli, point: &Point, resume: bool) -> R
     let status = command.stdin(Stdio::null()).stdout(log.try_clone()?).stderr(log).status()?;
     Ok(status.success())
 }
-

@@ -12,7 +12,12 @@ use super::SweepCli;
 pub(super) fn emit_slurm(cli: &SweepCli, stem: &str, dir: &Path, points: &[Point]) -> Result<()> {
     let script = dir.join("sweep.sbatch");
     fs::write(&script, sbatch_script(cli, stem, dir, points)?)?;
-    println!("wrote {} ({} array tasks); submit it with\n  sbatch {}", script.display(), points.len(), script.display());
+    println!(
+        "wrote {} ({} array tasks); submit it with\n  sbatch {}",
+        script.display(),
+        points.len(),
+        script.display()
+    );
     println!("and once the tasks are done, run this command without --emit to collect the results.");
     if !Path::new("launch/launch").is_file() {
         eprintln!("sweep: warning: the script runs ./launch/launch from this folder, which has none; emit it from the repository root");
@@ -56,4 +61,3 @@ fn sbatch_script(cli: &SweepCli, stem: &str, dir: &Path, points: &[Point]) -> Re
 fn shell_quote(s: &str) -> String {
     format!("'{}'", s.replace('\'', r"'\''"))
 }
-
