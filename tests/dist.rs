@@ -1,7 +1,8 @@
 //! Data parallelism end to end on the CPU: `launch --nproc-per-node 2` (two worker
 //! processes, the TCP ring), and two `--nnodes 2` launchers, against one process with the
-//! whole batch; a killed worker stopping the group; `--max-restarts` finishing the run
-//! from its latest checkpoint.
+//! whole batch; workers started by torchrun (from the torch wheel in `.deps/`) joining its
+//! agent's store; an absent worker named; a killed worker stopping the group;
+//! `--max-restarts` finishing the run from its latest checkpoint.
 
 use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
@@ -176,5 +177,42 @@ fn a_killed_worker_stops_the_group_and_a_restart_finishes_the_run() {
         .map(|v| v["step"].as_u64().unwrap())
         .collect();
     assert_eq!(steps.last(), Some(&120));
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+/// A free TCP port on this machine (closed again, so a store can take it).
+fn free_port() -> String {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port().to_string()
+}
+
+#[test]
+fn torchrun_workers_join_its_store_and_an_absent_worker_is_named() {
+    let dir = common::scratch(
+        "dist",
+        "torchrun",
+        common::Tiny { steps: 4, batch_size: 8, lr: 3e-3, warmup_steps: 2, checkpoint_every: 4, eval_every: 100 },
+    );
+    run(launch(&dir, "one", &[]));
+    // torchrun from the torch package pg2's libtorch came from: its agent hosts the c10d
+    // TCPStore and starts the workers, which join that store.
+    let deps = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../.deps/torch");
+    let mut torchrun = Command::new("python3");
+    torchrun.env("PYTHONPATH", &deps).args(["-m", "torch.distributed.run", "--nproc-per-node", "2"]);
+    torchrun.args(["--master-port", &free_port(), "--no-python", env!("CARGO_BIN_EXE_launch")]);
+    torchrun.arg(dir.join("recipe.toml")).args(["--device", "cpu", "--out"]).arg(dir.join("torchrun"));
+    run(torchrun);
+    let (one, two) = (losses(&dir.join("one")), losses(&dir.join("torchrun")));
+    assert_eq!((one.len(), two.len()), (4, 4), "rank 0 alone logs each step once");
+    for (x, y) in one.iter().zip(&two) {
+        assert!((x - y).abs() < 1e-5, "torchrun: {one:?} vs {two:?}");
+    }
+    // Rank 0 of two, whose partner never comes: named after the rendezvous timeout.
+    let mut alone = launch(&dir, "alone", &["--rendezvous-timeout", "2"]);
+    alone.envs([("RANK", "0"), ("WORLD_SIZE", "2"), ("MASTER_ADDR", "127.0.0.1")]).env("MASTER_PORT", free_port());
+    let started = Instant::now();
+    let out = alone.output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("rank(s) 1 of 2 never arrived within 2s"), "{err}");
+    assert!(started.elapsed() < Duration::from_secs(30), "it took {:?}", started.elapsed());
     std::fs::remove_dir_all(dir).unwrap();
 }

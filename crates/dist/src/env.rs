@@ -19,6 +19,9 @@ pub struct WorkerEnv {
     /// Host and port of the rank-0 store.
     pub master_addr: String,
     pub master_port: u16,
+    /// Started by torchrun, whose agent hosts the store on `MASTER_PORT`
+    /// (`TORCHELASTIC_USE_AGENT_STORE=True`): rank 0 joins it as a client too.
+    pub agent_store: bool,
 }
 
 impl WorkerEnv {
@@ -64,6 +67,7 @@ impl WorkerEnv {
                 local_world: number("LOCAL_WORLD_SIZE")?.unwrap_or(world),
                 master_addr,
                 master_port,
+                agent_store: var("TORCHELASTIC_USE_AGENT_STORE").as_deref() == Some("True"),
             }
         } else if var("SLURM_STEP_ID").is_some() {
             let need = |name: &str| {
@@ -83,6 +87,7 @@ impl WorkerEnv {
                 local_world: number("SLURM_NTASKS_PER_NODE")?.unwrap_or(world.div_ceil(nodes)),
                 master_addr,
                 master_port,
+                agent_store: false,
             }
         } else {
             return Ok(None);
@@ -185,9 +190,19 @@ mod tests {
             ("MASTER_ADDR", "h0"),
             ("MASTER_PORT", "1234"),
         ]);
-        let want =
-            WorkerEnv { rank: 3, local_rank: 1, world: 4, local_world: 2, master_addr: "h0".into(), master_port: 1234 };
+        let want = WorkerEnv {
+            rank: 3,
+            local_rank: 1,
+            world: 4,
+            local_world: 2,
+            master_addr: "h0".into(),
+            master_port: 1234,
+            agent_store: false,
+        };
         assert_eq!(torchrun.unwrap(), Some(want.clone()));
+        // torchrun's agent hosts the store: rank 0 joins it instead of hosting its own.
+        let agent = env(&[("RANK", "0"), ("WORLD_SIZE", "2"), ("TORCHELASTIC_USE_AGENT_STORE", "True")]).unwrap();
+        assert!(agent.is_some_and(|e| e.agent_store));
         assert_eq!(
             WorkerEnv::from_vars(|k| want.vars().into_iter().find(|(n, _)| *n == k).map(|(_, v)| v)).unwrap(),
             Some(want)

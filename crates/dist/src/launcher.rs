@@ -118,6 +118,7 @@ fn run_group(plan: &LaunchPlan, port: u16, mut command: Command) -> Result<Optio
             local_world: plan.nproc_per_node,
             master_addr: plan.master_addr.clone(),
             master_port: port,
+            agent_store: false,
         };
         command.envs(env.vars());
         let mut child = command.spawn().map_err(|e| DistError::io(format!("starting worker {}", env.rank), e))?;

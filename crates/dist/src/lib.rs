@@ -1,5 +1,5 @@
-//! Data-parallel training for pg2: who each worker is ([`WorkerEnv`]), the rank-0
-//! rendezvous store ([`store`]), collectives with two backends (NCCL on GPUs, a TCP ring
+//! Data-parallel training for pg2: who each worker is ([`WorkerEnv`]), the rendezvous
+//! ([`store`]: libtorch's c10d `TCPStore`, hosted by rank 0 or by torchrun's agent), collectives with two backends (NCCL on GPUs, a TCP ring
 //! on CPUs) behind one [`Collective`] interface, the [`Group`] the trainer talks to, and the
 //! launcher that starts and watches a node's workers ([`launcher`]).
 
@@ -25,6 +25,9 @@ pub enum DistError {
     Io { what: String, source: std::io::Error },
     #[error("{0}")]
     Timeout(String),
+    /// The rendezvous store failed (libtorch's message).
+    #[error("{0}")]
+    Store(String),
     #[error("{0}")]
     Protocol(String),
     #[error("{0}")]
@@ -53,7 +56,7 @@ pub trait Collective {
 pub struct Group {
     pub env: WorkerEnv,
     /// `None` in a process that trains alone.
-    store: Option<store::StoreClient>,
+    store: Option<store::Store>,
     /// `None` in a group of one, where every collective is the identity.
     collective: Option<Box<dyn Collective>>,
     /// Where the collectives' tensors live.
@@ -62,15 +65,19 @@ pub struct Group {
 }
 
 impl Group {
-    /// Joins the group: rank 0 hosts the store, everyone connects, the collective backend
-    /// for `device` is set up (NCCL for CUDA, even for one rank; the TCP ring for the CPU,
-    /// from two ranks), and all meet at a barrier. `timeout` bounds every wait for another
-    /// rank. Port 0 lets a group of one pick a free port.
+    /// Joins the group: rank 0 hosts libtorch's TCPStore (under torchrun, whose agent hosts
+    /// it, every rank joins it as a client), the collective backend for `device` is set up
+    /// (NCCL for CUDA, even for one rank; the TCP ring for the CPU, from two ranks), and all
+    /// meet at a barrier. `timeout` bounds every wait for another rank. Port 0 lets a group
+    /// of one pick a free port.
     pub fn join(mut env: WorkerEnv, device: Device, timeout: Duration) -> Result<Group, DistError> {
-        if env.rank == 0 {
-            env.master_port = store::host(env.master_port)?.port();
-        }
-        let mut store = store::StoreClient::connect(&format!("{}:{}", env.master_addr, env.master_port), timeout)?;
+        let mut store = match env.rank == 0 && !env.agent_store {
+            true => store::Store::host(env.master_port, &env.master_addr, timeout)?,
+            false => store::Store::connect(&env.master_addr, env.master_port, timeout)?,
+        };
+        env.master_port = store.port();
+        // Everyone first, so that an absent rank is named before any backend waits for it.
+        store.barrier("rendezvous", env.rank, env.world, timeout)?;
         let collective: Option<Box<dyn Collective>> = match device {
             Device::Cuda(index) => {
                 Some(Box::new(nccl::Nccl::connect(&mut store, env.rank, env.world, index, timeout)?))
@@ -85,8 +92,15 @@ impl Group {
 
     /// A process training alone: rank 0 of 1, every collective the identity.
     pub fn single() -> Group {
-        let env =
-            WorkerEnv { rank: 0, local_rank: 0, world: 1, local_world: 1, master_addr: String::new(), master_port: 0 };
+        let env = WorkerEnv {
+            rank: 0,
+            local_rank: 0,
+            world: 1,
+            local_world: 1,
+            master_addr: String::new(),
+            master_port: 0,
+            agent_store: false,
+        };
         Group { env, store: None, collective: None, device: Device::Cpu, timeout: Duration::ZERO }
     }
 
@@ -157,7 +171,7 @@ impl Group {
                     self.timeout.as_secs()
                 ))
             })?;
-            store.set(&key(rank), b"")?; // the store keeps no copy
+            store.delete(&key(rank))?; // the store keeps no copy
             all.push(part);
         }
         Ok(Some(all))
@@ -218,6 +232,7 @@ mod tests {
                             local_world: 3,
                             master_addr: "127.0.0.1".into(),
                             master_port: port,
+                            agent_store: false,
                         };
                         let mut group = Group::join(env, Device::Cpu, Duration::from_secs(10)).unwrap();
                         // Four tensors of 8, 8, 40 and 8 bytes in 16-byte buckets: [a, b], [c], [d].

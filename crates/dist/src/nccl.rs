@@ -13,7 +13,7 @@ use cudarc::driver::CudaContext;
 use cudarc::nccl::{result, sys};
 use tch::{Kind, Tensor};
 
-use crate::store::StoreClient;
+use crate::store::Store;
 use crate::{Collective, DistError};
 
 /// One rank's NCCL communicator, bound to one GPU.
@@ -31,7 +31,7 @@ impl Nccl {
     /// Creates the communicator of `world` ranks on GPU `device`: rank 0 makes the unique
     /// id and shares it through the store.
     pub fn connect(
-        store: &mut StoreClient,
+        store: &mut Store,
         rank: usize,
         world: usize,
         device: usize,

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use tch::{Device, Kind, Tensor};
 
-use crate::store::StoreClient;
+use crate::store::Store;
 use crate::{Collective, DistError};
 
 /// Each rank sends to the next rank and receives from the previous one.
@@ -21,7 +21,7 @@ pub struct Ring {
 impl Ring {
     /// Joins the ring: publishes this rank's listening address in the store, connects to
     /// the next rank and accepts the previous one. Needs `world >= 2`.
-    pub fn connect(store: &mut StoreClient, rank: usize, world: usize, timeout: Duration) -> Result<Ring, DistError> {
+    pub fn connect(store: &mut Store, rank: usize, world: usize, timeout: Duration) -> Result<Ring, DistError> {
         assert!(world >= 2, "a ring needs two ranks");
         let listener =
             TcpListener::bind((store.local_ip, 0)).map_err(|e| DistError::io("opening this rank's ring port", e))?;
@@ -154,18 +154,17 @@ impl Collective for Ring {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store;
 
     /// `world` rings in threads of this process, each given its rank.
     fn with_ring<T: Send>(world: usize, f: impl Fn(usize, &mut Ring) -> T + Sync) -> Vec<T> {
-        let port = store::host(0).unwrap().port();
-        let addr = format!("127.0.0.1:{port}");
+        let host = Store::host(0, "127.0.0.1", Duration::from_secs(5)).unwrap();
+        let port = host.port();
         std::thread::scope(|s| {
             let handles: Vec<_> = (0..world)
                 .map(|rank| {
-                    let (f, addr) = (&f, &addr);
+                    let f = &f;
                     s.spawn(move || {
-                        let mut client = StoreClient::connect(addr, Duration::from_secs(5)).unwrap();
+                        let mut client = Store::connect("127.0.0.1", port, Duration::from_secs(5)).unwrap();
                         let mut ring = Ring::connect(&mut client, rank, world, Duration::from_secs(5)).unwrap();
                         f(rank, &mut ring)
                     })

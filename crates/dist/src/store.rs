@@ -1,141 +1,146 @@
-//! The rendezvous: a small TCP key-value store hosted by rank 0 (the role of PyTorch's
-//! TCPStore). Workers publish their ring addresses and the NCCL id through it and meet at
-//! barriers; a barrier that times out names the ranks that never arrived.
-//!
-//! Wire format, both ways: a one-byte code, then length-prefixed (u32, little-endian) byte
-//! strings. Requests: `SET key value`, `GET key timeout_ms` (waits until the key exists).
-//! Replies: `OK value` or `TIMEOUT`.
+//! The rendezvous: libtorch's own `c10d::TCPStore` (through `c10d_store.cpp`), the store
+//! torchrun's agent and torch.distributed host. Rank 0 hosts it (or torchrun's agent
+//! does, and every worker joins as a client); workers publish their ring addresses and
+//! meet at barriers through it, and a barrier that times out names the ranks that never
+//! arrived.
 
-use std::collections::HashMap;
-use std::io::{BufReader, BufWriter, Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
-use std::sync::{Arc, Condvar, Mutex};
+use std::ffi::{c_char, c_void, CStr, CString};
+use std::net::{IpAddr, ToSocketAddrs, UdpSocket};
 use std::time::{Duration, Instant};
 
 use crate::DistError;
 
-const SET: u8 = 1;
-const GET: u8 = 2;
-const OK: u8 = 0;
-const TIMEOUT: u8 = 1;
-
-type Shared = Arc<(Mutex<HashMap<Vec<u8>, Vec<u8>>>, Condvar)>;
-
-/// Serves the store from a background thread for as long as the process lives.
-pub fn host(port: u16) -> Result<SocketAddr, DistError> {
-    let listener = TcpListener::bind(("0.0.0.0", port)).map_err(|e| {
-        DistError::io(format!("hosting the store on port {port} (in use? pass another --master-port)"), e)
-    })?;
-    let addr = listener.local_addr().map_err(|e| DistError::io("the store's address", e))?;
-    let shared: Shared = Arc::default();
-    std::thread::spawn(move || {
-        for conn in listener.incoming().flatten() {
-            let shared = shared.clone();
-            std::thread::spawn(move || serve(conn, shared));
-        }
-    });
-    Ok(addr)
+extern "C" {
+    fn pg2_c10d_error() -> *const c_char;
+    fn pg2_store_new(host: *const c_char, port: u16, is_server: bool, timeout_ms: i64, out: *mut *mut c_void) -> i32;
+    fn pg2_store_free(store: *mut c_void);
+    fn pg2_store_port(store: *mut c_void) -> u16;
+    fn pg2_store_set(store: *mut c_void, key: *const c_char, data: *const u8, len: usize) -> i32;
+    fn pg2_store_get(
+        store: *mut c_void,
+        key: *const c_char,
+        timeout_ms: i64,
+        data: *mut *mut u8,
+        len: *mut usize,
+    ) -> i32;
+    fn pg2_buffer_free(data: *mut u8);
+    fn pg2_store_delete(store: *mut c_void, key: *const c_char) -> i32;
 }
 
-/// Answers one client until it hangs up.
-fn serve(conn: TcpStream, shared: Shared) {
-    let _ = conn.set_nodelay(true);
-    let Ok(writer) = conn.try_clone() else { return };
-    let (mut reader, mut writer) = (BufReader::new(conn), BufWriter::new(writer));
-    let (map, changed) = &*shared;
-    loop {
-        let Ok(code) = read_u8(&mut reader) else { return };
-        let (Ok(key), Ok(value)) = (read_bytes(&mut reader), read_bytes(&mut reader)) else { return };
-        let reply = match code {
-            SET => {
-                map.lock().unwrap().insert(key, value);
-                changed.notify_all();
-                Some(Vec::new())
-            }
-            GET => {
-                let ms = u64::from_le_bytes(value.try_into().unwrap_or_default());
-                let deadline = Instant::now() + Duration::from_millis(ms);
-                let mut guard = map.lock().unwrap();
-                loop {
-                    if let Some(v) = guard.get(&key) {
-                        break Some(v.clone());
-                    }
-                    let left = deadline.saturating_duration_since(Instant::now());
-                    if left.is_zero() {
-                        break None;
-                    }
-                    guard = changed.wait_timeout(guard, left).unwrap().0;
-                }
-            }
-            _ => return,
-        };
-        let sent = match reply {
-            Some(v) => write_u8(&mut writer, OK).and_then(|_| write_bytes(&mut writer, &v)),
-            None => write_u8(&mut writer, TIMEOUT),
-        };
-        if sent.and_then(|_| writer.flush()).is_err() {
-            return;
-        }
-    }
+/// The shim's message for its last failure on this thread.
+fn last_error() -> String {
+    // SAFETY: the shim returns a NUL-terminated thread-local string that lives until its next call.
+    unsafe { CStr::from_ptr(pg2_c10d_error()) }.to_string_lossy().into_owned()
 }
 
-/// A connection to the store.
-pub struct StoreClient {
-    reader: BufReader<TcpStream>,
-    writer: BufWriter<TcpStream>,
-    /// This end's address, as the store sees it: the interface other ranks reach us on.
-    pub local_ip: std::net::IpAddr,
+fn c_string(s: &str) -> Result<CString, DistError> {
+    CString::new(s).map_err(|_| DistError::Store(format!("{s:?} holds a NUL byte")))
+}
+
+/// A connection to the group's `TCPStore` (on rank 0, also the store itself).
+pub struct Store {
+    handle: *mut c_void,
+    /// The interface other ranks reach this one on (the one that routes to the store).
+    pub local_ip: IpAddr,
     addr: String,
 }
 
-impl StoreClient {
-    /// Connects to `addr`, retrying until `timeout` (rank 0 may start after the others).
-    pub fn connect(addr: &str, timeout: Duration) -> Result<StoreClient, DistError> {
-        let deadline = Instant::now() + timeout;
-        let conn = loop {
-            let attempt = addr.to_socket_addrs().and_then(|mut addrs| {
-                let target =
-                    addrs.next().ok_or_else(|| std::io::Error::new(std::io::ErrorKind::NotFound, "no address"))?;
-                TcpStream::connect_timeout(&target, Duration::from_secs(2))
-            });
-            match attempt {
-                Ok(conn) => break conn,
-                Err(e) if Instant::now() >= deadline => {
-                    return Err(DistError::Timeout(format!(
-                        "no store at {addr} after {}s ({e}): is rank 0 running, and are MASTER_ADDR/MASTER_PORT right?",
-                        timeout.as_secs()
-                    )))
-                }
-                Err(_) => std::thread::sleep(Duration::from_millis(100)),
-            }
-        };
-        let _ = conn.set_nodelay(true);
-        let local_ip = conn.local_addr().map_err(|e| DistError::io("the store connection", e))?.ip();
-        let writer = conn.try_clone().map_err(|e| DistError::io("the store connection", e))?;
-        Ok(StoreClient { reader: BufReader::new(conn), writer: BufWriter::new(writer), local_ip, addr: addr.into() })
+// SAFETY: c10d::TCPStore serialises its client's requests with its own lock.
+unsafe impl Send for Store {}
+
+impl Drop for Store {
+    fn drop(&mut self) {
+        // SAFETY: `handle` came from pg2_store_new and is freed once.
+        unsafe { pg2_store_free(self.handle) }
+    }
+}
+
+impl Store {
+    /// Hosts the store on `port` (0: a free one) and connects to it; `master_addr` is how the
+    /// other ranks reach this machine.
+    pub fn host(port: u16, master_addr: &str, timeout: Duration) -> Result<Store, DistError> {
+        Self::open("127.0.0.1", port, true, timeout, master_addr).map_err(|e| match e {
+            DistError::Store(msg) => DistError::Store(format!(
+                "hosting the store on port {port} (in use? pass another --master-port): {msg}"
+            )),
+            other => other,
+        })
     }
 
-    fn request(&mut self, code: u8, key: &str, value: &[u8]) -> Result<Option<Vec<u8>>, DistError> {
-        let lost = |e| DistError::io(format!("the store at {} (rank 0 gone?)", self.addr), e);
-        let sent = write_u8(&mut self.writer, code)
-            .and_then(|_| write_bytes(&mut self.writer, key.as_bytes()))
-            .and_then(|_| write_bytes(&mut self.writer, value))
-            .and_then(|_| self.writer.flush());
-        sent.map_err(lost)?;
-        match read_u8(&mut self.reader).map_err(lost)? {
-            OK => Ok(Some(read_bytes(&mut self.reader).map_err(lost)?)),
-            _ => Ok(None),
+    /// Connects to the store at `host:port`, retrying until `timeout` (rank 0, or torchrun's
+    /// agent, may start after this worker).
+    pub fn connect(host: &str, port: u16, timeout: Duration) -> Result<Store, DistError> {
+        Self::open(host, port, false, timeout, host)
+    }
+
+    fn open(host: &str, port: u16, is_server: bool, timeout: Duration, master_addr: &str) -> Result<Store, DistError> {
+        let host_c = c_string(host)?;
+        let mut handle = std::ptr::null_mut();
+        // SAFETY: valid C string and out-pointer; the shim catches every C++ exception.
+        let code = unsafe { pg2_store_new(host_c.as_ptr(), port, is_server, timeout.as_millis() as i64, &mut handle) };
+        match code {
+            0 => {}
+            1 => {
+                return Err(DistError::Timeout(format!(
+                    "no store at {host}:{port} after {}s ({}): is rank 0 (or torchrun) running, and are MASTER_ADDR/MASTER_PORT right?",
+                    timeout.as_secs(),
+                    last_error()
+                )))
+            }
+            _ => return Err(DistError::Store(last_error())),
+        }
+        // SAFETY: a live handle.
+        let port = unsafe { pg2_store_port(handle) };
+        Ok(Store { handle, local_ip: route_to(master_addr, port), addr: format!("{host}:{port}") })
+    }
+
+    /// The port the store listens on (the one picked, when hosted on port 0).
+    pub fn port(&self) -> u16 {
+        // SAFETY: a live handle.
+        unsafe { pg2_store_port(self.handle) }
+    }
+
+    fn check(&self, code: i32, what: &str) -> Result<(), DistError> {
+        match code {
+            0 => Ok(()),
+            _ => Err(DistError::Store(format!("{what} at the store {} (rank 0 gone?): {}", self.addr, last_error()))),
         }
     }
 
     /// Sets `key` to `value`, waking everyone waiting for it.
     pub fn set(&mut self, key: &str, value: &[u8]) -> Result<(), DistError> {
-        self.request(SET, key, value).map(|_| ())
+        let key_c = c_string(key)?;
+        // SAFETY: valid pointers for the call's duration.
+        let code = unsafe { pg2_store_set(self.handle, key_c.as_ptr(), value.as_ptr(), value.len()) };
+        self.check(code, &format!("setting `{key}`"))
+    }
+
+    /// Removes `key` (the store keeps no copy of a consumed value).
+    pub fn delete(&mut self, key: &str) -> Result<(), DistError> {
+        let key_c = c_string(key)?;
+        // SAFETY: valid pointers for the call's duration.
+        let code = unsafe { pg2_store_delete(self.handle, key_c.as_ptr()) };
+        self.check(code, &format!("deleting `{key}`"))
     }
 
     /// The value of `key`, waiting up to `timeout` for some rank to set it.
     pub fn get(&mut self, key: &str, timeout: Duration) -> Result<Option<Vec<u8>>, DistError> {
-        self.request(GET, key, &(timeout.as_millis() as u64).to_le_bytes())
+        let key_c = c_string(key)?;
+        let (mut data, mut len) = (std::ptr::null_mut(), 0usize);
+        // SAFETY: valid pointers; on success the shim hands over a malloc'd buffer of `len` bytes.
+        let code = unsafe {
+            pg2_store_get(self.handle, key_c.as_ptr(), timeout.as_millis().max(1) as i64, &mut data, &mut len)
+        };
+        match code {
+            0 => {
+                // SAFETY: as above; copied out, then released by the shim's free.
+                let value = unsafe { std::slice::from_raw_parts(data, len) }.to_vec();
+                unsafe { pg2_buffer_free(data) };
+                Ok(Some(value))
+            }
+            1 => Ok(None),
+            _ => self.check(code, &format!("reading `{key}`")).map(|_| None),
+        }
     }
 
     /// Waits until all `world` ranks reach the barrier `name`; on timeout the error names
@@ -162,27 +167,16 @@ impl StoreClient {
     }
 }
 
-fn read_u8(r: &mut impl Read) -> std::io::Result<u8> {
-    let mut b = [0u8; 1];
-    r.read_exact(&mut b)?;
-    Ok(b[0])
-}
-
-fn read_bytes(r: &mut impl Read) -> std::io::Result<Vec<u8>> {
-    let mut len = [0u8; 4];
-    r.read_exact(&mut len)?;
-    let mut v = vec![0u8; u32::from_le_bytes(len) as usize];
-    r.read_exact(&mut v)?;
-    Ok(v)
-}
-
-fn write_u8(w: &mut impl Write, b: u8) -> std::io::Result<()> {
-    w.write_all(&[b])
-}
-
-fn write_bytes(w: &mut impl Write, v: &[u8]) -> std::io::Result<()> {
-    w.write_all(&(v.len() as u32).to_le_bytes())?;
-    w.write_all(v)
+/// This machine's address on the route to `host:port` (a UDP socket's local address after
+/// `connect`, which sends nothing); loopback when there is no route.
+fn route_to(host: &str, port: u16) -> IpAddr {
+    let local = || -> Option<IpAddr> {
+        let target = (host, port).to_socket_addrs().ok()?.next()?;
+        let socket = UdpSocket::bind(if target.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }).ok()?;
+        socket.connect(target).ok()?;
+        Some(socket.local_addr().ok()?.ip())
+    };
+    local().unwrap_or(IpAddr::from([127, 0, 0, 1]))
 }
 
 #[cfg(test)]
@@ -191,13 +185,11 @@ mod tests {
 
     #[test]
     fn values_wait_for_their_writer_and_barriers_name_the_absent() {
-        let port = host(0).unwrap().port();
-        let addr = format!("127.0.0.1:{port}");
-        let mut a = StoreClient::connect(&addr, Duration::from_secs(5)).unwrap();
+        let mut a = Store::host(0, "127.0.0.1", Duration::from_secs(5)).unwrap();
+        let port = a.port();
         let writer = std::thread::spawn({
-            let addr = addr.clone();
             move || {
-                let mut b = StoreClient::connect(&addr, Duration::from_secs(5)).unwrap();
+                let mut b = Store::connect("127.0.0.1", port, Duration::from_secs(5)).unwrap();
                 std::thread::sleep(Duration::from_millis(100));
                 b.set("id", b"\x00\x01secret").unwrap();
                 b.barrier("start", 1, 2, Duration::from_secs(5)).unwrap();
@@ -213,9 +205,8 @@ mod tests {
 
     #[test]
     fn a_missing_store_times_out_with_advice() {
-        let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port(); // closed again
-        let err =
-            StoreClient::connect(&format!("127.0.0.1:{port}"), Duration::from_millis(300)).err().unwrap().to_string();
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port(); // closed again
+        let err = Store::connect("127.0.0.1", port, Duration::from_millis(300)).err().unwrap().to_string();
         assert!(err.contains("MASTER_ADDR"), "{err}");
     }
 }

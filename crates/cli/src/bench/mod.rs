@@ -450,6 +450,7 @@ pub fn allreduce(device: &str, size_mb: f64, iters: usize) -> Result<()> {
         local_world: 1,
         master_addr: "127.0.0.1".into(),
         master_port: 0,
+        agent_store: false,
     });
     let device = env.place(device, parse_device(device)?)?;
     let (rank, world) = (env.rank, env.world);
