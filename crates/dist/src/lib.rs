@@ -6,6 +6,7 @@
 pub mod env;
 pub mod launcher;
 pub mod nccl;
+pub mod overlap;
 pub mod ring;
 pub mod store;
 
@@ -15,6 +16,7 @@ use tch::{Device, Tensor};
 
 pub use env::WorkerEnv;
 pub use launcher::{supervise, LaunchPlan};
+pub use overlap::OverlappedReduction;
 
 /// What went wrong between the workers.
 #[derive(Debug, thiserror::Error)]
@@ -62,6 +64,8 @@ pub struct Group {
     /// Where the collectives' tensors live.
     device: Device,
     timeout: Duration,
+    /// Overlapped reductions set up so far (each gets a ring of its own).
+    overlapped: usize,
 }
 
 impl Group {
@@ -83,9 +87,9 @@ impl Group {
                 Some(Box::new(nccl::Nccl::connect(&mut store, env.rank, env.world, index, timeout)?))
             }
             _ if env.world == 1 => None,
-            _ => Some(Box::new(ring::Ring::connect(&mut store, env.rank, env.world, timeout)?)),
+            _ => Some(Box::new(ring::Ring::connect(&mut store, "ring", env.rank, env.world, timeout)?)),
         };
-        let mut group = Group { env, store: Some(store), collective, device, timeout };
+        let mut group = Group { env, store: Some(store), collective, device, timeout, overlapped: 0 };
         group.barrier("join")?;
         Ok(group)
     }
@@ -101,7 +105,7 @@ impl Group {
             master_port: 0,
             agent_store: false,
         };
-        Group { env, store: None, collective: None, device: Device::Cpu, timeout: Duration::ZERO }
+        Group { env, store: None, collective: None, device: Device::Cpu, timeout: Duration::ZERO, overlapped: 0 }
     }
 
     /// Whether this rank writes the run's logs and checkpoints (rank 0).
@@ -204,6 +208,25 @@ impl Group {
             rest = later;
         }
         Ok(())
+    }
+
+    /// Gradient averaging for `params` (named) overlapped with backward, in buckets of at
+    /// most `bucket_bytes` on a ring of its own; every rank must call this together. `None`
+    /// where there is nothing to overlap: a group of one, or the NCCL backend (whose
+    /// reductions run after backward, through [`Group::all_reduce_mean`]).
+    pub fn overlapped_reduction(
+        &mut self,
+        params: Vec<(String, Tensor)>,
+        bucket_bytes: usize,
+    ) -> Result<Option<OverlappedReduction>, DistError> {
+        let Some(store) = self.store.as_mut().filter(|_| self.env.world > 1 && !self.device.is_cuda()) else {
+            return Ok(None);
+        };
+        self.overlapped += 1;
+        let name = format!("grad-ring-{}", self.overlapped);
+        let ring = ring::Ring::connect(store, &name, self.env.rank, self.env.world, self.timeout)?;
+        let (names, tensors) = params.into_iter().unzip();
+        OverlappedReduction::new(names, tensors, bucket_bytes, ring, self.env.world).map(Some)
     }
 
     /// Copies rank 0's `tensors` into every rank's (parameters at the start of training).

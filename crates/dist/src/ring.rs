@@ -19,16 +19,22 @@ pub struct Ring {
 }
 
 impl Ring {
-    /// Joins the ring: publishes this rank's listening address in the store, connects to
-    /// the next rank and accepts the previous one. Needs `world >= 2`.
-    pub fn connect(store: &mut Store, rank: usize, world: usize, timeout: Duration) -> Result<Ring, DistError> {
+    /// Joins the ring `name`: publishes this rank's listening address in the store, connects
+    /// to the next rank and accepts the previous one. Needs `world >= 2`.
+    pub fn connect(
+        store: &mut Store,
+        name: &str,
+        rank: usize,
+        world: usize,
+        timeout: Duration,
+    ) -> Result<Ring, DistError> {
         assert!(world >= 2, "a ring needs two ranks");
         let listener =
             TcpListener::bind((store.local_ip, 0)).map_err(|e| DistError::io("opening this rank's ring port", e))?;
         let addr = listener.local_addr().map_err(|e| DistError::io("this rank's ring port", e))?;
-        store.set(&format!("ring/{rank}"), addr.to_string().as_bytes())?;
+        store.set(&format!("{name}/{rank}"), addr.to_string().as_bytes())?;
         let next_rank = (rank + 1) % world;
-        let next_addr = store.get(&format!("ring/{next_rank}"), timeout)?.ok_or_else(|| {
+        let next_addr = store.get(&format!("{name}/{next_rank}"), timeout)?.ok_or_else(|| {
             DistError::Timeout(format!(
                 "rank {next_rank} never published its ring address within {}s",
                 timeout.as_secs()
@@ -165,7 +171,7 @@ mod tests {
                     let f = &f;
                     s.spawn(move || {
                         let mut client = Store::connect("127.0.0.1", port, Duration::from_secs(5)).unwrap();
-                        let mut ring = Ring::connect(&mut client, rank, world, Duration::from_secs(5)).unwrap();
+                        let mut ring = Ring::connect(&mut client, "ring", rank, world, Duration::from_secs(5)).unwrap();
                         f(rank, &mut ring)
                     })
                 })

@@ -300,6 +300,11 @@ pub struct TrainSection {
     /// of this many megabytes. `batch_size` is the global batch, split evenly over them.
     #[serde(default = "default_bucket_mb")]
     pub allreduce_bucket_mb: f64,
+    /// With several workers on CPUs: average each bucket of gradients as soon as backward
+    /// has produced it, while backward goes on (DDP's overlap; with accumulation, during
+    /// the last micro-batch's backward only). `false` averages them all after backward.
+    #[serde(default = "default_true")]
+    pub overlap_reduction: bool,
     /// Update with libtorch's fused AdamW kernel (same math as the op-by-op update, which
     /// `false` selects).
     #[serde(default = "default_true")]

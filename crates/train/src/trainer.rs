@@ -7,7 +7,7 @@ use std::path::Path;
 
 use anyhow::{bail, Context, Result};
 use pg2_data::{Batch, PgTokenizer};
-use pg2_dist::Group;
+use pg2_dist::{Group, OverlappedReduction};
 use pg2_model::{checkpoint, PaliGemma, Part, RunOptions, Weights};
 use pg2_optim::{Adam, AdamConfig, ParamGroup, Schedule};
 use tch::{Device, Kind, Tensor};
@@ -159,6 +159,8 @@ pub struct Trainer {
     settings: StepSettings,
     /// Updates made so far.
     step: u64,
+    /// Gradient averaging during backward (several CPU workers, `train.overlap_reduction`).
+    overlap: Option<OverlappedReduction>,
     /// Steps whose update was skipped for a non-finite loss or gradient norm, and the first
     /// of them (-1 for none), counted on the device so that no step waits for it.
     nonfinite_steps: Tensor,
@@ -196,7 +198,16 @@ impl Trainer {
                 ParamGroup { lr_mult: mult.map_or(1.0, |(_, &m)| m), decay: p.kind.decays_by_default() && !spared },
             );
         }
-        let params = trainable.iter().map(|p| (p.name.clone(), p.tensor.shallow_clone())).collect();
+        let params: Vec<(String, Tensor)> =
+            trainable.iter().map(|p| (p.name.clone(), p.tensor.shallow_clone())).collect();
+        let bucket_bytes = (t.allreduce_bucket_mb * 1e6) as usize;
+        let overlap = match t.overlap_reduction {
+            true => group.overlapped_reduction(
+                params.iter().map(|(n, p)| (n.clone(), p.shallow_clone())).collect(),
+                bucket_bytes,
+            )?,
+            false => None,
+        };
         let config = AdamConfig {
             lr: t.lr,
             b2: t.b2,
@@ -214,7 +225,7 @@ impl Trainer {
             autocast: recipe.model.dtype.autocast(),
             dropout: recipe.model.dropout,
             seed: recipe.seed,
-            bucket_bytes: (t.allreduce_bucket_mb * 1e6) as usize,
+            bucket_bytes,
             lr: t.lr,
         };
         let float = (Kind::Float, model.device());
@@ -225,6 +236,7 @@ impl Trainer {
             schedule,
             settings,
             step: first_step,
+            overlap,
             nonfinite_steps,
             first_nonfinite,
             reported_nonfinite: 0,
@@ -271,7 +283,10 @@ impl Trainer {
             self.model.options.dropout = s.dropout;
         }
         let mut loss_sum = Tensor::zeros([], (Kind::Float, device));
-        for batch in micro_batches {
+        for (i, batch) in micro_batches.iter().enumerate() {
+            if let Some(overlap) = self.overlap.as_ref().filter(|_| i + 1 == micro_batches.len()) {
+                overlap.arm(); // the gradients are complete only in the last backward pass
+            }
             let batch = batch.to_device(device);
             // Per token: the summed loss over the whole update's targets (all micro-batches
             // and ranks, as one big batch would; times `world`, for the ranks' gradients are
@@ -289,7 +304,11 @@ impl Trainer {
             loss_sum += loss.detach();
         }
         self.model.options.dropout = 0.0; // evaluation and checkpoints see the model without it
-        if world > 1 {
+        if let Some(overlap) = &mut self.overlap {
+            overlap.finish()?;
+            group.all_reduce_sum(&loss_sum)?;
+            loss_sum /= world as f64;
+        } else if world > 1 {
             let grads = self
                 .optimizer
                 .params()

@@ -13,10 +13,12 @@ use pg2_model::{checkpoint, PaliGemma, PaliGemmaConfig, RunOptions, Weights};
 use tch::{Device, Kind, Tensor};
 
 mod decode;
+mod overlap;
 mod padding;
 mod train;
 
 pub use decode::{decode, DecodeBench};
+pub use overlap::{overlap, OverlapBench};
 pub use train::{train, TrainBench};
 
 use crate::device::{keep_freed_memory, parse_device, prepare_device, user_tunes_allocator, KEEP_FREED_MEMORY_ENV};
@@ -137,6 +139,25 @@ pub enum BenchCommand {
         #[arg(long, default_value_t = 50)]
         updates: usize,
     },
+    /// How much of the gradient all-reduce hides behind backward (train.overlap_reduction):
+    /// starts --workers CPU worker processes, each timing launch's training step with the
+    /// reduction after backward and during it, and the reduction alone.
+    Overlap {
+        #[arg(long, value_enum, default_value = "small")]
+        shape: Shape,
+        /// Examples per worker and step.
+        #[arg(long, default_value_t = 4)]
+        batch: i64,
+        /// Timed steps of each mode (after one warm-up step).
+        #[arg(long, default_value_t = 5, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
+        steps: usize,
+        /// Worker processes (the machine's cores are shared out among them).
+        #[arg(long, default_value_t = 2)]
+        workers: usize,
+        /// Set in the worker processes: the folder with the model and batch.
+        #[arg(long, hide = true)]
+        worker_dir: Option<PathBuf>,
+    },
     /// Correctness and bandwidth of the gradient all-reduce (NCCL on CUDA, the TCP ring on
     /// the CPU): alone (a group of one), or one process per rank under torchrun-style
     /// variables (RANK, WORLD_SIZE, MASTER_ADDR, ...), e.g. started by srun.
@@ -206,6 +227,13 @@ pub fn run(command: &BenchCommand) -> Result<()> {
         BenchCommand::Padding { recipe, overrides, nproc, updates } => {
             padding::run(recipe, overrides, *nproc, *updates)
         }
+        BenchCommand::Overlap { shape, batch, steps, workers, worker_dir } => overlap(&OverlapBench {
+            shape: *shape,
+            batch: *batch,
+            steps: *steps,
+            workers: *workers,
+            worker_dir: worker_dir.clone(),
+        }),
         BenchCommand::Allreduce { device, size_mb, iters } => allreduce(device, *size_mb, (*iters).max(1)),
     }
 }

@@ -28,23 +28,37 @@ const BASELINE: &str = include_str!("train_baseline.py");
 const LR: f64 = 1e-3;
 const WEIGHT_DECAY: f64 = 0.01;
 
-/// The recipe pg2's side trains with: the model in `dir`, the baseline's optimizer, the
-/// mean over target tokens. Its data section is never read (the batch is given).
-fn recipe(b: &TrainBench, dir: &Path, resolution: usize) -> Result<Recipe> {
+/// The recipe a benchmark's pg2 side trains with: the model in `dir`, the baseline's
+/// optimizer, the mean over target tokens, plus `model` and `train` lines of its own. Its
+/// data section is never read (the batch is given).
+pub(super) fn step_recipe(dir: &Path, steps: usize, batch: i64, model: &str, train: &str) -> Result<Recipe> {
+    let resolution = PaliGemmaConfig::from_file(&dir.join("config.json"))?.vision.image_size;
     let text = format!(
-        "[model]\ninit = {init:?}\nresolution = {resolution}\nactivation_checkpointing = {recompute}\nlean_attention = {lean}\n\
+        "[model]\ninit = {init:?}\nresolution = {resolution}\n{model}\n\
          [data]\ntokenizer = \"unused.json\"\nmixture = [{{ path = \"unused.jsonl\", weight = 1.0 }}]\n\
          [train]\nsteps = {steps}\nbatch_size = {batch}\nlr = {LR}\nweight_decay = {WEIGHT_DECAY}\nweight_decay_mode = \"lr_coupled\"\n\
-         schedule = \"constant\"\nloss_normalization = \"token\"\ngrad_clip = 1.0\n",
+         schedule = \"constant\"\nloss_normalization = \"token\"\ngrad_clip = 1.0\n{train}\n",
         init = dir.display().to_string(),
-        recompute = b.recompute,
-        lean = b.lean_attention,
-        steps = b.steps + 1,
-        batch = b.batch,
     );
-    let path = dir.join("bench.toml");
+    let path = dir.join(format!("bench-{}.toml", std::process::id()));
     std::fs::write(&path, text)?;
     Ok(Recipe::from_file(&path)?)
+}
+
+/// The trainer a benchmark's pg2 side times, with the batch from `dir` and its target count.
+pub(super) fn step_trainer(
+    dir: &Path,
+    recipe: &Recipe,
+    device: tch::Device,
+    group: &mut Group,
+) -> Result<(Trainer, Batch, usize)> {
+    let model = PaliGemma::load(dir, device, Kind::Float, training_options(recipe))?;
+    let inputs = read_inputs(dir, device)?;
+    let loss_mask = inputs.layout.mask_ar.to_kind(Kind::Bool);
+    let targets = loss_mask.sum(Kind::Int64).int64_value(&[]) as usize * group.world();
+    let schedule = Schedule { warmup_steps: 0, total_steps: u64::MAX, shape: DecayShape::Constant };
+    let trainer = Trainer::new(model, recipe, schedule, 0, group)?;
+    Ok((trainer, Batch { inputs, loss_mask }, targets))
 }
 
 /// First-step losses further apart than this (relative) mean the two sides compute
@@ -122,15 +136,10 @@ pub fn train(b: &TrainBench) -> Result<()> {
 fn pg2_side(b: &TrainBench, dir: &Path) -> Result<Value> {
     tch::set_num_threads(b.sides.threads as i32);
     let device = crate::device::prepare_device(&b.sides.device)?;
-    let recipe = recipe(b, dir, PaliGemmaConfig::from_file(&dir.join("config.json"))?.vision.image_size)?;
-    let model = PaliGemma::load(dir, device, Kind::Float, training_options(&recipe))?;
-    let inputs = read_inputs(dir, device)?;
-    let loss_mask = inputs.layout.mask_ar.to_kind(Kind::Bool);
-    let targets = loss_mask.sum(Kind::Int64).int64_value(&[]) as usize;
-    let batch = Batch { inputs, loss_mask };
-    let schedule = Schedule { warmup_steps: 0, total_steps: b.steps as u64 + 1, shape: DecayShape::Constant };
+    let model_lines = format!("activation_checkpointing = {}\nlean_attention = {}", b.recompute, b.lean_attention);
+    let recipe = step_recipe(dir, b.steps + 1, b.batch, &model_lines, "")?;
     let mut group = Group::single();
-    let mut trainer = Trainer::new(model, &recipe, schedule, 0, &mut group)?;
+    let (mut trainer, batch, targets) = step_trainer(dir, &recipe, device, &mut group)?;
     // Reading the loss each step waits for the device, as the baseline's `loss.item()`.
     let mut step = || -> Result<f64> { Ok(trainer.step(&[&batch], targets, &mut group)?.loss.double_value(&[])) };
     let first = step()?;
