@@ -51,7 +51,8 @@ fn compile_shims(root: &std::path::Path) {
     files.sort();
     let name = format!("{}_shim", std::env::var("CARGO_PKG_NAME").unwrap().replace('-', "_"));
     let out = PathBuf::from(std::env::var("OUT_DIR").unwrap());
-    let mut digest = root.display().to_string();
+    let cuda = cuda_includes(root);
+    let mut digest = format!("{} {cuda:?}", root.display());
     for f in &files {
         digest.push_str(&std::fs::read_to_string(f).unwrap());
     }
@@ -69,7 +70,8 @@ fn compile_shims(root: &std::path::Path) {
         return;
     }
     let include = root.join("include");
-    cc::Build::new()
+    let mut build = cc::Build::new();
+    build
         .cpp(true)
         .pic(true)
         .warnings(false)
@@ -77,8 +79,26 @@ fn compile_shims(root: &std::path::Path) {
         .include(include.join("torch/csrc/api/include"))
         .flag("-std=c++17")
         .flag("-D_GLIBCXX_USE_CXX11_ABI=1")
-        .flag("-DGLOG_USE_GLOG_EXPORT")
-        .files(&files)
-        .compile(&name);
+        .flag("-DGLOG_USE_GLOG_EXPORT");
+    if let Some(cuda) = cuda {
+        build.includes(&cuda).define("USE_C10D_NCCL", None).define("PG2_WITH_C10D_NCCL", None);
+    }
+    build.files(&files).compile(&name);
     std::fs::write(&stamp, digest).unwrap();
+}
+
+/// The include folders c10d's NCCL headers need, when they are all there: CUDA's runtime
+/// and NCCL's headers from the torch wheel's neighbours, `nv/target` and `crt/host_config.h`
+/// from the cccl and crt header wheels the bootstrap installs in `.deps/cuda-headers`
+/// (whose `.complete` marker it writes last).
+fn cuda_includes(root: &std::path::Path) -> Option<Vec<PathBuf>> {
+    let installed = root.join("../../cuda-headers");
+    if installed.join(".complete").exists() {
+        println!("cargo:rerun-if-changed={}", installed.join(".complete").display());
+    }
+    let nvidia = root.join("../nvidia");
+    let headers = installed.join("nvidia/cu13/include");
+    let dirs = vec![nvidia.join("cu13/include"), nvidia.join("nccl/include"), headers.join("cccl"), headers];
+    let present = root.join("lib/libtorch_cuda.so").exists() && installed.join(".complete").exists();
+    (present && dirs.iter().all(|d| d.is_dir())).then_some(dirs)
 }

@@ -4,6 +4,8 @@ set -euo pipefail
 
 PG2_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 PG2_TORCH_VERSION=2.11.0
+PG2_CUDA_CCCL_VERSION=13.0.85
+PG2_CUDA_CRT_VERSION=13.0.88
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$PG2_ROOT/target}"
 
 pg2_die() {
@@ -29,10 +31,16 @@ pg2_bootstrap() {
             || pg2_die "pip could not install torch==$PG2_TORCH_VERSION; check the network access to PyPI and the disk space, then rerun"
         mv "$deps/torch.partial" "$deps/torch"
     fi
-    # cudarc looks for libnccl.so, the wheel ships libnccl.so.2 (the binaries' rpath covers this folder).
-    local nccl="$deps/torch/nvidia/nccl/lib"
-    if [[ -f "$nccl/libnccl.so.2" && ! -e "$nccl/libnccl.so" ]]; then
-        ln -s libnccl.so.2 "$nccl/libnccl.so"
+    # The CUDA headers c10d's ProcessGroupNCCL includes beyond those the torch wheel ships
+    # (nv/target, crt/host_config.h), matching its CUDA 13.0 runtime: 19 MB, once.
+    local headers="$deps/cuda-headers"
+    if [[ ! -f "$headers/.complete" ]]; then
+        echo "pg2: installing the CUDA headers ProcessGroupNCCL needs (nvidia-cuda-cccl, nvidia-cuda-crt) into .deps/cuda-headers, once ..." >&2
+        rm -rf "$headers"
+        python3 -m pip install --disable-pip-version-check --no-cache-dir --no-deps --quiet \
+            --target "$headers" "nvidia-cuda-cccl==$PG2_CUDA_CCCL_VERSION" "nvidia-cuda-crt==$PG2_CUDA_CRT_VERSION" >&2 \
+            || pg2_die "pip could not install the CUDA header wheels; check the network access to PyPI, then rerun"
+        touch "$headers/.complete"
     fi
     command -v cargo >/dev/null || pg2_die "cargo is needed: install Rust (https://rustup.rs) and rerun"
     if [[ -n "${PG2_CACHE_DIR:-}" ]]; then

@@ -83,9 +83,7 @@ impl Group {
         // Everyone first, so that an absent rank is named before any backend waits for it.
         store.barrier("rendezvous", env.rank, env.world, timeout)?;
         let collective: Option<Box<dyn Collective>> = match device {
-            Device::Cuda(index) => {
-                Some(Box::new(nccl::Nccl::connect(&mut store, env.rank, env.world, index, timeout)?))
-            }
+            Device::Cuda(_) => Some(Box::new(nccl::Nccl::connect(&store, env.rank, env.world, timeout)?)),
             _ if env.world == 1 => None,
             _ => Some(Box::new(ring::Ring::connect(&mut store, "ring", env.rank, env.world, timeout)?)),
         };

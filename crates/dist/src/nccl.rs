@@ -1,143 +1,146 @@
-//! The CUDA backend: NCCL through `cudarc`, on the tensors' device memory.
-//!
-//! NCCL is loaded at run time (the torch wheel ships `libnccl.so.2`; the bootstrap links
-//! `libnccl.so` beside it and the binaries' rpath covers that folder). Collectives are
-//! enqueued on the legacy default stream, the one libtorch's kernels run on here (tch never
-//! switches streams), so they are ordered after the backward pass that wrote the gradients
-//! and before the optimizer reads them, with no host round trip.
+//! The CUDA backend: libtorch's own `c10d::ProcessGroupNCCL` (through `c10d_nccl.cpp`), the
+//! engine PyTorch's DDP and FSDP run on. Its collectives run on NCCL streams of its own,
+//! ordered after the kernels that wrote their tensors; [`Work::wait`] orders the current
+//! stream after them without blocking the host. NCCL's asynchronous error handling and
+//! c10d's watchdog come with it: a collective that hangs past the group's timeout aborts
+//! the communicators, and the next wait is an error with libtorch's message.
 
-use std::sync::Arc;
+use std::ffi::{c_char, c_void, CStr};
 use std::time::Duration;
 
-use cudarc::driver::CudaContext;
-use cudarc::nccl::{result, sys};
-use tch::{Kind, Tensor};
+use tch::Tensor;
 
 use crate::store::Store;
 use crate::{Collective, DistError};
 
-/// One rank's NCCL communicator, bound to one GPU.
-pub struct Nccl {
-    comm: sys::ncclComm_t,
-    /// Keeps the device's primary context alive and current on this thread.
-    _context: Arc<CudaContext>,
+extern "C" {
+    fn pg2_nccl_error() -> *const c_char;
+    fn pg2_nccl_new(store: *mut c_void, rank: i32, size: i32, timeout_ms: i64, out: *mut *mut c_void) -> i32;
+    fn pg2_nccl_free(group: *mut c_void);
+    fn pg2_nccl_all_reduce_sum(group: *mut c_void, tensor: *const c_void, work: *mut *mut c_void) -> i32;
+    fn pg2_nccl_broadcast(group: *mut c_void, tensor: *const c_void, root: i32, work: *mut *mut c_void) -> i32;
+    fn pg2_nccl_reduce_scatter_sum(
+        group: *mut c_void,
+        output: *const c_void,
+        input: *const c_void,
+        work: *mut *mut c_void,
+    ) -> i32;
+    fn pg2_nccl_all_gather(
+        group: *mut c_void,
+        output: *const c_void,
+        input: *const c_void,
+        work: *mut *mut c_void,
+    ) -> i32;
+    fn pg2_work_wait(work: *mut c_void) -> i32;
+    fn pg2_work_free(work: *mut c_void);
 }
 
-fn nccl_error(what: &str, e: impl std::fmt::Debug) -> DistError {
-    DistError::Nccl(format!("{what}: {e:?}"))
+fn nccl_error(what: &str) -> DistError {
+    // SAFETY: the shim returns a NUL-terminated thread-local string.
+    let msg = unsafe { CStr::from_ptr(pg2_nccl_error()) }.to_string_lossy().into_owned();
+    DistError::Nccl(format!("{what}: {msg}"))
+}
+
+/// One rank's share of a ProcessGroupNCCL.
+pub struct Nccl {
+    group: *mut c_void,
+}
+
+// SAFETY: ProcessGroupNCCL is used from one thread at a time here (the trainer's).
+unsafe impl Send for Nccl {}
+
+/// A collective in flight.
+pub struct Work {
+    handle: *mut c_void,
+    what: &'static str,
+}
+
+impl Work {
+    /// Orders the current CUDA stream after the collective (the host goes on); an error if
+    /// it failed or the watchdog aborted it.
+    pub fn wait(self) -> Result<(), DistError> {
+        // SAFETY: a live handle, freed once in Drop.
+        match unsafe { pg2_work_wait(self.handle) } {
+            0 => Ok(()),
+            _ => Err(nccl_error(self.what)),
+        }
+    }
+}
+
+impl Drop for Work {
+    fn drop(&mut self) {
+        // SAFETY: a live handle, freed once.
+        unsafe { pg2_work_free(self.handle) }
+    }
 }
 
 impl Nccl {
-    /// Creates the communicator of `world` ranks on GPU `device`: rank 0 makes the unique
-    /// id and shares it through the store.
-    pub fn connect(
-        store: &mut Store,
-        rank: usize,
-        world: usize,
-        device: usize,
-        timeout: Duration,
-    ) -> Result<Nccl, DistError> {
-        // SAFETY: only probes whether the library can be opened.
-        if !unsafe { sys::is_culib_present() } {
-            return Err(DistError::Nccl(
-                "libnccl.so was not found: rerun ./launch/launch (its bootstrap links the torch wheel's NCCL), or set LD_LIBRARY_PATH to a folder holding libnccl.so".into(),
-            ));
+    /// Joins the ProcessGroupNCCL of `world` ranks over the group's store (rank 0's NCCL id
+    /// travels through it); `timeout` is the watchdog's limit for one collective.
+    pub fn connect(store: &Store, rank: usize, world: usize, timeout: Duration) -> Result<Nccl, DistError> {
+        let mut group = std::ptr::null_mut();
+        // SAFETY: a live store handle and an out-pointer; the shim catches C++ exceptions.
+        let code =
+            unsafe { pg2_nccl_new(store.raw(), rank as i32, world as i32, timeout.as_millis() as i64, &mut group) };
+        match code {
+            0 => Ok(Nccl { group }),
+            _ => Err(nccl_error(&format!("creating the NCCL group (rank {rank} of {world})"))),
         }
-        let context = CudaContext::new(device).map_err(|e| nccl_error(&format!("opening cuda:{device}"), e))?;
-        context.bind_to_thread().map_err(|e| nccl_error("binding the CUDA context", e))?;
-        let id = if rank == 0 {
-            let id = result::get_uniqueid().map_err(|e| nccl_error("ncclGetUniqueId", e))?;
-            store.set("nccl/id", &id.internal.map(|c| c as u8))?;
-            id
-        } else {
-            let bytes = store.get("nccl/id", timeout)?.ok_or_else(|| {
-                DistError::Timeout(format!("rank 0 never published the NCCL id within {}s", timeout.as_secs()))
-            })?;
-            let mut id = sys::ncclUniqueId { internal: [0; 128] };
-            for (c, b) in id.internal.iter_mut().zip(bytes) {
-                *c = b as _;
-            }
-            id
-        };
-        let mut comm = std::mem::MaybeUninit::uninit();
-        // SAFETY: `comm` is written by NCCL on success; the id came from rank 0.
-        unsafe { result::comm_init_rank(comm.as_mut_ptr(), world as i32, id, rank as i32) }
-            .map_err(|e| nccl_error("ncclCommInitRank", e))?;
-        // SAFETY: initialised by the successful call above.
-        Ok(Nccl { comm: unsafe { comm.assume_init() }, _context: context })
     }
 
-    fn data_type(tensor: &Tensor) -> Result<sys::ncclDataType_t, DistError> {
-        Ok(match tensor.kind() {
-            Kind::Float => sys::ncclDataType_t::ncclFloat32,
-            Kind::BFloat16 => sys::ncclDataType_t::ncclBfloat16,
-            Kind::Half => sys::ncclDataType_t::ncclFloat16,
-            Kind::Double => sys::ncclDataType_t::ncclFloat64,
-            other => return Err(DistError::Nccl(format!("no NCCL type for {other:?} tensors"))),
-        })
+    fn start(&self, what: &'static str, launch: impl FnOnce(*mut *mut c_void) -> i32) -> Result<Work, DistError> {
+        let mut handle = std::ptr::null_mut();
+        match launch(&mut handle) {
+            0 => Ok(Work { handle, what }),
+            _ => Err(nccl_error(what)),
+        }
     }
 
-    fn check(tensor: &Tensor) -> Result<(), DistError> {
-        if !tensor.device().is_cuda() || !tensor.is_contiguous() {
-            return Err(DistError::Nccl(format!(
-                "NCCL needs contiguous CUDA tensors, got one on {:?}",
-                tensor.device()
-            )));
-        }
-        Ok(())
-    }
-}
-
-/// The legacy default stream, libtorch's unless a stream is set.
-const DEFAULT_STREAM: sys::cudaStream_t = std::ptr::null_mut();
-
-impl Collective for Nccl {
-    fn all_reduce_sum(&mut self, tensor: &Tensor) -> Result<(), DistError> {
-        Self::check(tensor)?;
-        let ptr = tensor.data_ptr();
-        // SAFETY: in place on a contiguous tensor of `numel` elements that outlives the call;
-        // the stream orders it after the kernels that wrote it.
-        unsafe {
-            result::all_reduce(
-                ptr,
-                ptr,
-                tensor.numel(),
-                Self::data_type(tensor)?,
-                sys::ncclRedOp_t::ncclSum,
-                self.comm,
-                DEFAULT_STREAM,
-            )
-        }
-        .map_err(|e| nccl_error("ncclAllReduce", e))?;
-        Ok(())
+    /// Sums `tensor` over the ranks, in place.
+    pub fn all_reduce_sum_async(&mut self, tensor: &Tensor) -> Result<Work, DistError> {
+        let t = tensor.as_ptr() as *const c_void;
+        // SAFETY: live group and tensor; c10d keeps the tensor's memory until the work is done.
+        self.start("all-reduce", |w| unsafe { pg2_nccl_all_reduce_sum(self.group, t, w) })
     }
 
-    fn broadcast(&mut self, tensor: &Tensor, root: usize) -> Result<(), DistError> {
-        Self::check(tensor)?;
-        let ptr = tensor.data_ptr();
-        // SAFETY: as for all_reduce.
-        unsafe {
-            result::broadcast(
-                ptr,
-                ptr,
-                tensor.numel(),
-                Self::data_type(tensor)?,
-                root as i32,
-                self.comm,
-                DEFAULT_STREAM,
-            )
-        }
-        .map_err(|e| nccl_error("ncclBroadcast", e))?;
-        Ok(())
+    /// Copies rank `root`'s `tensor` into every rank's.
+    pub fn broadcast_async(&mut self, tensor: &Tensor, root: usize) -> Result<Work, DistError> {
+        let t = tensor.as_ptr() as *const c_void;
+        // SAFETY: as above.
+        self.start("broadcast", |w| unsafe { pg2_nccl_broadcast(self.group, t, root as i32, w) })
+    }
+
+    /// `output` (a `1 / world` share of `input`'s elements) gets this rank's share of the
+    /// sum of every rank's `input` (ZeRO's gradient step).
+    pub fn reduce_scatter_sum_async(&mut self, output: &Tensor, input: &Tensor) -> Result<Work, DistError> {
+        let (o, i) = (output.as_ptr() as *const c_void, input.as_ptr() as *const c_void);
+        // SAFETY: as above.
+        self.start("reduce-scatter", |w| unsafe { pg2_nccl_reduce_scatter_sum(self.group, o, i, w) })
+    }
+
+    /// `output` (`world` times `input`'s elements) gets every rank's `input` in rank order
+    /// (ZeRO's parameter step).
+    pub fn all_gather_async(&mut self, output: &Tensor, input: &Tensor) -> Result<Work, DistError> {
+        let (o, i) = (output.as_ptr() as *const c_void, input.as_ptr() as *const c_void);
+        // SAFETY: as above.
+        self.start("all-gather", |w| unsafe { pg2_nccl_all_gather(self.group, o, i, w) })
     }
 }
 
 impl Drop for Nccl {
     fn drop(&mut self) {
-        // SAFETY: the communicator is not used after this.
-        unsafe {
-            let _ = result::comm_destroy(self.comm);
-        }
+        // SAFETY: a live group, shut down and freed once.
+        unsafe { pg2_nccl_free(self.group) }
+    }
+}
+
+impl Collective for Nccl {
+    fn all_reduce_sum(&mut self, tensor: &Tensor) -> Result<(), DistError> {
+        self.all_reduce_sum_async(tensor)?.wait()
+    }
+
+    fn broadcast(&mut self, tensor: &Tensor, root: usize) -> Result<(), DistError> {
+        self.broadcast_async(tensor, root)?.wait()
     }
 }
 
@@ -145,16 +148,23 @@ impl Drop for Nccl {
 mod tests {
     use super::*;
 
-    /// The bootstrap's `libnccl.so` link and the rpath let the wheel's NCCL load (no GPU
-    /// needed to ask its version).
+    /// The shim links against libtorch_cuda's ProcessGroupNCCL; on a machine without a GPU
+    /// it says so instead of crashing. (`launch/gpu-check` runs it on GPUs.)
     #[test]
-    fn the_wheels_nccl_loads_through_the_rpath() {
-        // SAFETY: only opens the library.
-        assert!(
-            unsafe { sys::is_culib_present() },
-            "libnccl.so not found: rerun ./launch/test, whose bootstrap links it"
-        );
-        let version = result::get_nccl_version().unwrap();
-        assert!(version >= 22800, "NCCL {version}: the torch 2.11 wheel ships 2.28");
+    fn the_nccl_group_is_created_or_refused_with_a_message() {
+        let store = Store::host(0, "127.0.0.1", Duration::from_secs(5)).unwrap();
+        match Nccl::connect(&store, 0, 1, Duration::from_secs(5)) {
+            Ok(mut nccl) if tch::Cuda::is_available() => {
+                let t = Tensor::from_slice(&[1.0f32, 2.0]).to_device(tch::Device::Cuda(0));
+                nccl.all_reduce_sum(&t).unwrap();
+                assert_eq!(Vec::<f32>::try_from(t.to_device(tch::Device::Cpu)).unwrap(), [1.0, 2.0]);
+            }
+            Ok(_) => panic!("a NCCL group without a GPU"),
+            Err(e) => {
+                assert!(!tch::Cuda::is_available(), "{e}");
+                let msg = e.to_string();
+                assert!(msg.contains("creating the NCCL group") && msg.len() > 40, "{msg}");
+            }
+        }
     }
 }

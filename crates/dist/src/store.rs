@@ -94,6 +94,11 @@ impl Store {
         Ok(Store { handle, local_ip: route_to(master_addr, port), addr: format!("{host}:{port}") })
     }
 
+    /// The `c10::intrusive_ptr<c10d::TCPStore>*` behind this store, for the other shims.
+    pub(crate) fn raw(&self) -> *mut c_void {
+        self.handle
+    }
+
     /// The port the store listens on (the one picked, when hosted on port 0).
     pub fn port(&self) -> u16 {
         // SAFETY: a live handle.
