@@ -377,3 +377,170 @@ fn non_finite_steps_stop_the_run_or_are_skipped_leaving_the_weights_alone() {
     }
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+/// Checks that a command failed with an error, not a panic, whose message holds each of `parts`.
+fn fails_naming(out: Output, parts: &[&str]) {
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "it succeeded: {err}");
+    assert!(!err.contains("panicked"), "a panic, not an error: {err}");
+    for part in parts {
+        assert!(err.contains(part), "{part:?} is not in: {err}");
+    }
+}
+
+#[test]
+fn bad_inputs_end_with_errors_that_name_them() {
+    let dir = setup("bad", 2, 2);
+    assert!(launch(&dir, &[]).status.success());
+    let pg2 = |args: &[&str]| Command::new(env!("CARGO_BIN_EXE_pg2")).args(args).output().unwrap();
+    let path = |name: &str| dir.join(name).display().to_string();
+    // Values that parse but cannot be meant; devices and counts that cannot exist. Each is
+    // refused before the run folder is touched.
+    fails_naming(launch(&dir, &["--overwrite", "--set", "model.resolution=0"]), &["model.resolution = 0"]);
+    fails_naming(launch(&dir, &["--overwrite", "--set", "train.lr=inf"]), &["train.lr = inf", "positive"]);
+    fails_naming(launch(&dir, &["--overwrite", "--set", "train.b2=1.0"]), &["train.b2 = 1", "[0, 1)"]);
+    fails_naming(launch(&dir, &["--overwrite", "--nproc-per-node", "0"]), &["--nproc-per-node"]);
+    let recipe = path("recipe.toml");
+    let out = Command::new(env!("CARGO_BIN_EXE_launch")).args([&recipe, "--device", "cuda:99"]).output().unwrap();
+    fails_naming(out, &["cuda:99", "CUDA device(s)"]);
+    let run_file = path("run/recipe.toml");
+    let out = Command::new(env!("CARGO_BIN_EXE_launch"))
+        .arg(path("recipe.toml"))
+        .args(["--device", "cpu", "--out", &run_file])
+        .output()
+        .unwrap();
+    fails_naming(out, &["recipe.toml is a file", "--out"]);
+    // Records without any target would train on nothing.
+    let records = std::fs::read_to_string(dir.join("synth/train.jsonl")).unwrap();
+    let untargeted: String = records
+        .lines()
+        .map(|l| {
+            let mut v: Value = serde_json::from_str(l).unwrap();
+            v.as_object_mut().unwrap().remove("suffix");
+            v["image"] = Value::String(dir.join("synth").join(v["image"].as_str().unwrap()).display().to_string());
+            format!("{v}\n")
+        })
+        .collect();
+    std::fs::write(dir.join("untargeted.jsonl"), untargeted).unwrap();
+    let mixture = format!("data.mixture=[{{path = {:?}, weight = 1.0}}]", path("untargeted.jsonl"));
+    let out = Command::new(env!("CARGO_BIN_EXE_launch"))
+        .arg(path("recipe.toml"))
+        .args(["--device", "cpu", "--out", &path("untargeted"), "--set", &mixture])
+        .output()
+        .unwrap();
+    fails_naming(out, &["none of its 8 examples has a target token", "untargeted.jsonl", "`suffix`"]);
+    assert!(!dir.join("untargeted/checkpoints").exists(), "nothing was saved");
+    // A tokenizer that does not fit the checkpoint, a record far too long, a beam of 0.
+    let fixture_tokenizer = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/paligemma/tokenizer.json");
+    let val = path("synth/val.jsonl");
+    let out = pg2(&[
+        "score",
+        "--device",
+        "cpu",
+        "--checkpoint",
+        &path("run"),
+        "--data",
+        &val,
+        "--tokenizer",
+        fixture_tokenizer.to_str().unwrap(),
+    ]);
+    fails_naming(
+        out,
+        &["fixtures/paligemma/tokenizer.json", "checkpoints/step-000002", "use the model's own tokenizer"],
+    );
+    let first: Value = serde_json::from_str(std::fs::read_to_string(&val).unwrap().lines().next().unwrap()).unwrap();
+    let image = dir.join("synth").join(first["image"].as_str().unwrap());
+    let long = serde_json::json!({"image": image, "prefix": "caption en", "suffix": "a red square ".repeat(20_000)});
+    std::fs::write(dir.join("long.jsonl"), format!("{long}\n")).unwrap();
+    let out = pg2(&["score", "--device", "cpu", "--checkpoint", &path("run"), "--data", &path("long.jsonl")]);
+    fails_naming(out, &["long.jsonl:1", "more than the 8192 allowed"]);
+    fails_naming(pg2(&["predict", "--checkpoint", &path("run"), "--data", &val, "--beam", "0"]), &["--beam"]);
+    // A pointer emptied by an interrupted write names itself and the way out.
+    std::fs::write(dir.join("run/checkpoints/latest"), "").unwrap();
+    fails_naming(launch(&dir, &["--resume"]), &["run/checkpoints/latest is empty", "--overwrite"]);
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+/// The weights of a run's latest checkpoint, after checking every file of it reads whole.
+fn latest_weights(run: &Path) -> Vec<(String, tch::Tensor)> {
+    let latest = std::fs::read_to_string(run.join("checkpoints/latest")).unwrap();
+    let checkpoint = run.join("checkpoints").join(latest.trim());
+    let state: Value =
+        serde_json::from_str(&std::fs::read_to_string(checkpoint.join("trainer_state.json")).unwrap()).unwrap();
+    assert!(state["step"].is_u64(), "{state}");
+    serde_json::from_str::<Value>(&std::fs::read_to_string(checkpoint.join("config.json")).unwrap()).unwrap();
+    pg2_model::checkpoint::read_file(&checkpoint.join("optimizer.safetensors")).unwrap();
+    let mut weights = pg2_model::checkpoint::read_file(&checkpoint.join("model.safetensors")).unwrap();
+    weights.sort_by(|a, b| a.0.cmp(&b.0));
+    weights
+}
+
+#[test]
+fn killed_at_random_moments_a_run_resumes_from_a_complete_checkpoint_to_the_same_weights() {
+    let dir = setup("crash", 300, 1);
+    let run = |out: &str, resume: bool| {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_launch"));
+        c.arg(dir.join("recipe.toml"))
+            .args(["--device", "cpu", "--set", "train.keep_checkpoints=3", "--out"])
+            .arg(dir.join(out));
+        if resume {
+            c.arg("--resume");
+        }
+        c.stderr(std::process::Stdio::null());
+        c
+    };
+    assert!(run("whole", false).status().unwrap().success());
+    // 20 kills with SIGKILL at pseudo-random moments (a checkpoint is written every step, so
+    // many land inside a write), each followed by a look at what the run folder holds.
+    let mut seed = 0x9E37_79B9_7F4A_7C15u64;
+    let mut kills = 0;
+    for attempt in 0..20 {
+        seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        let mut child = run("crashed", attempt > 0).spawn().unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(100 + (seed >> 33) % 400));
+        if child.try_wait().unwrap().is_none() {
+            child.kill().unwrap(); // SIGKILL
+            kills += 1;
+        }
+        child.wait().unwrap();
+        if dir.join("crashed/checkpoints/latest").exists() {
+            latest_weights(&dir.join("crashed")); // every file of the newest checkpoint reads whole
+        }
+    }
+    assert!(kills >= 10, "only {kills} of 20 attempts were killed mid-run");
+    assert!(run("crashed", true).status().unwrap().success());
+    let (whole, crashed) = (latest_weights(&dir.join("whole")), latest_weights(&dir.join("crashed")));
+    assert_eq!(whole.len(), crashed.len());
+    for ((name, a), (_, b)) in whole.iter().zip(&crashed) {
+        assert!(a.equal(b), "{name}: the resumed run ends elsewhere than the uninterrupted one");
+    }
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn a_full_disk_during_a_checkpoint_leaves_the_previous_one_and_says_so() {
+    let dir = setup("disk", 4, 2);
+    assert!(launch(&dir, &["--set", "train.steps=2"]).status.success());
+    let weights = std::fs::metadata(dir.join("run/checkpoints/step-000002/model.safetensors")).unwrap().len();
+    // Files may not grow past half the weights' size (ulimit -f, in KiB; SIGXFSZ ignored so a
+    // write fails with an error, as on a full disk).
+    let out = Command::new("bash")
+        .args([
+            "-c",
+            &format!("trap '' XFSZ; ulimit -f {}; exec \"$@\"", weights / 2048),
+            "bash",
+            env!("CARGO_BIN_EXE_launch"),
+        ])
+        .arg(dir.join("recipe.toml"))
+        .args(["--device", "cpu", "--resume", "--out"])
+        .arg(dir.join("run"))
+        .output()
+        .unwrap();
+    fails_naming(out, &["checkpoint step-000004 not written", "disk", "intact", "--resume"]);
+    assert_eq!(std::fs::read_to_string(dir.join("run/checkpoints/latest")).unwrap(), "step-000002");
+    latest_weights(&dir.join("run"));
+    let left: Vec<_> =
+        std::fs::read_dir(dir.join("run/checkpoints")).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert_eq!(left.len(), 2, "the failed write left nothing behind: {left:?}");
+    std::fs::remove_dir_all(dir).unwrap();
+}

@@ -60,7 +60,9 @@ impl ModelArgs {
         let dir = pg2_train::checkpoint_dir(&self.checkpoint)?;
         eprintln!("pg2: loading {} on {device:?} in {kind:?}", dir.display());
         let model = PaliGemma::load(&dir, device, kind, options)?;
-        let tokenizer = PgTokenizer::from_file(&self.tokenizer.clone().unwrap_or_else(|| dir.join("tokenizer.json")))?;
+        let tokenizer_path = self.tokenizer.clone().unwrap_or_else(|| dir.join("tokenizer.json"));
+        let tokenizer = PgTokenizer::from_file(&tokenizer_path)?;
+        tokenizer.check_fits(&tokenizer_path, &model.config, &dir)?;
         Ok((model, tokenizer))
     }
 }

@@ -28,6 +28,9 @@ pub struct PredictArgs {
     /// Records decoded together.
     #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..))]
     pub batch_size: u32,
+    /// Longest record, in tokens (image tokens included); a longer one is an error naming it.
+    #[arg(long, default_value_t = pg2_data::layout::DEFAULT_MAX_TOKENS)]
+    pub max_tokens: usize,
 }
 
 /// Prints one `{"prediction": ...}` JSON line per record.
@@ -44,7 +47,8 @@ pub fn run(args: &PredictArgs) -> Result<()> {
     };
     let bar = progress(records.len(), "predict");
     for chunk in records.chunks(args.batch_size as usize) {
-        let prepared = InferenceBatch::new(chunk, &tok, &TaskFormat::default(), image, false, model.device())?;
+        let prepared =
+            InferenceBatch::new(chunk, &tok, &TaskFormat::default(), image, (false, args.max_tokens), model.device())?;
         for tokens in generate(&model, &prepared.batch.inputs, &opts)? {
             bar.suspend(|| println!("{}", serde_json::json!({"prediction": tok.decode(&tokens)})));
         }

@@ -18,6 +18,9 @@ pub struct ScoreArgs {
     /// Records per forward pass.
     #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..))]
     pub batch_size: u32,
+    /// Longest record, in tokens (image tokens included); a longer one is an error naming it.
+    #[arg(long, default_value_t = pg2_data::layout::DEFAULT_MAX_TOKENS)]
+    pub max_tokens: usize,
 }
 
 /// Prints one JSON line per record: `{"logprob": ..., "tokens": ...}`.
@@ -27,7 +30,8 @@ pub fn run(args: &ScoreArgs) -> Result<()> {
     let image = (model.config.vision.image_size as u32, model.config.vision.num_patches());
     let bar = progress(records.len(), "score");
     for chunk in records.chunks(args.batch_size as usize) {
-        let prepared = InferenceBatch::new(chunk, &tok, &TaskFormat::default(), image, true, model.device())?;
+        let prepared =
+            InferenceBatch::new(chunk, &tok, &TaskFormat::default(), image, (true, args.max_tokens), model.device())?;
         let batch = &prepared.batch;
         let logprobs = tch::no_grad(|| model.sequence_logprobs(&batch.inputs, &batch.loss_mask))?;
         for (tokens, logprob) in prepared.targets.iter().zip(logprobs) {

@@ -176,6 +176,11 @@ pub fn upload(t: &Tensor, device: Device) -> Tensor {
     }
 }
 
+/// The longest example [`InferenceBatch`] takes by default, image tokens included: well
+/// past any PaliGemma 2 input (896 px makes 4,096 image tokens), well short of a record that
+/// would exhaust memory (attention grows with the square of the length).
+pub const DEFAULT_MAX_TOKENS: usize = 8192;
+
 /// Records made ready for scoring or decoding (`pg2 score`, `pg2 predict`, evaluation).
 pub struct InferenceBatch {
     /// Prompts (and targets), images, on the device.
@@ -190,12 +195,13 @@ impl InferenceBatch {
     /// Encodes `records`: each one's prompt under `format` (its own `prefix` by default),
     /// its `suffix` plus `<eos>` as the target when `with_targets` (a record without one is
     /// an error naming it), and its image at `resolution` px for `image_tokens` placeholders.
+    /// A record longer than `max_tokens` is an error naming it, before anything is allocated.
     pub fn new(
         records: &[Record],
         tok: &PgTokenizer,
         format: &TaskFormat,
         (resolution, image_tokens): (u32, usize),
-        with_targets: bool,
+        (with_targets, max_tokens): (bool, usize),
         device: Device,
     ) -> Result<Self, DataError> {
         let prompts = records.iter().map(|r| format.prompt(r)).collect::<Result<Vec<_>, _>>()?;
@@ -207,7 +213,12 @@ impl InferenceBatch {
                     true => Some(r.suffix.as_deref().ok_or_else(|| r.error("record has no `suffix` to score"))?),
                     false => None,
                 };
-                Ok(EncodedExample::new(tok, image_tokens, prompt, suffix))
+                let example = EncodedExample::new(tok, image_tokens, prompt, suffix);
+                if example.ids.len() > max_tokens {
+                    let n = example.ids.len();
+                    return Err(r.error(format!("{n} tokens, more than the {max_tokens} allowed (--max-tokens)")));
+                }
+                Ok(example)
             })
             .collect::<Result<Vec<_>, DataError>>()?;
         let batch = Batch::collate(&examples, Some(image::load_pixels(records, resolution)?), tok.pad_id, device);

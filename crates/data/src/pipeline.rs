@@ -14,7 +14,7 @@ use std::thread::JoinHandle;
 use rayon::prelude::*;
 use tch::Device;
 
-use crate::layout::{Batch, EncodedExample, Truncation};
+use crate::layout::{Batch, EncodedExample, Truncation, DEFAULT_MAX_TOKENS};
 use crate::mixture::{Mixture, MixturePosition};
 use crate::source::Record;
 use crate::tokenizer::PgTokenizer;
@@ -170,6 +170,12 @@ fn next_update(
                     record.suffix.as_deref(),
                     &sources[s].format.limits,
                 );
+                if tokens.ids.len() > DEFAULT_MAX_TOKENS {
+                    let n = tokens.ids.len();
+                    return Err(record.error(format!(
+                        "{n} tokens, more than {DEFAULT_MAX_TOKENS}: set the source's or data's max_prefix_tokens / max_suffix_tokens to cut such texts"
+                    )));
+                }
                 Ok(Encoded { record, tokens, truncation })
             })
             .collect::<Result<_, DataError>>()

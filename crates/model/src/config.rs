@@ -427,9 +427,9 @@ impl PaliGemmaConfig {
     /// A tiny PaliGemma 2 for CPU runs on the embedded demo data: the same architecture
     /// (GQA, soft-caps, pre/post norms) at a few hundred thousand parameters; 8x8 patches.
     pub fn tiny(vocab_size: usize, image_token_id: i64, resolution: usize) -> Result<Self, ModelError> {
-        if !resolution.is_multiple_of(8) {
+        if resolution == 0 || !resolution.is_multiple_of(8) {
             return Err(ModelError::Invalid(format!(
-                "the tiny model needs a resolution divisible by its 8-pixel patches, not {resolution}"
+                "the tiny model needs a positive resolution divisible by its 8-pixel patches, not {resolution}"
             )));
         }
         Ok(Self {

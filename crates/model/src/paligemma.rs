@@ -81,9 +81,9 @@ impl PaliGemma {
         let mut config = PaliGemmaConfig::from_file(&dir.join("config.json"))?;
         let mut tensors = checkpoint::read_tensors(dir)?;
         if let Some(res) = resolution.filter(|&r| r != config.vision.image_size) {
-            if res % config.vision.patch_size != 0 {
+            if res == 0 || !res.is_multiple_of(config.vision.patch_size) {
                 return Err(ModelError::Invalid(format!(
-                    "resolution {res} is not a multiple of the patch size {}",
+                    "resolution {res} is not a positive multiple of the patch size {}",
                     config.vision.patch_size
                 )));
             }

@@ -54,6 +54,14 @@ impl Checkpointer {
             std::fs::write(dir.join("trainer_state.json"), serde_json::to_string_pretty(state)?)
                 .context("writing trainer_state.json")?;
             Ok(())
+        });
+        let dir = dir.with_context(|| {
+            format!(
+                "checkpoint step-{:06} not written (is the disk holding {} full?); the previous checkpoint and \
+                 checkpoints/latest are intact: free space, then rerun with --resume",
+                state.step,
+                self.run.root().display()
+            )
         })?;
         if let Some(keep) = self.keep {
             self.run.prune(keep)?;

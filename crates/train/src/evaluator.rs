@@ -5,6 +5,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use anyhow::{Context, Result};
+use pg2_data::layout::DEFAULT_MAX_TOKENS;
 use pg2_data::{source, InferenceBatch, PgTokenizer, Record, TaskFormat};
 use pg2_dist::Group;
 use pg2_model::{generate, DecodeOptions, PaliGemma, RunOptions};
@@ -58,7 +59,8 @@ impl Evaluator {
         let format = TaskFormat { prefix: spec.prefix.clone(), ..TaskFormat::default() };
         let mut lines = String::new();
         for chunk in records.chunks(spec.batch_size) {
-            let prepared = InferenceBatch::new(chunk, tok, &format, image, false, model.device())?;
+            let prepared =
+                InferenceBatch::new(chunk, tok, &format, image, (false, DEFAULT_MAX_TOKENS), model.device())?;
             for ((record, prompt), tokens) in
                 chunk.iter().zip(prepared.prompts).zip(generate(model, &prepared.batch.inputs, &decode)?)
             {
@@ -91,8 +93,9 @@ pub fn evaluate_checkpoint(
     let spec = recipe.eval.as_ref().context("the recipe has no [eval] block")?;
     let dir = checkpoint_dir(checkpoint)?;
     let options = RunOptions { soft_caps: recipe.model.soft_caps, ..RunOptions::default() };
-    let model = PaliGemma::load_at(&dir, Some(recipe.model.resolution), device, recipe.model.dtype.kind(), options)?;
-    let evaluator = Evaluator::new(spec, Arc::new(PgTokenizer::from_file(&recipe.data.tokenizer)?))?;
+    let tokenizer = Arc::new(PgTokenizer::from_file(&recipe.data.tokenizer)?);
+    let model = crate::trainer::load_model(recipe, &tokenizer, &dir, device, options)?;
+    let evaluator = Evaluator::new(spec, tokenizer)?;
     let step = TrainerState::read(&dir).map_or(0, |s| s.step);
     let scores = evaluator.run(&model, step, &RunDir::new(out), &mut Group::single())?;
     Ok(scores.expect("a group of one is its own main rank"))

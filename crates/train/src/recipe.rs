@@ -585,8 +585,35 @@ impl Recipe {
     }
 
     fn check(&self) -> Result<(), String> {
-        if self.data.mixture.is_empty() || self.data.mixture.iter().any(|s| s.weight.is_nan() || s.weight <= 0.0) {
-            return Err("data.mixture needs at least one source, each with a positive weight".into());
+        if self.data.mixture.is_empty() || self.data.mixture.iter().any(|s| !s.weight.is_finite() || s.weight <= 0.0) {
+            return Err("data.mixture needs at least one source, each with a positive weight (a finite number)".into());
+        }
+        if self.model.resolution == 0 {
+            return Err(
+                "model.resolution = 0: expected a positive multiple of the patch size (14 for PaliGemma 2)".into()
+            );
+        }
+        let t = &self.train;
+        let (positive, non_negative) = ("a positive, finite number", "a non-negative, finite number");
+        let finite_at_least = |value: f64, low: f64| value.is_finite() && value >= low;
+        for (key, value, ok, expected) in [
+            ("train.lr", t.lr, finite_at_least(t.lr, f64::MIN_POSITIVE), positive),
+            ("train.b2", t.b2, (0.0..1.0).contains(&t.b2), "a value in [0, 1)"),
+            ("train.weight_decay", t.weight_decay, finite_at_least(t.weight_decay, 0.0), non_negative),
+            ("train.grad_clip", t.grad_clip, finite_at_least(t.grad_clip, 0.0), non_negative),
+            (
+                "train.allreduce_bucket_mb",
+                t.allreduce_bucket_mb,
+                finite_at_least(t.allreduce_bucket_mb, 1e-6),
+                positive,
+            ),
+        ] {
+            if !ok {
+                return Err(format!("{key} = {value}: expected {expected}"));
+            }
+        }
+        if let Some((prefix, m)) = t.lr_mults.iter().find(|(_, m)| !m.is_finite() || **m < 0.0) {
+            return Err(format!("train.lr_mults.\"{prefix}\" = {m}: expected a non-negative, finite number"));
         }
         if let Some(e) = &self.eval {
             if e.every == 0 || e.beam == 0 || e.batch_size == 0 {
@@ -603,19 +630,9 @@ impl Recipe {
         if self.model.activation_checkpointing && self.model.dropout > 0.0 {
             return Err("model.activation_checkpointing does not go with model.dropout: the recompute would draw other dropout masks".into());
         }
-        if t.allreduce_bucket_mb.is_nan() || t.allreduce_bucket_mb <= 0.0 {
-            return Err("train.allreduce_bucket_mb must be positive".into());
-        }
-        if !positive_length
-            || t.batch_size == 0
-            || t.lr.is_nan()
-            || t.lr <= 0.0
-            || t.log_every == 0
-            || t.checkpoint_every == Some(0)
-        {
+        if !positive_length || t.batch_size == 0 || t.log_every == 0 || t.checkpoint_every == Some(0) {
             return Err(
-                "the length, train.batch_size, train.lr, train.log_every and train.checkpoint_every must be positive"
-                    .into(),
+                "the length, train.batch_size, train.log_every and train.checkpoint_every must be positive".into()
             );
         }
         if !(0.0..1.0).contains(&t.label_smoothing) {
@@ -632,8 +649,8 @@ impl Recipe {
         if !(0.0..1.0).contains(&self.model.dropout) {
             return Err(format!("model.dropout = {}: expected a value in [0, 1)", self.model.dropout));
         }
-        if t.grad_accumulation == 0 || t.lr_mults.values().any(|&m| m.is_nan() || m < 0.0) {
-            return Err("train.grad_accumulation must be positive and train.lr_mults non-negative".into());
+        if t.grad_accumulation == 0 {
+            return Err("train.grad_accumulation must be positive".into());
         }
         let from_parts = self.model.vision_init.is_some() || self.model.text_init.is_some();
         if from_parts && !matches!(self.model.init, Init::Preset(_)) {
@@ -730,6 +747,22 @@ lr = 1e-5
             assert!(err.contains("positive weight"), "{weight}: {err}");
         }
         assert!(parse(&GOOD.replace("lr = 1e-5", "lr = nan")).is_err());
+        // Values that parse but cannot be meant, named with their valid range.
+        for (edit, names) in [
+            (("lr = 1e-5", "lr = inf"), "train.lr = inf: expected a positive"),
+            (("lr = 1e-5", "lr = 1e-5\nb2 = 1.0"), "train.b2 = 1: expected a value in [0, 1)"),
+            (("lr = 1e-5", "lr = 1e-5\nb2 = -0.5"), "train.b2 = -0.5"),
+            (("lr = 1e-5", "lr = 1e-5\nweight_decay = inf"), "train.weight_decay = inf"),
+            (
+                ("lr = 1e-5", "lr = 1e-5\nlr_mults = { \"vision_tower.\" = inf }"),
+                "train.lr_mults.\"vision_tower.\" = inf",
+            ),
+            (("weight = 1.0", "weight = inf"), "positive weight"),
+            (("resolution = 64", "resolution = 0"), "model.resolution = 0"),
+        ] {
+            let err = parse(&GOOD.replace(edit.0, edit.1)).unwrap_err().to_string();
+            assert!(err.contains(names), "{edit:?}: {err}");
+        }
         let err = parse(&GOOD.replace("steps = 10", "steps = 10\nepochs = 2.0")).unwrap_err().to_string();
         assert!(err.contains("exactly one of"), "{err}");
         let err =

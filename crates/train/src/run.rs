@@ -7,7 +7,6 @@ use std::time::Instant;
 use anyhow::{bail, Result};
 use pg2_data::{synth, LoadedBatch, PgTokenizer, Pipeline};
 use pg2_dist::Group;
-use pg2_model::PaliGemma;
 use pg2_optim::Schedule;
 use tch::Device;
 
@@ -17,7 +16,7 @@ use crate::input;
 use crate::recipe::Recipe;
 use crate::run_dir::{RunDir, TrainerState};
 use crate::run_log::{DataCounts, RunLog, StepLine};
-use crate::trainer::{build_model, training_options, Trainer};
+use crate::trainer::{build_model, load_model, training_options, Trainer};
 
 /// How `launch` was asked to run a recipe.
 #[derive(Debug, Clone)]
@@ -57,7 +56,7 @@ pub fn train(recipe: &Recipe, resolved: &toml::Table, opts: &LaunchOptions, grou
             if group.is_main() {
                 eprintln!("launch: resuming from {} (step {})", dir.display(), state.step);
             }
-            (PaliGemma::load(dir, opts.device, recipe.model.dtype.kind(), training_options(recipe))?, state.step)
+            (load_model(recipe, &tokenizer, dir, opts.device, training_options(recipe))?, state.step)
         }
     };
     let t = &recipe.train;
@@ -93,6 +92,15 @@ pub fn train(recipe: &Recipe, resolved: &toml::Table, opts: &LaunchOptions, grou
         let update =
             (0..t.grad_accumulation).map(|_| pipeline.next_batch()).collect::<Result<Vec<LoadedBatch>, _>>()?;
         add_counts(&mut counts, &update);
+        if update[0].update_targets == 0 {
+            let sources: Vec<String> = recipe.data.mixture.iter().map(|s| s.path.display().to_string()).collect();
+            bail!(
+                "update {}: none of its {} examples has a target token to train on: do the records of {} have a `suffix`?",
+                trainer.steps_done() + 1,
+                t.batch_size * t.grad_accumulation,
+                sources.join(", ")
+            );
+        }
         let stats =
             trainer.step(&update.iter().map(|l| &l.batch).collect::<Vec<_>>(), update[0].update_targets, group)?;
         let done = stats.step;

@@ -25,6 +25,20 @@ pub fn training_options(recipe: &Recipe) -> RunOptions {
     }
 }
 
+/// The model folder `dir` at the recipe's resolution and dtype, run with `options`; an error
+/// unless the recipe's tokenizer `tok` fits it.
+pub fn load_model(
+    recipe: &Recipe,
+    tok: &PgTokenizer,
+    dir: &Path,
+    device: Device,
+    options: RunOptions,
+) -> Result<PaliGemma> {
+    let model = PaliGemma::load_at(dir, Some(recipe.model.resolution), device, recipe.model.dtype.kind(), options)?;
+    tok.check_fits(&recipe.data.tokenizer, &model.config, dir)?;
+    Ok(model)
+}
+
 /// A fresh model of the recipe's preset (from its SigLIP and Gemma 2 checkpoints when it
 /// names them), or its starting checkpoint.
 pub fn build_model(recipe: &Recipe, tok: &PgTokenizer, device: Device) -> Result<PaliGemma> {
@@ -34,7 +48,7 @@ pub fn build_model(recipe: &Recipe, tok: &PgTokenizer, device: Device) -> Result
         Init::Checkpoint(path) => {
             let dir = checkpoint_dir(path)?;
             eprintln!("launch: starting from {}", dir.display());
-            return Ok(PaliGemma::load_at(&dir, Some(recipe.model.resolution), device, kind, options)?);
+            return load_model(recipe, tok, &dir, device, options);
         }
         Init::Preset(preset) => preset,
     };
