@@ -70,7 +70,8 @@ impl PaliGemma {
     }
 
     /// As [`PaliGemma::load`], moved to another image `resolution` when given: the position
-    /// embedding grid is resampled bilinearly (stage chaining 224 -> 448 -> 896 px).
+    /// embedding grid is resampled bilinearly, corners aligned as big_vision does (stage
+    /// chaining 224 -> 448 -> 896 px).
     pub fn load_at(
         dir: &Path,
         resolution: Option<usize>,

@@ -72,13 +72,15 @@ impl EncoderLayer {
 }
 
 /// Moves learned position embeddings `(grid^2, width)` to a `to_grid x to_grid` grid by
-/// bilinear resampling (half-pixel centres), as PaliGemma's stage 2 does when the
-/// resolution grows from 224 to 448 and 896 px.
+/// bilinear resampling with the grids' corners aligned, as PaliGemma's stage 2 does when the
+/// resolution grows from 224 to 448 and 896 px: big_vision's `resample_posemb` is
+/// `scipy.ndimage.zoom(order=1)`, which maps corner to corner (2 -> 4 samples 0, 1/3, 2/3, 1),
+/// not half-pixel centres (0, 1/4, 3/4, 1: up to 16 % of the embeddings' spread apart).
 pub fn resample_positions(positions: &Tensor, to_grid: i64) -> Tensor {
     let (n, width) = positions.size2().unwrap();
     let grid = (n as f64).sqrt().round() as i64;
     let image = positions.to_kind(Kind::Float).view([1, grid, grid, width]).permute([0, 3, 1, 2]);
-    let resized = image.upsample_bilinear2d([to_grid, to_grid], false, None, None);
+    let resized = image.upsample_bilinear2d([to_grid, to_grid], true, None, None);
     resized.permute([0, 2, 3, 1]).reshape([to_grid * to_grid, width]).to_kind(positions.kind())
 }
 
@@ -148,17 +150,42 @@ mod tests {
 
     #[test]
     fn resampling_keeps_a_linear_ramp_linear_and_its_corners() {
-        // A 2x2 grid whose value is x + 10 y, upsampled to 4x4 with half-pixel centres:
-        // the interior interpolates, the border clamps (as jax.image.resize and torch).
+        // A 2x2 grid whose value is x + 10 y, upsampled to 4x4 corner to corner.
         let pos = Tensor::from_slice(&[0.0f32, 1.0, 10.0, 11.0]).view([4, 1]);
         let up = Vec::<f32>::try_from(resample_positions(&pos, 4).view([-1])).unwrap();
-        let row = |y: f32| [0.0, 0.25, 0.75, 1.0].map(|x| x + 10.0 * y);
-        let want: Vec<f32> = [0.0, 0.25, 0.75, 1.0].iter().flat_map(|&y| row(y)).collect();
+        let thirds = [0.0, 1.0 / 3.0, 2.0 / 3.0, 1.0];
+        let want: Vec<f32> = thirds.iter().flat_map(|&y| thirds.map(|x| x + 10.0 * y)).collect();
         assert_eq!(up.len(), want.len());
         for (g, w) in up.iter().zip(&want) {
             assert!((g - w).abs() < 1e-5, "{up:?}");
         }
         let same = resample_positions(&pos, 2);
         assert!(same.allclose(&pos, 1e-6, 1e-6, false));
+    }
+
+    /// big_vision's resample_posemb on a random 3x3 grid of 2 channels to 5x5: the values
+    /// `scipy.ndimage.zoom(grid, (5/3, 5/3, 1), order=1)` gives (scipy 1.17.1).
+    #[test]
+    fn resampling_matches_scipy_zoom_as_big_vision_uses_it() {
+        let grid = [
+            [[0.126, -0.132], [0.64, 0.105], [-0.536, 0.362]],
+            [[1.304, 0.947], [-0.704, -1.265], [-0.623, 0.041]],
+            [[-2.325, -0.219], [-1.246, -0.732], [-0.544, -0.316]],
+        ];
+        let scipy = [
+            [[0.126, -0.132], [0.383, -0.0135], [0.64, 0.105], [0.052, 0.2335], [-0.536, 0.362]],
+            [[0.715, 0.4075], [0.3415, -0.08625], [-0.032, -0.58], [-0.30575, -0.18925], [-0.5795, 0.2015]],
+            [[1.304, 0.947], [0.3, -0.159], [-0.704, -1.265], [-0.6635, -0.612], [-0.623, 0.041]],
+            [[-0.5105, 0.364], [-0.74275, -0.31725], [-0.975, -0.9985], [-0.77925, -0.568], [-0.5835, -0.1375]],
+            [[-2.325, -0.219], [-1.7855, -0.4755], [-1.246, -0.732], [-0.895, -0.524], [-0.544, -0.316]],
+        ];
+        let flat = |rows: &[[[f64; 2]; 3]]| rows.iter().flatten().flatten().map(|&v| v as f32).collect::<Vec<f32>>();
+        let pos = Tensor::from_slice(&flat(&grid)).view([9, 2]);
+        let got = Vec::<f32>::try_from(resample_positions(&pos, 5).view([-1])).unwrap();
+        let want: Vec<f32> = scipy.iter().flatten().flatten().map(|&v| v as f32).collect();
+        assert_eq!(got.len(), want.len());
+        for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+            assert!((g - w).abs() < 1e-5, "element {i}: {g} vs scipy's {w}");
+        }
     }
 }
