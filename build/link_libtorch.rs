@@ -3,7 +3,7 @@
 //!
 //! torch-sys links libtorch but leaves two gaps that bite at run time:
 //! - no rpath, so binaries and tests only start with `LD_LIBRARY_PATH` set (the wheel's
-//!   NCCL folder is added too, for the NCCL that pg2-dist loads at run time);
+//!   NCCL folder is added too, for the libnccl.so.2 that libtorch_cuda needs);
 //! - the linker's `--as-needed` drops `libtorch_cuda.so`, because no symbol of
 //!   it is referenced directly, and CUDA then silently stays unavailable.
 //!
@@ -21,7 +21,7 @@ fn main() {
     };
     let lib = PathBuf::from(&root).join("lib");
     println!("cargo:rustc-link-arg=-Wl,-rpath,{}", lib.display());
-    // NCCL, which pg2-dist loads at run time from the same wheel.
+    // NCCL, which libtorch_cuda (c10d's ProcessGroupNCCL) loads, from the same wheel.
     let nccl = PathBuf::from(&root).join("../nvidia/nccl/lib");
     println!("cargo:rustc-link-arg=-Wl,-rpath,{}", nccl.display());
     if lib.join("libtorch_cuda.so").exists() {

@@ -509,6 +509,9 @@ fn killed_at_random_moments_a_run_resumes_from_a_complete_checkpoint_to_the_same
     }
     assert!(kills >= 10, "only {kills} of 20 attempts were killed mid-run");
     assert!(run("crashed", true).status().unwrap().success());
+    let left: Vec<_> =
+        std::fs::read_dir(dir.join("crashed/checkpoints")).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert!(left.iter().all(|name| !name.to_string_lossy().starts_with(".step-")), "killed writes left {left:?}");
     let (whole, crashed) = (latest_weights(&dir.join("whole")), latest_weights(&dir.join("crashed")));
     assert_eq!(whole.len(), crashed.len());
     for ((name, a), (_, b)) in whole.iter().zip(&crashed) {

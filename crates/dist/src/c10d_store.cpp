@@ -46,8 +46,9 @@ int pg2_store_new(const char* host, uint16_t port, bool is_server, int64_t timeo
     *out = new c10::intrusive_ptr<c10d::TCPStore>(store);
     return 0;
   } catch (const c10::DistNetworkError& e) {
+    // A client that found no server in time; a server that could not listen (port in use).
     last_error = e.what();
-    return 1;
+    return is_server ? -1 : 1;
   } catch (const std::exception& e) {
     return fail(e);
   }
@@ -82,6 +83,7 @@ int pg2_store_get(void* store, const char* key, int64_t timeout_ms, uint8_t** da
     std::vector<uint8_t> value = s->get(key);
     *len = value.size();
     *data = static_cast<uint8_t*>(std::malloc(value.size() > 0 ? value.size() : 1));
+    if (*data == nullptr) throw std::bad_alloc();
     std::memcpy(*data, value.data(), value.size());
     return 0;
   } catch (const std::exception& e) {
@@ -94,15 +96,6 @@ void pg2_buffer_free(uint8_t* data) { std::free(data); }
 int pg2_store_delete(void* store, const char* key) {
   try {
     (*static_cast<c10::intrusive_ptr<c10d::TCPStore>*>(store))->deleteKey(key);
-    return 0;
-  } catch (const std::exception& e) {
-    return fail(e);
-  }
-}
-
-int pg2_store_check(void* store, const char* key, bool* exists) {
-  try {
-    *exists = (*static_cast<c10::intrusive_ptr<c10d::TCPStore>*>(store))->check({std::string(key)});
     return 0;
   } catch (const std::exception& e) {
     return fail(e);

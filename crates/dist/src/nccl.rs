@@ -2,8 +2,9 @@
 //! engine PyTorch's DDP and FSDP run on. Its collectives run on NCCL streams of its own,
 //! ordered after the kernels that wrote their tensors; [`Work::wait`] orders the current
 //! stream after them without blocking the host. NCCL's asynchronous error handling and
-//! c10d's watchdog come with it: a collective that hangs past the group's timeout aborts
-//! the communicators, and the next wait is an error with libtorch's message.
+//! c10d's watchdog come with it: with torch's default `TORCH_NCCL_ASYNC_ERROR_HANDLING`, a
+//! collective that fails or hangs past the group's timeout takes the worker down with
+//! libtorch's message, and the launcher then stops the group naming the rank.
 
 use std::ffi::{c_char, c_void, CStr};
 use std::time::Duration;
@@ -111,15 +112,16 @@ impl Nccl {
     }
 
     /// `output` (a `1 / world` share of `input`'s elements) gets this rank's share of the
-    /// sum of every rank's `input` (ZeRO's gradient step).
+    /// sum of every rank's `input`: the gradient step of sharded data parallelism, which pg2
+    /// does not use yet (only `launch/gpu-check`'s GPUs can run it).
     pub fn reduce_scatter_sum_async(&mut self, output: &Tensor, input: &Tensor) -> Result<Work, DistError> {
         let (o, i) = (output.as_ptr() as *const c_void, input.as_ptr() as *const c_void);
         // SAFETY: as above.
         self.start("reduce-scatter", |w| unsafe { pg2_nccl_reduce_scatter_sum(self.group, o, i, w) })
     }
 
-    /// `output` (`world` times `input`'s elements) gets every rank's `input` in rank order
-    /// (ZeRO's parameter step).
+    /// `output` (`world` times `input`'s elements) gets every rank's `input` in rank order:
+    /// the parameter step of sharded data parallelism, not used yet.
     pub fn all_gather_async(&mut self, output: &Tensor, input: &Tensor) -> Result<Work, DistError> {
         let (o, i) = (output.as_ptr() as *const c_void, input.as_ptr() as *const c_void);
         // SAFETY: as above.

@@ -64,7 +64,7 @@ impl Checkpointer {
             )
         })?;
         if let Some(keep) = self.keep {
-            self.run.prune(keep)?;
+            self.run.prune(keep, state.step)?;
         }
         Ok(dir)
     }

@@ -52,6 +52,9 @@ impl TrainerState {
 /// again; the later values win).
 pub type Metrics = BTreeMap<u64, Map<String, Value>>;
 
+/// A run's checkpoint folders with their steps, and the temporaries of interrupted writes.
+type CheckpointEntries = (Vec<(u64, PathBuf)>, Vec<PathBuf>);
+
 /// A run's last evaluation: the metric, its value and the step.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Evaluation {
@@ -137,6 +140,10 @@ impl RunDir {
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
         let name = format!("step-{step:06}");
         let folder = dir.join(&name);
+        // Only rank 0 writes checkpoints: a temporary here was left by a killed process.
+        for leftover in self.entries()?.1 {
+            std::fs::remove_dir_all(&leftover).with_context(|| format!("removing {}", leftover.display()))?;
+        }
         let staged = Staged::new(&folder).with_context(|| format!("preparing {}", folder.display()))?;
         write(staged.path())?;
         if folder.exists() {
@@ -149,19 +156,32 @@ impl RunDir {
         Ok(folder)
     }
 
-    /// Deletes all but the newest `keep` checkpoints.
-    pub fn prune(&self, keep: usize) -> Result<()> {
-        let dir = self.checkpoints();
-        let mut steps: Vec<PathBuf> = std::fs::read_dir(&dir)
-            .with_context(|| format!("listing {}", dir.display()))?
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("step-")))
-            .collect();
+    /// Deletes all but the newest `keep` checkpoints up to step `current` (the one just
+    /// saved), and any past it (left by an interrupted run that got further).
+    pub fn prune(&self, keep: usize, current: u64) -> Result<()> {
+        let mut steps = self.entries()?.0;
         steps.sort();
-        for old in steps.iter().rev().skip(keep) {
+        let (done, stale): (Vec<_>, Vec<_>) = steps.into_iter().partition(|(step, _)| *step <= current);
+        for (_, old) in done.iter().rev().skip(keep).chain(&stale) {
             std::fs::remove_dir_all(old).with_context(|| format!("removing {}", old.display()))?;
         }
         Ok(())
+    }
+
+    /// The `step-NNNNNN` checkpoints by step, and the temporaries of interrupted writes.
+    fn entries(&self) -> Result<CheckpointEntries> {
+        let dir = self.checkpoints();
+        let (mut steps, mut temporaries) = (vec![], vec![]);
+        for entry in std::fs::read_dir(&dir).with_context(|| format!("listing {}", dir.display()))? {
+            let path = entry.with_context(|| format!("listing {}", dir.display()))?.path();
+            let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+            if let Some(step) = name.strip_prefix("step-").and_then(|n| n.parse().ok()) {
+                steps.push((step, path));
+            } else if name.starts_with(".step-") && name.contains(".tmp-") {
+                temporaries.push(path);
+            }
+        }
+        Ok((steps, temporaries))
     }
 
     fn eval_dir(&self) -> PathBuf {
@@ -282,7 +302,15 @@ mod tests {
             assert_eq!(run.latest().unwrap(), Some(run.root().join(format!("checkpoints/step-{step:06}"))));
             assert_eq!(run.finished(), step == 6, "step {step}");
         }
-        run.prune(2).unwrap();
+        // A temporary left by a killed writer goes with the next save.
+        std::fs::create_dir_all(run.root().join("checkpoints/.step-000007.tmp-1")).unwrap();
+        save(&run, 6, 6);
+        // A checkpoint past the one just saved is stale (an interrupted run that got further).
+        std::fs::create_dir_all(run.root().join("checkpoints/step-000009")).unwrap();
+        // A checkpoint past the one just saved is stale (an interrupted run that got further).
+        std::fs::create_dir_all(run.root().join("checkpoints/step-000009")).unwrap();
+        assert!(!run.root().join("checkpoints/.step-000007.tmp-1").exists());
+        run.prune(2, 6).unwrap();
         let mut left: Vec<String> = std::fs::read_dir(run.root().join("checkpoints"))
             .unwrap()
             .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())

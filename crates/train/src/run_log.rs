@@ -63,11 +63,16 @@ impl RunLog {
         let files = match main {
             true => {
                 let path = run.metrics_path();
-                let metrics = std::fs::OpenOptions::new()
+                let mut metrics = std::fs::OpenOptions::new()
                     .create(true)
+                    .read(true)
                     .append(true)
                     .open(&path)
                     .with_context(|| format!("opening {}", path.display()))?;
+                // A line cut by a kill is ended, so the first new line stays whole.
+                if !ends_with_newline(&mut metrics)? {
+                    metrics.write_all(b"\n").with_context(|| format!("appending to {}", path.display()))?;
+                }
                 Some((metrics, EventWriter::create(&run.tensorboard_dir())?))
             }
             false => None,
@@ -133,11 +138,24 @@ impl RunLog {
     /// One line of `metrics.jsonl`, and TensorBoard scalars at `step`.
     fn write(&mut self, line: Value, step: u64, tags: &[(&str, f64)]) -> Result<()> {
         let Some((metrics, events)) = &mut self.files else { return Ok(()) };
-        writeln!(metrics, "{line}").context("appending to metrics.jsonl")?;
+        // One write per line, so a kill cuts at most the line being written.
+        metrics.write_all(format!("{line}\n").as_bytes()).context("appending to metrics.jsonl")?;
         for (tag, v) in tags {
             events.scalar(tag, *v, step)?;
         }
         events.flush()?;
         Ok(())
     }
+}
+
+/// Whether `file` is empty or ends with a newline.
+fn ends_with_newline(file: &mut std::fs::File) -> Result<bool> {
+    use std::io::{Read, Seek, SeekFrom};
+    if file.metadata()?.len() == 0 {
+        return Ok(true);
+    }
+    file.seek(SeekFrom::End(-1))?;
+    let mut last = [0u8; 1];
+    file.read_exact(&mut last)?;
+    Ok(last[0] == b'\n')
 }

@@ -5,9 +5,9 @@
 //! - Each point is a run folder `DIR/<key=value,...>` (DIR defaults to `sweeps/<recipe stem>`),
 //!   trained with `launch --set KEY=VALUE... --out DIR/<point>`, its output appended to
 //!   `DIR/<point>/launch.log`; `--parallel N` points train at a time.
-//! - Running the same command again keeps the finished points (their `checkpoints/latest`
-//!   names the last step of their resolved `recipe.toml`) and continues the others with
-//!   `launch --resume`.
+//! - Running the same command again keeps the finished points (their latest checkpoint's
+//!   `trainer_state.json` says the run made its last update; checkpoints older than that
+//!   field never count as finished) and continues the others with `launch --resume`.
 //! - A failed point is reported with its log and does not stop the others; the sweep exits
 //!   non-zero once the results of all are written.
 //! - Results: `DIR/sweep.csv`, `DIR/sweep.json`, a table on stdout with the best point marked,
