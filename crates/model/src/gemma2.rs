@@ -351,7 +351,8 @@ impl DecoderLayer {
         };
         let drop = |h: Tensor| if opts.dropout > 0.0 { h.dropout(opts.dropout, true) } else { h };
         let h = self.self_attn.forward(&self.input_layernorm.forward(x), rope, mask, cache, opts);
-        let x = x + self.post_attention_layernorm.forward(&drop(h));
+        // big_vision's order: `x + drop(post_norm(attn))`, but `x + post_norm(drop(mlp))`.
+        let x = x + drop(self.post_attention_layernorm.forward(&h));
         let h = self.pre_feedforward_layernorm.forward(&x);
         let h = self.down_proj.forward(&(self.gate_proj.forward(&h).gelu("tanh") * self.up_proj.forward(&h)));
         x + self.post_feedforward_layernorm.forward(&drop(h))
@@ -682,6 +683,29 @@ mod tests {
         };
         assert!(run(0.0).equal(&run(0.0)));
         assert!(!run(0.5).allclose(&run(0.0), 1e-3, 1e-3, false));
+    }
+
+    /// Dropout sits where big_vision puts it: after the attention branch's post-norm, before
+    /// the MLP branch's (the same masks, drawn in the same order, computed by hand).
+    #[test]
+    fn dropout_follows_big_vision_on_each_branch() {
+        let model = tiny();
+        let x = Tensor::randn([1, 5, 16], (Kind::Float, Device::Cpu));
+        let lay = layout(&[0, 0, 1, 1, 1], &[true; 5]);
+        let opts = RunOptions { dropout: 0.5, ..RunOptions::default() };
+        let plan = model.plan(&lay, None, opts);
+        let (cos, sin) = rotary_tables(&plan.positions, &model.inv_freq, Kind::Float);
+        let layer = &model.layers[0];
+        tch::manual_seed(11);
+        let got = layer.forward(&x, (&cos, &sin), &plan, None, opts);
+        tch::manual_seed(11);
+        let mask = if layer.windowed { plan.windowed.as_ref().unwrap_or(&plan.full) } else { &plan.full };
+        let h = layer.self_attn.forward(&layer.input_layernorm.forward(&x), (&cos, &sin), mask, None, opts);
+        let x1 = &x + layer.post_attention_layernorm.forward(&h).dropout(0.5, true);
+        let h = layer.pre_feedforward_layernorm.forward(&x1);
+        let mlp = layer.down_proj.forward(&(layer.gate_proj.forward(&h).gelu("tanh") * layer.up_proj.forward(&h)));
+        let want = &x1 + layer.post_feedforward_layernorm.forward(&mlp.dropout(0.5, true));
+        assert!(got.allclose(&want, 1e-6, 1e-6, false), "{}", (&got - &want).abs().max());
     }
 
     #[test]

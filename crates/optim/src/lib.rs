@@ -320,7 +320,8 @@ pub enum DecayShape {
 }
 
 /// Learning-rate schedule: linear warmup from 0, then the decay shape, as a factor on the
-/// base rate.
+/// base rate. The warmup is big_vision's `step / warmup_steps`: the first update (step 0)
+/// is made at 0, the base rate is reached at step `warmup_steps`.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Schedule {
     pub warmup_steps: u64,
@@ -332,7 +333,7 @@ impl Schedule {
     /// The factor for 0-based `step`.
     pub fn factor(&self, step: u64) -> f64 {
         if step < self.warmup_steps {
-            return (step + 1) as f64 / self.warmup_steps as f64;
+            return step as f64 / self.warmup_steps as f64;
         }
         let span = self.total_steps.saturating_sub(self.warmup_steps).max(1) as f64;
         let progress = ((step - self.warmup_steps) as f64 / span).min(1.0);
@@ -416,8 +417,10 @@ mod tests {
     fn warmup_then_each_decay_shape() {
         let at = |shape, step| Schedule { warmup_steps: 10, total_steps: 110, shape }.factor(step);
         for shape in [DecayShape::Cosine, DecayShape::Linear, DecayShape::Rsqrt, DecayShape::Constant] {
-            assert!((at(shape, 0) - 0.1).abs() < 1e-12 && (at(shape, 9) - 1.0).abs() < 1e-12, "{shape:?} warmup");
+            let warmup = [at(shape, 0), at(shape, 5), at(shape, 9)];
+            assert!(warmup.iter().zip([0.0, 0.5, 0.9]).all(|(a, b)| (a - b).abs() < 1e-12), "{shape:?}: {warmup:?}");
         }
+        assert_eq!(at(DecayShape::Cosine, 10), 1.0, "the base rate at step warmup_steps");
         assert!((at(DecayShape::Cosine, 60) - 0.5).abs() < 1e-12);
         assert!(at(DecayShape::Cosine, 110).abs() < 1e-12);
         assert!((at(DecayShape::Linear, 35) - 0.75).abs() < 1e-12);
