@@ -52,6 +52,11 @@ fn compile_shims(root: &std::path::Path) {
     let name = format!("{}_shim", std::env::var("CARGO_PKG_NAME").unwrap().replace('-', "_"));
     let out = PathBuf::from(std::env::var("OUT_DIR").unwrap());
     let cuda = cuda_includes(root);
+    // Lets a crate's tests tell the real c10d NCCL shim from the stub built without headers.
+    println!("cargo:rustc-check-cfg=cfg(pg2_c10d_nccl)");
+    if cuda.is_some() {
+        println!("cargo:rustc-cfg=pg2_c10d_nccl");
+    }
     let mut digest = format!("{} {cuda:?}", root.display());
     for f in &files {
         digest.push_str(&std::fs::read_to_string(f).unwrap());

@@ -5,8 +5,9 @@ use std::path::PathBuf;
 use anyhow::Result;
 use clap::{Args, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
-use pg2_data::PgTokenizer;
+use pg2_data::{source, InferenceBatch, PgTokenizer, TaskFormat};
 use pg2_model::{PaliGemma, RunOptions};
+use serde_json::Value;
 use tch::Kind;
 
 /// A floating-point kind on the command line.
@@ -62,13 +63,54 @@ impl ModelArgs {
         let model = PaliGemma::load(&dir, device, kind, options)?;
         let tokenizer_path = self.tokenizer.clone().unwrap_or_else(|| dir.join("tokenizer.json"));
         let tokenizer = PgTokenizer::from_file(&tokenizer_path)?;
-        tokenizer.check_fits(&tokenizer_path, &model.config, &dir)?;
+        tokenizer.check_fits(&tokenizer_path, &model.config, &dir.display().to_string())?;
         Ok((model, tokenizer))
     }
 }
 
+/// The records a command runs the model over, and how many at a time.
+#[derive(Args)]
+pub struct RecordArgs {
+    /// JSONL file of {"image", "prefix", "suffix"} records (`predict` ignores a suffix).
+    #[arg(long)]
+    pub data: PathBuf,
+    /// Records run together.
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..))]
+    pub batch_size: u32,
+    /// Longest record, in tokens (image tokens included); a longer one is an error naming it.
+    #[arg(long, default_value_t = pg2_data::layout::DEFAULT_MAX_TOKENS)]
+    pub max_tokens: usize,
+}
+
+impl RecordArgs {
+    /// Reads the records and runs `each` over them batch by batch (their suffixes as
+    /// targets when `with_targets`), printing the JSON lines it returns, one per record,
+    /// under a progress bar labelled `what`.
+    pub fn for_each_batch(
+        &self,
+        (model, tok): (&PaliGemma, &PgTokenizer),
+        with_targets: bool,
+        what: &str,
+        mut each: impl FnMut(&InferenceBatch) -> Result<Vec<Value>>,
+    ) -> Result<()> {
+        let records = source::read_jsonl(&self.data)?;
+        let image = (model.config.vision.image_size as u32, model.config.vision.num_patches());
+        let bar = progress(records.len(), what);
+        for chunk in records.chunks(self.batch_size as usize) {
+            let limits = (with_targets, self.max_tokens);
+            let prepared = InferenceBatch::new(chunk, tok, &TaskFormat::default(), image, limits, model.device())?;
+            for line in each(&prepared)? {
+                bar.suspend(|| println!("{line}"));
+            }
+            bar.inc(chunk.len() as u64);
+        }
+        bar.finish_and_clear();
+        Ok(())
+    }
+}
+
 /// A progress bar over `len` records, labelled `what`.
-pub fn progress(len: usize, what: &str) -> ProgressBar {
+fn progress(len: usize, what: &str) -> ProgressBar {
     let bar = ProgressBar::new(len as u64);
     bar.set_style(
         ProgressStyle::with_template("{msg} {bar:30} {pos}/{len} [{elapsed} < {eta}]").expect("a valid template"),

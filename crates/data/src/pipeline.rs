@@ -67,6 +67,8 @@ pub struct BatchStats {
     pub prefix_truncated: usize,
     pub suffix_truncated: usize,
     pub eos_dropped: usize,
+    /// The batch's tokens, and its positions with padding.
+    pub tokens: TokenCounts,
 }
 
 /// A batch ready for the model (on the CPU), with where the stream stands after it.
@@ -256,6 +258,7 @@ fn load_batch(
     }
     let pixels = image::stack(&pixels, config.resolution);
     let batch = Batch::collate_to(&tokens, Some(pixels), tok.pad_id, Device::Cpu, config.pad_to);
+    stats.tokens = TokenCounts { real: tokens.iter().map(|t| t.ids.len()).sum(), padded: batch.inputs.ids.numel() };
     Ok(LoadedBatch { batch, records, position: mixture.position().clone(), update_targets, stats })
 }
 

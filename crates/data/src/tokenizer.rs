@@ -43,27 +43,24 @@ impl PgTokenizer {
         Ok(Self { bos_id: id("<bos>")?, eos_id: id("<eos>")?, pad_id: id("<pad>")?, image_id: id("<image>")?, inner })
     }
 
-    /// An error naming both files unless this tokenizer (read from `path`) fits the model
-    /// of `config` (read from `model`): every id but `<image>`'s has a row in its embedding
-    /// (a larger tokenizer would index past the table), and its `<image>` id is the one the
-    /// model replaces with image tokens.
-    pub fn check_fits(&self, path: &Path, config: &pg2_model::PaliGemmaConfig, model: &Path) -> Result<(), DataError> {
+    /// An error naming both unless this tokenizer (read from `path`) fits the model of
+    /// `config` (`model` names it: its folder, or a preset): every id but `<image>`'s has a
+    /// row in its embedding (a larger tokenizer would index past the table), and its
+    /// `<image>` id is the one the model replaces with image tokens.
+    pub fn check_fits(&self, path: &Path, config: &pg2_model::PaliGemmaConfig, model: &str) -> Result<(), DataError> {
         let err = |msg: String| DataError::Tokenizer { path: path.display().to_string(), msg };
         if self.image_id != config.image_token_id {
             return Err(err(format!(
-                "its <image> id is {}, but {} expects {}: use the model's own tokenizer",
-                self.image_id,
-                model.display(),
-                config.image_token_id
+                "its <image> id is {}, but {model} expects {}: use the model's own tokenizer",
+                self.image_id, config.image_token_id
             )));
         }
         let rows = config.text.vocab_size;
         let largest = (0..self.vocab_size() as i64).rev().find(|&id| id != self.image_id).unwrap_or(0);
         if largest as usize >= rows {
             return Err(err(format!(
-                "{} ids do not fit the {rows}-row embedding of {}: use the model's own tokenizer",
-                self.vocab_size(),
-                model.display()
+                "{} ids do not fit the {rows}-row embedding of {model}: use the model's own tokenizer",
+                self.vocab_size()
             )));
         }
         Ok(())

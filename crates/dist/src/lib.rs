@@ -3,6 +3,7 @@
 //! on CPUs) behind one [`Collective`] interface, the [`Group`] the trainer talks to, and the
 //! launcher that starts and watches a node's workers ([`launcher`]).
 
+mod bucket;
 pub mod env;
 pub mod launcher;
 pub mod nccl;
@@ -184,26 +185,12 @@ impl Group {
     /// sizeable message rather than one small tensor at a time.
     pub fn all_reduce_mean(&mut self, tensors: &[Tensor], bucket_bytes: usize) -> Result<(), DistError> {
         let Some(collective) = self.collective.as_mut().filter(|_| self.env.world > 1) else { return Ok(()) };
-        let world = self.env.world as f64;
-        let bytes = |t: &Tensor| t.numel() * t.kind().elt_size_in_bytes();
-        let mut rest = tensors;
-        while let Some(first) = rest.first() {
-            let (mut len, mut size) = (1, bytes(first));
-            while let Some(t) = rest.get(len).filter(|t| t.kind() == first.kind() && size + bytes(t) <= bucket_bytes) {
-                size += bytes(t);
-                len += 1;
-            }
-            let (bucket, later) = rest.split_at(len);
-            let flat = Tensor::cat(&bucket.iter().map(|t| t.reshape(-1)).collect::<Vec<_>>(), 0);
+        for indices in bucket::buckets(tensors, 0..tensors.len(), bucket_bytes) {
+            // Buckets are runs of consecutive tensors.
+            let bucket = &tensors[indices[0]..indices[0] + indices.len()];
+            let flat = bucket::flatten(bucket);
             collective.all_reduce_sum(&flat)?;
-            let mean = flat / world;
-            let mut offset = 0;
-            for t in bucket {
-                let n = t.numel() as i64;
-                t.shallow_clone().copy_(&mean.narrow(0, offset, n).view_as(t));
-                offset += n;
-            }
-            rest = later;
+            bucket::write_mean(flat, bucket, self.env.world);
         }
         Ok(())
     }

@@ -48,6 +48,11 @@ struct Shared {
 }
 
 impl Shared {
+    /// The gradients of bucket `b`, in its order.
+    fn grads(&self, b: usize) -> Vec<Tensor> {
+        self.buckets[b].iter().map(|&i| self.params[i].grad()).collect()
+    }
+
     /// Marks parameter `index` ready and launches every bucket that now can go.
     fn ready(&self, index: usize) {
         let mut p = self.progress.lock().unwrap_or_else(|e| e.into_inner());
@@ -61,12 +66,7 @@ impl Shared {
         p.ready[index] = true;
         while p.launched < self.buckets.len() && self.buckets[p.launched].iter().all(|&i| p.ready[i]) {
             let bucket = p.launched;
-            let flat = tch::no_grad(|| {
-                Tensor::cat(
-                    &self.buckets[bucket].iter().map(|&i| self.params[i].grad().reshape(-1)).collect::<Vec<_>>(),
-                    0,
-                )
-            });
+            let flat = crate::bucket::flatten(&self.grads(bucket));
             if self.to_comm.lock().unwrap_or_else(|e| e.into_inner()).send((bucket, flat)).is_err() {
                 p.error = Some("the communication thread is gone".into());
                 return;
@@ -107,22 +107,7 @@ impl OverlappedReduction {
         ring: Ring,
         world: usize,
     ) -> Result<Self, DistError> {
-        let bytes = |t: &Tensor| t.numel() * t.kind().elt_size_in_bytes();
-        let mut buckets: Vec<Vec<usize>> = vec![];
-        let mut size = 0;
-        for i in (0..params.len()).rev() {
-            let fits = buckets.last().is_some_and(|b: &Vec<usize>| {
-                params[b[0]].kind() == params[i].kind() && size + bytes(&params[i]) <= bucket_bytes
-            });
-            match fits {
-                true => buckets.last_mut().expect("a bucket").push(i),
-                false => {
-                    buckets.push(vec![i]);
-                    size = 0;
-                }
-            }
-            size += bytes(&params[i]);
-        }
+        let buckets = crate::bucket::buckets(&params, (0..params.len()).rev(), bucket_bytes);
         let (to_comm, comm_rx) = channel::<(usize, Tensor)>();
         let (comm_tx, from_comm) = channel();
         let comm = std::thread::Builder::new()
@@ -182,19 +167,9 @@ impl OverlappedReduction {
                 self.shared.names[i]
             )));
         }
-        let world = self.world as f64;
         for result in results {
-            let (bucket, flat) = result?;
-            let mean = flat / world;
-            let mut offset = 0;
-            tch::no_grad(|| {
-                for &i in &self.shared.buckets[bucket] {
-                    let grad = self.shared.params[i].grad();
-                    let n = grad.numel() as i64;
-                    grad.shallow_clone().copy_(&mean.narrow(0, offset, n).view_as(&grad));
-                    offset += n;
-                }
-            });
+            let (bucket, sum) = result?;
+            crate::bucket::write_mean(sum, &self.shared.grads(bucket), self.world);
         }
         Ok(())
     }

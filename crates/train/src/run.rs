@@ -199,9 +199,8 @@ fn add_counts(counts: &mut DataCounts, update: &[LoadedBatch]) {
         counts.prefix_truncated += s.prefix_truncated as u64;
         counts.suffix_truncated += s.suffix_truncated as u64;
         counts.eos_dropped += s.eos_dropped as u64;
-        let valid = &loaded.batch.inputs.layout.valid;
-        counts.tokens += valid.sum(tch::Kind::Int64).int64_value(&[]) as u64;
-        counts.batch_tokens += valid.numel() as u64;
+        counts.tokens += s.tokens.real as u64;
+        counts.batch_tokens += s.tokens.padded as u64;
     }
 }
 

@@ -159,3 +159,31 @@ fn ends_with_newline(file: &mut std::fs::File) -> Result<bool> {
     file.read_exact(&mut last)?;
     Ok(last[0] == b'\n')
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A line cut by a kill is ended on reopening, so the resumed run's first line stays whole.
+    #[test]
+    fn a_cut_metrics_line_does_not_swallow_the_next() {
+        let run = RunDir::new(std::env::temp_dir().join(format!("pg2-runlog-{}", std::process::id())));
+        std::fs::create_dir_all(run.root()).unwrap();
+        std::fs::write(run.metrics_path(), "{\"step\": 1, \"loss\": 2.0}\n{\"step\": 2, \"lo").unwrap();
+        let mut log = RunLog::open(&run, "t", 2, 3, true).unwrap();
+        let line = StepLine {
+            step: 3,
+            loss: 1.5,
+            lr: 0.1,
+            grad_norm: 1.0,
+            examples_per_s: 1.0,
+            skipped_steps: 0,
+            data: DataCounts::default(),
+        };
+        log.step(&line).unwrap();
+        let metrics = run.metrics().unwrap();
+        assert_eq!(metrics.keys().copied().collect::<Vec<_>>(), [1, 3]);
+        assert_eq!(metrics[&3]["loss"], 1.5);
+        std::fs::remove_dir_all(run.root()).unwrap();
+    }
+}

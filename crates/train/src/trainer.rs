@@ -35,7 +35,7 @@ pub fn load_model(
     options: RunOptions,
 ) -> Result<PaliGemma> {
     let model = PaliGemma::load_at(dir, Some(recipe.model.resolution), device, recipe.model.dtype.kind(), options)?;
-    tok.check_fits(&recipe.data.tokenizer, &model.config, dir)?;
+    tok.check_fits(&recipe.data.tokenizer, &model.config, &dir.display().to_string())?;
     Ok(model)
 }
 
@@ -55,14 +55,7 @@ pub fn build_model(recipe: &Recipe, tok: &PgTokenizer, device: Device) -> Result
     // A fresh model takes its placeholder id from the tokenizer it is trained with.
     let mut config = preset.config(tok.vocab_size(), tok.image_id, recipe.model.resolution)?;
     config.image_token_id = tok.image_id;
-    if tok.vocab_size() > config.text.vocab_size {
-        bail!(
-            "{}: {} tokens do not fit the model's {}-row embedding",
-            recipe.data.tokenizer.display(),
-            tok.vocab_size(),
-            config.text.vocab_size
-        );
-    }
+    tok.check_fits(&recipe.data.tokenizer, &config, "the model.init preset")?;
     tch::manual_seed(recipe.seed as i64);
     let model = PaliGemma::new(config, Weights::random(device, kind), options)?;
     match &recipe.model.vision_init {
@@ -212,14 +205,10 @@ impl Trainer {
                 ParamGroup { lr_mult: mult.map_or(1.0, |(_, &m)| m), decay: p.kind.decays_by_default() && !spared },
             );
         }
-        let params: Vec<(String, Tensor)> =
-            trainable.iter().map(|p| (p.name.clone(), p.tensor.shallow_clone())).collect();
+        let named = || trainable.iter().map(|p| (p.name.clone(), p.tensor.shallow_clone())).collect::<Vec<_>>();
         let bucket_bytes = (t.allreduce_bucket_mb * 1e6) as usize;
         let overlap = match t.overlap_reduction {
-            true => group.overlapped_reduction(
-                params.iter().map(|(n, p)| (n.clone(), p.shallow_clone())).collect(),
-                bucket_bytes,
-            )?,
+            true => group.overlapped_reduction(named(), bucket_bytes)?,
             false => None,
         };
         let config = AdamConfig {
@@ -230,7 +219,7 @@ impl Trainer {
             fused: t.fused_optimizer,
             ..AdamConfig::default()
         };
-        let optimizer = Adam::with_groups(params, config, |name, _| groups[name]);
+        let optimizer = Adam::with_groups(named(), config, |name, _| groups[name]);
         let settings = StepSettings {
             accumulation: t.grad_accumulation,
             loss_normalization: t.loss_normalization,
@@ -320,8 +309,6 @@ impl Trainer {
         self.model.options.dropout = 0.0; // evaluation and checkpoints see the model without it
         if let Some(overlap) = &mut self.overlap {
             overlap.finish()?;
-            group.all_reduce_sum(&loss_sum)?;
-            loss_sum /= world as f64;
         } else if world > 1 {
             let grads = self
                 .optimizer
@@ -334,6 +321,8 @@ impl Trainer {
                 })
                 .collect::<Result<Vec<_>>>()?;
             group.all_reduce_mean(&grads, s.bucket_bytes)?;
+        }
+        if world > 1 {
             group.all_reduce_sum(&loss_sum)?;
             loss_sum /= world as f64;
         }
