@@ -245,3 +245,136 @@ fn overlapped_reduction_equals_reduction_after_backward() {
     }
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+/// The tensors of a checkpoint's optimizer state files (`optimizer*.safetensors`) by file.
+fn optimizer_files(run: &Path) -> Vec<(String, Vec<(String, tch::Tensor)>)> {
+    let latest = std::fs::read_to_string(run.join("checkpoints/latest")).unwrap();
+    let dir = run.join("checkpoints").join(latest.trim());
+    let mut files: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("optimizer"))
+        .collect();
+    files.sort();
+    files.into_iter().map(|n| (n.clone(), pg2_model::checkpoint::read_file(&dir.join(n)).unwrap())).collect()
+}
+
+/// Points `run`'s `latest` back at `step` and removes the checkpoints after it, as if the
+/// run had been killed just after saving it.
+fn rewind(run: &Path, step: u64) {
+    let checkpoints = run.join("checkpoints");
+    for entry in std::fs::read_dir(&checkpoints).unwrap() {
+        let path = entry.unwrap().path();
+        let later =
+            path.file_name().unwrap().to_str().unwrap().strip_prefix("step-").map(|s| s.parse::<u64>().unwrap());
+        if later.is_some_and(|s| s > step) {
+            std::fs::remove_dir_all(path).unwrap();
+        }
+    }
+    std::fs::write(checkpoints.join("latest"), format!("step-{step:06}")).unwrap();
+}
+
+fn assert_close(what: &str, a: &[f64], b: &[f64], tolerance: f64) {
+    assert_eq!(a.len(), b.len(), "{what}: {a:?} vs {b:?}");
+    for (x, y) in a.iter().zip(b) {
+        assert!((x - y).abs() < tolerance, "{what}: {a:?} vs {b:?}");
+    }
+}
+
+#[test]
+fn sharded_training_equals_one_process_and_resumes_at_any_worker_count() {
+    let dir = common::scratch(
+        "dist",
+        "sharded",
+        common::Tiny { steps: 6, batch_size: 8, lr: 3e-3, warmup_steps: 2, checkpoint_every: 3, eval_every: 100 },
+    );
+    let mode = |m: &str| ["--set".to_string(), format!("train.sharding=\"{m}\"")];
+    // Per token, with accumulation, a frozen tower, a learning-rate multiplier and decay.
+    let token = [
+        "--set",
+        "train.loss_normalization=\"token\"",
+        "--set",
+        "train.grad_accumulation=2",
+        "--set",
+        "model.freeze=[\"vision\"]",
+        "--set",
+        "train.lr_mults={\"multi_modal_projector.\"=0.5}",
+        "--set",
+        "train.weight_decay=0.1",
+    ];
+    run(launch(&dir, "one", &[]));
+    run(launch(&dir, "one-token", &token));
+    let runs: [(&str, &str, &str, &[&str]); 4] = [
+        ("optimizer-2", "optimizer", "2", &[]),
+        ("gradients-2", "gradients", "2", &[]),
+        // ZeRO-2 reduces each micro-batch, ZeRO-1 the last.
+        ("gradients-4-token", "gradients", "4", &token),
+        (
+            "optimizer-2-token-after",
+            "optimizer",
+            "2",
+            &[&token[..], &["--set", "train.overlap_reduction=false"]].concat(),
+        ),
+    ];
+    for (name, sharding, workers, extra) in runs {
+        let args: Vec<String> = [&mode(sharding)[..], &["--nproc-per-node".into(), workers.into()]]
+            .concat()
+            .into_iter()
+            .chain(extra.iter().map(|s| s.to_string()))
+            .collect();
+        run(launch(&dir, name, &args.iter().map(String::as_str).collect::<Vec<_>>()));
+        let reference = if extra.is_empty() { "one" } else { "one-token" };
+        assert_close(name, &losses(&dir.join(reference)), &losses(&dir.join(name)), 1e-5);
+        let norms = |run: &str| -> Vec<f64> {
+            metric_lines(&dir.join(run)).iter().filter_map(|v| v.get("grad_norm")?.as_f64()).collect()
+        };
+        for (x, y) in norms(reference).iter().zip(norms(name)) {
+            assert!((x - y).abs() <= 1e-4 * x, "{name}: the global gradient norm {y}, one process {x}");
+        }
+        for ((tensor, x), (_, y)) in weights(&dir.join(reference)).iter().zip(weights(&dir.join(name))) {
+            let max = (x - y).abs().max().double_value(&[]);
+            assert!(max < 1e-4, "{name}: {tensor} differs by {max}");
+        }
+    }
+    // Each rank keeps a 1/N share of the optimizer state: together exactly the whole.
+    for (run, workers, reference) in [("gradients-2", 2, "one"), ("gradients-4-token", 4, "one-token")] {
+        let whole: usize = optimizer_files(&dir.join(reference))[0].1.iter().map(|(_, t)| t.numel()).sum();
+        let files = optimizer_files(&dir.join(run));
+        let names: Vec<&str> = files.iter().map(|(n, _)| n.as_str()).collect();
+        let want: Vec<String> =
+            (0..workers).map(|r| format!("optimizer-rank-{r:05}-of-{workers:05}.safetensors")).collect();
+        assert_eq!(names, want, "{run}: one optimizer file per rank");
+        let shares: Vec<usize> = files.iter().map(|(_, ts)| ts.iter().map(|(_, t)| t.numel()).sum()).collect();
+        assert_eq!(shares.iter().sum::<usize>(), whole, "{run}: the shares add up to the whole");
+        for share in &shares {
+            let ideal = whole as f64 / workers as f64;
+            assert!((*share as f64 - ideal).abs() < 0.01 * ideal, "{run}: a share of {share}, 1/{workers} is {ideal}");
+        }
+    }
+
+    // --resume with the same workers (bf16 weights: the f32 master shares come back) ends
+    // on the uninterrupted run's weights bit for bit.
+    let bf16 = [&mode("gradients")[..], &["--nproc-per-node".into(), "2".into()]].concat();
+    let bf16: Vec<&str> = bf16.iter().map(String::as_str).chain(["--set", "model.dtype=\"bf16\""]).collect();
+    run(launch(&dir, "bf16", &bf16));
+    assert!(optimizer_files(&dir.join("bf16"))[0].1.iter().any(|(n, _)| n.starts_with("master.")));
+    Command::new("cp").arg("-r").arg(dir.join("bf16")).arg(dir.join("bf16-resumed")).status().unwrap();
+    rewind(&dir.join("bf16-resumed"), 3);
+    run(launch(&dir, "bf16-resumed", &[&bf16[..], &["--resume"]].concat()));
+    for ((name, x), (_, y)) in weights(&dir.join("bf16")).iter().zip(weights(&dir.join("bf16-resumed"))) {
+        assert!(x.equal(&y), "{name}: the resumed run differs");
+    }
+    // With 4 workers, or one process without sharding, the state is cut anew.
+    for (name, args) in [("reshard-4", vec!["--nproc-per-node", "4"]), ("reshard-1", vec![])] {
+        Command::new("cp").arg("-r").arg(dir.join("gradients-2")).arg(dir.join(name)).status().unwrap();
+        rewind(&dir.join(name), 3);
+        let sharding = if name == "reshard-4" { "gradients" } else { "none" };
+        let args = [&mode(sharding)[..], &args.iter().map(|s| s.to_string()).collect::<Vec<_>>(), &["--resume".into()]]
+            .concat();
+        run(launch(&dir, name, &args.iter().map(String::as_str).collect::<Vec<_>>()));
+        // The copied metrics hold steps 1 to 6, and the resumed run logs 4 to 6 again.
+        let (whole, resumed) = (losses(&dir.join("gradients-2")), losses(&dir.join(name)));
+        assert_close(name, &whole[3..], &resumed[resumed.len() - 3..], 1e-5);
+    }
+    std::fs::remove_dir_all(dir).unwrap();
+}

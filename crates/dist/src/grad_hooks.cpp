@@ -50,4 +50,7 @@ int pg2_clear_grad_ready(const at::Tensor* param) {
   }
 }
 
+// Frees `param`'s gradient, as `param.grad = None` does.
+void pg2_release_grad(const at::Tensor* param) { param->mutable_grad().reset(); }
+
 }  // extern "C"

@@ -9,6 +9,7 @@ pub mod launcher;
 pub mod nccl;
 pub mod overlap;
 pub mod ring;
+pub mod shard;
 pub mod store;
 
 use std::time::Duration;
@@ -17,7 +18,8 @@ use tch::{Device, Tensor};
 
 pub use env::WorkerEnv;
 pub use launcher::{supervise, LaunchPlan};
-pub use overlap::OverlappedReduction;
+pub use overlap::{release_grad, OverlappedReduction};
+pub use shard::ShardLayout;
 
 /// What went wrong between the workers.
 #[derive(Debug, thiserror::Error)]
@@ -53,6 +55,24 @@ pub trait Collective {
     fn all_reduce_sum(&mut self, tensor: &Tensor) -> Result<(), DistError>;
     /// Copies rank `root`'s `tensor` into every other rank's.
     fn broadcast(&mut self, tensor: &Tensor, root: usize) -> Result<(), DistError>;
+    /// `output` gets this rank's share (the `rank`-th of `world` equal parts) of the sum of
+    /// every rank's `input`, which holds `world` times `output`'s elements.
+    fn reduce_scatter_sum(&mut self, output: &Tensor, input: &Tensor) -> Result<(), DistError>;
+    /// `output` (`world` times `input`'s elements) gets every rank's `input` in rank order.
+    fn all_gather(&mut self, output: &Tensor, input: &Tensor) -> Result<(), DistError>;
+}
+
+/// An error unless `whole` holds `world` times the elements of `share`.
+fn check_shares(what: &str, share: &Tensor, whole: &Tensor, world: usize) -> Result<(), DistError> {
+    if whole.numel() == share.numel() * world {
+        return Ok(());
+    }
+    Err(DistError::Protocol(format!(
+        "{what} of {} elements over {world} ranks needs shares of {}, got {}",
+        whole.numel(),
+        whole.numel() as f64 / world as f64,
+        share.numel()
+    )))
 }
 
 /// A data-parallel group as one worker sees it.
@@ -145,6 +165,29 @@ impl Group {
         }
     }
 
+    /// `output` gets this rank's share of the sum over the ranks of `input` (see
+    /// [`Collective::reduce_scatter_sum`]); in a group of one, `input` itself.
+    pub fn reduce_scatter_sum(&mut self, output: &Tensor, input: &Tensor) -> Result<(), DistError> {
+        match &mut self.collective {
+            Some(c) => c.reduce_scatter_sum(output, input),
+            None => {
+                tch::no_grad(|| output.shallow_clone().copy_(input));
+                Ok(())
+            }
+        }
+    }
+
+    /// `output` gets every rank's `input` in rank order; in a group of one, `input` itself.
+    pub fn all_gather(&mut self, output: &Tensor, input: &Tensor) -> Result<(), DistError> {
+        match &mut self.collective {
+            Some(c) => c.all_gather(output, input),
+            None => {
+                tch::no_grad(|| output.shallow_clone().copy_(input));
+                Ok(())
+            }
+        }
+    }
+
     /// The sums over the ranks of a few numbers (losses, counts), read back to the host.
     pub fn sum_scalars(&mut self, values: &[f64]) -> Result<Vec<f64>, DistError> {
         let Some(collective) = self.collective.as_mut().filter(|_| self.env.world > 1) else {
@@ -204,6 +247,30 @@ impl Group {
         params: Vec<(String, Tensor)>,
         bucket_bytes: usize,
     ) -> Result<Option<OverlappedReduction>, DistError> {
+        let tensors: Vec<Tensor> = params.iter().map(|(_, t)| t.shallow_clone()).collect();
+        let buckets = bucket::buckets(&tensors, (0..tensors.len()).rev(), bucket_bytes);
+        self.overlapped(params, buckets, overlap::Reduce::AllReduce)
+    }
+
+    /// Gradient reduce-scatter for `params` (named) as `layout` cuts them, overlapped with
+    /// backward on a ring of its own (each gradient is freed as soon as its bucket leaves);
+    /// every rank must call this together. `None` where there is nothing to overlap, as for
+    /// [`Group::overlapped_reduction`].
+    pub fn sharded_reduction(
+        &mut self,
+        params: Vec<(String, Tensor)>,
+        layout: &ShardLayout,
+    ) -> Result<Option<OverlappedReduction>, DistError> {
+        let buckets = layout.buckets.iter().map(|b| b.members.clone()).collect();
+        self.overlapped(params, buckets, overlap::Reduce::Scatter(layout.clone()))
+    }
+
+    fn overlapped(
+        &mut self,
+        params: Vec<(String, Tensor)>,
+        buckets: Vec<Vec<usize>>,
+        reduce: overlap::Reduce,
+    ) -> Result<Option<OverlappedReduction>, DistError> {
         let Some(store) = self.store.as_mut().filter(|_| self.env.world > 1 && !self.device.is_cuda()) else {
             return Ok(None);
         };
@@ -211,7 +278,7 @@ impl Group {
         let name = format!("grad-ring-{}", self.overlapped);
         let ring = ring::Ring::connect(store, &name, self.env.rank, self.env.world, self.timeout)?;
         let (names, tensors) = params.into_iter().unzip();
-        OverlappedReduction::new(names, tensors, bucket_bytes, ring, self.env.world).map(Some)
+        OverlappedReduction::new(names, tensors, buckets, reduce, ring, self.env.world).map(Some)
     }
 
     /// Copies rank 0's `tensors` into every rank's (parameters at the start of training).
@@ -242,7 +309,7 @@ mod tests {
                             master_port: port,
                             agent_store: false,
                         };
-                        let mut group = Group::join(env, Device::Cpu, Duration::from_secs(10)).unwrap();
+                        let mut group = Group::join(env, Device::Cpu, Duration::from_secs(60)).unwrap();
                         // Four tensors of 8, 8, 40 and 8 bytes in 16-byte buckets: [a, b], [c], [d].
                         let grads: Vec<Tensor> = [2, 2, 10, 2]
                             .iter()

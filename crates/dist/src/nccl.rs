@@ -112,8 +112,7 @@ impl Nccl {
     }
 
     /// `output` (a `1 / world` share of `input`'s elements) gets this rank's share of the
-    /// sum of every rank's `input`: the gradient step of sharded data parallelism, which pg2
-    /// does not use yet (only `launch/gpu-check`'s GPUs can run it).
+    /// sum of every rank's `input`: the gradient step of sharded data parallelism.
     pub fn reduce_scatter_sum_async(&mut self, output: &Tensor, input: &Tensor) -> Result<Work, DistError> {
         let (o, i) = (output.as_ptr() as *const c_void, input.as_ptr() as *const c_void);
         // SAFETY: as above.
@@ -121,7 +120,7 @@ impl Nccl {
     }
 
     /// `output` (`world` times `input`'s elements) gets every rank's `input` in rank order:
-    /// the parameter step of sharded data parallelism, not used yet.
+    /// the parameter step of sharded data parallelism.
     pub fn all_gather_async(&mut self, output: &Tensor, input: &Tensor) -> Result<Work, DistError> {
         let (o, i) = (output.as_ptr() as *const c_void, input.as_ptr() as *const c_void);
         // SAFETY: as above.
@@ -144,6 +143,14 @@ impl Collective for Nccl {
     fn broadcast(&mut self, tensor: &Tensor, root: usize) -> Result<(), DistError> {
         self.broadcast_async(tensor, root)?.wait()
     }
+
+    fn reduce_scatter_sum(&mut self, output: &Tensor, input: &Tensor) -> Result<(), DistError> {
+        self.reduce_scatter_sum_async(output, input)?.wait()
+    }
+
+    fn all_gather(&mut self, output: &Tensor, input: &Tensor) -> Result<(), DistError> {
+        self.all_gather_async(output, input)?.wait()
+    }
 }
 
 #[cfg(test)]
@@ -155,8 +162,8 @@ mod tests {
     /// libtorch's constructor says so instead of crashing. (`launch/gpu-check` runs it on GPUs.)
     #[test]
     fn the_nccl_group_is_created_or_refused_with_a_message() {
-        let store = Store::host(0, "127.0.0.1", Duration::from_secs(5)).unwrap();
-        match Nccl::connect(&store, 0, 1, Duration::from_secs(5)) {
+        let store = Store::host(0, "127.0.0.1", Duration::from_secs(60)).unwrap();
+        match Nccl::connect(&store, 0, 1, Duration::from_secs(60)) {
             Ok(mut nccl) if tch::Cuda::is_available() => {
                 let t = Tensor::from_slice(&[1.0f32, 2.0]).to_device(tch::Device::Cuda(0));
                 nccl.all_reduce_sum(&t).unwrap();

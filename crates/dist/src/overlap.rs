@@ -1,10 +1,12 @@
-//! Gradient averaging overlapped with backward, as DDP's reducer does it: parameters are
+//! Gradient reduction overlapped with backward, as DDP's reducer does it: parameters are
 //! grouped into buckets in reverse order (the order backward produces their gradients),
 //! each parameter gets a hook that fires once backward has accumulated its gradient, and a
 //! bucket whose gradients are all there (and whose predecessors have gone) is flattened and
-//! handed to a communication thread, which sums it over the group on a ring of its own while
-//! backward goes on. [`OverlappedReduction::finish`] waits for the last bucket and writes
-//! the means back into the gradients, before the optimizer steps.
+//! handed to a communication thread, which reduces it over the group on a ring of its own
+//! while backward goes on. Replicated training sums each bucket ([`OverlappedReduction::finish`]
+//! writes the means back into the gradients); sharded training reduce-scatters it
+//! ([`OverlappedReduction::finish_shares`] hands over this rank's shares) and frees the
+//! gradients as soon as they are flattened.
 
 use std::ffi::{c_char, c_void, CStr};
 use std::sync::mpsc::{channel, Receiver, Sender};
@@ -14,6 +16,7 @@ use std::thread::JoinHandle;
 use tch::Tensor;
 
 use crate::ring::Ring;
+use crate::shard::ShardLayout;
 use crate::{Collective, DistError};
 
 type Callback = extern "C" fn(ctx: *mut c_void, index: usize);
@@ -22,7 +25,26 @@ extern "C" {
     fn pg2_grad_hooks_error() -> *const c_char;
     fn pg2_on_grad_ready(param: *const c_void, callback: Callback, ctx: *mut c_void, index: usize) -> i32;
     fn pg2_clear_grad_ready(param: *const c_void) -> i32;
+    fn pg2_release_grad(param: *const c_void);
 }
+
+/// Frees `param`'s gradient (the next backward pass allocates a new one).
+pub fn release_grad(param: &Tensor) {
+    // SAFETY: a live tensor; resetting its grad cannot fail.
+    unsafe { pg2_release_grad(param.as_ptr() as *const c_void) }
+}
+
+/// What the communication thread does with each bucket.
+pub(crate) enum Reduce {
+    /// Sums it over the group.
+    AllReduce,
+    /// Reduce-scatters it as the layout cuts it; the gradients are freed once flattened.
+    Scatter(ShardLayout),
+}
+
+/// A flat bucket on its way to the communication thread: its index, the values, and for a
+/// reduce-scatter the length of this rank's share.
+type Message = (usize, Tensor, Option<i64>);
 
 /// Where the backward pass stands, as the hooks see it.
 #[derive(Default)]
@@ -43,8 +65,9 @@ struct Shared {
     params: Vec<Tensor>,
     /// Parameter indices of each bucket, in launch order.
     buckets: Vec<Vec<usize>>,
+    reduce: Reduce,
     progress: Mutex<Progress>,
-    to_comm: Mutex<Sender<(usize, Tensor)>>,
+    to_comm: Mutex<Sender<Message>>,
 }
 
 impl Shared {
@@ -66,8 +89,16 @@ impl Shared {
         p.ready[index] = true;
         while p.launched < self.buckets.len() && self.buckets[p.launched].iter().all(|&i| p.ready[i]) {
             let bucket = p.launched;
-            let flat = crate::bucket::flatten(&self.grads(bucket));
-            if self.to_comm.lock().unwrap_or_else(|e| e.into_inner()).send((bucket, flat)).is_err() {
+            let grads = self.grads(bucket);
+            let message = match &self.reduce {
+                Reduce::AllReduce => (bucket, crate::bucket::flatten(&grads), None),
+                Reduce::Scatter(layout) => {
+                    let flat = layout.flatten(bucket, &grads);
+                    self.buckets[bucket].iter().for_each(|&i| release_grad(&self.params[i]));
+                    (bucket, flat, Some(layout.buckets[bucket].share))
+                }
+            };
+            if self.to_comm.lock().unwrap_or_else(|e| e.into_inner()).send(message).is_err() {
                 p.error = Some("the communication thread is gone".into());
                 return;
             }
@@ -88,7 +119,7 @@ extern "C" fn on_ready(ctx: *mut c_void, index: usize) {
     }
 }
 
-/// Overlapped gradient averaging for a list of trainable parameters; see the module docs.
+/// Overlapped gradient reduction for a list of trainable parameters; see the module docs.
 pub struct OverlappedReduction {
     shared: Box<Shared>,
     from_comm: Receiver<Result<(usize, Tensor), DistError>>,
@@ -97,25 +128,25 @@ pub struct OverlappedReduction {
 }
 
 impl OverlappedReduction {
-    /// Buckets `params` (with their `names`) in reverse order into buckets of at most
-    /// `bucket_bytes` (a larger tensor goes alone), installs their hooks and starts the
-    /// communication thread on `ring`.
+    /// Installs hooks on `params` (with their `names`), to be reduced as `reduce` says in
+    /// `buckets` (parameter indices, in launch order), and starts the communication thread
+    /// on `ring`.
     pub(crate) fn new(
         names: Vec<String>,
         params: Vec<Tensor>,
-        bucket_bytes: usize,
+        buckets: Vec<Vec<usize>>,
+        reduce: Reduce,
         ring: Ring,
         world: usize,
     ) -> Result<Self, DistError> {
-        let buckets = crate::bucket::buckets(&params, (0..params.len()).rev(), bucket_bytes);
-        let (to_comm, comm_rx) = channel::<(usize, Tensor)>();
+        let (to_comm, comm_rx) = channel::<Message>();
         let (comm_tx, from_comm) = channel();
         let comm = std::thread::Builder::new()
             .name("pg2-grad-comm".into())
             .spawn(move || communicate(ring, comm_rx, comm_tx))
             .map_err(|e| DistError::io("starting the gradient communication thread", e))?;
         let progress = Mutex::new(Progress { ready: vec![false; params.len()], ..Progress::default() });
-        let shared = Box::new(Shared { names, params, buckets, progress, to_comm: Mutex::new(to_comm) });
+        let shared = Box::new(Shared { names, params, buckets, reduce, progress, to_comm: Mutex::new(to_comm) });
         let reduction = OverlappedReduction { shared, from_comm, comm: Some(comm), world };
         let ctx = &*reduction.shared as *const Shared as *mut c_void;
         for (i, p) in reduction.shared.params.iter().enumerate() {
@@ -136,7 +167,9 @@ impl OverlappedReduction {
         self.shared.buckets.len()
     }
 
-    /// Makes the next backward pass reduce (call before the last micro-batch's backward).
+    /// Makes the next backward pass reduce (call before the backward pass whose gradients
+    /// are to be reduced: the last micro-batch's, or each one's when sharded gradients are
+    /// accumulated).
     pub fn arm(&self) {
         let mut p = self.shared.progress.lock().unwrap_or_else(|e| e.into_inner());
         *p = Progress { armed: true, ready: vec![false; self.shared.params.len()], ..Progress::default() };
@@ -145,6 +178,20 @@ impl OverlappedReduction {
     /// Waits for every bucket of the armed pass and replaces each gradient by its mean over
     /// the group. A parameter that got no gradient is an error naming it.
     pub fn finish(&mut self) -> Result<(), DistError> {
+        for (bucket, sum) in self.collect()? {
+            crate::bucket::write_mean(sum, &self.shared.grads(bucket), self.world);
+        }
+        Ok(())
+    }
+
+    /// Waits for every bucket of the armed pass (reduce-scattered) and returns this rank's
+    /// shares of the sums, as (bucket, share) pairs.
+    pub fn finish_shares(&mut self) -> Result<Vec<(usize, Tensor)>, DistError> {
+        self.collect()
+    }
+
+    /// The reduced buckets of the armed pass, once all have come back.
+    fn collect(&mut self) -> Result<Vec<(usize, Tensor)>, DistError> {
         let (launched, error, missing) = {
             let mut p = self.shared.progress.lock().unwrap_or_else(|e| e.into_inner());
             p.armed = false;
@@ -167,11 +214,7 @@ impl OverlappedReduction {
                 self.shared.names[i]
             )));
         }
-        for result in results {
-            let (bucket, sum) = result?;
-            crate::bucket::write_mean(sum, &self.shared.grads(bucket), self.world);
-        }
-        Ok(())
+        results.into_iter().collect()
     }
 }
 
@@ -190,10 +233,16 @@ impl Drop for OverlappedReduction {
     }
 }
 
-/// The communication thread: sums each bucket over the ring as it comes.
-fn communicate(mut ring: Ring, buckets: Receiver<(usize, Tensor)>, done: Sender<Result<(usize, Tensor), DistError>>) {
-    for (bucket, flat) in buckets {
-        let summed = ring.all_reduce_sum(&flat).map(|()| (bucket, flat));
+/// The communication thread: reduces each bucket over the ring as it comes.
+fn communicate(mut ring: Ring, buckets: Receiver<Message>, done: Sender<Result<(usize, Tensor), DistError>>) {
+    for (bucket, flat, share) in buckets {
+        let summed = match share {
+            None => ring.all_reduce_sum(&flat).map(|()| (bucket, flat)),
+            Some(len) => {
+                let out = Tensor::zeros([len], (flat.kind(), flat.device()));
+                ring.reduce_scatter_sum(&out, &flat).map(|()| (bucket, out))
+            }
+        };
         if done.send(summed).is_err() {
             return;
         }

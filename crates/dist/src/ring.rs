@@ -87,27 +87,46 @@ impl Ring {
     /// Sums `data` over the ranks: a reduce-scatter then an all-gather, `world - 1` steps
     /// each, every chunk summed once, so all ranks end with bit-identical values.
     pub fn all_reduce_f32(&mut self, data: &mut [f32]) -> Result<(), DistError> {
-        let n = self.world;
-        let len = data.len();
-        let bounds = |i: usize| (len * i / n, len * (i + 1) / n);
+        self.reduce_scatter_f32(data)?;
+        self.all_gather_f32(data)
+    }
+
+    /// The bounds of chunk `i` of `len` values cut into `world` nearly equal chunks.
+    fn chunk(&self, len: usize, i: usize) -> (usize, usize) {
+        (len * i / self.world, len * (i + 1) / self.world)
+    }
+
+    /// Sums `data` over the ranks into this rank's chunk (chunk `rank` of `world`); the
+    /// other chunks are left partly summed.
+    pub fn reduce_scatter_f32(&mut self, data: &mut [f32]) -> Result<(), DistError> {
+        // After step s, chunk (rank - s - 2) holds s + 2 ranks' sum; the last step ends with
+        // chunk `rank` whole.
+        self.ring_steps(data, |rank, n, s| ((rank + 2 * n - s - 1) % n, (rank + 2 * n - s - 2) % n), |x, y| *x += y)
+    }
+
+    /// Fills every chunk of `data` with its owner's (rank `i` owns chunk `i`): an all-gather.
+    pub fn all_gather_f32(&mut self, data: &mut [f32]) -> Result<(), DistError> {
+        self.ring_steps(data, |rank, n, s| ((rank + n - s) % n, (rank + 2 * n - s - 1) % n), |x, y| *x = y)
+    }
+
+    /// `world - 1` ring steps: at step s this rank sends chunk `send_recv(rank, world, s).0`
+    /// to the next rank and merges the previous rank's into chunk `.1`.
+    fn ring_steps(
+        &mut self,
+        data: &mut [f32],
+        send_recv: impl Fn(usize, usize, usize) -> (usize, usize),
+        merge: impl Fn(&mut f32, f32),
+    ) -> Result<(), DistError> {
         let mut recv = Vec::new();
-        for phase in 0..2 {
-            for s in 0..n - 1 {
-                // Reduce-scatter: after step s, chunk (rank - s - 1) holds s + 2 ranks' sum.
-                // All-gather: pass on the finished chunks.
-                let (send_chunk, recv_chunk) = match phase {
-                    0 => ((self.rank + n - s) % n, (self.rank + 2 * n - s - 1) % n),
-                    _ => ((self.rank + 1 + n - s) % n, (self.rank + n - s) % n),
-                };
-                let (a, b) = bounds(send_chunk);
-                let send: Vec<u8> = data[a..b].iter().flat_map(|x| x.to_le_bytes()).collect();
-                let (c, d) = bounds(recv_chunk);
-                recv.resize((d - c) * 4, 0);
-                self.exchange(&send, &mut recv)?;
-                for (x, bytes) in data[c..d].iter_mut().zip(recv.chunks_exact(4)) {
-                    let y = f32::from_le_bytes(bytes.try_into().unwrap());
-                    *x = if phase == 0 { *x + y } else { y };
-                }
+        for s in 0..self.world - 1 {
+            let (send_chunk, recv_chunk) = send_recv(self.rank, self.world, s);
+            let (a, b) = self.chunk(data.len(), send_chunk);
+            let send: Vec<u8> = data[a..b].iter().flat_map(|x| x.to_le_bytes()).collect();
+            let (c, d) = self.chunk(data.len(), recv_chunk);
+            recv.resize((d - c) * 4, 0);
+            self.exchange(&send, &mut recv)?;
+            for (x, bytes) in data[c..d].iter_mut().zip(recv.chunks_exact(4)) {
+                merge(x, f32::from_le_bytes(bytes.try_into().unwrap()));
             }
         }
         Ok(())
@@ -147,6 +166,25 @@ impl Collective for Ring {
         Ok(())
     }
 
+    fn reduce_scatter_sum(&mut self, output: &Tensor, input: &Tensor) -> Result<(), DistError> {
+        crate::check_shares("reduce-scatter", output, input, self.world)?;
+        let mut values = host_values(input)?;
+        self.reduce_scatter_f32(&mut values)?;
+        let (a, b) = self.chunk(values.len(), self.rank);
+        store_values(output, &values[a..b]);
+        Ok(())
+    }
+
+    fn all_gather(&mut self, output: &Tensor, input: &Tensor) -> Result<(), DistError> {
+        crate::check_shares("all-gather", input, output, self.world)?;
+        let mut values = vec![0.0; output.numel()];
+        let (a, b) = self.chunk(values.len(), self.rank);
+        values[a..b].copy_from_slice(&host_values(input)?);
+        self.all_gather_f32(&mut values)?;
+        store_values(output, &values);
+        Ok(())
+    }
+
     fn broadcast(&mut self, tensor: &Tensor, root: usize) -> Result<(), DistError> {
         let values = host_values(tensor)?;
         let mut bytes: Vec<u8> = values.iter().flat_map(|x| x.to_le_bytes()).collect();
@@ -161,17 +199,20 @@ impl Collective for Ring {
 mod tests {
     use super::*;
 
-    /// `world` rings in threads of this process, each given its rank.
+    /// `world` rings in threads of this process, each given its rank. The timeouts are
+    /// generous: libtorch's store looks up the name of each client it accepts, and a slow
+    /// resolver (seen here: seconds on loopback) stalls it.
     fn with_ring<T: Send>(world: usize, f: impl Fn(usize, &mut Ring) -> T + Sync) -> Vec<T> {
-        let host = Store::host(0, "127.0.0.1", Duration::from_secs(5)).unwrap();
+        let host = Store::host(0, "127.0.0.1", Duration::from_secs(60)).unwrap();
         let port = host.port();
         std::thread::scope(|s| {
             let handles: Vec<_> = (0..world)
                 .map(|rank| {
                     let f = &f;
                     s.spawn(move || {
-                        let mut client = Store::connect("127.0.0.1", port, Duration::from_secs(5)).unwrap();
-                        let mut ring = Ring::connect(&mut client, "ring", rank, world, Duration::from_secs(5)).unwrap();
+                        let mut client = Store::connect("127.0.0.1", port, Duration::from_secs(60)).unwrap();
+                        let mut ring =
+                            Ring::connect(&mut client, "ring", rank, world, Duration::from_secs(60)).unwrap();
                         f(rank, &mut ring)
                     })
                 })
@@ -196,6 +237,32 @@ mod tests {
             }
             assert!(results.iter().all(|r| r == &results[0]), "ranks disagree: {results:?}");
         }
+    }
+
+    #[test]
+    fn reduce_scatter_leaves_each_rank_its_share_and_all_gather_joins_them() {
+        for world in [2, 3, 4] {
+            let results = with_ring(world, |rank, ring| {
+                let input = Tensor::arange(2 * world as i64, (Kind::Float, Device::Cpu)) * (rank as f64 + 1.0);
+                let share = Tensor::zeros([2], (Kind::BFloat16, Device::Cpu));
+                ring.reduce_scatter_sum(&share, &input.to_kind(Kind::BFloat16)).unwrap();
+                let gathered = Tensor::zeros([2 * world as i64], (Kind::Float, Device::Cpu));
+                ring.all_gather(&gathered, &(share.to_kind(Kind::Float) + rank as f64 * 100.0)).unwrap();
+                (Vec::<f32>::try_from(share.to_kind(Kind::Float)).unwrap(), Vec::<f32>::try_from(&gathered).unwrap())
+            });
+            // Every rank's input is its (rank + 1) times 0, 1, 2, ...: the sum is w(w+1)/2 times that.
+            let factor = (world * (world + 1) / 2) as f32;
+            let mut all = vec![];
+            for (rank, (share, _)) in results.iter().enumerate() {
+                assert_eq!(share, &[(2 * rank) as f32 * factor, (2 * rank + 1) as f32 * factor], "world {world}");
+                all.extend(share.iter().map(|x| x + rank as f32 * 100.0));
+            }
+            assert!(results.iter().all(|(_, gathered)| gathered == &all), "world {world}: {results:?}");
+        }
+        let (share, whole) =
+            (Tensor::zeros([3], (Kind::Float, Device::Cpu)), Tensor::zeros([5], (Kind::Float, Device::Cpu)));
+        let refused = crate::check_shares("reduce-scatter", &share, &whole, 2).unwrap_err().to_string();
+        assert!(refused.contains("reduce-scatter of 5 elements over 2 ranks needs shares of 2.5, got 3"), "{refused}");
     }
 
     #[test]

@@ -190,19 +190,19 @@ mod tests {
 
     #[test]
     fn values_wait_for_their_writer_and_barriers_name_the_absent() {
-        let mut a = Store::host(0, "127.0.0.1", Duration::from_secs(5)).unwrap();
+        let mut a = Store::host(0, "127.0.0.1", Duration::from_secs(60)).unwrap();
         let port = a.port();
         let writer = std::thread::spawn({
             move || {
-                let mut b = Store::connect("127.0.0.1", port, Duration::from_secs(5)).unwrap();
+                let mut b = Store::connect("127.0.0.1", port, Duration::from_secs(60)).unwrap();
                 std::thread::sleep(Duration::from_millis(100));
                 b.set("id", b"\x00\x01secret").unwrap();
-                b.barrier("start", 1, 2, Duration::from_secs(5)).unwrap();
+                b.barrier("start", 1, 2, Duration::from_secs(60)).unwrap();
             }
         });
-        assert_eq!(a.get("id", Duration::from_secs(5)).unwrap().as_deref(), Some(&b"\x00\x01secret"[..]));
+        assert_eq!(a.get("id", Duration::from_secs(60)).unwrap().as_deref(), Some(&b"\x00\x01secret"[..]));
         assert_eq!(a.get("never", Duration::from_millis(50)).unwrap(), None);
-        a.barrier("start", 0, 2, Duration::from_secs(5)).unwrap();
+        a.barrier("start", 0, 2, Duration::from_secs(60)).unwrap();
         writer.join().unwrap();
         let err = a.barrier("alone", 0, 3, Duration::from_millis(200)).unwrap_err().to_string();
         assert!(err.contains("rank(s) 1, 2 of 3 never arrived"), "{err}");

@@ -118,16 +118,9 @@ impl Adam {
         if grads.is_empty() {
             return Tensor::zeros([], (Kind::Float, tch::Device::Cpu));
         }
-        let squares: Vec<Tensor> = grads.iter().map(|g| g.to_kind(Kind::Float).square().sum(Kind::Float)).collect();
-        let norm = Tensor::stack(&squares, 0).sum(Kind::Float).sqrt();
+        let norm = squared_norm(&grads).sqrt();
         if let Some(max) = max_norm {
-            // min(max / norm, 1): exactly 1 (no change) when the norm is within the limit.
-            let scale = (norm.reciprocal() * max).clamp_max(1.0);
-            tch::no_grad(|| {
-                for g in &grads {
-                    let _ = g.shallow_clone().g_mul_(&scale.to_kind(g.kind()));
-                }
-            });
+            clip_to(&grads, &norm, max);
         }
         norm
     }
@@ -151,20 +144,27 @@ impl Adam {
     /// count stay as they were. The fused kernel decides on the device, without waiting
     /// for it; the op-by-op update reads `skip` back. Clears the gradients either way.
     pub fn step_unless(&mut self, schedule: f64, skip: Option<&Tensor>) {
+        let grads: Vec<Tensor> = self.params.iter().map(|(_, p)| p.grad()).collect();
+        self.step_with(schedule, skip, &grads);
+        self.zero_grad();
+    }
+
+    /// [`Adam::step_unless`] with `grads` (one per parameter, in order; an undefined one
+    /// leaves its parameter alone) in place of the parameters' own gradients, which stay.
+    pub fn step_with(&mut self, schedule: f64, skip: Option<&Tensor>, grads: &[Tensor]) {
+        assert_eq!(grads.len(), self.params.len(), "one gradient per parameter");
         if self.config.fused {
-            self.step_fused(schedule, skip);
-        } else if skip.is_some_and(|s| s.double_value(&[]) != 0.0) {
-            self.zero_grad();
-        } else {
-            self.step_unfused(schedule);
+            self.step_fused(schedule, skip, grads);
+        } else if skip.is_none_or(|s| s.double_value(&[]) == 0.0) {
+            self.step_unfused(schedule, grads);
         }
     }
 
     /// The fused update: parameters sharing a learning-rate multiplier and decay flag go
     /// through one `_fused_adamw_` call, on their f32 master copies where they have them.
-    fn step_fused(&mut self, schedule: f64, skip: Option<&Tensor>) {
+    fn step_fused(&mut self, schedule: f64, skip: Option<&Tensor>, grads: &[Tensor]) {
         let AdamConfig { lr, b1, b2, eps, .. } = self.config;
-        let with_grads: Vec<usize> = (0..self.params.len()).filter(|&i| self.params[i].1.grad().defined()).collect();
+        let with_grads: Vec<usize> = (0..self.params.len()).filter(|&i| grads[i].defined()).collect();
         let mut calls: Vec<(ParamGroup, Vec<usize>)> = Vec::new();
         for i in with_grads {
             match calls.iter_mut().find(|(g, _)| *g == self.groups[i]) {
@@ -182,8 +182,7 @@ impl Adam {
                     .iter()
                     .map(|&i| self.master[i].as_ref().unwrap_or(&self.params[i].1).shallow_clone())
                     .collect();
-                let grads: Vec<Tensor> =
-                    members.iter().map(|&i| self.params[i].1.grad().to_kind(Kind::Float)).collect();
+                let grads: Vec<Tensor> = members.iter().map(|&i| grads[i].to_kind(Kind::Float)).collect();
                 let ptrs = |ts: &[Tensor]| -> Vec<*const std::ffi::c_void> {
                     ts.iter().map(|t| t.as_ptr() as *const std::ffi::c_void).collect()
                 };
@@ -216,21 +215,20 @@ impl Adam {
                     if self.master[i].is_some() {
                         self.params[i].1.shallow_clone().copy_(target);
                     }
-                    self.params[i].1.zero_grad();
                 }
             }
         });
     }
 
     /// The reference update, op by op.
-    fn step_unfused(&mut self, schedule: f64) {
+    fn step_unfused(&mut self, schedule: f64, grads: &[Tensor]) {
         let AdamConfig { lr, b1, b2, eps, .. } = self.config;
         self.steps += 1;
         let (c1, c2) = (1.0 - b1.powi(self.steps as i32), 1.0 - b2.powi(self.steps as i32));
         let rates: Vec<f64> = self.groups.iter().map(|&g| self.decay_rate(g)).collect();
         tch::no_grad(|| {
             for (i, (_, p)) in self.params.iter_mut().enumerate() {
-                let g = p.grad();
+                let g = &grads[i];
                 if !g.defined() {
                     continue;
                 }
@@ -246,7 +244,6 @@ impl Adam {
                 if let Some(master) = &mut self.master[i] {
                     *master = next;
                 }
-                p.zero_grad();
             }
         });
     }
@@ -276,7 +273,8 @@ impl Adam {
         state
     }
 
-    /// Restores moments and the step count saved with [`Adam::state`].
+    /// Restores moments and the step count saved with [`Adam::state`] (each tensor of its
+    /// parameter's size, in any shape).
     pub fn load_state(
         &mut self,
         mut state: std::collections::BTreeMap<String, Tensor>,
@@ -284,16 +282,10 @@ impl Adam {
     ) -> Result<(), String> {
         for (i, (name, p)) in self.params.iter().enumerate() {
             for (prefix, slot) in [("m", &mut self.m[i]), ("v", &mut self.v[i])] {
-                let t = state
-                    .remove(&format!("{prefix}.{name}"))
-                    .ok_or_else(|| format!("optimizer state lacks `{prefix}.{name}`"))?;
-                *slot = t.to_kind(Kind::Float).to_device(p.device());
+                *slot = take_state(&mut state, &format!("{prefix}.{name}"), p)?;
             }
             if let Some(master) = &mut self.master[i] {
-                let t = state
-                    .remove(&format!("master.{name}"))
-                    .ok_or_else(|| format!("optimizer state lacks `master.{name}`"))?;
-                *master = t.to_kind(Kind::Float).to_device(p.device());
+                *master = take_state(&mut state, &format!("master.{name}"), p)?;
             }
         }
         self.steps = steps;
@@ -302,6 +294,33 @@ impl Adam {
         }
         Ok(())
     }
+}
+
+/// State `key` for parameter `p`, as f32 of its shape on its device.
+fn take_state(state: &mut std::collections::BTreeMap<String, Tensor>, key: &str, p: &Tensor) -> Result<Tensor, String> {
+    let t = state.remove(key).ok_or_else(|| format!("optimizer state lacks `{key}`"))?;
+    if t.numel() != p.numel() {
+        return Err(format!("optimizer state `{key}` has {} elements, the parameter {}", t.numel(), p.numel()));
+    }
+    Ok(t.reshape(p.size()).to_kind(Kind::Float).to_device(p.device()))
+}
+
+/// The sum of the squares of `grads` (f32, on their device): a global norm's square, or a
+/// shard's part of it.
+pub fn squared_norm(grads: &[Tensor]) -> Tensor {
+    let squares: Vec<Tensor> = grads.iter().map(|g| g.to_kind(Kind::Float).square().sum(Kind::Float)).collect();
+    Tensor::stack(&squares, 0).sum(Kind::Float)
+}
+
+/// Scales `grads` in place by `min(max / norm, 1)`: exactly 1 (no change) when `norm` is
+/// within the limit.
+pub fn clip_to(grads: &[Tensor], norm: &Tensor, max: f64) {
+    let scale = (norm.reciprocal() * max).clamp_max(1.0);
+    tch::no_grad(|| {
+        for g in grads {
+            let _ = g.shallow_clone().g_mul_(&scale.to_kind(g.kind()));
+        }
+    });
 }
 
 /// What follows the warmup (`cosine`, `linear`, `rsqrt`, `constant` in recipes).

@@ -3,6 +3,7 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
+use pg2_dist::Group;
 use tch::Kind;
 
 use crate::recipe::Recipe;
@@ -40,17 +41,28 @@ impl Checkpointer {
     }
 
     /// Writes `checkpoints/step-NNNNNN/` (the model folder with its tokenizer, the optimizer
-    /// state and `state`), points `latest` at it and prunes old ones; returns its folder.
-    pub fn save(&self, trainer: &Trainer, state: &TrainerState) -> Result<PathBuf> {
+    /// state and `state`), points `latest` at it and prunes old ones; returns its folder on
+    /// rank 0. Every rank calls it: with sharded training each writes its optimizer state
+    /// first, and rank 0 puts the files into the checkpoint once all are written.
+    pub fn save(&self, trainer: &Trainer, state: &TrainerState, group: &mut Group) -> Result<Option<PathBuf>> {
+        let (state_file, optimizer_state) = trainer.optimizer_state();
+        let shards = self.run.shards_dir(state.step);
+        if trainer.sharded() {
+            let path = shards.join(&state_file);
+            self.run.write_shard(&path, |tmp| pg2_model::checkpoint::write_file(tmp, &optimizer_state, Kind::Float))?;
+            group.barrier(&format!("checkpoint-{}", state.step))?;
+        }
+        if !group.is_main() {
+            return Ok(None);
+        }
         let dir = self.run.save_checkpoint(state.step, |dir: &Path| {
             trainer.model.save(dir, self.kind)?;
             std::fs::copy(&self.tokenizer, dir.join("tokenizer.json"))
                 .with_context(|| format!("copying {} into the checkpoint", self.tokenizer.display()))?;
-            pg2_model::checkpoint::write_file(
-                &dir.join("optimizer.safetensors"),
-                &trainer.optimizer_state(),
-                Kind::Float,
-            )?;
+            match trainer.sharded() {
+                true => self.run.take_shards(state.step, dir, group.world())?,
+                false => pg2_model::checkpoint::write_file(&dir.join(&state_file), &optimizer_state, Kind::Float)?,
+            }
             std::fs::write(dir.join("trainer_state.json"), serde_json::to_string_pretty(state)?)
                 .context("writing trainer_state.json")?;
             Ok(())
@@ -66,6 +78,6 @@ impl Checkpointer {
         if let Some(keep) = self.keep {
             self.run.prune(keep, state.step)?;
         }
-        Ok(dir)
+        Ok(Some(dir))
     }
 }

@@ -11,6 +11,7 @@ pub mod run_dir;
 pub mod run_log;
 pub mod tensorboard;
 pub mod trainer;
+pub mod update;
 
 pub use evaluator::{evaluate_checkpoint, Evaluator};
 pub use recipe::Recipe;

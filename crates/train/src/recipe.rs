@@ -305,6 +305,12 @@ pub struct TrainSection {
     /// the last micro-batch's backward only). `false` averages them all after backward.
     #[serde(default = "default_true")]
     pub overlap_reduction: bool,
+    /// With several workers: `"none"` (every rank keeps the whole optimizer state, as DDP),
+    /// `"optimizer"` (ZeRO-1: each keeps the f32 master weights and Adam moments of a
+    /// `1 / workers` share) or `"gradients"` (ZeRO-2: also only its share of the averaged
+    /// gradients, reduced as backward produces them).
+    #[serde(default)]
+    pub sharding: Sharding,
     /// Update with libtorch's fused AdamW kernel (same math as the op-by-op update, which
     /// `false` selects).
     #[serde(default = "default_true")]
@@ -347,6 +353,20 @@ pub enum LossNormalization {
     Example,
     /// transformers: the mean over all target tokens of the batch.
     Token,
+}
+
+/// Which training state is cut into shares over the workers (`none`, `optimizer`,
+/// `gradients`); see [`crate::update`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Sharding {
+    /// Replicated, as DDP.
+    #[default]
+    None,
+    /// ZeRO-1: optimizer state sharded.
+    Optimizer,
+    /// ZeRO-2: optimizer state and gradients sharded.
+    Gradients,
 }
 
 /// What a non-finite loss or gradient does (`stop`, `skip`).

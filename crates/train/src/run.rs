@@ -132,10 +132,12 @@ pub fn train(recipe: &Recipe, resolved: &toml::Table, opts: &LaunchOptions, grou
             evaluate(done, &trainer, group, &mut log)?;
         }
         log.advance(done);
-        if checkpoint_step && group.is_main() {
+        if checkpoint_step {
             let position = update.last().expect("an update has micro-batches").position.clone();
             let state = TrainerState { step: done, total_steps: Some(total_steps), position, seed: recipe.seed };
-            last_checkpoint = Some(checkpointer.save(&trainer, &state)?);
+            if let Some(dir) = checkpointer.save(&trainer, &state, group)? {
+                last_checkpoint = Some(dir);
+            }
         }
     }
     log.finish();

@@ -7,11 +7,13 @@
 //! | `metrics.jsonl` | one JSON object per logged step and per evaluation (`eval/<metric>`) |
 //! | `tb/` | TensorBoard events |
 //! | `eval/step-NNNNNN.jsonl` | every evaluated record with its prediction |
-//! | `checkpoints/step-NNNNNN/` | a Hugging Face model folder plus `optimizer.safetensors`, `tokenizer.json` and `trainer_state.json` |
+//! | `checkpoints/step-NNNNNN/` | a Hugging Face model folder plus `optimizer.safetensors` (sharded training: `optimizer-rank-RRRRR-of-WWWWW.safetensors`, one per rank), `tokenizer.json` and `trainer_state.json` |
 //! | `checkpoints/latest` | the newest checkpoint's folder name |
 //!
 //! A checkpoint is written under a temporary name and renamed, then `latest` is replaced by
 //! a rename, so a kill at any moment leaves the previous checkpoint and its pointer intact.
+//! With sharded training every rank first writes its optimizer state into
+//! `checkpoints/.shards-step-NNNNNN/`, whence rank 0 moves the files into the checkpoint.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -140,8 +142,9 @@ impl RunDir {
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
         let name = format!("step-{step:06}");
         let folder = dir.join(&name);
-        // Only rank 0 writes checkpoints: a temporary here was left by a killed process.
-        for leftover in self.entries()?.1 {
+        // Only rank 0 writes checkpoints: a temporary here was left by a killed process (but
+        // this step's shards are the other ranks' part of this checkpoint).
+        for leftover in self.entries()?.1.into_iter().filter(|t| *t != self.shards_dir(step)) {
             std::fs::remove_dir_all(&leftover).with_context(|| format!("removing {}", leftover.display()))?;
         }
         let staged = Staged::new(&folder).with_context(|| format!("preparing {}", folder.display()))?;
@@ -154,6 +157,39 @@ impl RunDir {
         write_atomically(&self.pointer(), name.as_bytes())
             .with_context(|| format!("writing {}", self.pointer().display()))?;
         Ok(folder)
+    }
+
+    /// Where the ranks put their optimizer state for checkpoint `step` (sharded training).
+    pub fn shards_dir(&self, step: u64) -> PathBuf {
+        self.checkpoints().join(format!(".shards-step-{step:06}"))
+    }
+
+    /// Writes one rank's file at `path` (in [`RunDir::shards_dir`]) by `write`, under a
+    /// temporary name renamed when complete.
+    pub fn write_shard(
+        &self,
+        path: &Path,
+        write: impl FnOnce(&Path) -> Result<(), pg2_model::ModelError>,
+    ) -> Result<()> {
+        let dir = path.parent().expect("a shard file is in a folder");
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        let staged = Staged::new(path).with_context(|| format!("preparing {}", path.display()))?;
+        write(staged.path())?;
+        staged.commit().with_context(|| format!("renaming {} into place", path.display()))
+    }
+
+    /// Moves the `world` ranks' optimizer files of checkpoint `step` into `dir` (the
+    /// checkpoint being written); an error naming any that is missing.
+    pub fn take_shards(&self, step: u64, dir: &Path, world: usize) -> Result<()> {
+        let shards = self.shards_dir(step);
+        for rank in 0..world {
+            let name = crate::update::shard_file(rank, world);
+            let from = shards.join(&name);
+            std::fs::rename(&from, dir.join(&name)).with_context(|| {
+                format!("moving {} into the checkpoint (did rank {rank} write it?)", from.display())
+            })?;
+        }
+        std::fs::remove_dir(&shards).with_context(|| format!("removing {}", shards.display()))
     }
 
     /// Deletes all but the newest `keep` checkpoints up to step `current` (the one just
@@ -177,7 +213,7 @@ impl RunDir {
             let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default();
             if let Some(step) = name.strip_prefix("step-").and_then(|n| n.parse().ok()) {
                 steps.push((step, path));
-            } else if name.starts_with(".step-") && name.contains(".tmp-") {
+            } else if (name.starts_with(".step-") && name.contains(".tmp-")) || name.starts_with(".shards-step-") {
                 temporaries.push(path);
             }
         }

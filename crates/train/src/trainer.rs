@@ -7,13 +7,14 @@ use std::path::Path;
 
 use anyhow::{bail, Context, Result};
 use pg2_data::{Batch, PgTokenizer};
-use pg2_dist::{Group, OverlappedReduction};
+use pg2_dist::Group;
 use pg2_model::{checkpoint, PaliGemma, Part, RunOptions, Weights};
-use pg2_optim::{Adam, AdamConfig, ParamGroup, Schedule};
+use pg2_optim::{AdamConfig, ParamGroup, Schedule};
 use tch::{Device, Kind, Tensor};
 
 use crate::recipe::{Init, LossNormalization, OnNonFinite, Recipe};
 use crate::run_dir::checkpoint_dir;
+use crate::update::{Trainable, Update};
 
 /// How the recipe runs the model while training.
 pub fn training_options(recipe: &Recipe) -> RunOptions {
@@ -154,20 +155,18 @@ struct StepSettings {
     autocast: Option<Kind>,
     dropout: f64,
     seed: u64,
-    bucket_bytes: usize,
     lr: f64,
 }
 
 /// The model, its optimizer and schedule, and the step count.
 pub struct Trainer {
     pub model: PaliGemma,
-    optimizer: Adam,
+    /// The gradient reduction and the optimizer, replicated or sharded.
+    update: Update,
     schedule: Schedule,
     settings: StepSettings,
     /// Updates made so far.
     step: u64,
-    /// Gradient averaging during backward (several CPU workers, `train.overlap_reduction`).
-    overlap: Option<OverlappedReduction>,
     /// Steps whose update was skipped for a non-finite loss or gradient norm, and the first
     /// of them (-1 for none), counted on the device so that no step waits for it.
     nonfinite_steps: Tensor,
@@ -191,26 +190,20 @@ impl Trainer {
         let frozen = |name: &str| Part::of(name).is_some_and(|part| recipe.model.freeze.contains(&part));
         let trainable: Vec<&pg2_model::Param> = model.params().iter().filter(|p| !frozen(&p.name)).collect();
         let t = &recipe.train;
-        let mut groups = BTreeMap::new();
-        for p in &trainable {
-            let _ = p.tensor.set_requires_grad(true);
-            let mult = t
-                .lr_mults
-                .iter()
-                .filter(|(prefix, _)| p.name.starts_with(prefix.as_str()))
-                .max_by_key(|(prefix, _)| prefix.len());
-            let spared = t.no_weight_decay.iter().any(|prefix| p.name.starts_with(prefix.as_str()));
-            groups.insert(
-                p.name.clone(),
-                ParamGroup { lr_mult: mult.map_or(1.0, |(_, &m)| m), decay: p.kind.decays_by_default() && !spared },
-            );
-        }
-        let named = || trainable.iter().map(|p| (p.name.clone(), p.tensor.shallow_clone())).collect::<Vec<_>>();
-        let bucket_bytes = (t.allreduce_bucket_mb * 1e6) as usize;
-        let overlap = match t.overlap_reduction {
-            true => group.overlapped_reduction(named(), bucket_bytes)?,
-            false => None,
-        };
+        let groups = trainable
+            .iter()
+            .map(|p| {
+                let _ = p.tensor.set_requires_grad(true);
+                let mult = t
+                    .lr_mults
+                    .iter()
+                    .filter(|(prefix, _)| p.name.starts_with(prefix.as_str()))
+                    .max_by_key(|(prefix, _)| prefix.len());
+                let spared = t.no_weight_decay.iter().any(|prefix| p.name.starts_with(prefix.as_str()));
+                ParamGroup { lr_mult: mult.map_or(1.0, |(_, &m)| m), decay: p.kind.decays_by_default() && !spared }
+            })
+            .collect();
+        let params = trainable.iter().map(|p| (p.name.clone(), p.tensor.shallow_clone())).collect();
         let config = AdamConfig {
             lr: t.lr,
             b2: t.b2,
@@ -219,7 +212,9 @@ impl Trainer {
             fused: t.fused_optimizer,
             ..AdamConfig::default()
         };
-        let optimizer = Adam::with_groups(named(), config, |name, _| groups[name]);
+        let bucket_bytes = (t.allreduce_bucket_mb * 1e6) as usize;
+        let update =
+            Update::new(Trainable { params, groups }, config, t.sharding, bucket_bytes, t.overlap_reduction, group)?;
         let settings = StepSettings {
             accumulation: t.grad_accumulation,
             loss_normalization: t.loss_normalization,
@@ -228,18 +223,16 @@ impl Trainer {
             autocast: recipe.model.dtype.autocast(),
             dropout: recipe.model.dropout,
             seed: recipe.seed,
-            bucket_bytes,
             lr: t.lr,
         };
         let float = (Kind::Float, model.device());
         let (nonfinite_steps, first_nonfinite) = (Tensor::zeros([], float), Tensor::full([], -1.0, float));
         Ok(Trainer {
             model,
-            optimizer,
+            update,
             schedule,
             settings,
             step: first_step,
-            overlap,
             nonfinite_steps,
             first_nonfinite,
             reported_nonfinite: 0,
@@ -251,16 +244,21 @@ impl Trainer {
         self.step
     }
 
-    /// The optimizer's state by name, as `optimizer.safetensors` holds it.
-    pub fn optimizer_state(&self) -> Vec<(String, Tensor)> {
-        self.optimizer.state()
+    /// The optimizer state this rank saves: its file name in a checkpoint and its tensors
+    /// by name (see [`crate::update`]).
+    pub fn optimizer_state(&self) -> (String, Vec<(String, Tensor)>) {
+        self.update.state()
     }
 
-    /// Restores the optimizer from a checkpoint's `optimizer.safetensors`.
+    /// Whether each rank saves optimizer state of its own (sharded training).
+    pub fn sharded(&self) -> bool {
+        self.update.sharded()
+    }
+
+    /// Restores the optimizer from a checkpoint's state, saved by any number of workers,
+    /// sharded or not.
     pub fn load_optimizer_state(&mut self, checkpoint: &Path) -> Result<()> {
-        let path = checkpoint.join("optimizer.safetensors");
-        let state: BTreeMap<String, Tensor> = checkpoint::read_file(&path)?.into_iter().collect();
-        self.optimizer.load_state(state, self.step as i64).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
+        self.update.load_state(checkpoint, self.step)
     }
 
     /// One update from `micro_batches` (the update's share of this rank, on the CPU or the
@@ -287,9 +285,8 @@ impl Trainer {
         }
         let mut loss_sum = Tensor::zeros([], (Kind::Float, device));
         for (i, batch) in micro_batches.iter().enumerate() {
-            if let Some(overlap) = self.overlap.as_ref().filter(|_| i + 1 == micro_batches.len()) {
-                overlap.arm(); // the gradients are complete only in the last backward pass
-            }
+            let last = i + 1 == micro_batches.len();
+            self.update.before_backward(last);
             let batch = batch.to_device(device);
             // Per token: the summed loss over the whole update's targets (all micro-batches
             // and ranks, as one big batch would; times `world`, for the ranks' gradients are
@@ -305,32 +302,18 @@ impl Trainer {
             // of them see a non-finite norm below and skip the update alike.
             loss.backward();
             loss_sum += loss.detach();
+            self.update.after_backward(last, group)?;
         }
         self.model.options.dropout = 0.0; // evaluation and checkpoints see the model without it
-        if let Some(overlap) = &mut self.overlap {
-            overlap.finish()?;
-        } else if world > 1 {
-            let grads = self
-                .optimizer
-                .params()
-                .iter()
-                .map(|(name, p)| {
-                    Some(p.grad()).filter(Tensor::defined).with_context(|| {
-                        format!("`{name}` got no gradient; every trainable parameter needs one with several workers")
-                    })
-                })
-                .collect::<Result<Vec<_>>>()?;
-            group.all_reduce_mean(&grads, s.bucket_bytes)?;
-        }
         if world > 1 {
             group.all_reduce_sum(&loss_sum)?;
             loss_sum /= world as f64;
         }
-        let grad_norm = self.optimizer.clip_grad_norm(s.grad_clip);
+        let grad_norm = self.update.clip(s.grad_clip, group)?;
         let nonfinite =
             loss_sum.isfinite().logical_and(&grad_norm.to_device(device).isfinite()).logical_not().to_kind(Kind::Float);
         let factor = self.schedule.factor(self.step);
-        self.optimizer.step_unless(factor, Some(&nonfinite));
+        self.update.step(factor, &nonfinite, group)?;
         self.step += 1;
         let first_unset = self.first_nonfinite.ge(0.0).logical_or(&nonfinite.eq(0.0));
         self.first_nonfinite =
