@@ -10,6 +10,7 @@ pub mod inspect;
 pub mod launch;
 pub mod metric;
 pub mod model_args;
+pub mod plan;
 pub mod predict;
 pub mod report;
 pub mod score;
@@ -54,6 +55,9 @@ pub enum Command {
     Report(report::ReportArgs),
     /// Score predictions: prints one JSON object, e.g. {"cider": 1.0132, "n": 40}.
     Metric(metric::MetricArgs),
+    /// Per-GPU memory of a training step (weights, gradients, optimizer state, activations)
+    /// for each train.sharding, the communication each moves, and the cheapest setting that fits.
+    Plan(plan::PlanArgs),
 }
 
 /// Runs one `pg2` subcommand.
@@ -68,5 +72,6 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Eval(args) => eval::run(args),
         Command::Report(args) => report::run(args),
         Command::Metric(args) => metric::run(args),
+        Command::Plan(args) => plan::run(args),
     }
 }

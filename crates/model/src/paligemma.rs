@@ -260,6 +260,32 @@ mod tests {
     /// that keeps its activations (soft-capped attention, the eager path, included; and in
     /// the fused path without caps).
     #[test]
+    fn parameter_counts_from_the_config_are_those_the_model_takes() {
+        for config in [PaliGemmaConfig::tiny(40, 39, 32).unwrap(), PaliGemmaConfig::paligemma2(3, 224).unwrap()] {
+            let counts = config.parameter_counts();
+            if config.text.hidden_size > 1000 {
+                // The released 3B: 3.03B parameters (400M vision, 2.6B Gemma 2 2B with its
+                // 257k-token embedding).
+                let total: i64 = counts.iter().map(|c| c.1).sum();
+                assert!((3.0e9..3.1e9).contains(&(total as f64)), "{total}");
+                continue;
+            }
+            let model =
+                PaliGemma::new(config.clone(), Weights::random(Device::Cpu, Kind::Float), RunOptions::default())
+                    .unwrap();
+            for (part, count) in counts {
+                let taken: i64 = model
+                    .params()
+                    .iter()
+                    .filter(|p| Part::of(&p.name) == Some(part))
+                    .map(|p| p.tensor.numel() as i64)
+                    .sum();
+                assert_eq!(count, taken, "{part:?}");
+            }
+        }
+    }
+
+    #[test]
     fn recomputed_layers_give_the_same_loss_and_gradients() {
         for soft_caps in [true, false] {
             tch::manual_seed(4);

@@ -536,11 +536,11 @@ pub enum Shape {
 
 /// Prompt tokens between `<bos>` and the separator, and target tokens before `<eos>` (the
 /// tiny recipes' limits).
-const PROMPT_LEN: i64 = 16;
-const TARGET_LEN: i64 = 32;
+pub(crate) const PROMPT_LEN: i64 = 16;
+pub(crate) const TARGET_LEN: i64 = 32;
 
 impl Shape {
-    fn config(self) -> Result<PaliGemmaConfig> {
+    pub(crate) fn config(self) -> Result<PaliGemmaConfig> {
         // The synthetic tokenizer's size, with `<image>` its last token.
         let mut config = PaliGemmaConfig::tiny(1320, 1319, 64)?;
         if let Shape::Small = self {

@@ -1,0 +1,496 @@
+//! `pg2 plan`: what one training step needs of each GPU's memory (weights, gradients,
+//! optimizer state, activations) under each `train.sharding`, with and without activation
+//! checkpointing and lean attention, the communication each moves, and the cheapest
+//! setting that fits. `--measure` runs the step on the CPU and prints the measured peak
+//! beside the estimate (the tiny and small benchmark shapes fit there).
+//!
+//! The activation figures count what the autograd graph keeps for backward, layer by layer,
+//! as pg2's model computes it (see [`activation_bytes`]); the allocator's own slack and
+//! libtorch's workspaces come on top, which is why a setting must leave a tenth of the GPU
+//! free to count as fitting.
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use pg2_model::PaliGemmaConfig;
+use pg2_train::recipe::{Dtype, Init, Preset, Sharding};
+use pg2_train::Recipe;
+
+#[derive(Args)]
+pub struct PlanArgs {
+    /// A recipe: its model, dtype, frozen parts, batch (split over `--gpus` and the
+    /// accumulation), text lengths and options. Otherwise `--size` and the flags below.
+    #[arg(long)]
+    pub recipe: Option<PathBuf>,
+    /// `key=value` overrides of the recipe, as `launch --set`.
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub sets: Vec<String>,
+    /// PaliGemma 2 size in billions (3, 10 or 28), without `--recipe`.
+    #[arg(long, default_value_t = 3)]
+    pub size: u32,
+    /// Image side in pixels (224, 448, 896), without `--recipe`.
+    #[arg(long, default_value_t = 224)]
+    pub resolution: usize,
+    /// Examples each GPU runs at once (one micro-batch), without `--recipe`.
+    #[arg(long, default_value_t = 1)]
+    pub batch: usize,
+    /// Text tokens of an example (prompt and target), without `--recipe`.
+    #[arg(long, default_value_t = 128)]
+    pub text_tokens: usize,
+    /// Target tokens of an example (the rows the loss reads), without `--recipe`.
+    #[arg(long, default_value_t = 64)]
+    pub target_tokens: usize,
+    /// Weights in `bf16` or `f32`, without `--recipe`.
+    #[arg(long, default_value = "bf16", value_parser = ["bf16", "f32"])]
+    pub dtype: String,
+    /// Attention and final-logit soft caps on (stages 1 and 2; transfer turns them off),
+    /// without `--recipe`.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub soft_caps: bool,
+    /// Data-parallel workers (one per GPU).
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u64).range(1..))]
+    pub gpus: u64,
+    /// Memory of one GPU in GB (H100: 80, H200: 141).
+    #[arg(long, default_value_t = 80.0)]
+    pub gpu_memory: f64,
+    /// Instead: run one training step of the `tiny` or `small` benchmark shape on the CPU
+    /// (batch 8, f32, soft caps on) for each way of keeping activations, and print the
+    /// measured peak memory beside the estimate.
+    #[arg(long, value_enum)]
+    pub measure: Option<crate::bench::Shape>,
+    /// Set in the re-executed process that measures one way (`all`, `lean`, `checkpointed`).
+    #[arg(long, hide = true)]
+    pub measure_keep: Option<String>,
+}
+
+/// One training step's shape, as the memory model reads it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StepShape {
+    pub config: PaliGemmaConfig,
+    /// Parameters, and those trained (not frozen).
+    pub params: i64,
+    pub trained: i64,
+    /// Bytes of a weight and of an activation.
+    pub weight_bytes: usize,
+    pub activation_bytes: usize,
+    /// Examples per GPU per micro-batch, text and target tokens of each.
+    pub batch: usize,
+    pub text_tokens: usize,
+    pub target_tokens: usize,
+    pub soft_caps: bool,
+    pub gpus: usize,
+    pub accumulation: usize,
+}
+
+/// How the activations are kept for backward.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Keep {
+    /// Everything the graph saves (`activation_checkpointing = false`).
+    All,
+    /// The soft-capped attention's scores recomputed (`lean_attention = true`).
+    Lean,
+    /// Each layer's input only, the layer recomputed (`activation_checkpointing = true`).
+    Checkpointed,
+}
+
+impl Keep {
+    const ALL: [Keep; 3] = [Keep::All, Keep::Lean, Keep::Checkpointed];
+
+    fn describe(self) -> &'static str {
+        match self {
+            Keep::All => "activation_checkpointing = false",
+            Keep::Lean => "lean_attention = true",
+            Keep::Checkpointed => "activation_checkpointing = true",
+        }
+    }
+}
+
+/// Per-GPU bytes of the model state under one sharding mode, and bytes sent per step.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct StateBytes {
+    pub weights: f64,
+    pub gradients: f64,
+    pub optimizer: f64,
+    pub sent: f64,
+}
+
+impl StepShape {
+    fn from_args(args: &PlanArgs) -> Result<StepShape> {
+        let Some(path) = &args.recipe else {
+            let config = PaliGemmaConfig::paligemma2(args.size, args.resolution)?;
+            let params = config.parameter_counts().iter().map(|c| c.1).sum();
+            let bytes = if args.dtype == "bf16" { 2 } else { 4 };
+            return Ok(StepShape {
+                config,
+                params,
+                trained: params,
+                weight_bytes: bytes,
+                activation_bytes: bytes,
+                batch: args.batch,
+                text_tokens: args.text_tokens,
+                target_tokens: args.target_tokens,
+                soft_caps: args.soft_caps,
+                gpus: args.gpus as usize,
+                accumulation: 1,
+            });
+        };
+        // Planning reads no data: `$DATA` sources need a root only to resolve.
+        let sets: Vec<String> =
+            std::iter::once("data.root=\"/\"".to_string()).chain(args.sets.iter().cloned()).collect();
+        let (recipe, _) = Recipe::load(path, &sets)?;
+        let m = &recipe.model;
+        let config = match &m.init {
+            Init::Preset(preset) => {
+                // The tiny model's vocabulary is its tokenizer's; the released sizes have their own.
+                let vocab = match preset {
+                    Preset::Tiny => pg2_data::PgTokenizer::from_file(&recipe.data.tokenizer)?.vocab_size(),
+                    Preset::PaliGemma2(_) => 0,
+                };
+                preset.config(vocab, vocab as i64 - 1, m.resolution)?
+            }
+            Init::Checkpoint(dir) => {
+                let dir = pg2_train::checkpoint_dir(dir).context(
+                    "pg2 plan reads the starting checkpoint's config.json: download it, or plan its size as a \
+                     preset, e.g. --set 'model.init=\"paligemma2-3b\"'",
+                )?;
+                let mut config = PaliGemmaConfig::from_file(&dir.join("config.json"))?;
+                config.vision.image_size = m.resolution;
+                config
+            }
+        };
+        let counts = config.parameter_counts();
+        let params = counts.iter().map(|c| c.1).sum();
+        let trained = counts.iter().filter(|(part, _)| !m.freeze.contains(part)).map(|c| c.1).sum();
+        let t = &recipe.train;
+        let gpus = args.gpus as usize;
+        if !t.batch_size.is_multiple_of(gpus * t.grad_accumulation) {
+            bail!(
+                "train.batch_size = {} does not split evenly over {gpus} GPUs and {} micro-batches",
+                t.batch_size,
+                t.grad_accumulation
+            );
+        }
+        // The longest text any source may give (its own limits, else the data's).
+        let d = &recipe.data;
+        let limit = |own: fn(&pg2_train::recipe::Source) -> Option<usize>, shared: Option<usize>, key: &str| {
+            let limits: Option<Vec<usize>> = d.mixture.iter().map(|s| own(s).or(shared)).collect();
+            limits.and_then(|l| l.into_iter().max()).with_context(|| {
+                format!("{}: the recipe sets no data.{key}, so a text's length is open; set it", path.display())
+            })
+        };
+        let (prefix, suffix) = (
+            limit(|s| s.max_prefix_tokens, d.max_prefix_tokens, "max_prefix_tokens")?,
+            limit(|s| s.max_suffix_tokens, d.max_suffix_tokens, "max_suffix_tokens")?,
+        );
+        Ok(StepShape {
+            config,
+            params,
+            trained,
+            weight_bytes: if m.dtype == Dtype::Bf16 { 2 } else { 4 },
+            activation_bytes: if m.dtype == Dtype::F32 { 4 } else { 2 },
+            batch: t.batch_size / gpus / t.grad_accumulation,
+            // `<bos>`, prompt, `\n`, target, `<eos>`.
+            text_tokens: prefix + suffix + 3,
+            target_tokens: suffix + 1,
+            soft_caps: m.soft_caps,
+            gpus,
+            accumulation: t.grad_accumulation,
+        })
+    }
+
+    /// The model state per GPU under `sharding`, and the bytes each GPU sends per step
+    /// (ring collectives: an all-reduce sends twice the data, a reduce-scatter or an
+    /// all-gather once, less one share).
+    pub fn state(&self, sharding: Sharding) -> StateBytes {
+        let (n, p, trained) = (self.gpus as f64, self.params as f64, self.trained as f64);
+        let w = self.weight_bytes as f64;
+        // Adam's two f32 moments, and f32 master weights for lower-precision ones.
+        let optimizer = trained * if self.weight_bytes == 4 { 8.0 } else { 12.0 };
+        let ring = (n - 1.0) / n;
+        let reduce_scatter = ring * trained * w;
+        let all_gather = ring * trained * w;
+        match sharding {
+            Sharding::None => {
+                StateBytes { weights: p * w, gradients: trained * w, optimizer, sent: 2.0 * ring * trained * w }
+            }
+            Sharding::Optimizer => StateBytes {
+                weights: p * w,
+                gradients: trained * w,
+                optimizer: optimizer / n,
+                sent: reduce_scatter + all_gather,
+            },
+            // This rank's share of the gradient is kept in f32 (summed over micro-batches).
+            Sharding::Gradients => StateBytes {
+                weights: p * w,
+                gradients: trained * 4.0 / n,
+                optimizer: optimizer / n,
+                sent: reduce_scatter * self.accumulation as f64 + all_gather,
+            },
+        }
+    }
+}
+
+/// Bytes the autograd graph keeps for backward in one step of `shape` (one micro-batch on
+/// one GPU), as pg2's layers compute it:
+/// - a decoder layer keeps, per token, its input and its normed copy, q, k, v, the
+///   attention output, the inputs of its two post-norms and the pre-MLP norm with its
+///   output (6 widths plus 2 query and 2 key-value widths), and the MLP's gate, up,
+///   activated gate and product (4 MLP widths); with soft caps, per head, the capped
+///   scores, the f32 softmax and its copy in the activation dtype (T x T each);
+/// - a SigLIP layer keeps, per patch, 8 widths (norm inputs and outputs, q, k, v and the
+///   attention output: its attention is fused) and 2 MLP widths;
+/// - the head keeps the target rows' logits and their f32 log-probabilities.
+///
+/// Lean attention keeps q, k and v instead of the scores (recomputed in backward), one
+/// layer's scores alive at a time; checkpointing keeps each layer's input and recomputes
+/// one layer at a time in backward.
+pub fn activation_bytes(shape: &StepShape, keep: Keep) -> f64 {
+    let (t, v) = (&shape.config.text, &shape.config.vision);
+    let a = shape.activation_bytes as f64;
+    let tokens = (v.num_patches() + shape.text_tokens) as f64;
+    let (d, m) = (t.hidden_size as f64, t.intermediate_size as f64);
+    let (q, kv) = ((t.num_attention_heads * t.head_dim) as f64, (t.num_key_value_heads * t.head_dim) as f64);
+    let scores = match shape.soft_caps {
+        true => t.num_attention_heads as f64 * tokens * tokens * (2.0 * a + 4.0),
+        false => 0.0,
+    };
+    let decoder_layer = tokens * (6.0 * d + 2.0 * q + 2.0 * kv + 4.0 * m) * a;
+    let patches = v.num_patches() as f64;
+    let vision_layer = patches * (8.0 * v.hidden_size as f64 + 2.0 * v.intermediate_size as f64) * a;
+    let head = shape.target_tokens as f64 * t.vocab_size as f64 * (a + 4.0);
+    let (layers, vision_layers) = (t.num_hidden_layers as f64, v.num_hidden_layers as f64);
+    let per_example = match keep {
+        Keep::All => layers * (decoder_layer + scores) + vision_layers * vision_layer + head,
+        Keep::Lean => layers * decoder_layer + scores + vision_layers * vision_layer + head,
+        Keep::Checkpointed => {
+            let inputs = layers * tokens * d * a + vision_layers * patches * v.hidden_size as f64 * a;
+            inputs + (decoder_layer + scores).max(vision_layer) + head
+        }
+    };
+    per_example * shape.batch as f64
+}
+
+const GB: f64 = 1e9;
+
+/// The modes `pg2 plan` weighs, in order of preference (least communication first).
+const MODES: [(Sharding, &str); 3] =
+    [(Sharding::None, "none"), (Sharding::Optimizer, "optimizer"), (Sharding::Gradients, "gradients")];
+
+pub fn run(args: &PlanArgs) -> Result<()> {
+    match (&args.measure, &args.measure_keep) {
+        (Some(shape), Some(keep)) => return measure_one(*shape, parse_keep(keep)),
+        (Some(shape), None) => return measure(*shape),
+        _ => {}
+    }
+    let shape = StepShape::from_args(args)?;
+    let (c, total) = (&shape.config, shape.params as f64);
+    println!(
+        "PaliGemma 2 at {} px: {:.2}B parameters ({:.2}B trained), {}-byte weights; {} GPUs of {} GB",
+        c.vision.image_size,
+        total / 1e9,
+        shape.trained as f64 / 1e9,
+        shape.weight_bytes,
+        shape.gpus,
+        args.gpu_memory
+    );
+    println!(
+        "per GPU: micro-batches of {} x ({} image + {} text tokens), {} target tokens each; soft caps {}",
+        shape.batch,
+        c.vision.num_patches(),
+        shape.text_tokens,
+        shape.target_tokens,
+        if shape.soft_caps { "on" } else { "off" }
+    );
+    // GB, or MB for models too small to show in GB.
+    let whole = shape.state(Sharding::None);
+    let (unit, scale) = match whole.weights + whole.gradients + whole.optimizer < GB {
+        true => ("MB", 1e6),
+        false => ("GB", GB),
+    };
+    println!();
+    println!(
+        "{:<10} {:>8} {:>8} {:>9} | {:>22} | {:>22} | {:>10}",
+        "sharding", "weights", "grads", "optimizer", "activations all/lean/ckpt", "total all/lean/ckpt", "sent/step"
+    );
+    let budget = 0.9 * args.gpu_memory * GB;
+    let mut cheapest = None;
+    for (mode, name) in MODES {
+        let s = shape.state(mode);
+        let state = s.weights + s.gradients + s.optimizer;
+        let acts = Keep::ALL.map(|keep| activation_bytes(&shape, keep));
+        let totals = acts.map(|a| state + a);
+        for (keep, total) in Keep::ALL.iter().zip(totals) {
+            if cheapest.is_none() && total <= budget {
+                cheapest = Some((name, *keep, total));
+            }
+        }
+        let three = |xs: [f64; 3]| format!("{:.1} / {:.1} / {:.1}", xs[0] / scale, xs[1] / scale, xs[2] / scale);
+        println!(
+            "{name:<10} {:>8.1} {:>8.1} {:>9.1} | {:>22} | {:>22} | {:>7.1} {unit}",
+            s.weights / scale,
+            s.gradients / scale,
+            s.optimizer / scale,
+            three(acts),
+            three(totals),
+            s.sent / scale
+        );
+    }
+    println!("({unit} per GPU; activations: everything kept / lean attention / activation checkpointing)");
+    match cheapest {
+        Some((name, keep, total)) => println!(
+            "\ncheapest that fits in 90 % of {} GB: train.sharding = \"{name}\", model.{} ({:.1} {unit})",
+            args.gpu_memory,
+            keep.describe(),
+            total / scale
+        ),
+        None => println!(
+            "\nnothing fits in 90 % of {} GB: more GPUs, a smaller micro-batch (more train.grad_accumulation) or \
+             parameter sharding (ZeRO-3, not in pg2 yet)",
+            args.gpu_memory
+        ),
+    }
+    Ok(())
+}
+
+/// The benchmark shape's step as the plan sees it: batch 8 of f32 examples with the
+/// benchmarks' prompt and target lengths, soft caps on.
+fn benchmark_step(shape: crate::bench::Shape) -> Result<StepShape> {
+    let config = shape.config()?;
+    let params: i64 = config.parameter_counts().iter().map(|c| c.1).sum();
+    Ok(StepShape {
+        config,
+        params,
+        trained: params,
+        weight_bytes: 4,
+        activation_bytes: 4,
+        batch: 8,
+        // `<bos>`, prompt, `\n`, target, `<eos>`.
+        text_tokens: (crate::bench::PROMPT_LEN + crate::bench::TARGET_LEN + 3) as usize,
+        target_tokens: (crate::bench::TARGET_LEN + 1) as usize,
+        soft_caps: true,
+        gpus: 1,
+        accumulation: 1,
+    })
+}
+
+fn parse_keep(name: &str) -> Keep {
+    match name {
+        "lean" => Keep::Lean,
+        "checkpointed" => Keep::Checkpointed,
+        _ => Keep::All,
+    }
+}
+
+/// `--measure`: each way of keeping activations measured in a fresh process (so that each
+/// peak is its own), beside the estimate.
+fn measure(shape: crate::bench::Shape) -> Result<()> {
+    let shape_name = clap::ValueEnum::to_possible_value(&shape).expect("a named shape").get_name().to_string();
+    let step = benchmark_step(shape)?;
+    println!(
+        "{shape_name} shape on the CPU: batch {} x ({} image + {} text tokens), f32, soft caps on",
+        step.batch,
+        step.config.vision.num_patches(),
+        step.text_tokens
+    );
+    for (keep, name) in [(Keep::All, "all"), (Keep::Lean, "lean"), (Keep::Checkpointed, "checkpointed")] {
+        let out = std::process::Command::new(std::env::current_exe()?)
+            .args(["plan", "--measure", &shape_name, "--measure-keep", name])
+            .output()?;
+        if !out.status.success() {
+            bail!("measuring `{name}`: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        let measured: f64 = String::from_utf8_lossy(&out.stdout).trim().parse()?;
+        let estimate = activation_bytes(&step, keep);
+        println!(
+            "activations {name:<13} estimated {:>7.1} MB, measured {:>7.1} MB (ratio {:.2})",
+            estimate / 1e6,
+            measured / 1e6,
+            measured / estimate
+        );
+    }
+    println!("(measured: the step's peak resident memory less the weights, inputs and gradients)");
+    Ok(())
+}
+
+/// One forward and backward pass of the benchmark shape keeping activations as `keep`
+/// says; prints the bytes the step added to the process's peak beyond its gradients. A
+/// first step runs before, so that libtorch's one-time buffers are not counted, and every
+/// large block is returned to the system when freed, so that the second step's peak is its
+/// own.
+fn measure_one(shape: crate::bench::Shape, keep: Keep) -> Result<()> {
+    use pg2_model::{Inputs, PaliGemma, RunOptions, TokenLayout, Weights};
+    use tch::{Device, Kind, Tensor};
+    return_freed_memory();
+    let step = benchmark_step(shape)?;
+    let options = RunOptions {
+        recompute: keep == Keep::Checkpointed,
+        lean_attention: keep == Keep::Lean,
+        ..RunOptions::default()
+    };
+    tch::manual_seed(0);
+    let config = step.config.clone();
+    let model = PaliGemma::new(config.clone(), Weights::random(Device::Cpu, Kind::Float), options)?;
+    for p in model.params() {
+        let _ = p.tensor.set_requires_grad(true);
+    }
+    let (b, patches, text) = (step.batch as i64, config.vision.num_patches() as i64, step.text_tokens as i64);
+    let opts = (Kind::Int64, Device::Cpu);
+    let ids = Tensor::cat(
+        &[
+            Tensor::full([b, patches], config.image_token_id, opts),
+            Tensor::randint_low(4, config.image_token_id, [b, text], opts),
+        ],
+        1,
+    );
+    let position = Tensor::arange(patches + text, opts).unsqueeze(0).expand([b, patches + text], false);
+    let mask_ar = position.ge(patches + text - step.target_tokens as i64).to_kind(Kind::Int64);
+    let res = config.vision.image_size as i64;
+    let valid = Tensor::ones([b, patches + text], (Kind::Bool, Device::Cpu));
+    let inputs = Inputs {
+        pixels: Some(Tensor::rand([b, 3, res, res], (Kind::Float, Device::Cpu))),
+        ids,
+        layout: TokenLayout { mask_ar: mask_ar.shallow_clone(), valid },
+    };
+    let targets = mask_ar.to_kind(Kind::Bool);
+    let run = || -> Result<()> {
+        let (logprobs, _) = model.target_logprobs(&inputs, &targets)?;
+        (-logprobs.mean(Kind::Float)).backward();
+        Ok(())
+    };
+    run()?;
+    model.params().iter().for_each(|p| pg2_dist::release_grad(&p.tensor));
+    std::fs::write("/proc/self/clear_refs", "5")?; // the peak starts again from here
+    let before = resident_bytes("VmRSS")?;
+    run()?;
+    let gradients = step.params as f64 * 4.0;
+    println!("{}", resident_bytes("VmHWM")? - before - gradients);
+    Ok(())
+}
+
+/// Makes glibc hand every block of 64 kB or more back to the system when it is freed (its
+/// default raises that threshold as blocks are freed, keeping them).
+fn return_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        extern "C" {
+            fn mallopt(param: std::ffi::c_int, value: std::ffi::c_int) -> std::ffi::c_int;
+        }
+        const M_MMAP_THRESHOLD: std::ffi::c_int = -3; // <malloc.h>
+                                                      // SAFETY: mallopt only changes a threshold; a failure leaves the default.
+        unsafe { mallopt(M_MMAP_THRESHOLD, 64 * 1024) };
+    }
+}
+
+/// A `/proc/self/status` memory figure in bytes.
+fn resident_bytes(field: &str) -> Result<f64> {
+    let status = std::fs::read_to_string("/proc/self/status")?;
+    let kb = status
+        .lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok());
+    match kb {
+        Some(kb) => Ok(kb * 1024.0),
+        None => bail!("/proc/self/status has no {field} (measuring needs Linux)"),
+    }
+}

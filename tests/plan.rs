@@ -1,0 +1,39 @@
+//! `pg2 plan`: its activation estimate against the peak memory a step really adds on the
+//! CPU, and its figures for the released sizes against the model-state arithmetic.
+
+use std::process::Command;
+
+fn pg2(args: &[&str]) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_pg2")).args(args).env("RUST_BACKTRACE", "0").output().unwrap();
+    assert!(out.status.success(), "pg2 {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).unwrap()
+}
+
+#[test]
+fn activation_estimates_match_the_measured_peak_on_the_cpu() {
+    for shape in ["tiny", "small"] {
+        let out = pg2(&["plan", "--measure", shape]);
+        let ratios: Vec<f64> =
+            out.lines().filter_map(|l| l.split("(ratio ").nth(1)?.trim_end_matches(')').parse().ok()).collect();
+        assert_eq!(ratios.len(), 3, "{out}");
+        for ratio in ratios {
+            assert!((0.75..1.3).contains(&ratio), "{shape}: measured / estimated {ratio}\n{out}");
+        }
+    }
+}
+
+#[test]
+fn the_plan_for_10b_at_448_picks_the_cheapest_setting_that_fits() {
+    let out =
+        pg2(&["plan", "--size", "10", "--resolution", "448", "--batch", "1", "--gpus", "8", "--gpu-memory", "80"]);
+    // 9.66B parameters: bf16 weights and gradients 19.3 GB each; f32 master and moments
+    // 116 GB, an eighth of it (14.5 GB) per GPU when sharded.
+    let row = |mode: &str| out.lines().find(|l| l.starts_with(mode)).unwrap_or_else(|| panic!("{out}")).to_string();
+    assert!(row("none").contains("19.3     19.3     116.0"), "{out}");
+    assert!(row("optimizer").contains("19.3     19.3      14.5"), "{out}");
+    assert!(row("gradients").contains("19.3      4.8      14.5"), "{out}");
+    assert!(out.contains("cheapest that fits in 90 % of 80 GB: train.sharding = \"optimizer\""), "{out}");
+    let out =
+        pg2(&["plan", "--size", "28", "--resolution", "448", "--batch", "1", "--gpus", "8", "--gpu-memory", "80"]);
+    assert!(out.contains("nothing fits"), "{out}");
+}
