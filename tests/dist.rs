@@ -360,10 +360,15 @@ fn sharded_training_equals_one_process_and_resumes_at_any_worker_count() {
     assert!(optimizer_files(&dir.join("bf16"))[0].1.iter().any(|(n, _)| n.starts_with("master.")));
     Command::new("cp").arg("-r").arg(dir.join("bf16")).arg(dir.join("bf16-resumed")).status().unwrap();
     rewind(&dir.join("bf16-resumed"), 3);
+    // A kill while the ranks wrote step 6's shares left their folder behind, half written.
+    let stale = dir.join("bf16-resumed/checkpoints/.shards-step-000006");
+    std::fs::create_dir_all(&stale).unwrap();
+    std::fs::write(stale.join(".optimizer-rank-00000-of-00002.safetensors.tmp-1"), b"cut").unwrap();
     run(launch(&dir, "bf16-resumed", &[&bf16[..], &["--resume"]].concat()));
     for ((name, x), (_, y)) in weights(&dir.join("bf16")).iter().zip(weights(&dir.join("bf16-resumed"))) {
         assert!(x.equal(&y), "{name}: the resumed run differs");
     }
+    assert!(!stale.exists(), "the stale shares went with step 6's save");
     // With 4 workers, or one process without sharding, the state is cut anew.
     for (name, args) in [("reshard-4", vec!["--nproc-per-node", "4"]), ("reshard-1", vec![])] {
         Command::new("cp").arg("-r").arg(dir.join("gradients-2")).arg(dir.join(name)).status().unwrap();

@@ -164,12 +164,10 @@ impl StepShape {
         let trained = counts.iter().filter(|(part, _)| !m.freeze.contains(part)).map(|c| c.1).sum();
         let t = &recipe.train;
         let gpus = args.gpus as usize;
-        if !t.batch_size.is_multiple_of(gpus * t.grad_accumulation) {
-            bail!(
-                "train.batch_size = {} does not split evenly over {gpus} GPUs and {} micro-batches",
-                t.batch_size,
-                t.grad_accumulation
-            );
+        // `batch_size` is one micro-batch of the whole group (an update makes
+        // `grad_accumulation` of them).
+        if !t.batch_size.is_multiple_of(gpus) {
+            bail!("train.batch_size = {} does not split evenly over {gpus} GPUs", t.batch_size);
         }
         // The longest text any source may give (its own limits, else the data's).
         let d = &recipe.data;
@@ -189,7 +187,7 @@ impl StepShape {
             trained,
             weight_bytes: if m.dtype == Dtype::Bf16 { 2 } else { 4 },
             activation_bytes: if m.dtype == Dtype::F32 { 4 } else { 2 },
-            batch: t.batch_size / gpus / t.grad_accumulation,
+            batch: t.batch_size / gpus,
             // `<bos>`, prompt, `\n`, target, `<eos>`.
             text_tokens: prefix + suffix + 3,
             target_tokens: suffix + 1,
@@ -199,34 +197,39 @@ impl StepShape {
         })
     }
 
-    /// The model state per GPU under `sharding`, and the bytes each GPU sends per step
-    /// (ring collectives: an all-reduce sends twice the data, a reduce-scatter or an
-    /// all-gather once, less one share).
+    /// The model state per GPU under `sharding` at its peak (the end of a backward pass),
+    /// and the bytes each GPU sends per step (ring collectives: an all-reduce sends twice
+    /// the data, a reduce-scatter or an all-gather once, less one share).
+    ///
+    /// Replicated: the weights, their gradients, Adam's two f32 moments and, for weights in
+    /// a lower precision, f32 master weights. Sharded, each GPU keeps an f32 share of the
+    /// master weights, moments and averaged gradient (16 bytes a parameter over N); the
+    /// whole gradient still builds up in backward, and on GPUs it stays whole until the
+    /// backward pass ends (ZeRO-2's reduce-scatter overlaps backward only on CPU workers
+    /// for now), so on GPUs `gradients` saves nothing over `optimizer` yet.
     pub fn state(&self, sharding: Sharding) -> StateBytes {
         let (n, p, trained) = (self.gpus as f64, self.params as f64, self.trained as f64);
         let w = self.weight_bytes as f64;
-        // Adam's two f32 moments, and f32 master weights for lower-precision ones.
-        let optimizer = trained * if self.weight_bytes == 4 { 8.0 } else { 12.0 };
         let ring = (n - 1.0) / n;
         let reduce_scatter = ring * trained * w;
         let all_gather = ring * trained * w;
+        let shares = StateBytes {
+            weights: p * w,
+            gradients: trained * w + trained * 4.0 / n,
+            optimizer: trained * 12.0 / n,
+            sent: reduce_scatter + all_gather,
+        };
         match sharding {
-            Sharding::None => {
-                StateBytes { weights: p * w, gradients: trained * w, optimizer, sent: 2.0 * ring * trained * w }
-            }
-            Sharding::Optimizer => StateBytes {
+            Sharding::None => StateBytes {
                 weights: p * w,
                 gradients: trained * w,
-                optimizer: optimizer / n,
-                sent: reduce_scatter + all_gather,
+                optimizer: trained * if self.weight_bytes == 4 { 8.0 } else { 12.0 },
+                sent: 2.0 * ring * trained * w,
             },
-            // This rank's share of the gradient is kept in f32 (summed over micro-batches).
-            Sharding::Gradients => StateBytes {
-                weights: p * w,
-                gradients: trained * 4.0 / n,
-                optimizer: optimizer / n,
-                sent: reduce_scatter * self.accumulation as f64 + all_gather,
-            },
+            Sharding::Optimizer => shares,
+            Sharding::Gradients => {
+                StateBytes { sent: reduce_scatter * self.accumulation as f64 + all_gather, ..shares }
+            }
         }
     }
 }
@@ -337,6 +340,10 @@ pub fn run(args: &PlanArgs) -> Result<()> {
         );
     }
     println!("({unit} per GPU; activations: everything kept / lean attention / activation checkpointing)");
+    println!(
+        "(gradients = ZeRO-2: on GPUs the whole gradient stays until each backward pass ends, as its \
+         reduce-scatter overlaps backward only on CPU workers so far: no saving over optimizer yet)"
+    );
     match cheapest {
         Some((name, keep, total)) => println!(
             "\ncheapest that fits in 90 % of {} GB: train.sharding = \"{name}\", model.{} ({:.1} {unit})",

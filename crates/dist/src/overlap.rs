@@ -49,7 +49,8 @@ type Message = (usize, Tensor, Option<i64>);
 /// Where the backward pass stands, as the hooks see it.
 #[derive(Default)]
 struct Progress {
-    /// Hooks count only while armed (the last micro-batch of an update).
+    /// Hooks count only while armed (for the backward passes that reduce: an update's last,
+    /// or each one with sharded gradients).
     armed: bool,
     /// Whether each parameter's gradient is complete in this pass.
     ready: Vec<bool>,

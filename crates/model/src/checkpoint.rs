@@ -174,6 +174,27 @@ pub fn read_file(path: &Path) -> Result<Vec<(String, Tensor)>, ModelError> {
         .collect()
 }
 
+/// Calls `visit(name, kind, data)` for each tensor of the safetensors file at `path`, with
+/// its bytes straight from a memory map: only the bytes the visitor copies are read from
+/// disk (for taking a few runs out of a large file).
+pub fn visit_file(
+    path: &Path,
+    mut visit: impl FnMut(&str, Kind, &[u8]) -> Result<(), ModelError>,
+) -> Result<(), ModelError> {
+    let file = File::open(path).map_err(|e| ModelError::io(path, e))?;
+    // SAFETY: as in `read_file`.
+    let mmap = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| ModelError::io(path, e))?;
+    let st = SafeTensors::deserialize(&mmap)
+        .map_err(|e| ModelError::Checkpoint(format!("{}: not a valid safetensors file: {e}", path.display())))?;
+    for (name, view) in st.tensors() {
+        let kind = kind_of(view.dtype()).ok_or_else(|| {
+            ModelError::Checkpoint(format!("{}: tensor `{name}` has dtype {:?}", path.display(), view.dtype()))
+        })?;
+        visit(&name, kind, view.data())?;
+    }
+    Ok(())
+}
+
 /// Writes `tensors` as one safetensors file, converted to `kind`.
 pub fn write_file(path: &Path, tensors: &[(String, Tensor)], kind: Kind) -> Result<(), ModelError> {
     let views = tensors

@@ -373,7 +373,6 @@ impl PaliGemmaConfig {
         Ok(Self { text, vision, image_token_id, tie_word_embeddings })
     }
 
-    /// Writes the config as transformers writes a PaliGemma 2 `config.json`.
     /// The number of parameters of each part (vision tower, projector, decoder) the model
     /// of this config takes, counted from the shapes without building it.
     pub fn parameter_counts(&self) -> [(crate::Part, i64); 3] {
@@ -400,6 +399,7 @@ impl PaliGemmaConfig {
         [(crate::Part::Vision, vision), (crate::Part::Projector, linear(dv, d, true)), (crate::Part::Decoder, decoder)]
     }
 
+    /// Writes the config as transformers writes a PaliGemma 2 `config.json`.
     pub fn to_json(&self) -> Value {
         let t = &self.text;
         let v = &self.vision;

@@ -255,10 +255,6 @@ mod tests {
         assert_eq!(names.len(), count, "each name once");
     }
 
-    /// Activation checkpointing, of whole layers or of soft-capped attention alone, changes
-    /// memory, not math: the loss and every parameter's gradient equal those of a forward
-    /// that keeps its activations (soft-capped attention, the eager path, included; and in
-    /// the fused path without caps).
     #[test]
     fn parameter_counts_from_the_config_are_those_the_model_takes() {
         for config in [PaliGemmaConfig::tiny(40, 39, 32).unwrap(), PaliGemmaConfig::paligemma2(3, 224).unwrap()] {
@@ -285,6 +281,10 @@ mod tests {
         }
     }
 
+    /// Activation checkpointing, of whole layers or of soft-capped attention alone, changes
+    /// memory, not math: the loss and every parameter's gradient equal those of a forward
+    /// that keeps its activations (soft-capped attention, the eager path, included; and in
+    /// the fused path without caps).
     #[test]
     fn recomputed_layers_give_the_same_loss_and_gradients() {
         for soft_caps in [true, false] {

@@ -41,8 +41,9 @@ pub struct TrainSummary {
 
 /// Runs the recipe to its last step (or from the latest checkpoint with `resume`) as one
 /// worker of `group`: rank 0 prepares the run folder and writes logs, evaluations and
-/// checkpoints; every rank reads its share of each batch and steps the same optimizer on
-/// the averaged gradients, so the weights stay identical.
+/// checkpoints (with sharded training each rank adds its optimizer share); every rank
+/// reads its share of each batch and makes the same update from the averaged gradients,
+/// so the weights stay identical.
 pub fn train(recipe: &Recipe, resolved: &toml::Table, opts: &LaunchOptions, group: &mut Group) -> Result<TrainSummary> {
     let run = RunDir::new(&opts.out);
     let resume_from = prepare(&run, recipe, resolved, opts, group)?;

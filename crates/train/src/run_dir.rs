@@ -142,8 +142,9 @@ impl RunDir {
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
         let name = format!("step-{step:06}");
         let folder = dir.join(&name);
-        // Only rank 0 writes checkpoints: a temporary here was left by a killed process (but
-        // this step's shards are the other ranks' part of this checkpoint).
+        // Only rank 0 writes checkpoints (the other ranks only their optimizer shares, into
+        // this step's shard folder, already there): any other temporary was left by a
+        // killed process.
         for leftover in self.entries()?.1.into_iter().filter(|t| *t != self.shards_dir(step)) {
             std::fs::remove_dir_all(&leftover).with_context(|| format!("removing {}", leftover.display()))?;
         }
@@ -189,7 +190,8 @@ impl RunDir {
                 format!("moving {} into the checkpoint (did rank {rank} write it?)", from.display())
             })?;
         }
-        std::fs::remove_dir(&shards).with_context(|| format!("removing {}", shards.display()))
+        // What else is there was left by an earlier, interrupted attempt at this step.
+        std::fs::remove_dir_all(&shards).with_context(|| format!("removing {}", shards.display()))
     }
 
     /// Deletes all but the newest `keep` checkpoints up to step `current` (the one just

@@ -379,8 +379,9 @@ fn state_files(checkpoint: &Path) -> Result<Vec<PathBuf>> {
 }
 
 /// Reads `wanted` out of `checkpoint`'s optimizer state, whichever layout saved it: each
-/// file in turn (so no more than one rank's state is in memory at once), each saved run
-/// copied where it overlaps a wanted one. Returns f32 tensors by `key`, flat.
+/// saved run that overlaps a wanted one is copied, straight from the file's memory map, so
+/// a rank reads from disk only the bytes of its own share. Returns f32 tensors by `key`,
+/// flat.
 fn read_state(checkpoint: &Path, wanted: &[Wanted]) -> Result<BTreeMap<String, Tensor>> {
     let mut by_param: BTreeMap<(&str, &str), Vec<usize>> = BTreeMap::new();
     for (i, w) in wanted.iter().enumerate() {
@@ -389,23 +390,33 @@ fn read_state(checkpoint: &Path, wanted: &[Wanted]) -> Result<BTreeMap<String, T
     let values: Vec<Tensor> = wanted.iter().map(|w| Tensor::zeros([w.len], (Kind::Float, tch::Device::Cpu))).collect();
     let mut covered = vec![0i64; wanted.len()];
     for file in state_files(checkpoint)? {
-        for (key, saved) in checkpoint::read_file(&file)? {
-            let Some((prefix, rest)) = key.split_once('.') else { continue };
+        checkpoint::visit_file(&file, |key, kind, data| {
+            let Some((prefix, rest)) = key.split_once('.') else { return Ok(()) };
             let (param, offset) = match rest.rsplit_once('@').and_then(|(p, o)| Some((p, o.parse::<i64>().ok()?))) {
                 Some(split) => split,
                 None => (rest, 0),
             };
-            let flat = saved.reshape([-1]).to_kind(Kind::Float);
-            let end = offset + flat.numel() as i64;
-            for &i in by_param.get(&(prefix, param)).into_iter().flatten() {
+            let Some(indices) = by_param.get(&(prefix, param)) else { return Ok(()) };
+            if kind != Kind::Float {
+                return Err(pg2_model::ModelError::Checkpoint(format!(
+                    "{}: `{key}` is {kind:?}; pg2 saves optimizer state in f32",
+                    file.display()
+                )));
+            }
+            let end = offset + (data.len() / 4) as i64;
+            for &i in indices {
                 let w = &wanted[i];
                 let (from, to) = (offset.max(w.offset), end.min(w.offset + w.len));
                 if from < to {
-                    values[i].narrow(0, from - w.offset, to - from).copy_(&flat.narrow(0, from - offset, to - from));
+                    let bytes = &data[(from - offset) as usize * 4..(to - offset) as usize * 4];
+                    let run = Tensor::f_from_data_size(bytes, &[to - from], Kind::Float)
+                        .map_err(|e| pg2_model::ModelError::Checkpoint(format!("{}: `{key}`: {e}", file.display())))?;
+                    values[i].narrow(0, from - w.offset, to - from).copy_(&run);
                     covered[i] += to - from;
                 }
             }
-        }
+            Ok(())
+        })?;
     }
     if let Some(i) = (0..wanted.len()).find(|&i| covered[i] != wanted[i].len) {
         let w = &wanted[i];
