@@ -260,7 +260,7 @@ fn accumulated_gradients_match_one_big_batch() {
         "--set",
         "train.keep_checkpoints=2",
         "--set",
-        "train.no_weight_decay=[\"language_model.\"]",
+        "train.wd_mults={\"vision_tower.\" = 1.0, \"language_model.\" = 0.5}",
     ];
     let whole = launch(&dir, &common);
     assert!(whole.status.success(), "{}", String::from_utf8_lossy(&whole.stderr));

@@ -38,11 +38,12 @@ impl Default for AdamConfig {
     }
 }
 
-/// Per-parameter settings: a learning-rate multiplier and whether weight decay applies.
+/// Per-parameter settings: multipliers of the learning rate and of the weight decay (0: not
+/// decayed).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct ParamGroup {
     pub lr_mult: f64,
-    pub decay: bool,
+    pub decay_mult: f64,
 }
 
 /// Adam over named parameters, with f32 moments.
@@ -86,7 +87,7 @@ impl Adam {
     /// Takes the parameters to update (they must require gradients), all at the base
     /// learning rate and all decayed; [`Adam::with_groups`] chooses per parameter.
     pub fn new(params: Vec<(String, Tensor)>, config: AdamConfig) -> Self {
-        Self::with_groups(params, config, |_, _| ParamGroup { lr_mult: 1.0, decay: true })
+        Self::with_groups(params, config, |_, _| ParamGroup { lr_mult: 1.0, decay_mult: 1.0 })
     }
 
     /// As [`Adam::new`], each parameter's settings chosen by `group(name, param)`.
@@ -127,10 +128,10 @@ impl Adam {
 
     /// A group's weight-decay rate: `param -= schedule * rate * param`.
     fn decay_rate(&self, group: ParamGroup) -> f64 {
-        match (group.decay, self.config.decay) {
-            (false, _) => 0.0,
-            (true, Decay::Decoupled) => self.config.weight_decay,
-            (true, Decay::LrCoupled) => self.config.weight_decay * self.config.lr * group.lr_mult,
+        let rate = self.config.weight_decay * group.decay_mult;
+        match self.config.decay {
+            Decay::Decoupled => rate,
+            Decay::LrCoupled => rate * self.config.lr * group.lr_mult,
         }
     }
 
@@ -160,7 +161,7 @@ impl Adam {
         }
     }
 
-    /// The fused update: parameters sharing a learning-rate multiplier and decay flag go
+    /// The fused update: parameters sharing learning-rate and decay multipliers go
     /// through one `_fused_adamw_` call, on their f32 master copies where they have them.
     fn step_fused(&mut self, schedule: f64, skip: Option<&Tensor>, grads: &[Tensor]) {
         let AdamConfig { lr, b1, b2, eps, .. } = self.config;
@@ -413,7 +414,7 @@ mod tests {
         let config = AdamConfig { lr: 1e-3, weight_decay: 0.1, ..AdamConfig::default() };
         let mut adam = Adam::with_groups(params, config, |name, _| ParamGroup {
             lr_mult: 1.0,
-            decay: kind(name).decays_by_default(),
+            decay_mult: if kind(name).decays_by_default() { 1.0 } else { 0.0 },
         });
         adam.step(0.5);
         // param -= schedule * wd * param = 0.5 * 0.1 * 2
@@ -456,7 +457,7 @@ mod tests {
         let config = AdamConfig { lr: 0.1, weight_decay: 0.5, decay: Decay::LrCoupled, ..AdamConfig::default() };
         let mut adam = Adam::with_groups(params, config, |name, _| ParamGroup {
             lr_mult: if name.starts_with("slow") { 0.1 } else { 1.0 },
-            decay: true,
+            decay_mult: 1.0,
         });
         adam.step(1.0);
         // p -= lr' * (sign(g) + wd * p) with lr' = 0.01 and 0.1.
@@ -475,7 +476,7 @@ mod tests {
         let p = matrix(&fixture["start"]).set_requires_grad(true);
         let mut adam = Adam::with_groups(vec![("w".into(), p.shallow_clone())], config, |_, _| ParamGroup {
             lr_mult: 1.0,
-            decay: true,
+            decay_mult: 1.0,
         });
         for g in fixture["grads"].as_array().unwrap() {
             (&p * matrix(g)).sum(Kind::Float).backward();
@@ -564,7 +565,7 @@ mod tests {
                 let config = AdamConfig { lr: 0.05, weight_decay: 0.1, decay, fused, ..AdamConfig::default() };
                 let groups = |name: &str, p: &Tensor| ParamGroup {
                     lr_mult: if name.starts_with("slow") { 0.1 } else { 1.0 },
-                    decay: p.dim() > 1 && !name.ends_with("bias"),
+                    decay_mult: if p.dim() > 1 && !name.ends_with("bias") { 1.0 } else { 0.0 },
                 };
                 let handles = || params.iter().map(|(n, p)| (n.clone(), p.shallow_clone())).collect::<Vec<_>>();
                 let mut adam = Adam::with_groups(handles(), config, groups);

@@ -256,16 +256,21 @@ pub struct TrainSection {
     /// After the warmup: `"cosine"` (default), `"linear"`, `"rsqrt"` or `"constant"`.
     #[serde(default)]
     pub schedule: DecayShape,
-    /// Weight decay on matrices (not on norms, biases, embeddings).
+    /// Weight decay, on the kernels `wd_mults` selects (never on norms, biases, embeddings
+    /// and position embeddings).
     #[serde(default)]
     pub weight_decay: f64,
     /// `"decoupled"` (big_vision's, default: scaled by the schedule, not the base rate) or
     /// `"lr_coupled"` (AdamW's: scaled by the learning rate too).
     #[serde(default)]
     pub weight_decay_mode: Decay,
-    /// Checkpoint-name prefixes spared weight decay, beyond norms, biases and embeddings.
-    #[serde(default)]
-    pub no_weight_decay: Vec<String>,
+    /// Weight-decay multipliers of kernels by checkpoint-name prefix (the longest matching
+    /// prefix wins; a kernel no prefix matches is not decayed). The default is big_vision's:
+    /// its `wd_mults = [(".*/kernel$", 1.0)]` decays the SigLIP and projector kernels and
+    /// never the decoder, whose big_vision names (`w`, `gating_einsum`, `linear`) are not
+    /// `kernel`. `{ "language_model." = 1.0, ... }` decays the decoder too.
+    #[serde(default = "default_wd_mults")]
+    pub wd_mults: std::collections::BTreeMap<String, f64>,
     /// Learning-rate multipliers by checkpoint-name prefix, e.g.
     /// `{ "vision_tower." = 0.1 }`; the longest matching prefix wins.
     #[serde(default)]
@@ -407,6 +412,12 @@ fn default_clip() -> f64 {
 fn default_b2() -> f64 {
     0.999
 }
+/// big_vision's weight-decay mask on pg2's names: the vision tower's and the projector's
+/// kernels.
+fn default_wd_mults() -> std::collections::BTreeMap<String, f64> {
+    [("vision_tower.".to_string(), 1.0), ("multi_modal_projector.".to_string(), 1.0)].into()
+}
+
 fn default_accumulation() -> usize {
     1
 }
@@ -632,8 +643,10 @@ impl Recipe {
                 return Err(format!("{key} = {value}: expected {expected}"));
             }
         }
-        if let Some((prefix, m)) = t.lr_mults.iter().find(|(_, m)| !m.is_finite() || **m < 0.0) {
-            return Err(format!("train.lr_mults.\"{prefix}\" = {m}: expected a non-negative, finite number"));
+        for (key, mults) in [("lr_mults", &t.lr_mults), ("wd_mults", &t.wd_mults)] {
+            if let Some((prefix, m)) = mults.iter().find(|(_, m)| !m.is_finite() || **m < 0.0) {
+                return Err(format!("train.{key}.\"{prefix}\" = {m}: expected a non-negative, finite number"));
+            }
         }
         if let Some(e) = &self.eval {
             if e.every == 0 || e.beam == 0 || e.batch_size == 0 {

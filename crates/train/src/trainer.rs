@@ -133,6 +133,22 @@ fn load_part(model: &PaliGemma, dir: &Path, part: Part) -> Result<()> {
     Ok(())
 }
 
+/// A parameter's optimizer settings: its `lr_mults` multiplier (the longest matching
+/// prefix's, else 1), and for kernels its `wd_mults` one (else 0: norms, biases and
+/// embeddings are never decayed).
+fn param_group(recipe: &Recipe, p: &pg2_model::Param) -> ParamGroup {
+    let longest = |mults: &BTreeMap<String, f64>| -> Option<f64> {
+        let matching = mults.iter().filter(|(prefix, _)| p.name.starts_with(prefix.as_str()));
+        matching.max_by_key(|(prefix, _)| prefix.len()).map(|(_, &m)| m)
+    };
+    let t = &recipe.train;
+    let decay_mult = match p.kind.decays_by_default() {
+        true => longest(&t.wd_mults).unwrap_or(0.0),
+        false => 0.0,
+    };
+    ParamGroup { lr_mult: longest(&t.lr_mults).unwrap_or(1.0), decay_mult }
+}
+
 /// What [`Trainer::step`] reports. The tensors stay on the device: reading them makes the
 /// host wait, which the loop does only at log steps.
 pub struct StepStats {
@@ -190,19 +206,10 @@ impl Trainer {
         let frozen = |name: &str| Part::of(name).is_some_and(|part| recipe.model.freeze.contains(&part));
         let trainable: Vec<&pg2_model::Param> = model.params().iter().filter(|p| !frozen(&p.name)).collect();
         let t = &recipe.train;
-        let groups = trainable
-            .iter()
-            .map(|p| {
-                let _ = p.tensor.set_requires_grad(true);
-                let mult = t
-                    .lr_mults
-                    .iter()
-                    .filter(|(prefix, _)| p.name.starts_with(prefix.as_str()))
-                    .max_by_key(|(prefix, _)| prefix.len());
-                let spared = t.no_weight_decay.iter().any(|prefix| p.name.starts_with(prefix.as_str()));
-                ParamGroup { lr_mult: mult.map_or(1.0, |(_, &m)| m), decay: p.kind.decays_by_default() && !spared }
-            })
-            .collect();
+        for p in &trainable {
+            let _ = p.tensor.set_requires_grad(true);
+        }
+        let groups = trainable.iter().map(|p| param_group(recipe, p)).collect();
         let params = trainable.iter().map(|p| (p.name.clone(), p.tensor.shallow_clone())).collect();
         let config = AdamConfig {
             lr: t.lr,
@@ -416,6 +423,38 @@ mod tests {
             }
         }
         std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn weight_decay_falls_on_vision_and_projector_kernels_as_big_vision_s_mask() {
+        let recipe_text = "[model]\ninit = \"tiny\"\nresolution = 32\n[data]\ntokenizer = \"t.json\"\n\
+                           mixture = [{ path = \"d.jsonl\", weight = 1.0 }]\n[train]\nsteps = 1\nbatch_size = 1\nlr = 1e-3\n";
+        let recipe: Recipe = toml::from_str(recipe_text).unwrap();
+        let config = PaliGemmaConfig::tiny(40, 39, 32).unwrap();
+        let model = PaliGemma::new(config, Weights::random(Device::Cpu, Kind::Float), RunOptions::default()).unwrap();
+        let decay_in = |recipe: &Recipe, name: &str| {
+            let p = model.params().iter().find(|p| p.name == name).unwrap_or_else(|| panic!("{name}"));
+            param_group(recipe, p).decay_mult
+        };
+        let decay = |name: &str| decay_in(&recipe, name);
+        let vision = "vision_tower.vision_model";
+        assert_eq!(decay(&format!("{vision}.embeddings.patch_embedding.weight")), 1.0);
+        assert_eq!(decay(&format!("{vision}.encoder.layers.0.mlp.fc1.weight")), 1.0);
+        assert_eq!(decay("multi_modal_projector.linear.weight"), 1.0);
+        // big_vision never decays the LLM (its parameters are not named `kernel`), nor biases,
+        // norms, embeddings and position embeddings.
+        assert_eq!(decay("language_model.model.layers.0.mlp.gate_proj.weight"), 0.0);
+        assert_eq!(decay("language_model.model.layers.0.self_attn.q_proj.weight"), 0.0);
+        assert_eq!(decay(&format!("{vision}.encoder.layers.0.mlp.fc1.bias")), 0.0);
+        assert_eq!(decay(&format!("{vision}.embeddings.position_embedding.weight")), 0.0);
+        assert_eq!(decay("language_model.model.embed_tokens.weight"), 0.0);
+        // A recipe's multipliers: the longest prefix wins.
+        let mut own = recipe.clone();
+        own.train.wd_mults = [("language_model.".to_string(), 0.5), ("vision_tower.".to_string(), 0.0)].into();
+        assert_eq!(decay_in(&own, "language_model.model.layers.0.mlp.gate_proj.weight"), 0.5);
+        assert_eq!(decay_in(&own, &format!("{vision}.encoder.layers.0.mlp.fc1.weight")), 0.0);
+        assert_eq!(decay_in(&own, "multi_modal_projector.linear.weight"), 0.0);
+        assert_eq!(decay_in(&own, "language_model.model.norm.weight"), 0.0);
     }
 
     #[test]

@@ -22,8 +22,9 @@ use super::{
 
 const BASELINE: &str = include_str!("train_baseline.py");
 
-/// AdamW's settings on both sides (weight decay on kernels, the patch-embedding convolution
-/// included, not on embeddings, norms or biases; the baseline builds the same two groups),
+/// AdamW's settings on both sides (weight decay on every kernel, the decoder's and the
+/// patch-embedding convolution included, not on embeddings, norms or biases; the baseline
+/// builds the same two groups),
 /// after clipping the gradient norm to 1 (big_vision's and pg2's default).
 const LR: f64 = 1e-3;
 const WEIGHT_DECAY: f64 = 0.01;
@@ -37,6 +38,7 @@ pub(super) fn step_recipe(dir: &Path, steps: usize, batch: i64, model: &str, tra
         "[model]\ninit = {init:?}\nresolution = {resolution}\n{model}\n\
          [data]\ntokenizer = \"unused.json\"\nmixture = [{{ path = \"unused.jsonl\", weight = 1.0 }}]\n\
          [train]\nsteps = {steps}\nbatch_size = {batch}\nlr = {LR}\nweight_decay = {WEIGHT_DECAY}\nweight_decay_mode = \"lr_coupled\"\n\
+         wd_mults = {{ \"vision_tower.\" = 1.0, \"multi_modal_projector.\" = 1.0, \"language_model.\" = 1.0 }}\n\
          schedule = \"constant\"\nloss_normalization = \"token\"\ngrad_clip = 1.0\n{train}\n",
         init = dir.display().to_string(),
     );
