@@ -3,26 +3,32 @@
 /// Similarities below this count as 0.
 pub const THRESHOLD: f64 = 0.5;
 
-/// ANLS of one prediction: the best over the answers of `1 - lev(p, a) / max(|p|, |a|)`,
-/// both trimmed and lower-cased, or 0 where that is below [`THRESHOLD`] (exactly 0.5 counts).
+/// ANLS of one prediction as the official RRC / DocVQA script scores it: both strings
+/// lower-cased with their whitespace runs collapsed to single spaces and the ends stripped
+/// (Python's `split`, so `"x  y"` matches `"x y"`), the edit distance divided by the longer
+/// of the *raw* strings' upper-cased lengths (`ß` counts 2), the best answer kept, and 0
+/// where that is below [`THRESHOLD`] (exactly 0.5 counts). Two empty strings match.
 ///
-/// Distances count Unicode scalar values (Python's characters); as in the official code the
-/// lengths are those of the upper-cased strings (`ß` counts 2), and two empty strings match.
+/// Distances count Unicode scalar values (Python's characters).
 pub fn anls(prediction: &str, answers: &[&str]) -> f64 {
-    let prediction = prediction.trim().to_lowercase();
-    answers.iter().map(|a| similarity(&prediction, &a.trim().to_lowercase())).fold(0.0, f64::max)
-}
-
-fn similarity(a: &str, b: &str) -> f64 {
-    let length = a.to_uppercase().chars().count().max(b.to_uppercase().chars().count());
-    if length == 0 {
-        return 1.0;
-    }
-    let s = 1.0 - levenshtein(a, b) as f64 / length as f64;
-    if s < THRESHOLD {
+    let normal = |s: &str| crate::python_split(&s.to_lowercase()).collect::<Vec<_>>().join(" ");
+    let upper_len = |s: &str| s.to_uppercase().chars().count();
+    let prediction_normal = normal(prediction);
+    let least = answers
+        .iter()
+        .map(|a| {
+            let length = upper_len(a).max(upper_len(prediction));
+            match length {
+                0 => 0.0,
+                _ => levenshtein(&normal(a), &prediction_normal) as f64 / length as f64,
+            }
+        })
+        .fold(f64::INFINITY, f64::min);
+    let similarity = 1.0 - least;
+    if similarity < THRESHOLD {
         0.0
     } else {
-        s
+        similarity
     }
 }
 

@@ -35,6 +35,18 @@
 //!
 //! The modules hold typed per-example functions for use without JSON.
 
+/// Whether Python's `str.split()` and `str.strip()` take `c` for whitespace: Unicode's
+/// White_Space (Rust's `char::is_whitespace`) and the ASCII separators U+001C to U+001F,
+/// which the official scorers, being Python, also split on.
+pub(crate) fn is_python_space(c: char) -> bool {
+    c.is_whitespace() || ('\u{1c}'..='\u{1f}').contains(&c)
+}
+
+/// Python's `text.split()`: the words between runs of [`is_python_space`] characters.
+pub(crate) fn python_split(text: &str) -> impl Iterator<Item = &str> {
+    text.split(is_python_space).filter(|w| !w.is_empty())
+}
+
 pub mod anls;
 pub mod caption;
 pub mod example;

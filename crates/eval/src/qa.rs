@@ -5,11 +5,12 @@
 /// leave-one-out subsets of the answers of `min(#answers in the subset equal to the
 /// prediction / 3, 1)`.
 ///
-/// Newlines and tabs become spaces and the ends are trimmed. Like the official code, the
+/// Newlines and tabs become spaces and the ends are stripped of what Python takes for
+/// whitespace (see `is_python_space`). Like the official code, the
 /// prediction and answers are normalised ([`normalize_vqa`]) only when the answers are not all
 /// identical, so against ten identical `"yes"` a `"Yes"` scores 0.
 pub fn vqa_accuracy(prediction: &str, answers: &[&str]) -> f64 {
-    let clean = |s: &str| s.replace(['\n', '\t'], " ").trim().to_string();
+    let clean = |s: &str| s.replace(['\n', '\t'], " ").trim_matches(crate::is_python_space).to_string();
     let mut prediction = clean(prediction);
     let mut answers: Vec<String> = answers.iter().map(|a| clean(a)).collect();
     if answers.iter().any(|a| *a != answers[0]) {
@@ -64,11 +65,11 @@ fn strip_punctuation(text: &str) -> String {
 }
 
 /// `processDigitArticle`: lower-case, number words to digits, articles dropped, contractions
-/// missing their apostrophe fixed, words re-joined by single spaces.
+/// missing their apostrophe fixed, words (split as Python's `split`) re-joined by single
+/// spaces.
 fn digits_and_articles(text: &str) -> String {
     let lower = text.to_lowercase();
-    let words: Vec<&str> = lower
-        .split_whitespace()
+    let words: Vec<&str> = crate::python_split(&lower)
         .map(|w| NUMBER_WORDS.iter().find(|(k, _)| *k == w).map_or(w, |(_, v)| v))
         .filter(|w| !["a", "an", "the"].contains(w))
         .map(|w| CONTRACTIONS.iter().find(|(k, _)| *k == w).map_or(w, |(_, v)| v))
@@ -218,27 +219,39 @@ const CONTRACTIONS: [(&str, &str); 120] = [
 ];
 
 /// ChartQA relaxed accuracy against any answer (pix2struct's `relaxed_correctness`): if both
-/// parse as numbers (a trailing `%` divides by 100) and the answer is not 0, correct when
-/// within 5% relative error; otherwise a case-insensitive string match. Both sides are
-/// trimmed first.
+/// parse as numbers (as Python's `float`; trailing `%`s stripped and the value divided by
+/// 100) and the answer is not 0, correct when within 5% relative error; otherwise a
+/// case-insensitive match of the strings as they are (not trimmed).
 pub fn relaxed_accuracy(prediction: &str, answers: &[&str]) -> f64 {
-    let prediction = prediction.trim();
-    let correct = |answer: &&str| {
-        let answer = answer.trim();
-        match (parse_number(prediction), parse_number(answer)) {
-            (Some(p), Some(a)) if a != 0.0 => (p - a).abs() / a.abs() <= 0.05,
-            _ => prediction.to_lowercase() == answer.to_lowercase(),
-        }
+    let correct = |answer: &&str| match (parse_number(prediction), parse_number(answer)) {
+        (Some(p), Some(a)) if a != 0.0 => (p - a).abs() / a.abs() <= 0.05,
+        _ => prediction.to_lowercase() == answer.to_lowercase(),
     };
     f64::from(u8::from(answers.iter().any(correct)))
 }
 
-/// Python's `float(text)`, or of `text` without a trailing `%` divided by 100.
+/// pix2struct's `_to_float`: `float(text.rstrip("%")) / 100` when `text` ends in `%`, else
+/// `float(text)`.
 fn parse_number(text: &str) -> Option<f64> {
-    match text.strip_suffix('%') {
-        Some(number) => number.parse::<f64>().ok().map(|v| v / 100.0),
-        None => text.parse().ok(),
+    match text.ends_with('%') {
+        true => python_float(text.trim_end_matches('%')).map(|v| v / 100.0),
+        false => python_float(text),
     }
+}
+
+/// Python's `float(text)`: surrounding whitespace skipped, single underscores between digits
+/// allowed (`1_000`), `inf`/`nan` in any case. (Digits of other scripts, which Python also
+/// reads, are not.)
+fn python_float(text: &str) -> Option<f64> {
+    let text = text.trim_matches(crate::is_python_space);
+    let bytes = text.as_bytes();
+    let underscores_between_digits = bytes.iter().enumerate().all(|(i, &b)| {
+        b != b'_' || (i > 0 && bytes[i - 1].is_ascii_digit() && bytes.get(i + 1).is_some_and(u8::is_ascii_digit))
+    });
+    if !underscores_between_digits {
+        return None;
+    }
+    text.replace('_', "").parse().ok()
 }
 
 /// 1 if the trimmed, lower-cased prediction equals any trimmed, lower-cased answer, else 0.
