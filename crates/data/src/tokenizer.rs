@@ -82,4 +82,12 @@ impl PgTokenizer {
     pub fn vocab_size(&self) -> usize {
         self.inner.get_vocab_size(true)
     }
+
+    /// The ids a target can be: the first this many (every id but `<image>` when it is the
+    /// last one, as in the released and the synthetic tokenizers). Label smoothing spreads
+    /// over these, as big_vision's over its text vocabulary, not over embedding rows past it.
+    pub fn text_ids(&self) -> usize {
+        let n = self.vocab_size();
+        n - usize::from(self.image_id as usize + 1 == n)
+    }
 }

@@ -64,7 +64,7 @@ pub fn train(recipe: &Recipe, resolved: &toml::Table, opts: &LaunchOptions, grou
     let total_steps = t.length().steps(mixture.total_records(), t.batch_size * t.grad_accumulation);
     let warmup_steps = t.warmup_fraction.map_or(t.warmup_steps, |f| (f * total_steps as f64).round() as u64);
     let schedule = Schedule { warmup_steps, total_steps, shape: t.schedule };
-    let mut trainer = Trainer::new(model, recipe, schedule, first_step, group)?;
+    let mut trainer = Trainer::new(model, recipe, schedule, first_step, tokenizer.text_ids(), group)?;
     if let Some(dir) = &resume_from {
         trainer.load_optimizer_state(dir)?;
     }

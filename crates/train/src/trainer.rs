@@ -167,6 +167,8 @@ struct StepSettings {
     accumulation: usize,
     loss_normalization: LossNormalization,
     label_smoothing: f64,
+    /// The leading ids that label smoothing spreads over (the tokenizer's text ids).
+    text_ids: i64,
     grad_clip: Option<f64>,
     autocast: Option<Kind>,
     dropout: f64,
@@ -200,6 +202,7 @@ impl Trainer {
         recipe: &Recipe,
         schedule: Schedule,
         first_step: u64,
+        text_ids: usize,
         group: &mut Group,
     ) -> Result<Trainer> {
         group.broadcast_from_main(&model.parameters().into_iter().map(|(_, p)| p).collect::<Vec<_>>())?;
@@ -226,6 +229,7 @@ impl Trainer {
             accumulation: t.grad_accumulation,
             loss_normalization: t.loss_normalization,
             label_smoothing: t.label_smoothing,
+            text_ids: text_ids as i64,
             grad_clip: Some(t.grad_clip).filter(|&c| c > 0.0),
             autocast: recipe.model.dtype.autocast(),
             dropout: recipe.model.dropout,
@@ -299,7 +303,7 @@ impl Trainer {
             // and ranks, as one big batch would; times `world`, for the ranks' gradients are
             // averaged). Per example: this micro-batch's mean, a 1/accumulation share.
             let tokens = per_token.then(|| update_targets as f64 / world as f64);
-            let forward = || loss(&self.model, &batch, s.label_smoothing, tokens);
+            let forward = || loss(&self.model, &batch, (s.label_smoothing, s.text_ids), tokens);
             let loss = match s.autocast {
                 Some(kind) => pg2_model::autocast(device, kind, forward),
                 None => forward(),
@@ -350,10 +354,10 @@ impl Trainer {
 /// own target count, averaged over the batch; per token (transformers): the summed NLL
 /// over `per_token` tokens (the whole update's target count over the number of workers, so
 /// that averaging their gradients divides by all the update's targets). With
-/// label smoothing `s` the target keeps `1 - s` and every other token gets `s / (V - 1)`.
-fn loss(model: &PaliGemma, batch: &Batch, smoothing: f64, per_token: Option<f64>) -> Result<Tensor> {
+/// label smoothing `s` the target keeps `1 - s` and every other text id gets `s / (V - 1)`.
+fn loss(model: &PaliGemma, batch: &Batch, smoothing: (f64, i64), per_token: Option<f64>) -> Result<Tensor> {
     let targets = model.target_distributions(&batch.inputs, &batch.loss_mask)?;
-    let nll = smoothed_nll(&targets.log_probs, &targets.targets, smoothing);
+    let nll = smoothed_nll(&targets.log_probs, &targets.targets, smoothing.0, smoothing.1);
     if let Some(tokens) = per_token {
         return Ok(nll.sum(Kind::Float) / tokens.max(1.0));
     }
@@ -365,15 +369,16 @@ fn loss(model: &PaliGemma, batch: &Batch, smoothing: f64, per_token: Option<f64>
 }
 
 /// Per-token cross-entropy against the target smoothed by `s`: `(1 - s)` on the target,
-/// `s / (V - 1)` on each other token (big_vision's label smoothing).
-fn smoothed_nll(log_probs: &Tensor, targets: &Tensor, s: f64) -> Tensor {
+/// `s / (V - 1)` on each other of the first `V = text_ids` ids (big_vision's label
+/// smoothing over its text vocabulary; embedding rows past the tokenizer get none).
+fn smoothed_nll(log_probs: &Tensor, targets: &Tensor, s: f64, text_ids: i64) -> Tensor {
     let picked = log_probs.gather(1, &targets.unsqueeze(1), false).squeeze_dim(1);
     if s == 0.0 {
         return -picked;
     }
-    let others = log_probs.sum_dim_intlist(1, false, Kind::Float) - &picked;
-    let vocab = log_probs.size()[1] as f64;
-    -(picked * (1.0 - s) + others * (s / (vocab - 1.0)))
+    let vocab = text_ids.min(log_probs.size()[1]);
+    let others = log_probs.narrow(1, 0, vocab).sum_dim_intlist(1, false, Kind::Float) - &picked;
+    -(picked * (1.0 - s) + others * (s / (vocab as f64 - 1.0)))
 }
 
 #[cfg(test)]
@@ -462,10 +467,14 @@ mod tests {
         let probs = [0.7f64, 0.2, 0.1];
         let log_probs = Tensor::from_slice(&probs.map(|p| p.ln() as f32)).view([1, 3]);
         let target = Tensor::from_slice(&[0i64]);
-        let plain = smoothed_nll(&log_probs, &target, 0.0).double_value(&[0]);
+        let plain = smoothed_nll(&log_probs, &target, 0.0, 3).double_value(&[0]);
         assert!((plain + 0.7f64.ln()).abs() < 1e-6);
         // s = 0.3: 0.7 on the target, 0.15 on each of the two others.
         let want = -(0.7 * 0.7f64.ln() + 0.15 * 0.2f64.ln() + 0.15 * 0.1f64.ln());
-        assert!((smoothed_nll(&log_probs, &target, 0.3).double_value(&[0]) - want).abs() < 1e-6);
+        assert!((smoothed_nll(&log_probs, &target, 0.3, 3).double_value(&[0]) - want).abs() < 1e-6);
+        // A fourth embedding row past the tokenizer's ids (the released checkpoints pad the
+        // table to a multiple of 64) gets no share.
+        let padded = Tensor::cat(&[log_probs, Tensor::from_slice(&[-20.0f32]).view([1, 1])], 1);
+        assert!((smoothed_nll(&padded, &target, 0.3, 3).double_value(&[0]) - want).abs() < 1e-6);
     }
 }

@@ -59,7 +59,9 @@ pub(super) fn step_trainer(
     let loss_mask = inputs.layout.mask_ar.to_kind(Kind::Bool);
     let targets = loss_mask.sum(Kind::Int64).int64_value(&[]) as usize * group.world();
     let schedule = Schedule { warmup_steps: 0, total_steps: u64::MAX, shape: DecayShape::Constant };
-    let trainer = Trainer::new(model, recipe, schedule, 0, group)?;
+    // The benchmark shapes' `<image>` is their last id, past every text id.
+    let text_ids = model.config.image_token_id as usize;
+    let trainer = Trainer::new(model, recipe, schedule, 0, text_ids, group)?;
     Ok((trainer, Batch { inputs, loss_mask }, targets))
 }
 
