@@ -19,8 +19,9 @@ use pg2_train::Recipe;
 
 #[derive(Args)]
 pub struct PlanArgs {
-    /// A recipe: its model, dtype, frozen parts, batch (split over `--gpus` and the
-    /// accumulation), text lengths and options. Otherwise `--size` and the flags below.
+    /// A recipe: its model, dtype, frozen parts, micro-batch (`train.batch_size`, split over
+    /// `--gpus`), accumulation, text lengths and options. Otherwise `--size` and the flags
+    /// below.
     #[arg(long)]
     pub recipe: Option<PathBuf>,
     /// `key=value` overrides of the recipe, as `launch --set`.
