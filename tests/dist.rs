@@ -304,17 +304,15 @@ fn sharded_training_equals_one_process_and_resumes_at_any_worker_count() {
     ];
     run(launch(&dir, "one", &[]));
     run(launch(&dir, "one-token", &token));
-    let runs: [(&str, &str, &str, &[&str]); 4] = [
+    let after = ["--set", "train.overlap_reduction=false"];
+    let runs: [(&str, &str, &str, &[&str]); 5] = [
         ("optimizer-2", "optimizer", "2", &[]),
         ("gradients-2", "gradients", "2", &[]),
         // ZeRO-2 reduces each micro-batch, ZeRO-1 the last.
         ("gradients-4-token", "gradients", "4", &token),
-        (
-            "optimizer-2-token-after",
-            "optimizer",
-            "2",
-            &[&token[..], &["--set", "train.overlap_reduction=false"]].concat(),
-        ),
+        ("optimizer-2-token-after", "optimizer", "2", &[&token[..], &after].concat()),
+        // Reduced after each backward pass, as on GPUs.
+        ("gradients-2-token-after", "gradients", "2", &[&token[..], &after].concat()),
     ];
     for (name, sharding, workers, extra) in runs {
         let args: Vec<String> = [&mode(sharding)[..], &["--nproc-per-node".into(), workers.into()]]

@@ -60,9 +60,9 @@ pub struct PlanArgs {
     /// measured peak memory beside the estimate.
     #[arg(long, value_enum)]
     pub measure: Option<crate::bench::Shape>,
-    /// Set in the re-executed process that measures one way (`all`, `lean`, `checkpointed`).
-    #[arg(long, hide = true)]
-    pub measure_keep: Option<String>,
+    /// Set in the re-executed process that measures one way of keeping activations.
+    #[arg(long, hide = true, value_enum)]
+    pub measure_keep: Option<Keep>,
 }
 
 /// One training step's shape, as the memory model reads it.
@@ -85,7 +85,7 @@ pub struct StepShape {
 }
 
 /// How the activations are kept for backward.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Keep {
     /// Everything the graph saves (`activation_checkpointing = false`).
     All,
@@ -283,7 +283,7 @@ const MODES: [(Sharding, &str); 3] =
 
 pub fn run(args: &PlanArgs) -> Result<()> {
     match (&args.measure, &args.measure_keep) {
-        (Some(shape), Some(keep)) => return measure_one(*shape, parse_keep(keep)),
+        (Some(shape), Some(keep)) => return measure_one(*shape, *keep),
         (Some(shape), None) => return measure(*shape),
         _ => {}
     }
@@ -382,18 +382,10 @@ fn benchmark_step(shape: crate::bench::Shape) -> Result<StepShape> {
     })
 }
 
-fn parse_keep(name: &str) -> Keep {
-    match name {
-        "lean" => Keep::Lean,
-        "checkpointed" => Keep::Checkpointed,
-        _ => Keep::All,
-    }
-}
-
 /// `--measure`: each way of keeping activations measured in a fresh process (so that each
 /// peak is its own), beside the estimate.
 fn measure(shape: crate::bench::Shape) -> Result<()> {
-    let shape_name = clap::ValueEnum::to_possible_value(&shape).expect("a named shape").get_name().to_string();
+    let shape_name = value_name(&shape);
     let step = benchmark_step(shape)?;
     println!(
         "{shape_name} shape on the CPU: batch {} x ({} image + {} text tokens), f32, soft caps on",
@@ -401,17 +393,18 @@ fn measure(shape: crate::bench::Shape) -> Result<()> {
         step.config.vision.num_patches(),
         step.text_tokens
     );
-    for (keep, name) in [(Keep::All, "all"), (Keep::Lean, "lean"), (Keep::Checkpointed, "checkpointed")] {
+    for keep in Keep::ALL {
+        let keep_name = value_name(&keep);
         let out = std::process::Command::new(std::env::current_exe()?)
-            .args(["plan", "--measure", &shape_name, "--measure-keep", name])
+            .args(["plan", "--measure", &shape_name, "--measure-keep", &keep_name])
             .output()?;
         if !out.status.success() {
-            bail!("measuring `{name}`: {}", String::from_utf8_lossy(&out.stderr));
+            bail!("measuring `{keep_name}`: {}", String::from_utf8_lossy(&out.stderr));
         }
         let measured: f64 = String::from_utf8_lossy(&out.stdout).trim().parse()?;
         let estimate = activation_bytes(&step, keep);
         println!(
-            "activations {name:<13} estimated {:>7.1} MB, measured {:>7.1} MB (ratio {:.2})",
+            "activations {keep_name:<13} estimated {:>7.1} MB, measured {:>7.1} MB (ratio {:.2})",
             estimate / 1e6,
             measured / 1e6,
             measured / estimate
@@ -421,14 +414,19 @@ fn measure(shape: crate::bench::Shape) -> Result<()> {
     Ok(())
 }
 
+/// How `value` is spelt on the command line.
+fn value_name(value: &impl clap::ValueEnum) -> String {
+    value.to_possible_value().expect("a named value").get_name().to_string()
+}
+
 /// One forward and backward pass of the benchmark shape keeping activations as `keep`
 /// says; prints the bytes the step added to the process's peak beyond its gradients. A
 /// first step runs before, so that libtorch's one-time buffers are not counted, and every
 /// large block is returned to the system when freed, so that the second step's peak is its
 /// own.
 fn measure_one(shape: crate::bench::Shape, keep: Keep) -> Result<()> {
-    use pg2_model::{Inputs, PaliGemma, RunOptions, TokenLayout, Weights};
-    use tch::{Device, Kind, Tensor};
+    use pg2_model::{PaliGemma, RunOptions, Weights};
+    use tch::{Device, Kind};
     return_freed_memory();
     let step = benchmark_step(shape)?;
     let options = RunOptions {
@@ -437,30 +435,15 @@ fn measure_one(shape: crate::bench::Shape, keep: Keep) -> Result<()> {
         ..RunOptions::default()
     };
     tch::manual_seed(0);
-    let config = step.config.clone();
-    let model = PaliGemma::new(config.clone(), Weights::random(Device::Cpu, Kind::Float), options)?;
+    let model = PaliGemma::new(step.config.clone(), Weights::random(Device::Cpu, Kind::Float), options)?;
     for p in model.params() {
         let _ = p.tensor.set_requires_grad(true);
     }
-    let (b, patches, text) = (step.batch as i64, config.vision.num_patches() as i64, step.text_tokens as i64);
-    let opts = (Kind::Int64, Device::Cpu);
-    let ids = Tensor::cat(
-        &[
-            Tensor::full([b, patches], config.image_token_id, opts),
-            Tensor::randint_low(4, config.image_token_id, [b, text], opts),
-        ],
-        1,
-    );
-    let position = Tensor::arange(patches + text, opts).unsqueeze(0).expand([b, patches + text], false);
-    let mask_ar = position.ge(patches + text - step.target_tokens as i64).to_kind(Kind::Int64);
-    let res = config.vision.image_size as i64;
-    let valid = Tensor::ones([b, patches + text], (Kind::Bool, Device::Cpu));
-    let inputs = Inputs {
-        pixels: Some(Tensor::rand([b, 3, res, res], (Kind::Float, Device::Cpu))),
-        ids,
-        layout: TokenLayout { mask_ar: mask_ar.shallow_clone(), valid },
-    };
-    let targets = mask_ar.to_kind(Kind::Bool);
+    // The benchmarks' inputs: image tokens, `<bos>`, prompt, `\n`, target, `<eos>`.
+    let dir = crate::bench::TempDir::new("plan")?;
+    crate::bench::write_inputs(&step.config, step.batch as i64, true, &dir.0)?;
+    let inputs = crate::bench::read_inputs(&dir.0, Device::Cpu)?;
+    let targets = inputs.layout.mask_ar.to_kind(Kind::Bool);
     let run = || -> Result<()> {
         let (logprobs, _) = model.target_logprobs(&inputs, &targets)?;
         (-logprobs.mean(Kind::Float)).backward();

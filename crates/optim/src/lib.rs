@@ -96,10 +96,16 @@ impl Adam {
         config: AdamConfig,
         group: impl Fn(&str, &Tensor) -> ParamGroup,
     ) -> Self {
+        let groups = params.iter().map(|(n, p)| group(n, p)).collect();
+        Self::from_groups(params, groups, config)
+    }
+
+    /// As [`Adam::new`], with `groups[i]` the settings of `params[i]`.
+    pub fn from_groups(params: Vec<(String, Tensor)>, groups: Vec<ParamGroup>, config: AdamConfig) -> Self {
+        assert_eq!(params.len(), groups.len(), "one group per parameter");
         let zeros = |p: &Tensor| Tensor::zeros_like(p).to_kind(Kind::Float);
         let m = params.iter().map(|(_, p)| zeros(p)).collect();
         let v = params.iter().map(|(_, p)| zeros(p)).collect();
-        let groups = params.iter().map(|(n, p)| group(n, p)).collect();
         let master =
             params.iter().map(|(_, p)| (p.kind() != Kind::Float).then(|| p.detach().to_kind(Kind::Float))).collect();
         let step_counts = params.iter().map(|(_, p)| Tensor::zeros([], (Kind::Float, p.device()))).collect();
@@ -249,7 +255,7 @@ impl Adam {
         });
     }
 
-    /// Drops the gradients without updating (a skipped step).
+    /// Zeroes the parameters' gradients (after an update, made or skipped).
     pub fn zero_grad(&mut self) {
         for (_, p) in self.params.iter_mut() {
             p.zero_grad();

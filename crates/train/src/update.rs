@@ -62,9 +62,7 @@ impl Update {
                 true => group.overlapped_reduction(trainable.named(), bucket_bytes)?,
                 false => None,
             };
-            let groups: BTreeMap<String, ParamGroup> =
-                trainable.params.iter().map(|(n, _)| n.clone()).zip(trainable.groups).collect();
-            let optimizer = Adam::with_groups(trainable.params, config, |name, _| groups[name]);
+            let optimizer = Adam::from_groups(trainable.params, trainable.groups, config);
             return Ok(Update::Replicated { optimizer, overlap, bucket_bytes });
         }
         Ok(Update::Sharded(Sharded::new(trainable, config, sharding, bucket_bytes, overlap, group)?))
@@ -217,10 +215,8 @@ impl Sharded {
             .iter()
             .map(|p| (format!("{}@{}", names[p.tensor], p.offset), master[p.bucket].narrow(0, p.at, p.len)))
             .collect();
-        let groups: Vec<ParamGroup> = pieces.iter().map(|p| trainable.groups[p.tensor]).collect();
-        let piece_index: BTreeMap<String, usize> =
-            pieces.iter().enumerate().map(|(i, p)| (format!("{}@{}", names[p.tensor], p.offset), i)).collect();
-        let optimizer = Adam::with_groups(named_pieces, config, |name, _| groups[piece_index[name]]);
+        let groups = pieces.iter().map(|p| trainable.groups[p.tensor]).collect();
+        let optimizer = Adam::from_groups(named_pieces, groups, config);
         let overlap = match overlap {
             true => group.sharded_reduction(trainable.named(), &layout)?,
             false => None,

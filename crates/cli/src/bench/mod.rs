@@ -575,7 +575,7 @@ fn write_random_model(shape: Shape, dir: &Path) -> Result<(PaliGemmaConfig, i64)
 /// it out (image placeholders, `<bos>`, prompt, `\n`, then target + `<eos>` when
 /// `with_target`), with random text and pixels: `input_ids`, `pixel_values`,
 /// `token_type_ids` (1 on the target) and `attention_mask`.
-fn write_inputs(config: &PaliGemmaConfig, batch: i64, with_target: bool, dir: &Path) -> Result<()> {
+pub(crate) fn write_inputs(config: &PaliGemmaConfig, batch: i64, with_target: bool, dir: &Path) -> Result<()> {
     const BOS: i64 = 2;
     const EOS: i64 = 1;
     const NEWLINE: i64 = 108; // Gemma's "\n"
@@ -610,7 +610,7 @@ fn write_inputs(config: &PaliGemmaConfig, batch: i64, with_target: bool, dir: &P
 }
 
 /// Reads `DIR/inputs.safetensors` (see [`write_inputs`]) as pg2's model inputs on `device`.
-fn read_inputs(dir: &Path, device: Device) -> Result<pg2_model::Inputs> {
+pub(crate) fn read_inputs(dir: &Path, device: Device) -> Result<pg2_model::Inputs> {
     let mut tensors: std::collections::HashMap<String, Tensor> =
         Tensor::read_safetensors(dir.join("inputs.safetensors"))?.into_iter().collect();
     let mut take = |name: &str| {
@@ -720,10 +720,10 @@ fn last_json_line(stdout: &[u8]) -> Result<serde_json::Value> {
 }
 
 /// A temporary folder removed when dropped.
-struct TempDir(PathBuf);
+pub(crate) struct TempDir(pub(crate) PathBuf);
 
 impl TempDir {
-    fn new(name: &str) -> Result<Self> {
+    pub(crate) fn new(name: &str) -> Result<Self> {
         let dir = std::env::temp_dir().join(format!("pg2-bench-{name}-{}", std::process::id()));
         std::fs::create_dir_all(&dir)?;
         Ok(Self(dir))
