@@ -305,7 +305,9 @@ fn sharded_training_equals_one_process_and_resumes_at_any_worker_count() {
     run(launch(&dir, "one", &[]));
     run(launch(&dir, "one-token", &token));
     let after = ["--set", "train.overlap_reduction=false"];
-    let runs: [(&str, &str, &str, &[&str]); 5] = [
+    // Parameter sharding gathers each layer again to recompute it in backward.
+    let recompute = ["--set", "model.activation_checkpointing=true"];
+    let runs: [(&str, &str, &str, &[&str]); 8] = [
         ("optimizer-2", "optimizer", "2", &[]),
         ("gradients-2", "gradients", "2", &[]),
         // ZeRO-2 reduces each micro-batch, ZeRO-1 the last.
@@ -313,6 +315,9 @@ fn sharded_training_equals_one_process_and_resumes_at_any_worker_count() {
         ("optimizer-2-token-after", "optimizer", "2", &[&token[..], &after].concat()),
         // Reduced after each backward pass, as on GPUs.
         ("gradients-2-token-after", "gradients", "2", &[&token[..], &after].concat()),
+        ("full-2", "full", "2", &recompute),
+        ("full-4-token", "full", "4", &[&token[..], &recompute].concat()),
+        ("full-2-token-after", "full", "2", &[&token[..], &after, &recompute].concat()),
     ];
     for (name, sharding, workers, extra) in runs {
         let args: Vec<String> = [&mode(sharding)[..], &["--nproc-per-node".into(), workers.into()]]
@@ -321,7 +326,7 @@ fn sharded_training_equals_one_process_and_resumes_at_any_worker_count() {
             .chain(extra.iter().map(|s| s.to_string()))
             .collect();
         run(launch(&dir, name, &args.iter().map(String::as_str).collect::<Vec<_>>()));
-        let reference = if extra.is_empty() { "one" } else { "one-token" };
+        let reference = if extra.contains(&token[1]) { "one-token" } else { "one" };
         assert_close(name, &losses(&dir.join(reference)), &losses(&dir.join(name)), 1e-5);
         let norms = |run: &str| -> Vec<f64> {
             metric_lines(&dir.join(run)).iter().filter_map(|v| v.get("grad_norm")?.as_f64()).collect()
@@ -335,7 +340,9 @@ fn sharded_training_equals_one_process_and_resumes_at_any_worker_count() {
         }
     }
     // Each rank keeps a 1/N share of the optimizer state: together exactly the whole.
-    for (run, workers, reference) in [("gradients-2", 2, "one"), ("gradients-4-token", 4, "one-token")] {
+    for (run, workers, reference) in
+        [("gradients-2", 2, "one"), ("gradients-4-token", 4, "one-token"), ("full-4-token", 4, "one-token")]
+    {
         let whole: usize = optimizer_files(&dir.join(reference))[0].1.iter().map(|(_, t)| t.numel()).sum();
         let files = optimizer_files(&dir.join(run));
         let names: Vec<&str> = files.iter().map(|(n, _)| n.as_str()).collect();
@@ -368,15 +375,19 @@ fn sharded_training_equals_one_process_and_resumes_at_any_worker_count() {
     }
     assert!(!stale.exists(), "the stale shares went with step 6's save");
     // With 4 workers, or one process without sharding, the state is cut anew.
-    for (name, args) in [("reshard-4", vec!["--nproc-per-node", "4"]), ("reshard-1", vec![])] {
-        Command::new("cp").arg("-r").arg(dir.join("gradients-2")).arg(dir.join(name)).status().unwrap();
+    let reshards: [(&str, &str, &str, &[&str]); 3] = [
+        ("reshard-4", "gradients-2", "gradients", &["--nproc-per-node", "4"]),
+        ("reshard-1", "gradients-2", "none", &[]),
+        ("reshard-full-4", "full-2", "full", &[&["--nproc-per-node", "4"][..], &recompute].concat()),
+    ];
+    for (name, from, sharding, args) in reshards {
+        Command::new("cp").arg("-r").arg(dir.join(from)).arg(dir.join(name)).status().unwrap();
         rewind(&dir.join(name), 3);
-        let sharding = if name == "reshard-4" { "gradients" } else { "none" };
         let args = [&mode(sharding)[..], &args.iter().map(|s| s.to_string()).collect::<Vec<_>>(), &["--resume".into()]]
             .concat();
         run(launch(&dir, name, &args.iter().map(String::as_str).collect::<Vec<_>>()));
         // The copied metrics hold steps 1 to 6, and the resumed run logs 4 to 6 again.
-        let (whole, resumed) = (losses(&dir.join("gradients-2")), losses(&dir.join(name)));
+        let (whole, resumed) = (losses(&dir.join(from)), losses(&dir.join(name)));
         assert_close(name, &whole[3..], &resumed[resumed.len() - 3..], 1e-5);
     }
     std::fs::remove_dir_all(dir).unwrap();

@@ -13,7 +13,7 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use pg2_model::PaliGemmaConfig;
+use pg2_model::{PaliGemmaConfig, Part};
 use pg2_train::recipe::{Dtype, Init, Preset, Sharding};
 use pg2_train::Recipe;
 
@@ -72,6 +72,8 @@ pub struct StepShape {
     /// Parameters, and those trained (not frozen).
     pub params: i64,
     pub trained: i64,
+    /// The parts frozen.
+    pub frozen: Vec<Part>,
     /// Bytes of a weight and of an activation.
     pub weight_bytes: usize,
     pub activation_bytes: usize,
@@ -126,6 +128,7 @@ impl StepShape {
                 config,
                 params,
                 trained: params,
+                frozen: vec![],
                 weight_bytes: bytes,
                 activation_bytes: bytes,
                 batch: args.batch,
@@ -186,6 +189,7 @@ impl StepShape {
             config,
             params,
             trained,
+            frozen: m.freeze.clone(),
             weight_bytes: if m.dtype == Dtype::Bf16 { 2 } else { 4 },
             activation_bytes: if m.dtype == Dtype::F32 { 4 } else { 2 },
             batch: t.batch_size / gpus,
@@ -207,7 +211,10 @@ impl StepShape {
     /// master weights, moments and averaged gradient (16 bytes a parameter over N); the
     /// whole gradient still builds up in backward, and on GPUs it stays whole until the
     /// backward pass ends (ZeRO-2's reduce-scatter overlaps backward only on CPU workers
-    /// for now), so on GPUs `gradients` saves nothing over `optimizer` yet.
+    /// for now), so on GPUs `gradients` saves nothing over `optimizer` yet. `full` keeps
+    /// the trained layers' weights as shares too, with one layer gathered at a time (the
+    /// embeddings, norms and projector stay whole), and gathers each layer twice per
+    /// micro-batch: for its forward pass and for its recompute in backward.
     pub fn state(&self, sharding: Sharding) -> StateBytes {
         let (n, p, trained) = (self.gpus as f64, self.params as f64, self.trained as f64);
         let w = self.weight_bytes as f64;
@@ -230,6 +237,24 @@ impl StepShape {
             Sharding::Optimizer => shares,
             Sharding::Gradients => {
                 StateBytes { sent: reduce_scatter * self.accumulation as f64 + all_gather, ..shares }
+            }
+            Sharding::Full => {
+                let (c, [vision_layer, decoder_layer]) = (&self.config, self.config.layer_sizes());
+                let trained_layers = |part: Part, layers: usize, size: i64| match self.frozen.contains(&part) {
+                    true => 0.0,
+                    false => (layers as i64 * size) as f64,
+                };
+                let sharded = trained_layers(Part::Vision, c.vision.num_hidden_layers, vision_layer)
+                    + trained_layers(Part::Decoder, c.text.num_hidden_layers, decoder_layer);
+                let gathered = vision_layer.max(decoder_layer) as f64;
+                let micro_batches = self.accumulation as f64;
+                StateBytes {
+                    weights: (p - sharded) * w + sharded * w / n + gathered * w,
+                    sent: reduce_scatter * micro_batches
+                        + 2.0 * micro_batches * ring * sharded * w
+                        + ring * (trained - sharded) * w,
+                    ..shares
+                }
             }
         }
     }
@@ -278,8 +303,12 @@ pub fn activation_bytes(shape: &StepShape, keep: Keep) -> f64 {
 const GB: f64 = 1e9;
 
 /// The modes `pg2 plan` weighs, in order of preference (least communication first).
-const MODES: [(Sharding, &str); 3] =
-    [(Sharding::None, "none"), (Sharding::Optimizer, "optimizer"), (Sharding::Gradients, "gradients")];
+const MODES: [(Sharding, &str); 4] = [
+    (Sharding::None, "none"),
+    (Sharding::Optimizer, "optimizer"),
+    (Sharding::Gradients, "gradients"),
+    (Sharding::Full, "full"),
+];
 
 pub fn run(args: &PlanArgs) -> Result<()> {
     match (&args.measure, &args.measure_keep) {
@@ -325,7 +354,9 @@ pub fn run(args: &PlanArgs) -> Result<()> {
         let acts = Keep::ALL.map(|keep| activation_bytes(&shape, keep));
         let totals = acts.map(|a| state + a);
         for (keep, total) in Keep::ALL.iter().zip(totals) {
-            if cheapest.is_none() && total <= budget {
+            // Parameter sharding recomputes every layer (it gathers them again for that).
+            let possible = mode != Sharding::Full || *keep == Keep::Checkpointed;
+            if cheapest.is_none() && possible && total <= budget {
                 cheapest = Some((name, *keep, total));
             }
         }
@@ -340,7 +371,10 @@ pub fn run(args: &PlanArgs) -> Result<()> {
             s.sent / scale
         );
     }
-    println!("({unit} per GPU; activations: everything kept / lean attention / activation checkpointing)");
+    println!(
+        "({unit} per GPU; activations: everything kept / lean attention / activation checkpointing; full runs \
+         with activation checkpointing only)"
+    );
     println!(
         "(gradients = ZeRO-2: on GPUs the whole gradient stays until each backward pass ends, as its \
          reduce-scatter overlaps backward only on CPU workers so far: no saving over optimizer yet)"
@@ -353,8 +387,7 @@ pub fn run(args: &PlanArgs) -> Result<()> {
             total / scale
         ),
         None => println!(
-            "\nnothing fits in 90 % of {} GB: more GPUs, a smaller micro-batch (more train.grad_accumulation) or \
-             parameter sharding (ZeRO-3, not in pg2 yet)",
+            "\nnothing fits in 90 % of {} GB: more GPUs or a smaller micro-batch (more train.grad_accumulation)",
             args.gpu_memory
         ),
     }
@@ -370,6 +403,7 @@ fn benchmark_step(shape: crate::bench::Shape) -> Result<StepShape> {
         config,
         params,
         trained: params,
+        frozen: vec![],
         weight_bytes: 4,
         activation_bytes: 4,
         batch: 8,

@@ -12,6 +12,7 @@ pub mod ring;
 pub mod shard;
 pub mod store;
 
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use tch::{Device, Tensor};
@@ -50,7 +51,7 @@ impl DistError {
 }
 
 /// Collectives over one tensor, called in the same order on every rank.
-pub trait Collective {
+pub trait Collective: Send {
     /// Sums `tensor` in place over the ranks; every rank ends with the same values.
     fn all_reduce_sum(&mut self, tensor: &Tensor) -> Result<(), DistError>;
     /// Copies rank `root`'s `tensor` into every other rank's.
@@ -75,13 +76,37 @@ fn check_shares(what: &str, share: &Tensor, whole: &Tensor, world: usize) -> Res
     )))
 }
 
+type SharedCollective = Arc<Mutex<Box<dyn Collective>>>;
+
+/// All-gathers on a [`Group`]'s backend from wherever the parameters are needed (see
+/// [`Group::param_gather`]); every rank makes them in the same order.
+#[derive(Clone)]
+pub struct ParamGather {
+    collective: Option<SharedCollective>,
+}
+
+impl ParamGather {
+    /// `output` gets every rank's `input` in rank order; in a group of one, `input` itself.
+    pub fn all_gather(&self, output: &Tensor, input: &Tensor) -> Result<(), DistError> {
+        match &self.collective {
+            Some(c) => c.lock().unwrap_or_else(|e| e.into_inner()).all_gather(output, input),
+            None => {
+                tch::no_grad(|| output.shallow_clone().copy_(input));
+                Ok(())
+            }
+        }
+    }
+}
+
 /// A data-parallel group as one worker sees it.
 pub struct Group {
     pub env: WorkerEnv,
     /// `None` in a process that trains alone.
     store: Option<store::Store>,
-    /// `None` in a group of one, where every collective is the identity.
-    collective: Option<Box<dyn Collective>>,
+    /// `None` in a group of one, where every collective is the identity. Shared with the
+    /// [`ParamGather`]s handed out, which gather parameters during forward and backward,
+    /// while the group itself is idle.
+    collective: Option<SharedCollective>,
     /// Where the collectives' tensors live.
     device: Device,
     timeout: Duration,
@@ -108,6 +133,7 @@ impl Group {
             _ if env.world == 1 => None,
             _ => Some(Box::new(ring::Ring::connect(&mut store, "ring", env.rank, env.world, timeout)?)),
         };
+        let collective = collective.map(|c| Arc::new(Mutex::new(c)));
         let mut group = Group { env, store: Some(store), collective, device, timeout, overlapped: 0 };
         group.barrier("join")?;
         Ok(group)
@@ -159,8 +185,8 @@ impl Group {
 
     /// Sums one tensor in place over the ranks (through the backend even in a group of one).
     pub fn all_reduce_sum(&mut self, tensor: &Tensor) -> Result<(), DistError> {
-        match &mut self.collective {
-            Some(c) => c.all_reduce_sum(tensor),
+        match self.collective() {
+            Some(mut c) => c.all_reduce_sum(tensor),
             None => Ok(()),
         }
     }
@@ -168,8 +194,8 @@ impl Group {
     /// `output` gets this rank's share of the sum over the ranks of `input` (see
     /// [`Collective::reduce_scatter_sum`]); in a group of one, `input` itself.
     pub fn reduce_scatter_sum(&mut self, output: &Tensor, input: &Tensor) -> Result<(), DistError> {
-        match &mut self.collective {
-            Some(c) => c.reduce_scatter_sum(output, input),
+        match self.collective() {
+            Some(mut c) => c.reduce_scatter_sum(output, input),
             None => {
                 tch::no_grad(|| output.shallow_clone().copy_(input));
                 Ok(())
@@ -179,18 +205,22 @@ impl Group {
 
     /// `output` gets every rank's `input` in rank order; in a group of one, `input` itself.
     pub fn all_gather(&mut self, output: &Tensor, input: &Tensor) -> Result<(), DistError> {
-        match &mut self.collective {
-            Some(c) => c.all_gather(output, input),
-            None => {
-                tch::no_grad(|| output.shallow_clone().copy_(input));
-                Ok(())
-            }
-        }
+        self.param_gather().all_gather(output, input)
+    }
+
+    /// A handle for all-gathers made while the group is idle (parameters gathered during
+    /// forward and backward), on the group's own backend.
+    pub fn param_gather(&self) -> ParamGather {
+        ParamGather { collective: self.collective.clone() }
+    }
+
+    fn collective(&self) -> Option<MutexGuard<'_, Box<dyn Collective>>> {
+        self.collective.as_ref().map(|c| c.lock().unwrap_or_else(|e| e.into_inner()))
     }
 
     /// The sums over the ranks of a few numbers (losses, counts), read back to the host.
     pub fn sum_scalars(&mut self, values: &[f64]) -> Result<Vec<f64>, DistError> {
-        let Some(collective) = self.collective.as_mut().filter(|_| self.env.world > 1) else {
+        let Some(mut collective) = self.collective().filter(|_| self.env.world > 1) else {
             return Ok(values.to_vec());
         };
         let t = Tensor::from_slice(values).to_device(self.device);
@@ -227,7 +257,7 @@ impl Group {
     /// `bucket_bytes` (a larger tensor travels alone) so that each collective moves a
     /// sizeable message rather than one small tensor at a time.
     pub fn all_reduce_mean(&mut self, tensors: &[Tensor], bucket_bytes: usize) -> Result<(), DistError> {
-        let Some(collective) = self.collective.as_mut().filter(|_| self.env.world > 1) else { return Ok(()) };
+        let Some(mut collective) = self.collective().filter(|_| self.env.world > 1) else { return Ok(()) };
         for indices in bucket::buckets(tensors, 0..tensors.len(), bucket_bytes) {
             // Buckets are runs of consecutive tensors.
             let bucket = &tensors[indices[0]..indices[0] + indices.len()];
@@ -283,7 +313,7 @@ impl Group {
 
     /// Copies rank 0's `tensors` into every rank's (parameters at the start of training).
     pub fn broadcast_from_main(&mut self, tensors: &[Tensor]) -> Result<(), DistError> {
-        let Some(collective) = self.collective.as_mut().filter(|_| self.env.world > 1) else { return Ok(()) };
+        let Some(mut collective) = self.collective().filter(|_| self.env.world > 1) else { return Ok(()) };
         tch::no_grad(|| tensors.iter().try_for_each(|t| collective.broadcast(t, 0)))
     }
 }

@@ -47,7 +47,8 @@ pub struct Nccl {
     group: *mut c_void,
 }
 
-// SAFETY: ProcessGroupNCCL is used from one thread at a time here (the trainer's).
+// SAFETY: ProcessGroupNCCL is used from one thread at a time: the group keeps it behind a
+// mutex (parameters are gathered from the autograd engine's thread in backward).
 unsafe impl Send for Nccl {}
 
 /// A collective in flight.

@@ -42,7 +42,14 @@ impl ShardLayout {
     /// Buckets of at most `bucket_bytes` (a larger tensor goes alone) over `tensors`, in
     /// reverse order, each split `world` ways; this rank is `rank`.
     pub fn new(tensors: &[Tensor], bucket_bytes: usize, rank: usize, world: usize) -> ShardLayout {
-        let buckets = crate::bucket::buckets(tensors, (0..tensors.len()).rev(), bucket_bytes)
+        let buckets = crate::bucket::buckets(tensors, (0..tensors.len()).rev(), bucket_bytes);
+        ShardLayout::with_buckets(tensors, buckets, rank, world)
+    }
+
+    /// The given buckets (tensor indices in flat order, each of one kind) over `tensors`,
+    /// each split `world` ways; this rank is `rank`.
+    pub fn with_buckets(tensors: &[Tensor], buckets: Vec<Vec<usize>>, rank: usize, world: usize) -> ShardLayout {
+        let buckets = buckets
             .into_iter()
             .map(|members| {
                 let numels: Vec<i64> = members.iter().map(|&i| tensors[i].numel() as i64).collect();

@@ -379,24 +379,34 @@ impl PaliGemmaConfig {
         let (v, t) = (&self.vision, &self.text);
         let linear = |i: usize, o: usize, bias: bool| (i * o + if bias { o } else { 0 }) as i64;
         let (dv, patch) = (v.hidden_size, v.patch_size);
-        let vision_layer = 4 * linear(dv, dv, true)
-            + linear(dv, v.intermediate_size, true)
-            + linear(v.intermediate_size, dv, true)
-            + 4 * dv as i64;
+        let [vision_layer, decoder_layer] = self.layer_sizes();
         let vision = linear(3 * patch * patch, dv, true)
             + (v.num_patches() * dv) as i64
             + v.num_hidden_layers as i64 * vision_layer
             + 2 * dv as i64;
+        let d = t.hidden_size;
+        let embedding = (t.vocab_size * d) as i64;
+        let head = if self.tie_word_embeddings { 0 } else { embedding };
+        let decoder = embedding + head + t.num_hidden_layers as i64 * decoder_layer + d as i64;
+        [(crate::Part::Vision, vision), (crate::Part::Projector, linear(dv, d, true)), (crate::Part::Decoder, decoder)]
+    }
+
+    /// The parameters of one vision encoder layer and of one decoder layer.
+    pub fn layer_sizes(&self) -> [i64; 2] {
+        let (v, t) = (&self.vision, &self.text);
+        let linear = |i: usize, o: usize, bias: bool| (i * o + if bias { o } else { 0 }) as i64;
+        let dv = v.hidden_size;
+        let vision_layer = 4 * linear(dv, dv, true)
+            + linear(dv, v.intermediate_size, true)
+            + linear(v.intermediate_size, dv, true)
+            + 4 * dv as i64;
         let (d, hd) = (t.hidden_size, t.head_dim);
         let decoder_layer = linear(d, t.num_attention_heads * hd, false)
             + 2 * linear(d, t.num_key_value_heads * hd, false)
             + linear(t.num_attention_heads * hd, d, false)
             + 3 * linear(d, t.intermediate_size, false)
             + 4 * d as i64;
-        let embedding = (t.vocab_size * d) as i64;
-        let head = if self.tie_word_embeddings { 0 } else { embedding };
-        let decoder = embedding + head + t.num_hidden_layers as i64 * decoder_layer + d as i64;
-        [(crate::Part::Vision, vision), (crate::Part::Projector, linear(dv, d, true)), (crate::Part::Decoder, decoder)]
+        [vision_layer, decoder_layer]
     }
 
     /// Writes the config as transformers writes a PaliGemma 2 `config.json`.

@@ -16,6 +16,7 @@ use std::sync::Arc;
 use tch::{Device, Kind, Tensor};
 
 use crate::config::Gemma2Config;
+use crate::layer_params::{recompute_layer, Gathered, Layer, LayerParams};
 use crate::nn::{mask_value, soft_cap, Init, Linear, ParamKind, RmsNorm, Weights};
 use crate::ModelError;
 
@@ -463,13 +464,15 @@ impl Gemma2 {
 
     /// Runs the decoder over `embeds` `(batch, tokens, width)` and returns the final-normed
     /// hidden states. With a cache, the tokens continue the cached sequences and are
-    /// appended to the cache.
+    /// appended to the cache. `params`, where the layers' parameters are sharded, gathers
+    /// each layer's around its use.
     pub fn forward(
         &self,
         embeds: &Tensor,
         layout: &TokenLayout,
         mut cache: Option<&mut KvCache>,
         opts: RunOptions,
+        params: Option<&Arc<dyn LayerParams>>,
     ) -> Tensor {
         let plan = Rc::new(self.plan(layout, cache.as_deref(), opts));
         let (cos, signed_sin) = rotary_tables(&plan.positions, &self.inv_freq, embeds.kind());
@@ -477,10 +480,13 @@ impl Gemma2 {
         // Only where a backward pass will follow: no cache (training) and a graph to record.
         let recompute = opts.recompute && cache.is_none() && embeds.requires_grad();
         for (i, layer) in self.layers.iter().enumerate() {
+            let _gathered = Gathered::new(params, Layer::Text(i));
             if recompute {
                 let (layer, plan, cos, signed_sin) =
                     (layer.clone(), plan.clone(), cos.shallow_clone(), signed_sin.shallow_clone());
-                x = crate::recompute::recompute(&x, move |x| layer.forward(x, (&cos, &signed_sin), &plan, None, opts));
+                x = recompute_layer(&x, params, Layer::Text(i), move |x| {
+                    layer.forward(x, (&cos, &signed_sin), &plan, None, opts)
+                });
             } else {
                 let slot = cache.as_deref_mut().map(|c| (&mut c.layers[i], c.reserve));
                 x = layer.forward(&x, (&cos, &signed_sin), &plan, slot, opts);
@@ -679,6 +685,7 @@ mod tests {
                 &layout(&[0, 0, 1, 1, 1], &[true; 5]),
                 None,
                 RunOptions { dropout, ..RunOptions::default() },
+                None,
             )
         };
         assert!(run(0.0).equal(&run(0.0)));
@@ -720,12 +727,13 @@ mod tests {
             &TokenLayout { mask_ar: mask_ar.shallow_clone(), valid: valid.shallow_clone() },
             None,
             opts,
+            None,
         );
         let mut cache = KvCache::new(model.num_layers(), 2, 3, Device::Cpu);
         let mut parts = vec![];
         for (start, len) in [(0, 4), (4, 1), (5, 1)] {
             let part = TokenLayout { mask_ar: mask_ar.narrow(1, start, len), valid: valid.narrow(1, start, len) };
-            parts.push(model.forward(&embeds.narrow(1, start, len), &part, Some(&mut cache), opts));
+            parts.push(model.forward(&embeds.narrow(1, start, len), &part, Some(&mut cache), opts, None));
         }
         assert_eq!(cache.len(), 6);
         let stepped = Tensor::cat(&parts, 1);

@@ -10,6 +10,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod decode;
 pub mod gemma2;
+pub mod layer_params;
 pub mod nn;
 pub mod paligemma;
 pub mod recompute;
@@ -20,6 +21,7 @@ pub use checkpoint::Part;
 pub use config::{Gemma2Config, PaliGemmaConfig, SiglipVisionConfig};
 pub use decode::{generate, DecodeOptions};
 pub use gemma2::{KvCache, RunOptions, TokenLayout};
+pub use layer_params::{Layer, LayerParams};
 pub use nn::{Param, ParamKind, Weights};
 pub use paligemma::{Inputs, PaliGemma, Targets};
 

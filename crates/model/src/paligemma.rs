@@ -3,12 +3,14 @@
 //! prefix-LM.
 
 use std::path::Path;
+use std::sync::Arc;
 
 use tch::{Device, Kind, Tensor};
 
 use crate::checkpoint::{self, LM_HEAD, PROJECTOR, TEXT, VISION};
 use crate::config::PaliGemmaConfig;
 use crate::gemma2::{Gemma2, KvCache, RunOptions, TokenLayout};
+use crate::layer_params::LayerParams;
 use crate::nn::{Init, Linear, NamedTensors, Param, Weights};
 use crate::siglip::{resample_positions, SiglipVision};
 use crate::ModelError;
@@ -42,6 +44,8 @@ pub struct PaliGemma {
     text: Gemma2,
     /// Every parameter, as the layers took them from the weights.
     params: Vec<Param>,
+    /// Where the layers' parameters come from when they are sharded ([`PaliGemma::shard_layers`]).
+    layer_params: Option<Arc<dyn LayerParams>>,
 }
 
 impl PaliGemma {
@@ -61,7 +65,7 @@ impl PaliGemma {
         let tied = config.tie_word_embeddings;
         let text = Gemma2::new(&config.text, &mut weights, TEXT, LM_HEAD, tied)?;
         let params = weights.finish()?;
-        Ok(Self { config, options, vision, projector, text, params })
+        Ok(Self { config, options, vision, projector, text, params, layer_params: None })
     }
 
     /// Loads a Hugging Face model folder onto `device`, computing in `kind`.
@@ -144,7 +148,13 @@ impl PaliGemma {
 
     /// Projected image tokens `(batch, patches, width)` for pixels `(batch, 3, res, res)`.
     pub fn encode_images(&self, pixels: &Tensor) -> Tensor {
-        self.projector.forward(&self.vision.forward(pixels, self.options.recompute))
+        self.projector.forward(&self.vision.forward(pixels, self.options.recompute, self.layer_params.as_ref()))
+    }
+
+    /// Runs each layer with its parameters from `params` (gathered around each use): for
+    /// sharded parameters, whose tensors hold nothing between uses.
+    pub fn shard_layers(&mut self, params: Arc<dyn LayerParams>) {
+        self.layer_params = Some(params);
     }
 
     /// Input embeddings: scaled text embeddings, with image tokens (unscaled) placed at
@@ -175,7 +185,7 @@ impl PaliGemma {
     /// Final hidden states `(batch, tokens, width)`; with a cache, continues and extends it.
     pub fn forward(&self, inputs: &Inputs, cache: Option<&mut KvCache>) -> Result<Tensor, ModelError> {
         let embeds = self.embed(&inputs.ids, inputs.pixels.as_ref())?;
-        Ok(self.text.forward(&embeds, &inputs.layout, cache, self.options))
+        Ok(self.text.forward(&embeds, &inputs.layout, cache, self.options, self.layer_params.as_ref()))
     }
 
     /// Output logits for hidden states.

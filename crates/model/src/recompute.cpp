@@ -1,6 +1,7 @@
 // Activation checkpointing: a layer whose activations are not kept; the backward pass
 // recomputes them (torch.utils.checkpoint's reentrant form). tch has no custom autograd
-// functions, so the layer is a Rust closure called back from here.
+// functions, so the layer is a Rust closure called back from here, and told when the
+// backward pass through it is done (sharded parameters are released then).
 #include <ATen/autocast_mode.h>
 #include <torch/csrc/autograd/autograd.h>
 #include <torch/csrc/autograd/custom_function.h>
@@ -15,12 +16,15 @@ static thread_local std::string last_error;
 namespace {
 
 // The Rust closure: `call` owns the input it is given and returns an output the caller
-// owns (null after a panic); `drop` frees the closure with the autograd node.
+// owns (null after a panic); `done` follows the backward pass through the re-run; `drop`
+// frees the closure with the autograd node.
 struct RustLayer : torch::CustomClassHolder {
   void *closure;
   at::Tensor *(*call)(void *, at::Tensor *);
+  void (*done)(void *);
   void (*drop)(void *);
-  RustLayer(void *c, at::Tensor *(*f)(void *, at::Tensor *), void (*d)(void *)) : closure(c), call(f), drop(d) {}
+  RustLayer(void *c, at::Tensor *(*f)(void *, at::Tensor *), void (*n)(void *), void (*d)(void *))
+      : closure(c), call(f), done(n), drop(d) {}
   ~RustLayer() override { drop(closure); }
   at::Tensor run(const at::Tensor &x) {
     at::Tensor *out = call(closure, new at::Tensor(x));
@@ -76,6 +80,7 @@ struct Recompute : torch::autograd::Function<Recompute> {
       at::autocast::set_autocast_dtype(kDevices[i], was_dtype[i]);
     }
     torch::autograd::backward({output}, {grad_outputs[0]});
+    layer->done(layer->closure);
     return {input.requires_grad() ? input.grad() : at::Tensor(), at::Tensor()};
   }
 };
@@ -89,8 +94,9 @@ const char *pg2_recompute_error() { return last_error.c_str(); }
 
 // `layer(input)` through Recompute; a new tensor the caller owns, or null (see
 // pg2_recompute_error). Takes ownership of the closure in every case.
-at::Tensor *pg2_recompute(const at::Tensor *input, void *closure, at::Tensor *(*call)(void *, at::Tensor *), void (*drop)(void *)) {
-  auto layer = c10::make_intrusive<RustLayer>(closure, call, drop);
+at::Tensor *pg2_recompute(const at::Tensor *input, void *closure, at::Tensor *(*call)(void *, at::Tensor *),
+                          void (*done)(void *), void (*drop)(void *)) {
+  auto layer = c10::make_intrusive<RustLayer>(closure, call, done, drop);
   try {
     return new at::Tensor(Recompute::apply(*input, std::move(layer)));
   } catch (const std::exception &e) {

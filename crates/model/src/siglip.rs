@@ -7,6 +7,7 @@ use std::sync::Arc;
 use tch::{Kind, Tensor};
 
 use crate::config::SiglipVisionConfig;
+use crate::layer_params::{recompute_layer, Gathered, Layer, LayerParams};
 use crate::nn::{Init, LayerNorm, Linear, ParamKind, Weights};
 use crate::ModelError;
 
@@ -120,17 +121,19 @@ impl SiglipVision {
     }
 
     /// Pixels `(batch, 3, res, res)` in [-1, 1] to patch features `(batch, patches, width)`;
-    /// with `recompute`, layers keep only their inputs for the backward pass.
-    pub fn forward(&self, pixels: &Tensor, recompute: bool) -> Tensor {
+    /// with `recompute`, layers keep only their inputs for the backward pass. `params`, where
+    /// the layers' parameters are sharded, gathers each layer's around its use.
+    pub fn forward(&self, pixels: &Tensor, recompute: bool, params: Option<&Arc<dyn LayerParams>>) -> Tensor {
         let x = pixels.to_kind(self.patch_weight.kind());
         let x = x.conv2d(&self.patch_weight, Some(&self.patch_bias), [self.patch_size], [0], [1], 1);
         let mut x = x.flatten(2, 3).transpose(1, 2) + &self.position_embedding;
         let recompute = recompute && x.requires_grad();
-        for layer in &self.layers {
+        for (i, layer) in self.layers.iter().enumerate() {
+            let _gathered = Gathered::new(params, Layer::Vision(i));
             x = match recompute {
                 true => {
                     let layer = layer.clone();
-                    crate::recompute::recompute(&x, move |x| layer.forward(x))
+                    recompute_layer(&x, params, Layer::Vision(i), move |x| layer.forward(x))
                 }
                 false => layer.forward(&x),
             };

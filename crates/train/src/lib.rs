@@ -5,6 +5,7 @@
 pub mod checkpointer;
 pub mod evaluator;
 pub mod input;
+pub mod layer_shards;
 pub mod recipe;
 pub mod run;
 pub mod run_dir;

@@ -361,7 +361,7 @@ pub enum LossNormalization {
 }
 
 /// Which training state is cut into shares over the workers (`none`, `optimizer`,
-/// `gradients`); see [`crate::update`].
+/// `gradients`, `full`); see [`crate::update`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Sharding {
@@ -372,6 +372,9 @@ pub enum Sharding {
     Optimizer,
     /// ZeRO-2: optimizer state and gradients sharded.
     Gradients,
+    /// ZeRO-3 (FSDP): the layers' parameters too, gathered around each use; needs
+    /// `model.activation_checkpointing`.
+    Full,
 }
 
 /// What a non-finite loss or gradient does (`stop`, `skip`).
@@ -660,6 +663,9 @@ impl Recipe {
         }
         let positive_length =
             t.steps.is_none_or(|n| n > 0) && t.examples.is_none_or(|n| n > 0) && t.epochs.is_none_or(|e| e > 0.0);
+        if t.sharding == Sharding::Full && !self.model.activation_checkpointing {
+            return Err("train.sharding = \"full\" needs model.activation_checkpointing = true: a layer's parameters are let go after its forward pass and gathered again to recompute it in the backward pass".into());
+        }
         if self.model.activation_checkpointing && self.model.dropout > 0.0 {
             return Err("model.activation_checkpointing does not go with model.dropout: the recompute would draw other dropout masks".into());
         }
@@ -808,5 +814,9 @@ lr = 1e-5
                 .unwrap_err()
                 .to_string();
         assert!(err.contains("activation_checkpointing") && err.contains("dropout"), "{err}");
+        let full = GOOD.replace("steps = 10", "steps = 10\nsharding = \"full\"");
+        let err = parse(&full).unwrap_err().to_string();
+        assert!(err.contains("train.sharding") && err.contains("model.activation_checkpointing"), "{err}");
+        parse(&full.replace("resolution = 64", "resolution = 64\nactivation_checkpointing = true")).unwrap();
     }
 }

@@ -79,7 +79,7 @@ pub fn train(recipe: &Recipe, resolved: &toml::Table, opts: &LaunchOptions, grou
         RunLog::open(&run, recipe.name.as_deref().unwrap_or_default(), first_step, total_steps, group.is_main())?;
     let evaluate = |step: u64, trainer: &Trainer, group: &mut Group, log: &mut RunLog| -> Result<()> {
         let Some(evaluator) = &evaluator else { return Ok(()) };
-        match log.suspend(|| evaluator.run(&trainer.model, step, &run, group))? {
+        match log.suspend(|| trainer.with_whole_model(|model| evaluator.run(model, step, &run, group)))?? {
             Some(scores) => log.evaluation(step, &scores),
             None => Ok(()),
         }

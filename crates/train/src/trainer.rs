@@ -198,7 +198,7 @@ impl Trainer {
     /// gradient and no optimizer state, `lr_mults` and weight decay are set per parameter,
     /// and every rank of `group` starts from rank 0's weights.
     pub fn new(
-        model: PaliGemma,
+        mut model: PaliGemma,
         recipe: &Recipe,
         schedule: Schedule,
         first_step: u64,
@@ -225,6 +225,9 @@ impl Trainer {
         let bucket_bytes = (t.allreduce_bucket_mb * 1e6) as usize;
         let update =
             Update::new(Trainable { params, groups }, config, t.sharding, bucket_bytes, t.overlap_reduction, group)?;
+        if let Some(layers) = update.layer_shards() {
+            model.shard_layers(layers);
+        }
         let settings = StepSettings {
             accumulation: t.grad_accumulation,
             loss_normalization: t.loss_normalization,
@@ -259,6 +262,15 @@ impl Trainer {
     /// by name (see [`crate::update`]).
     pub fn optimizer_state(&self) -> (String, Vec<(String, Tensor)>) {
         self.update.state()
+    }
+
+    /// `f` on the model with every layer's parameters whole: where they are sharded
+    /// (`full`), every rank gathers them first (so every rank calls this together) and lets
+    /// them go after. For evaluation and checkpoints, which would otherwise gather each
+    /// layer on every forward pass, and on ranks that decode different numbers of steps.
+    pub fn with_whole_model<T>(&self, f: impl FnOnce(&PaliGemma) -> T) -> Result<T> {
+        let _whole = self.update.whole_layers()?;
+        Ok(f(&self.model))
     }
 
     /// Whether each rank saves optimizer state of its own (sharded training).

@@ -2,7 +2,9 @@
 //! the whole gradient and keeps the whole optimizer state, as DDP) or sharded (ZeRO): the
 //! gradients are reduce-scattered so that each rank holds its share of their mean (see
 //! [`pg2_dist::shard`]), each rank updates the f32 master weights and Adam moments of its
-//! share alone, and the new weights are all-gathered into every rank's parameters.
+//! share alone, and the new weights are all-gathered into every rank's parameters; with
+//! the parameters sharded too (`full`), each layer's stay as shares and are gathered only
+//! when the model runs the layer (see [`crate::layer_shards`]).
 //!
 //! In checkpoints the replicated state is `optimizer.safetensors` (`m.<param>`,
 //! `v.<param>`, `master.<param>`), the sharded one a file per rank,
@@ -12,14 +14,16 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use pg2_dist::shard::Piece;
 use pg2_dist::{Group, OverlappedReduction, ShardLayout};
-use pg2_model::checkpoint;
+use pg2_model::{checkpoint, Layer};
 use pg2_optim::{Adam, AdamConfig, ParamGroup};
 use tch::{Kind, Tensor};
 
+use crate::layer_shards::{LayerShards, WholeLayers};
 use crate::recipe::Sharding;
 
 /// The parameters a run trains, with their optimizer settings.
@@ -129,6 +133,23 @@ impl Update {
         matches!(self, Update::Sharded(_))
     }
 
+    /// The layers' parameters, where they are sharded (`full`): for the model to gather.
+    pub fn layer_shards(&self) -> Option<Arc<LayerShards>> {
+        match self {
+            Update::Sharded(s) => s.layers.clone(),
+            Update::Replicated { .. } => None,
+        }
+    }
+
+    /// Every layer's parameters whole until the guard drops (a collective where they are
+    /// sharded: every rank calls it together); `None` where they always are.
+    pub fn whole_layers(&self) -> Result<Option<WholeLayers<'_>>> {
+        match self {
+            Update::Sharded(Sharded { layers: Some(layers), .. }) => Ok(Some(layers.whole()?)),
+            _ => Ok(None),
+        }
+    }
+
     /// Restores the optimizer state of `checkpoint` (saved in either layout, by any number
     /// of workers) after `steps` updates.
     pub fn load_state(&mut self, checkpoint: &Path, steps: u64) -> Result<()> {
@@ -171,10 +192,11 @@ fn no_gradient(name: &str) -> String {
     format!("`{name}` got no gradient; every trainable parameter needs one with several workers")
 }
 
-/// The sharded update of one rank (ZeRO-1 and ZeRO-2).
+/// The sharded update of one rank (ZeRO-1, 2 and 3).
 pub struct Sharded {
-    /// ZeRO-2 (`gradients`) reduces every micro-batch and keeps no whole gradient between
-    /// them; ZeRO-1 (`optimizer`) accumulates whole gradients and reduces once.
+    /// ZeRO-2 and 3 (`gradients`, `full`) reduce every micro-batch and keep no whole
+    /// gradient between them; ZeRO-1 (`optimizer`) accumulates whole gradients and reduces
+    /// once.
     every_micro_batch: bool,
     layout: ShardLayout,
     names: Vec<String>,
@@ -189,6 +211,8 @@ pub struct Sharded {
     optimizer: Adam,
     /// Reduce-scatter during backward (several CPU workers, `train.overlap_reduction`).
     overlap: Option<OverlappedReduction>,
+    /// The layers whose parameters are kept as shares (`full`).
+    layers: Option<Arc<LayerShards>>,
 }
 
 impl Sharded {
@@ -201,7 +225,15 @@ impl Sharded {
         group: &mut Group,
     ) -> Result<Sharded> {
         let (names, params): (Vec<String>, Vec<Tensor>) = trainable.named().into_iter().unzip();
-        let layout = ShardLayout::new(&params, bucket_bytes, group.rank(), group.world());
+        let layout = match sharding {
+            Sharding::Full => ShardLayout::with_buckets(
+                &params,
+                layer_buckets(&names, &params, bucket_bytes),
+                group.rank(),
+                group.world(),
+            ),
+            _ => ShardLayout::new(&params, bucket_bytes, group.rank(), group.world()),
+        };
         let (master, grads): (Vec<Tensor>, Vec<Tensor>) = (0..layout.buckets.len())
             .map(|b| {
                 let share = layout.buckets[b].share;
@@ -221,8 +253,10 @@ impl Sharded {
             true => group.sharded_reduction(trainable.named(), &layout)?,
             false => None,
         };
-        let every_micro_batch = sharding == Sharding::Gradients;
-        Ok(Sharded { every_micro_batch, layout, names, params, master, grads, pieces, optimizer, overlap })
+        let every_micro_batch = matches!(sharding, Sharding::Gradients | Sharding::Full);
+        let layers = (sharding == Sharding::Full)
+            .then(|| Arc::new(LayerShards::new(&layout, &names, &params, &master, group.param_gather())));
+        Ok(Sharded { every_micro_batch, layout, names, params, master, grads, pieces, optimizer, overlap, layers })
     }
 
     fn reduces(&self, last: bool) -> bool {
@@ -291,6 +325,10 @@ impl Sharded {
         }
         tch::no_grad(|| -> Result<()> {
             for (b, master) in self.master.iter().enumerate() {
+                if let Some(layers) = self.layers.as_ref().filter(|l| l.holds(b)) {
+                    layers.refresh(b, master);
+                    continue;
+                }
                 let bucket = &self.layout.buckets[b];
                 let whole = Tensor::zeros([bucket.share * self.layout.world as i64], (bucket.kind, master.device()));
                 group.all_gather(&whole, &master.to_kind(bucket.kind))?;
@@ -333,6 +371,35 @@ impl Sharded {
         });
         self.optimizer.load_state(state, steps as i64).map_err(|e| anyhow::anyhow!("{}: {e}", checkpoint.display()))
     }
+}
+
+/// Buckets for sharded parameters, in reverse order: each layer's tensors together (they
+/// are gathered as one), the tensors around the layers in runs of one kind and at most
+/// `bucket_bytes` (a larger tensor goes alone).
+fn layer_buckets(names: &[String], params: &[Tensor], bucket_bytes: usize) -> Vec<Vec<usize>> {
+    let mut buckets: Vec<Vec<usize>> = vec![];
+    let mut bytes = 0;
+    for i in (0..params.len()).rev() {
+        let (layer, kind) = (Layer::of(&names[i]), params[i].kind());
+        let size = params[i].numel() * kind.elt_size_in_bytes();
+        let joins = buckets.last().is_some_and(|bucket| {
+            let first = bucket[0];
+            Layer::of(&names[first]) == layer
+                && params[first].kind() == kind
+                && (layer.is_some() || bytes + size <= bucket_bytes)
+        });
+        match (joins, buckets.last_mut()) {
+            (true, Some(bucket)) => {
+                bucket.push(i);
+                bytes += size;
+            }
+            _ => {
+                buckets.push(vec![i]);
+                bytes = size;
+            }
+        }
+    }
+    buckets
 }
 
 /// A run of one optimizer state tensor wanted from a checkpoint: `len` elements of state
