@@ -208,16 +208,20 @@ impl StepShape {
     ///
     /// Replicated: the weights, their gradients, Adam's two f32 moments and, for weights in
     /// a lower precision, f32 master weights. Sharded, each GPU keeps an f32 share of the
-    /// master weights, moments and averaged gradient (16 bytes a parameter over N); the
-    /// whole gradient still builds up in backward, and on GPUs it stays whole until the
-    /// backward pass ends (ZeRO-2's reduce-scatter overlaps backward only on CPU workers
-    /// for now), so on GPUs `gradients` saves nothing over `optimizer` yet. `full` keeps
-    /// the trained layers' weights as shares too, with one layer gathered at a time (the
-    /// embeddings, norms and projector stay whole), and gathers each layer twice per
-    /// micro-batch: for its forward pass and for its recompute in backward.
+    /// master weights, moments and averaged gradient (16 bytes a parameter over N). ZeRO-1
+    /// accumulates the whole gradient; ZeRO-2 reduce-scatters each bucket as backward
+    /// produces it (`train.overlap_reduction`), so that only the gradients whose bucket has
+    /// not gone yet live: about a layer's, and the embedding's (its tied head's gradient
+    /// comes first, its bucket goes last). `full` keeps the trained layers' weights as
+    /// shares too, with one layer gathered at a time (the embeddings, norms and projector
+    /// stay whole), and gathers each layer twice per micro-batch: for its forward pass and
+    /// for its recompute in backward.
     pub fn state(&self, sharding: Sharding) -> StateBytes {
         let (n, p, trained) = (self.gpus as f64, self.params as f64, self.trained as f64);
         let w = self.weight_bytes as f64;
+        let (c, [vision_layer, decoder_layer]) = (&self.config, self.config.layer_sizes());
+        let largest_layer = vision_layer.max(decoder_layer) as f64;
+        let in_backward = ((c.text.vocab_size * c.text.hidden_size) as f64 + largest_layer).min(trained) * w;
         let ring = (n - 1.0) / n;
         let reduce_scatter = ring * trained * w;
         let all_gather = ring * trained * w;
@@ -235,21 +239,22 @@ impl StepShape {
                 sent: 2.0 * ring * trained * w,
             },
             Sharding::Optimizer => shares,
-            Sharding::Gradients => {
-                StateBytes { sent: reduce_scatter * self.accumulation as f64 + all_gather, ..shares }
-            }
+            Sharding::Gradients => StateBytes {
+                gradients: in_backward + trained * 4.0 / n,
+                sent: reduce_scatter * self.accumulation as f64 + all_gather,
+                ..shares
+            },
             Sharding::Full => {
-                let (c, [vision_layer, decoder_layer]) = (&self.config, self.config.layer_sizes());
                 let trained_layers = |part: Part, layers: usize, size: i64| match self.frozen.contains(&part) {
                     true => 0.0,
                     false => (layers as i64 * size) as f64,
                 };
                 let sharded = trained_layers(Part::Vision, c.vision.num_hidden_layers, vision_layer)
                     + trained_layers(Part::Decoder, c.text.num_hidden_layers, decoder_layer);
-                let gathered = vision_layer.max(decoder_layer) as f64;
                 let micro_batches = self.accumulation as f64;
                 StateBytes {
-                    weights: (p - sharded) * w + sharded * w / n + gathered * w,
+                    weights: (p - sharded) * w + sharded * w / n + largest_layer * w,
+                    gradients: in_backward + trained * 4.0 / n,
                     sent: reduce_scatter * micro_batches
                         + 2.0 * micro_batches * ring * sharded * w
                         + ring * (trained - sharded) * w,
@@ -374,10 +379,6 @@ pub fn run(args: &PlanArgs) -> Result<()> {
     println!(
         "({unit} per GPU; activations: everything kept / lean attention / activation checkpointing; full runs \
          with activation checkpointing only)"
-    );
-    println!(
-        "(gradients = ZeRO-2: on GPUs the whole gradient stays until each backward pass ends, as its \
-         reduce-scatter overlaps backward only on CPU workers so far: no saving over optimizer yet)"
     );
     match cheapest {
         Some((name, keep, total)) => println!(

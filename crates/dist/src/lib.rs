@@ -61,6 +61,34 @@ pub trait Collective: Send {
     fn reduce_scatter_sum(&mut self, output: &Tensor, input: &Tensor) -> Result<(), DistError>;
     /// `output` (`world` times `input`'s elements) gets every rank's `input` in rank order.
     fn all_gather(&mut self, output: &Tensor, input: &Tensor) -> Result<(), DistError>;
+    /// Starts [`Collective::all_reduce_sum`]; a backend that runs collectives
+    /// asynchronously (NCCL) returns before it is done.
+    fn start_all_reduce_sum(&mut self, tensor: &Tensor) -> Result<Pending, DistError> {
+        self.all_reduce_sum(tensor).map(|()| Pending::Done)
+    }
+    /// Starts [`Collective::reduce_scatter_sum`], as [`Collective::start_all_reduce_sum`].
+    fn start_reduce_scatter_sum(&mut self, output: &Tensor, input: &Tensor) -> Result<Pending, DistError> {
+        self.reduce_scatter_sum(output, input).map(|()| Pending::Done)
+    }
+}
+
+/// A collective once started.
+pub enum Pending {
+    /// Done already (the backend's collectives block).
+    Done,
+    /// In flight on NCCL's stream.
+    Nccl(nccl::Work),
+}
+
+impl Pending {
+    /// Waits for it: orders the current CUDA stream after an NCCL collective (the host goes
+    /// on), and reports its failure.
+    pub fn wait(self) -> Result<(), DistError> {
+        match self {
+            Pending::Done => Ok(()),
+            Pending::Nccl(work) => work.wait(),
+        }
+    }
 }
 
 /// An error unless `whole` holds `world` times the elements of `share`.
@@ -76,7 +104,7 @@ fn check_shares(what: &str, share: &Tensor, whole: &Tensor, world: usize) -> Res
     )))
 }
 
-type SharedCollective = Arc<Mutex<Box<dyn Collective>>>;
+pub(crate) type SharedCollective = Arc<Mutex<Box<dyn Collective>>>;
 
 /// All-gathers on a [`Group`]'s backend from wherever the parameters are needed (see
 /// [`Group::param_gather`]); every rank makes them in the same order.
@@ -269,9 +297,9 @@ impl Group {
     }
 
     /// Gradient averaging for `params` (named) overlapped with backward, in buckets of at
-    /// most `bucket_bytes` on a ring of its own; every rank must call this together. `None`
-    /// where there is nothing to overlap: a group of one, or the NCCL backend (whose
-    /// reductions run after backward, through [`Group::all_reduce_mean`]).
+    /// most `bucket_bytes` (see [`overlap`]: on a ring of its own on CPU workers, as
+    /// asynchronous NCCL collectives on GPUs); every rank must call this together. `None`
+    /// in a group of one, where there is nothing to reduce.
     pub fn overlapped_reduction(
         &mut self,
         params: Vec<(String, Tensor)>,
@@ -283,9 +311,8 @@ impl Group {
     }
 
     /// Gradient reduce-scatter for `params` (named) as `layout` cuts them, overlapped with
-    /// backward on a ring of its own (each gradient is freed as soon as its bucket leaves);
-    /// every rank must call this together. `None` where there is nothing to overlap, as for
-    /// [`Group::overlapped_reduction`].
+    /// backward as [`Group::overlapped_reduction`] (each gradient is freed as soon as its
+    /// bucket leaves); every rank must call this together. `None` in a group of one.
     pub fn sharded_reduction(
         &mut self,
         params: Vec<(String, Tensor)>,
@@ -301,14 +328,39 @@ impl Group {
         buckets: Vec<Vec<usize>>,
         reduce: overlap::Reduce,
     ) -> Result<Option<OverlappedReduction>, DistError> {
-        let Some(store) = self.store.as_mut().filter(|_| self.env.world > 1 && !self.device.is_cuda()) else {
+        let direct = self.device.is_cuda();
+        self.overlapped_with(params, buckets, reduce, direct)
+    }
+
+    /// [`Group::overlapped`], launching on the group's own backend (`direct`: NCCL runs
+    /// collectives asynchronously) or on a thread with a ring of its own.
+    fn overlapped_with(
+        &mut self,
+        params: Vec<(String, Tensor)>,
+        buckets: Vec<Vec<usize>>,
+        reduce: overlap::Reduce,
+        direct: bool,
+    ) -> Result<Option<OverlappedReduction>, DistError> {
+        let (Some(store), Some(collective)) = (self.store.as_mut(), &self.collective) else { return Ok(None) };
+        if self.env.world == 1 {
             return Ok(None);
+        }
+        let launcher = match direct {
+            true => overlap::Launcher::Direct(collective.clone()),
+            false => {
+                self.overlapped += 1;
+                let name = format!("grad-ring-{}", self.overlapped);
+                overlap::Launcher::Thread(Box::new(ring::Ring::connect(
+                    store,
+                    &name,
+                    self.env.rank,
+                    self.env.world,
+                    self.timeout,
+                )?))
+            }
         };
-        self.overlapped += 1;
-        let name = format!("grad-ring-{}", self.overlapped);
-        let ring = ring::Ring::connect(store, &name, self.env.rank, self.env.world, self.timeout)?;
         let (names, tensors) = params.into_iter().unzip();
-        OverlappedReduction::new(names, tensors, buckets, reduce, ring, self.env.world).map(Some)
+        OverlappedReduction::new(names, tensors, buckets, reduce, launcher, self.env.world).map(Some)
     }
 
     /// Copies rank 0's `tensors` into every rank's (parameters at the start of training).
@@ -323,23 +375,92 @@ mod tests {
     use super::*;
     use tch::Kind;
 
+    fn join(rank: usize, world: usize, port: u16) -> Group {
+        let env = WorkerEnv {
+            rank,
+            local_rank: rank,
+            world,
+            local_world: world,
+            master_addr: "127.0.0.1".into(),
+            master_port: port,
+            agent_store: false,
+        };
+        Group::join(env, Device::Cpu, Duration::from_secs(60)).unwrap()
+    }
+
+    fn free_port() -> u16 {
+        std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    }
+
+    /// Both launchers (a thread with a ring of its own, as CPU workers use; the group's own
+    /// backend, as GPUs use with NCCL) give the sums during backward, replicated and sharded.
+    #[test]
+    fn overlapped_reductions_launched_on_a_thread_or_directly_give_the_sums() {
+        let port = free_port();
+        std::thread::scope(|s| {
+            for rank in 0..2 {
+                s.spawn(move || {
+                    let mut group = join(rank, 2, port);
+                    // Three tensors of 3, 5 and 2 elements; rank r's gradient of tensor i is (r + 1)(i + 1).
+                    let params: Vec<Tensor> = [3, 5, 2]
+                        .iter()
+                        .map(|&n| Tensor::zeros([n], (Kind::Float, Device::Cpu)).set_requires_grad(true))
+                        .collect();
+                    let named = || -> Vec<(String, Tensor)> {
+                        params.iter().enumerate().map(|(i, p)| (format!("p{i}"), p.shallow_clone())).collect()
+                    };
+                    let backward = || {
+                        let loss =
+                            params.iter().enumerate().map(|(i, p)| p.sum(Kind::Float) * ((rank + 1) * (i + 1)) as f64);
+                        loss.reduce(|a, b| a + b).unwrap().backward();
+                    };
+                    let sums: Vec<Tensor> =
+                        params.iter().enumerate().map(|(i, p)| p.ones_like() * (3 * (i + 1)) as f64).collect();
+                    for direct in [false, true] {
+                        let buckets = bucket::buckets(&params, (0..3).rev(), 16);
+                        let reduce = overlap::Reduce::AllReduce;
+                        let mut r = group.overlapped_with(named(), buckets, reduce, direct).unwrap().unwrap();
+                        r.arm();
+                        backward();
+                        r.finish().unwrap();
+                        for (p, sum) in params.iter().zip(&sums) {
+                            assert!(p.grad().equal(&(sum / 2.0)), "direct {direct}: the mean {:?}", p.grad());
+                        }
+                        params.iter().for_each(release_grad);
+                        drop(r);
+
+                        let layout = ShardLayout::new(&params, 16, rank, 2);
+                        let buckets = layout.buckets.iter().map(|b| b.members.clone()).collect();
+                        let reduce = overlap::Reduce::Scatter(layout.clone());
+                        let mut r = group.overlapped_with(named(), buckets, reduce, direct).unwrap().unwrap();
+                        r.arm();
+                        backward();
+                        let shares = r.finish_shares().unwrap();
+                        assert_eq!(shares.len(), layout.buckets.len());
+                        for (b, share) in shares {
+                            let whole = layout.flatten(b, &layout.select(b, &sums));
+                            let len = layout.buckets[b].share;
+                            assert!(
+                                share.equal(&whole.narrow(0, rank as i64 * len, len)),
+                                "direct {direct}, bucket {b}"
+                            );
+                        }
+                        assert!(params.iter().all(|p| !p.grad().defined()), "the gradients went with their buckets");
+                    }
+                    group.barrier("end").unwrap();
+                });
+            }
+        });
+    }
+
     #[test]
     fn groups_of_three_average_in_buckets_broadcast_and_gather() {
-        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let port = free_port();
         let results: Vec<_> = std::thread::scope(|s| {
             let handles: Vec<_> = (0..3)
                 .map(|rank| {
                     s.spawn(move || {
-                        let env = WorkerEnv {
-                            rank,
-                            local_rank: rank,
-                            world: 3,
-                            local_world: 3,
-                            master_addr: "127.0.0.1".into(),
-                            master_port: port,
-                            agent_store: false,
-                        };
-                        let mut group = Group::join(env, Device::Cpu, Duration::from_secs(60)).unwrap();
+                        let mut group = join(rank, 3, port);
                         // Four tensors of 8, 8, 40 and 8 bytes in 16-byte buckets: [a, b], [c], [d].
                         let grads: Vec<Tensor> = [2, 2, 10, 2]
                             .iter()

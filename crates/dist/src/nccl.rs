@@ -12,7 +12,7 @@ use std::time::Duration;
 use tch::Tensor;
 
 use crate::store::Store;
-use crate::{Collective, DistError};
+use crate::{Collective, DistError, Pending};
 
 extern "C" {
     fn pg2_nccl_error() -> *const c_char;
@@ -151,6 +151,14 @@ impl Collective for Nccl {
 
     fn all_gather(&mut self, output: &Tensor, input: &Tensor) -> Result<(), DistError> {
         self.all_gather_async(output, input)?.wait()
+    }
+
+    fn start_all_reduce_sum(&mut self, tensor: &Tensor) -> Result<Pending, DistError> {
+        self.all_reduce_sum_async(tensor).map(Pending::Nccl)
+    }
+
+    fn start_reduce_scatter_sum(&mut self, output: &Tensor, input: &Tensor) -> Result<Pending, DistError> {
+        self.reduce_scatter_sum_async(output, input).map(Pending::Nccl)
     }
 }
 

@@ -2,11 +2,13 @@
 //! grouped into buckets in reverse order (the order backward produces their gradients),
 //! each parameter gets a hook that fires once backward has accumulated its gradient, and a
 //! bucket whose gradients are all there (and whose predecessors have gone) is flattened and
-//! handed to a communication thread, which reduces it over the group on a ring of its own
-//! while backward goes on. Replicated training sums each bucket ([`OverlappedReduction::finish`]
-//! writes the means back into the gradients); sharded training reduce-scatters it
-//! ([`OverlappedReduction::finish_shares`] hands over this rank's shares) and frees the
-//! gradients as soon as they are flattened.
+//! its reduction launched while backward goes on: on CPU workers, by a communication
+//! thread on a ring of its own (the ring's collectives block); on GPUs, as an asynchronous
+//! collective of the group's ProcessGroupNCCL (NCCL runs it on its own stream), waited for
+//! when backward is done. Replicated training sums each bucket
+//! ([`OverlappedReduction::finish`] writes the means back into the gradients); sharded
+//! training reduce-scatters it ([`OverlappedReduction::finish_shares`] hands over this
+//! rank's shares) and frees the gradients as soon as they are flattened.
 
 use std::ffi::{c_char, c_void, CStr};
 use std::sync::mpsc::{channel, Receiver, Sender};
@@ -15,9 +17,8 @@ use std::thread::JoinHandle;
 
 use tch::Tensor;
 
-use crate::ring::Ring;
 use crate::shard::ShardLayout;
-use crate::{Collective, DistError};
+use crate::{Collective, DistError, Pending, SharedCollective};
 
 type Callback = extern "C" fn(ctx: *mut c_void, index: usize);
 
@@ -42,9 +43,50 @@ pub(crate) enum Reduce {
     Scatter(ShardLayout),
 }
 
-/// A flat bucket on its way to the communication thread: its index, the values, and for a
-/// reduce-scatter the length of this rank's share.
+/// A flat bucket on its way to be reduced: its index, the values, and for a reduce-scatter
+/// the length of this rank's share.
 type Message = (usize, Tensor, Option<i64>);
+
+/// A bucket's reduction once launched: its index, the tensor that gets the result, and the
+/// collective. (NCCL's work keeps the flat input's memory until it is done, so a sharded
+/// bucket's input goes as soon as it is launched.)
+type Launched = (usize, Tensor, Pending);
+
+/// Launches `message`'s reduction on `collective`.
+fn launch(collective: &mut dyn Collective, (bucket, flat, share): Message) -> Result<Launched, DistError> {
+    match share {
+        None => {
+            let pending = collective.start_all_reduce_sum(&flat)?;
+            Ok((bucket, flat, pending))
+        }
+        Some(len) => {
+            let out = Tensor::zeros([len], (flat.kind(), flat.device()));
+            let pending = collective.start_reduce_scatter_sum(&out, &flat)?;
+            Ok((bucket, out, pending))
+        }
+    }
+}
+
+/// A bucket's index and its reduced values (or what went wrong).
+type Reduced = Result<(usize, Tensor), DistError>;
+
+/// Buckets launched directly that may be in flight at once.
+const IN_FLIGHT: usize = 2;
+
+/// Where the hooks launch full buckets.
+pub(crate) enum Launcher {
+    /// To a communication thread that reduces them on a collective of its own (CPU
+    /// workers: a ring whose collectives block).
+    Thread(Box<dyn Collective>),
+    /// Right away, on a collective that runs them asynchronously (the group's NCCL).
+    Direct(SharedCollective),
+}
+
+/// The hooks' end of a [`Launcher`].
+enum Launch {
+    Thread(Mutex<Sender<Message>>),
+    Direct { collective: SharedCollective, launched: Mutex<Vec<Launched>> },
+}
 
 /// Where the backward pass stands, as the hooks see it.
 #[derive(Default)]
@@ -68,7 +110,7 @@ struct Shared {
     buckets: Vec<Vec<usize>>,
     reduce: Reduce,
     progress: Mutex<Progress>,
-    to_comm: Mutex<Sender<Message>>,
+    launch: Launch,
 }
 
 impl Shared {
@@ -99,11 +141,37 @@ impl Shared {
                     (bucket, flat, Some(layout.buckets[bucket].share))
                 }
             };
-            if self.to_comm.lock().unwrap_or_else(|e| e.into_inner()).send(message).is_err() {
-                p.error = Some("the communication thread is gone".into());
+            if let Err(e) = self.send(message) {
+                p.error = Some(e);
                 return;
             }
             p.launched += 1;
+        }
+    }
+}
+
+impl Shared {
+    fn send(&self, message: Message) -> Result<(), String> {
+        match &self.launch {
+            Launch::Thread(to_comm) => to_comm
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .send(message)
+                .map_err(|_| "the communication thread is gone".to_string()),
+            Launch::Direct { collective, launched } => {
+                let mut collective = collective.lock().unwrap_or_else(|e| e.into_inner());
+                let started = launch(collective.as_mut(), message).map_err(|e| e.to_string())?;
+                let mut launched = launched.lock().unwrap_or_else(|e| e.into_inner());
+                launched.push(started);
+                // Backward waits for all but the newest buckets: NCCL may hold each input
+                // until its work is waited for, and they would otherwise add up to the
+                // whole gradient.
+                let settled = launched.len().saturating_sub(IN_FLIGHT);
+                for (_, _, pending) in &mut launched[..settled] {
+                    std::mem::replace(pending, Pending::Done).wait().map_err(|e| e.to_string())?;
+                }
+                Ok(())
+            }
         }
     }
 }
@@ -123,32 +191,37 @@ extern "C" fn on_ready(ctx: *mut c_void, index: usize) {
 /// Overlapped gradient reduction for a list of trainable parameters; see the module docs.
 pub struct OverlappedReduction {
     shared: Box<Shared>,
-    from_comm: Receiver<Result<(usize, Tensor), DistError>>,
-    comm: Option<JoinHandle<()>>,
+    /// The communication thread and its results, with [`Launcher::Thread`].
+    comm: Option<(Receiver<Reduced>, JoinHandle<()>)>,
     world: usize,
 }
 
 impl OverlappedReduction {
     /// Installs hooks on `params` (with their `names`), to be reduced as `reduce` says in
-    /// `buckets` (parameter indices, in launch order), and starts the communication thread
-    /// on `ring`.
+    /// `buckets` (parameter indices, in launch order), launched by `launcher`.
     pub(crate) fn new(
         names: Vec<String>,
         params: Vec<Tensor>,
         buckets: Vec<Vec<usize>>,
         reduce: Reduce,
-        ring: Ring,
+        launcher: Launcher,
         world: usize,
     ) -> Result<Self, DistError> {
-        let (to_comm, comm_rx) = channel::<Message>();
-        let (comm_tx, from_comm) = channel();
-        let comm = std::thread::Builder::new()
-            .name("pg2-grad-comm".into())
-            .spawn(move || communicate(ring, comm_rx, comm_tx))
-            .map_err(|e| DistError::io("starting the gradient communication thread", e))?;
+        let (launch, comm) = match launcher {
+            Launcher::Thread(collective) => {
+                let (to_comm, comm_rx) = channel::<Message>();
+                let (comm_tx, from_comm) = channel();
+                let comm = std::thread::Builder::new()
+                    .name("pg2-grad-comm".into())
+                    .spawn(move || communicate(collective, comm_rx, comm_tx))
+                    .map_err(|e| DistError::io("starting the gradient communication thread", e))?;
+                (Launch::Thread(Mutex::new(to_comm)), Some((from_comm, comm)))
+            }
+            Launcher::Direct(collective) => (Launch::Direct { collective, launched: Mutex::default() }, None),
+        };
         let progress = Mutex::new(Progress { ready: vec![false; params.len()], ..Progress::default() });
-        let shared = Box::new(Shared { names, params, buckets, reduce, progress, to_comm: Mutex::new(to_comm) });
-        let reduction = OverlappedReduction { shared, from_comm, comm: Some(comm), world };
+        let shared = Box::new(Shared { names, params, buckets, reduce, progress, launch });
+        let reduction = OverlappedReduction { shared, comm, world };
         let ctx = &*reduction.shared as *const Shared as *mut c_void;
         for (i, p) in reduction.shared.params.iter().enumerate() {
             // SAFETY: a live tensor; `ctx` outlives the hook (removed in Drop before `shared` goes).
@@ -199,12 +272,22 @@ impl OverlappedReduction {
             let missing = p.ready.iter().position(|r| !r);
             (p.launched, p.error.take(), missing)
         };
-        // Collect what was sent, so the thread is idle whatever happens next.
+        // Collect what was launched, so nothing is in flight whatever happens next.
         let mut results = Vec::with_capacity(launched);
-        for _ in 0..launched {
-            results.push(
-                self.from_comm.recv().map_err(|_| DistError::Protocol("the communication thread is gone".into()))?,
-            );
+        match (&self.comm, &self.shared.launch) {
+            (Some((from_comm, _)), _) => {
+                for _ in 0..launched {
+                    let gone = || DistError::Protocol("the communication thread is gone".into());
+                    results.push(from_comm.recv().map_err(|_| gone())?);
+                }
+            }
+            (None, Launch::Direct { launched, .. }) => {
+                let launched = std::mem::take(&mut *launched.lock().unwrap_or_else(|e| e.into_inner()));
+                for (bucket, result, pending) in launched {
+                    results.push(pending.wait().map(|()| (bucket, result)));
+                }
+            }
+            (None, Launch::Thread(_)) => unreachable!("a thread launcher has its thread"),
         }
         if let Some(error) = error {
             return Err(DistError::Protocol(error));
@@ -226,25 +309,21 @@ impl Drop for OverlappedReduction {
             unsafe { pg2_clear_grad_ready(p.as_ptr() as *const c_void) };
         }
         // Closing the channel ends the thread.
-        let (closed, _) = channel();
-        *self.shared.to_comm.lock().unwrap_or_else(|e| e.into_inner()) = closed;
-        if let Some(comm) = self.comm.take() {
+        if let Launch::Thread(to_comm) = &self.shared.launch {
+            *to_comm.lock().unwrap_or_else(|e| e.into_inner()) = channel().0;
+        }
+        if let Some((_, comm)) = self.comm.take() {
             let _ = comm.join();
         }
     }
 }
 
-/// The communication thread: reduces each bucket over the ring as it comes.
-fn communicate(mut ring: Ring, buckets: Receiver<Message>, done: Sender<Result<(usize, Tensor), DistError>>) {
-    for (bucket, flat, share) in buckets {
-        let summed = match share {
-            None => ring.all_reduce_sum(&flat).map(|()| (bucket, flat)),
-            Some(len) => {
-                let out = Tensor::zeros([len], (flat.kind(), flat.device()));
-                ring.reduce_scatter_sum(&out, &flat).map(|()| (bucket, out))
-            }
-        };
-        if done.send(summed).is_err() {
+/// The communication thread: reduces each bucket on `collective` as it comes.
+fn communicate(mut collective: Box<dyn Collective>, buckets: Receiver<Message>, done: Sender<Reduced>) {
+    for message in buckets {
+        let reduced = launch(collective.as_mut(), message)
+            .and_then(|(bucket, result, pending)| pending.wait().map(|()| (bucket, result)));
+        if done.send(reduced).is_err() {
             return;
         }
     }

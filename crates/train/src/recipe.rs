@@ -305,15 +305,19 @@ pub struct TrainSection {
     /// of this many megabytes. `batch_size` is the global batch, split evenly over them.
     #[serde(default = "default_bucket_mb")]
     pub allreduce_bucket_mb: f64,
-    /// With several workers on CPUs: average each bucket of gradients as soon as backward
-    /// has produced it, while backward goes on (DDP's overlap; with accumulation, during
-    /// the last micro-batch's backward only). `false` averages them all after backward.
+    /// With several workers: reduce each bucket of gradients as soon as backward has
+    /// produced it, while backward goes on (DDP's overlap: on a ring thread on CPUs, as
+    /// asynchronous NCCL collectives on GPUs; with accumulation and no gradient sharding,
+    /// during the last micro-batch's backward only). `false` reduces them all after
+    /// backward.
     #[serde(default = "default_true")]
     pub overlap_reduction: bool,
     /// With several workers: `"none"` (every rank keeps the whole optimizer state, as DDP),
     /// `"optimizer"` (ZeRO-1: each keeps the f32 master weights and Adam moments of a
-    /// `1 / workers` share) or `"gradients"` (ZeRO-2: also only its share of the averaged
-    /// gradients, reduced as backward produces them).
+    /// `1 / workers` share), `"gradients"` (ZeRO-2: also only its share of the averaged
+    /// gradients, reduced as backward produces them) or `"full"` (ZeRO-3: also only its
+    /// share of each layer's weights, gathered around each use; needs
+    /// `model.activation_checkpointing`).
     #[serde(default)]
     pub sharding: Sharding,
     /// Update with libtorch's fused AdamW kernel (same math as the op-by-op update, which

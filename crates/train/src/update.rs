@@ -43,7 +43,7 @@ impl Trainable {
 pub enum Update {
     Replicated {
         optimizer: Adam,
-        /// Averaging during backward (several CPU workers, `train.overlap_reduction`).
+        /// Averaging during backward (several workers, `train.overlap_reduction`).
         overlap: Option<OverlappedReduction>,
         bucket_bytes: usize,
     },
@@ -209,7 +209,7 @@ pub struct Sharded {
     pieces: Vec<Piece>,
     /// Adam over the pieces (views of `master`), named `<param>@<offset>`.
     optimizer: Adam,
-    /// Reduce-scatter during backward (several CPU workers, `train.overlap_reduction`).
+    /// Reduce-scatter during backward (several workers, `train.overlap_reduction`).
     overlap: Option<OverlappedReduction>,
     /// The layers whose parameters are kept as shares (`full`).
     layers: Option<Arc<LayerShards>>,
