@@ -115,7 +115,13 @@ impl PaliGemma {
 
     /// Writes a Hugging Face model folder (config.json + safetensors in the released layout).
     pub fn save(&self, dir: &Path, kind: Kind) -> Result<(), ModelError> {
-        checkpoint::write_tensors(dir, &self.parameters(), kind)?;
+        self.save_weights(dir, &self.parameters(), kind)
+    }
+
+    /// [`PaliGemma::save`] with `weights` (this model's parameters by name, e.g. host copies
+    /// of sharded ones) in place of the parameters themselves.
+    pub fn save_weights(&self, dir: &Path, weights: &[(String, Tensor)], kind: Kind) -> Result<(), ModelError> {
+        checkpoint::write_tensors(dir, weights, kind)?;
         let config = serde_json::to_string_pretty(&self.config.to_json()).unwrap();
         let path = dir.join("config.json");
         std::fs::write(&path, config).map_err(|e| ModelError::io(&path, e))

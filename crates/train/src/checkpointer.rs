@@ -4,8 +4,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 use pg2_dist::Group;
-use pg2_model::PaliGemma;
-use tch::{Kind, Tensor};
+use tch::Kind;
 
 use crate::recipe::Recipe;
 use crate::run_dir::{RunDir, TrainerState};
@@ -53,30 +52,17 @@ impl Checkpointer {
             self.run.write_shard(&path, |tmp| pg2_model::checkpoint::write_file(tmp, &optimizer_state, Kind::Float))?;
             group.barrier(&format!("checkpoint-{}", state.step))?;
         }
-        let optimizer = (state_file, optimizer_state);
-        trainer.with_whole_model(|model| self.write(model, trainer.sharded(), &optimizer, state, group))?
-    }
-
-    /// Rank 0's part of [`Checkpointer::save`], with the whole model and the optimizer
-    /// state's file name and tensors (written by every rank already when `sharded`).
-    fn write(
-        &self,
-        model: &PaliGemma,
-        sharded: bool,
-        (state_file, optimizer_state): &(String, Vec<(String, Tensor)>),
-        state: &TrainerState,
-        group: &mut Group,
-    ) -> Result<Option<PathBuf>> {
+        let weights = trainer.checkpoint_weights(group.is_main())?;
         if !group.is_main() {
             return Ok(None);
         }
         let dir = self.run.save_checkpoint(state.step, |dir: &Path| {
-            model.save(dir, self.kind)?;
+            trainer.model.save_weights(dir, &weights, self.kind)?;
             std::fs::copy(&self.tokenizer, dir.join("tokenizer.json"))
                 .with_context(|| format!("copying {} into the checkpoint", self.tokenizer.display()))?;
-            match sharded {
+            match trainer.sharded() {
                 true => self.run.take_shards(state.step, dir, group.world())?,
-                false => pg2_model::checkpoint::write_file(&dir.join(state_file), optimizer_state, Kind::Float)?,
+                false => pg2_model::checkpoint::write_file(&dir.join(&state_file), &optimizer_state, Kind::Float)?,
             }
             std::fs::write(dir.join("trainer_state.json"), serde_json::to_string_pretty(state)?)
                 .context("writing trainer_state.json")?;

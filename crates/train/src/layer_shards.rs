@@ -135,12 +135,18 @@ fn release(bucket: &mut LayerBucket) {
     bucket.gathered = false;
 }
 
+impl LayerShards {
+    /// [`LayerParams::gather`], reporting a failure.
+    pub fn gather_layer(&self, layer: Layer) -> Result<(), DistError> {
+        let Some(b) = self.of_layer.get(&layer) else { return Ok(()) };
+        let mut buckets = self.buckets();
+        self.gather_into(buckets.by_index.get_mut(b).expect("every layer's bucket is kept"))
+    }
+}
+
 impl LayerParams for LayerShards {
     fn gather(&self, layer: Layer) {
-        let Some(b) = self.of_layer.get(&layer) else { return };
-        let mut buckets = self.buckets();
-        let bucket = buckets.by_index.get_mut(b).expect("every layer's bucket is kept");
-        if let Err(e) = self.gather_into(bucket) {
+        if let Err(e) = self.gather_layer(layer) {
             panic!("gathering the sharded parameters of {layer:?}: {e}");
         }
     }

@@ -8,7 +8,7 @@ use std::path::Path;
 use anyhow::{bail, Context, Result};
 use pg2_data::{Batch, PgTokenizer};
 use pg2_dist::Group;
-use pg2_model::{checkpoint, PaliGemma, Part, RunOptions, Weights};
+use pg2_model::{checkpoint, Layer, LayerParams, PaliGemma, Part, RunOptions, Weights};
 use pg2_optim::{AdamConfig, ParamGroup, Schedule};
 use tch::{Device, Kind, Tensor};
 
@@ -266,11 +266,41 @@ impl Trainer {
 
     /// `f` on the model with every layer's parameters whole: where they are sharded
     /// (`full`), every rank gathers them first (so every rank calls this together) and lets
-    /// them go after. For evaluation and checkpoints, which would otherwise gather each
-    /// layer on every forward pass, and on ranks that decode different numbers of steps.
+    /// them go after. For evaluation, which would otherwise gather each layer on every
+    /// forward pass, on ranks that decode different numbers of steps.
     pub fn with_whole_model<T>(&self, f: impl FnOnce(&PaliGemma) -> T) -> Result<T> {
         let _whole = self.update.whole_layers()?;
         Ok(f(&self.model))
+    }
+
+    /// The weights a checkpoint saves, by name: the parameters themselves, or where the
+    /// layers are sharded (`full`) host copies made one gathered layer at a time, so that
+    /// the device never holds the whole model (a collective: every rank calls this
+    /// together; a rank that does not write passes `keep = false` and gets none).
+    pub fn checkpoint_weights(&self, keep: bool) -> Result<Vec<(String, Tensor)>> {
+        let Some(shards) = self.update.layer_shards() else { return Ok(self.model.parameters()) };
+        let mut weights = vec![];
+        let mut gathered = None;
+        for (name, param) in self.model.parameters() {
+            let layer = Layer::of(&name);
+            if layer != gathered {
+                if let Some(done) = gathered {
+                    shards.release(done);
+                }
+                if let Some(next) = layer {
+                    shards.gather_layer(next)?;
+                }
+                gathered = layer;
+            }
+            if keep {
+                // A copy: the parameter's own storage goes when its layer is released.
+                weights.push((name, param.detach().to_device(Device::Cpu).copy()));
+            }
+        }
+        if let Some(done) = gathered {
+            shards.release(done);
+        }
+        Ok(weights)
     }
 
     /// Whether each rank saves optimizer state of its own (sharded training).
