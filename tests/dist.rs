@@ -358,22 +358,30 @@ fn sharded_training_equals_one_process_and_resumes_at_any_worker_count() {
     }
 
     // --resume with the same workers (bf16 weights: the f32 master shares come back) ends
-    // on the uninterrupted run's weights bit for bit.
-    let bf16 = [&mode("gradients")[..], &["--nproc-per-node".into(), "2".into()]].concat();
-    let bf16: Vec<&str> = bf16.iter().map(String::as_str).chain(["--set", "model.dtype=\"bf16\""]).collect();
-    run(launch(&dir, "bf16", &bf16));
-    assert!(optimizer_files(&dir.join("bf16"))[0].1.iter().any(|(n, _)| n.starts_with("master.")));
-    Command::new("cp").arg("-r").arg(dir.join("bf16")).arg(dir.join("bf16-resumed")).status().unwrap();
-    rewind(&dir.join("bf16-resumed"), 3);
-    // A kill while the ranks wrote step 6's shares left their folder behind, half written.
-    let stale = dir.join("bf16-resumed/checkpoints/.shards-step-000006");
-    std::fs::create_dir_all(&stale).unwrap();
-    std::fs::write(stale.join(".optimizer-rank-00000-of-00002.safetensors.tmp-1"), b"cut").unwrap();
-    run(launch(&dir, "bf16-resumed", &[&bf16[..], &["--resume"]].concat()));
-    for ((name, x), (_, y)) in weights(&dir.join("bf16")).iter().zip(weights(&dir.join("bf16-resumed"))) {
-        assert!(x.equal(&y), "{name}: the resumed run differs");
+    // on the uninterrupted run's weights bit for bit, with the layers' weights sharded too.
+    for (sharding, extra) in [("gradients", &[][..]), ("full", &recompute[..])] {
+        let (whole, resumed) = (format!("bf16-{sharding}"), format!("bf16-{sharding}-resumed"));
+        let args = [&mode(sharding)[..], &["--nproc-per-node".into(), "2".into()]].concat();
+        let args: Vec<&str> = args
+            .iter()
+            .map(String::as_str)
+            .chain(["--set", "model.dtype=\"bf16\""])
+            .chain(extra.iter().copied())
+            .collect();
+        run(launch(&dir, &whole, &args));
+        assert!(optimizer_files(&dir.join(&whole))[0].1.iter().any(|(n, _)| n.starts_with("master.")));
+        Command::new("cp").arg("-r").arg(dir.join(&whole)).arg(dir.join(&resumed)).status().unwrap();
+        rewind(&dir.join(&resumed), 3);
+        // A kill while the ranks wrote step 6's shares left their folder behind, half written.
+        let stale = dir.join(&resumed).join("checkpoints/.shards-step-000006");
+        std::fs::create_dir_all(&stale).unwrap();
+        std::fs::write(stale.join(".optimizer-rank-00000-of-00002.safetensors.tmp-1"), b"cut").unwrap();
+        run(launch(&dir, &resumed, &[&args[..], &["--resume"]].concat()));
+        for ((name, x), (_, y)) in weights(&dir.join(&whole)).iter().zip(weights(&dir.join(&resumed))) {
+            assert!(x.equal(&y), "{sharding}: {name}: the resumed run differs");
+        }
+        assert!(!stale.exists(), "the stale shares went with step 6's save");
     }
-    assert!(!stale.exists(), "the stale shares went with step 6's save");
     // With 4 workers, or one process without sharding, the state is cut anew.
     let reshards: [(&str, &str, &str, &[&str]); 3] = [
         ("reshard-4", "gradients-2", "gradients", &["--nproc-per-node", "4"]),
