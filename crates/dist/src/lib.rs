@@ -70,6 +70,10 @@ pub trait Collective: Send {
     fn start_reduce_scatter_sum(&mut self, output: &Tensor, input: &Tensor) -> Result<Pending, DistError> {
         self.reduce_scatter_sum(output, input).map(|()| Pending::Done)
     }
+    /// Starts [`Collective::all_gather`], as [`Collective::start_all_reduce_sum`].
+    fn start_all_gather(&mut self, output: &Tensor, input: &Tensor) -> Result<Pending, DistError> {
+        self.all_gather(output, input).map(|()| Pending::Done)
+    }
 }
 
 /// A collective once started.
@@ -116,11 +120,17 @@ pub struct ParamGather {
 impl ParamGather {
     /// `output` gets every rank's `input` in rank order; in a group of one, `input` itself.
     pub fn all_gather(&self, output: &Tensor, input: &Tensor) -> Result<(), DistError> {
+        self.start_all_gather(output, input)?.wait()
+    }
+
+    /// Starts [`ParamGather::all_gather`]: on NCCL it runs while the caller goes on, until
+    /// [`Pending::wait`].
+    pub fn start_all_gather(&self, output: &Tensor, input: &Tensor) -> Result<Pending, DistError> {
         match &self.collective {
-            Some(c) => c.lock().unwrap_or_else(|e| e.into_inner()).all_gather(output, input),
+            Some(c) => c.lock().unwrap_or_else(|e| e.into_inner()).start_all_gather(output, input),
             None => {
                 tch::no_grad(|| output.shallow_clone().copy_(input));
-                Ok(())
+                Ok(Pending::Done)
             }
         }
     }

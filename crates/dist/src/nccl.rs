@@ -57,6 +57,10 @@ pub struct Work {
     what: &'static str,
 }
 
+// SAFETY: a c10d Work is reference-counted and may be waited for from any thread (DDP's
+// reducer does so from the autograd engine's); pg2 waits for each once.
+unsafe impl Send for Work {}
+
 impl Work {
     /// Orders the current CUDA stream after the collective (the host goes on); an error if
     /// it failed or the watchdog aborted it.
@@ -159,6 +163,10 @@ impl Collective for Nccl {
 
     fn start_reduce_scatter_sum(&mut self, output: &Tensor, input: &Tensor) -> Result<Pending, DistError> {
         self.reduce_scatter_sum_async(output, input).map(Pending::Nccl)
+    }
+
+    fn start_all_gather(&mut self, output: &Tensor, input: &Tensor) -> Result<Pending, DistError> {
+        self.all_gather_async(output, input).map(Pending::Nccl)
     }
 }
 

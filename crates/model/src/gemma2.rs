@@ -480,11 +480,13 @@ impl Gemma2 {
         // Only where a backward pass will follow: no cache (training) and a graph to record.
         let recompute = opts.recompute && cache.is_none() && embeds.requires_grad();
         for (i, layer) in self.layers.iter().enumerate() {
-            let _gathered = Gathered::new(params, Layer::Text(i));
+            let n = self.layers.len();
+            let _gathered = Gathered::new(params, Layer::Text(i), Layer::at(Layer::Text, Some(i + 1), n));
             if recompute {
                 let (layer, plan, cos, signed_sin) =
                     (layer.clone(), plan.clone(), cos.shallow_clone(), signed_sin.shallow_clone());
-                x = recompute_layer(&x, params, Layer::Text(i), move |x| {
+                let below = Layer::at(Layer::Text, i.checked_sub(1), n);
+                x = recompute_layer(&x, params, (Layer::Text(i), below), move |x| {
                     layer.forward(x, (&cos, &signed_sin), &plan, None, opts)
                 });
             } else {

@@ -2,7 +2,8 @@
 //! the parameters sharded, ZeRO-3): the model asks for a layer's parameters just before it
 //! runs the layer and hands them back right after, and, when the layer's activations are
 //! recomputed in the backward pass, asks again for the re-run and hands them back once the
-//! backward pass through it is done.
+//! backward pass through it is done. Each request names the layer that comes next in that
+//! pass, so that its parameters can be on their way while this one computes.
 
 use std::sync::Arc;
 
@@ -20,6 +21,11 @@ pub enum Layer {
 }
 
 impl Layer {
+    /// Layer `i` of a tower of `layers`, as `make` names it, if there is one.
+    pub(crate) fn at(make: fn(usize) -> Layer, i: Option<usize>, layers: usize) -> Option<Layer> {
+        i.filter(|&i| i < layers).map(make)
+    }
+
     /// The layer parameter `name` (a checkpoint name) belongs to; `None` for the parameters
     /// around the layers (embeddings, final norms, the projector).
     pub fn of(name: &str) -> Option<Layer> {
@@ -36,22 +42,24 @@ impl Layer {
 /// the same order. A failure panics with its message (a rank that cannot gather cannot
 /// compute), which the launcher reports.
 pub trait LayerParams: Send + Sync {
-    /// Makes `layer`'s parameters whole; nothing if they are.
-    fn gather(&self, layer: Layer);
+    /// Makes `layer`'s parameters whole (nothing if they are); `next` is the layer the
+    /// same pass runs after it, if any (forward: the one above; backward: the one below).
+    fn gather(&self, layer: Layer, next: Option<Layer>);
     /// Lets `layer`'s parameters go again.
     fn release(&self, layer: Layer);
 }
 
-/// `layer`'s parameters, whole while this lives.
+/// `layer`'s parameters, whole while this lives (`next`: the layer the forward pass runs
+/// after it).
 pub(crate) struct Gathered<'a> {
     params: Option<&'a Arc<dyn LayerParams>>,
     layer: Layer,
 }
 
 impl<'a> Gathered<'a> {
-    pub(crate) fn new(params: Option<&'a Arc<dyn LayerParams>>, layer: Layer) -> Self {
+    pub(crate) fn new(params: Option<&'a Arc<dyn LayerParams>>, layer: Layer, next: Option<Layer>) -> Self {
         if let Some(p) = params {
-            p.gather(layer);
+            p.gather(layer, next);
         }
         Gathered { params, layer }
     }
@@ -66,11 +74,12 @@ impl Drop for Gathered<'_> {
 }
 
 /// `run(input)` through [`crate::recompute`], whose re-run in the backward pass gathers
-/// `layer`'s parameters again and releases them once the pass through it is done.
+/// `layer`'s parameters again (`below`: the layer backward reaches next) and releases them
+/// once the pass through it is done.
 pub(crate) fn recompute_layer(
     input: &Tensor,
     params: Option<&Arc<dyn LayerParams>>,
-    layer: Layer,
+    (layer, below): (Layer, Option<Layer>),
     run: impl Fn(&Tensor) -> Tensor + 'static,
 ) -> Tensor {
     let Some(params) = params else { return crate::recompute::recompute(input, run) };
@@ -78,7 +87,7 @@ pub(crate) fn recompute_layer(
     crate::recompute::recompute_then(
         input,
         move |x| {
-            gather.gather(layer);
+            gather.gather(layer, below);
             run(x)
         },
         move || release.release(layer),

@@ -129,11 +129,13 @@ impl SiglipVision {
         let mut x = x.flatten(2, 3).transpose(1, 2) + &self.position_embedding;
         let recompute = recompute && x.requires_grad();
         for (i, layer) in self.layers.iter().enumerate() {
-            let _gathered = Gathered::new(params, Layer::Vision(i));
+            let n = self.layers.len();
+            let _gathered = Gathered::new(params, Layer::Vision(i), Layer::at(Layer::Vision, Some(i + 1), n));
             x = match recompute {
                 true => {
                     let layer = layer.clone();
-                    recompute_layer(&x, params, Layer::Vision(i), move |x| layer.forward(x))
+                    let below = Layer::at(Layer::Vision, i.checked_sub(1), n);
+                    recompute_layer(&x, params, (Layer::Vision(i), below), move |x| layer.forward(x))
                 }
                 false => layer.forward(&x),
             };

@@ -3,13 +3,15 @@
 //! bucket's weights (in the parameters' kind) and the parameter tensors hold nothing. The
 //! model gathers a layer's weights (one all-gather) just before it runs the layer, and
 //! again for the re-run in the backward pass, and releases them after each
-//! ([`pg2_model::LayerParams`]). The tensors around the layers (embeddings, final norms,
+//! ([`pg2_model::LayerParams`]); the next layer's gather starts as soon as this one's is
+//! done, so that on NCCL it runs while the layer computes (the CPU ring's gathers block,
+//! so there it only comes earlier). The tensors around the layers (embeddings, final norms,
 //! the projector) stay whole on every rank, as FSDP's root unit.
 
 use std::collections::BTreeMap;
 use std::sync::Mutex;
 
-use pg2_dist::{DistError, ParamGather, ShardLayout};
+use pg2_dist::{DistError, ParamGather, Pending, ShardLayout};
 use pg2_model::{Layer, LayerParams};
 use tch::{Kind, Tensor};
 
@@ -23,6 +25,8 @@ struct LayerBucket {
     kind: Kind,
     /// Whether the parameters are whole now.
     gathered: bool,
+    /// A gather started ahead of use: the flat bucket it fills, and the collective.
+    prefetched: Option<(Tensor, Pending)>,
 }
 
 /// The sharded layers' buckets (by bucket index), and whether all are kept whole
@@ -66,7 +70,7 @@ impl LayerShards {
                 kind => master[b].to_kind(kind),
             };
             of_layer.insert(layer, b);
-            by_index.insert(b, LayerBucket { members, weights, kind: bucket.kind, gathered: true });
+            by_index.insert(b, LayerBucket { members, weights, kind: bucket.kind, gathered: true, prefetched: None });
         }
         let mut buckets = Buckets { by_index, pinned: false };
         buckets.by_index.values_mut().for_each(release);
@@ -107,9 +111,9 @@ impl LayerShards {
         if bucket.gathered {
             return Ok(());
         }
-        let share = bucket.weights.numel() as i64;
-        let whole = Tensor::empty([share * self.world], (bucket.kind, bucket.weights.device()));
-        self.gather.all_gather(&whole, &bucket.weights)?;
+        self.prefetch(bucket)?;
+        let (whole, pending) = bucket.prefetched.take().expect("a gather was started");
+        pending.wait()?;
         let mut start = 0;
         for (param, shape) in &bucket.members {
             let numel: i64 = shape.iter().product();
@@ -120,6 +124,28 @@ impl LayerShards {
         }
         bucket.gathered = true;
         Ok(())
+    }
+}
+
+impl LayerShards {
+    /// Starts gathering `bucket` unless it is whole or on its way.
+    fn prefetch(&self, bucket: &mut LayerBucket) -> Result<(), DistError> {
+        if bucket.gathered || bucket.prefetched.is_some() {
+            return Ok(());
+        }
+        let share = bucket.weights.numel() as i64;
+        let whole = Tensor::empty([share * self.world], (bucket.kind, bucket.weights.device()));
+        let pending = self.gather.start_all_gather(&whole, &bucket.weights)?;
+        bucket.prefetched = Some((whole, pending));
+        Ok(())
+    }
+
+    /// Gathers `layer` and starts gathering `next`.
+    fn gather_and_prefetch(&self, layer: Layer, next: Option<Layer>) -> Result<(), DistError> {
+        self.gather_layer(layer)?;
+        let Some(b) = next.and_then(|next| self.of_layer.get(&next)) else { return Ok(()) };
+        let mut buckets = self.buckets();
+        self.prefetch(buckets.by_index.get_mut(b).expect("every layer's bucket is kept"))
     }
 }
 
@@ -145,8 +171,8 @@ impl LayerShards {
 }
 
 impl LayerParams for LayerShards {
-    fn gather(&self, layer: Layer) {
-        if let Err(e) = self.gather_layer(layer) {
+    fn gather(&self, layer: Layer, next: Option<Layer>) {
+        if let Err(e) = self.gather_and_prefetch(layer, next) {
             panic!("gathering the sharded parameters of {layer:?}: {e}");
         }
     }
@@ -245,7 +271,9 @@ mod tests {
                         assert!(params.iter().all(|(_, p)| p.numel() > 0));
                     }
                     assert_eq!(params.iter().filter(in_layers).map(|(_, t)| t.numel() as i64).sum::<i64>(), 0);
-                    shards.gather(Layer::Vision(1));
+                    shards.gather(Layer::Vision(0), None);
+                    shards.release(Layer::Vision(0));
+                    shards.gather(Layer::Vision(1), None);
                     let vision_1 = "vision_tower.vision_model.encoder.layers.1.";
                     for ((name, p), t) in params.iter().zip(&before) {
                         match name.starts_with(vision_1) {
@@ -255,6 +283,18 @@ mod tests {
                         }
                     }
                     shards.release(Layer::Vision(1));
+                    // A gather that names the next layer starts that one's too; it becomes the
+                    // parameters when that layer is asked for.
+                    shards.gather(Layer::Text(0), Some(Layer::Text(1)));
+                    shards.release(Layer::Text(0));
+                    let text_1 = "language_model.model.layers.1.";
+                    assert!(params.iter().filter(|(n, _)| n.starts_with(text_1)).all(|(_, p)| p.numel() == 0));
+                    assert!(shards.buckets().by_index.values().filter(|b| b.prefetched.is_some()).count() == 1);
+                    shards.gather(Layer::Text(1), None);
+                    for ((name, p), t) in params.iter().zip(&before).filter(|((n, _), _)| n.starts_with(text_1)) {
+                        assert!(p.equal(t), "{name} gathered ahead");
+                    }
+                    shards.release(Layer::Text(1));
                     group.barrier("end").unwrap();
                 });
             }
