@@ -213,8 +213,8 @@ impl StepShape {
     /// produces it (`train.overlap_reduction`), so that only the gradients whose bucket has
     /// not gone yet live: about a layer's, and the embedding's (its tied head's gradient
     /// comes first, its bucket goes last). `full` keeps the trained layers' weights as
-    /// shares too, with one layer gathered at a time (the embeddings, norms and projector
-    /// stay whole), and gathers each layer twice per micro-batch: for its forward pass and
+    /// shares too, with two layers gathered at a time (the one running, the next on its
+    /// way; the embeddings, norms and projector stay whole), and gathers each layer twice per micro-batch: for its forward pass and
     /// for its recompute in backward.
     pub fn state(&self, sharding: Sharding) -> StateBytes {
         let (n, p, trained) = (self.gpus as f64, self.params as f64, self.trained as f64);
@@ -253,7 +253,8 @@ impl StepShape {
                     + trained_layers(Part::Decoder, c.text.num_hidden_layers, decoder_layer);
                 let micro_batches = self.accumulation as f64;
                 StateBytes {
-                    weights: (p - sharded) * w + sharded * w / n + largest_layer * w,
+                    // The layer running and the next one, on its way.
+                    weights: (p - sharded) * w + sharded * w / n + 2.0 * largest_layer * w,
                     gradients: in_backward + trained * 4.0 / n,
                     sent: reduce_scatter * micro_batches
                         + 2.0 * micro_batches * ring * sharded * w
