@@ -28,6 +28,7 @@ fn main() {
         println!("cargo:rustc-link-arg=-L{}", lib.display());
         println!("cargo:rustc-link-arg=-Wl,--no-as-needed");
         println!("cargo:rustc-link-arg=-ltorch_cuda");
+        println!("cargo:rustc-link-arg=-lc10_cuda");
         println!("cargo:rustc-link-arg=-Wl,--as-needed");
     }
     compile_shims(&PathBuf::from(&root));
@@ -86,7 +87,11 @@ fn compile_shims(root: &std::path::Path) {
         .flag("-D_GLIBCXX_USE_CXX11_ABI=1")
         .flag("-DGLOG_USE_GLOG_EXPORT");
     if let Some(cuda) = cuda {
-        build.includes(&cuda).define("USE_C10D_NCCL", None).define("PG2_WITH_C10D_NCCL", None);
+        build
+            .includes(&cuda)
+            .define("USE_C10D_NCCL", None)
+            .define("PG2_WITH_C10D_NCCL", None)
+            .define("PG2_WITH_CUDA_HEADERS", None);
     }
     build.files(&files).compile(&name);
     std::fs::write(&stamp, digest).unwrap();

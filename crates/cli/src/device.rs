@@ -77,6 +77,29 @@ pub fn prepare_device(name: &str) -> Result<Device> {
     Ok(device)
 }
 
+// The C++ shim beside this file (compiled by build/link_libtorch.rs).
+extern "C" {
+    fn pg2_cuda_peak_allocated(device: i32) -> i64;
+    fn pg2_cuda_reset_peak(device: i32);
+}
+
+/// The most bytes the CUDA caching allocator has had allocated on `device` since the last
+/// [`reset_peak_memory`] (`torch.cuda.max_memory_allocated`); `None` off CUDA, or where pg2
+/// was built without the CUDA headers.
+pub fn peak_memory(device: Device) -> Option<u64> {
+    let Device::Cuda(index) = device else { return None };
+    // SAFETY: a plain query of libtorch's allocator; failures return -1.
+    u64::try_from(unsafe { pg2_cuda_peak_allocated(index as i32) }).ok()
+}
+
+/// Starts a new peak for [`peak_memory`] on a CUDA `device`; nothing elsewhere.
+pub fn reset_peak_memory(device: Device) {
+    if let Device::Cuda(index) = device {
+        // SAFETY: as above.
+        unsafe { pg2_cuda_reset_peak(index as i32) }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

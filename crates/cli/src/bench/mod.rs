@@ -425,11 +425,13 @@ pub fn model(b: &ModelBench) -> Result<()> {
         Ok(())
     };
     step()?; // warm-up: kernel selection, allocator
+    crate::device::reset_peak_memory(b.device);
     let start = Instant::now();
     for _ in 0..b.steps {
         step()?;
     }
     let per_step = start.elapsed().as_secs_f64() / b.steps as f64;
+    let peak = crate::device::peak_memory(b.device);
     // Matmul FLOPs: 2 per parameter per token (vision over patches, decoder over all tokens,
     // output head over supervised tokens), plus attention's two matmuls, 4 * T^2 * width per layer.
     let embed = (t.vocab_size * t.hidden_size) as f64;
@@ -461,6 +463,39 @@ pub fn model(b: &ModelBench) -> Result<()> {
         (false, false) => "eager, soft-capped",
     };
     println!("attention: {attention}");
+    if let (Some(peak), true) = (peak, b.train) {
+        // What `pg2 plan` expects of this step: weights, gradients, the optimizer's state
+        // and the activations kept for backward.
+        let params = config.parameter_counts().iter().map(|c| c.1).sum();
+        let shape = crate::plan::StepShape {
+            config: config.clone(),
+            params,
+            trained: params,
+            frozen: vec![],
+            weight_bytes: b.kind.elt_size_in_bytes(),
+            activation_bytes: b.kind.elt_size_in_bytes(),
+            batch: b.batch as usize,
+            text_tokens: b.text_len as usize,
+            target_tokens: (b.text_len / 2) as usize,
+            soft_caps: !b.no_soft_caps,
+            gpus: 1,
+            accumulation: 1,
+        };
+        let state = shape.state(pg2_train::recipe::Sharding::None);
+        let optimizer = if b.optimizer { state.optimizer } else { 0.0 };
+        let keep = match (b.recompute, b.lean_attention) {
+            (true, _) => crate::plan::Keep::Checkpointed,
+            (false, true) => crate::plan::Keep::Lean,
+            (false, false) => crate::plan::Keep::All,
+        };
+        let estimate = state.weights + state.gradients + optimizer + crate::plan::activation_bytes(&shape, keep);
+        println!(
+            "peak GPU memory allocated: {:.1} GB; pg2 plan estimates {:.1} GB (measured / estimated {:.2})",
+            peak as f64 / 1e9,
+            estimate / 1e9,
+            peak as f64 / estimate
+        );
+    }
     Ok(())
 }
 
