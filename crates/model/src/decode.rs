@@ -110,14 +110,30 @@ fn beam_search(
     first: Tensor,
     opts: &DecodeOptions,
 ) -> Result<Vec<Vec<i64>>, ModelError> {
+    let device = model.device();
+    search(&first, opts, |parents, tokens, live| {
+        cache.select(&Tensor::from_slice(parents).to_device(device));
+        step(model, &mut cache, tokens, live)
+    })
+}
+
+/// Beam search over `first` `(batch, vocab)` log-probabilities. `advance(parents, tokens,
+/// live)` makes row `r` of the next step continue row `parents[r]` of the previous one
+/// with `tokens[r]` (a dead row, `live[r]` false, with padding) and returns the next
+/// log-probabilities `(rows, vocab)`.
+fn search(
+    first: &Tensor,
+    opts: &DecodeOptions,
+    mut advance: impl FnMut(&[i64], &[i64], &[bool]) -> Result<Tensor, ModelError>,
+) -> Result<Vec<Vec<i64>>, ModelError> {
     let (b, k) = (first.size()[0] as usize, opts.beam_size);
     let vocab = first.size()[1];
-    let device = model.device();
+    let device = first.device();
     let rank = |beam: &Beam, len: usize| beam.score / (len as f64).powf(opts.length_penalty);
     // Every prompt starts as k copies; only the first may expand at the first step.
-    let repeat = Tensor::arange(b as i64, (Kind::Int64, device)).repeat_interleave_self_int(k as i64, 0, None);
-    cache.select(&repeat);
-    let mut logprobs = first.index_select(0, &repeat);
+    let repeat: Vec<i64> = (0..(b * k) as i64).map(|r| r / k as i64).collect();
+    let mut logprobs = first.index_select(0, &Tensor::from_slice(&repeat).to_device(device));
+    let mut pending = Some(repeat);
     let mut beams: Vec<Beam> =
         (0..b * k).map(|i| Beam { tokens: vec![], score: if i % k == 0 { 0.0 } else { f64::NEG_INFINITY } }).collect();
     let mut finished: Vec<Vec<(f64, Vec<i64>)>> = vec![Vec::new(); b];
@@ -162,14 +178,18 @@ fn beam_search(
         if n + 1 == opts.max_new_tokens || !done.contains(&false) {
             break;
         }
-        cache.select(&Tensor::from_slice(&parents).to_device(device));
         let live: Vec<bool> = beams.iter().map(|beam| beam.score > f64::NEG_INFINITY).collect();
         let tokens: Vec<i64> = beams
             .iter()
             .zip(&live)
             .map(|(beam, &l)| if l { *beam.tokens.last().unwrap() } else { opts.pad_id })
             .collect();
-        logprobs = step(model, &mut cache, &tokens, &live)?;
+        // The first step's parents index the k copies of each prompt.
+        let parents: Vec<i64> = match pending.take() {
+            Some(repeat) => parents.iter().map(|&p| repeat[p as usize]).collect(),
+            None => parents,
+        };
+        logprobs = advance(&parents, &tokens, &live)?;
     }
     // Beams still running at the length limit compete with the ended ones.
     for (i, chunk) in beams.chunks(k).enumerate() {
