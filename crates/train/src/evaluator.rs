@@ -54,7 +54,6 @@ impl Evaluator {
             beam_size: spec.beam,
             eos_id: tok.eos_id,
             pad_id: tok.pad_id,
-            length_penalty: 1.0,
         };
         let format = TaskFormat { prefix: spec.prefix.clone(), ..TaskFormat::default() };
         let mut lines = String::new();
