@@ -59,6 +59,10 @@ pub struct EvalSection {
     pub max_len: usize,
     #[serde(default = "default_eval_batch")]
     pub batch_size: usize,
+    /// Antialias the eval images; `data.antialias` (as training) by default. Some
+    /// big_vision configs train with `resize(res, antialias=True)` and evaluate with
+    /// `resize(res)` (AI2D, VizWiz VQA).
+    pub antialias: Option<bool>,
     /// The paper's result for this task, by `"<size>-<resolution>"` (e.g. `"3b-224"`), on
     /// the metric's scale as pg2 reports it; `pg2 report` prints it beside the run's.
     #[serde(default)]
@@ -201,6 +205,11 @@ pub struct DataSection {
     pub keep_eos: bool,
     /// Pad every batch to this many tokens (constant shapes) instead of to its longest example.
     pub pad_to: Option<usize>,
+    /// Low-pass filter images before downscaling them to `model.resolution`, in training
+    /// and evaluation alike: big_vision's `resize(res, antialias=True)`, which some transfer
+    /// configs use. Off is big_vision's default `resize(res)`: TF's plain bilinear.
+    #[serde(default)]
+    pub antialias: bool,
     /// Sort each update's examples by length before dealing them out to the micro-batches
     /// of `train.grad_accumulation` and to the workers, so that short-text examples are not
     /// padded to the longest of a mixed batch. The update sees the same examples; this only
