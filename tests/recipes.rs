@@ -3,6 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
+use pg2_eval::Metric;
 use pg2_train::Recipe;
 
 fn recipes(dir: &Path, out: &mut Vec<PathBuf>) {
@@ -35,5 +36,26 @@ fn every_shipped_recipe_resolves() {
         // soft-capped attention; shorter ones train faster without it.
         let stage2 = file.file_name().is_some_and(|n| n.to_string_lossy().starts_with("stage2-"));
         assert_eq!(recipe.model.lean_attention, stage2, "{}", file.display());
+    }
+}
+
+fn transfer(name: &str) -> Recipe {
+    let file = Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("../../recipes/transfer/{name}.toml"));
+    Recipe::load(&file, &["data.root=\"/data\"".to_string()]).unwrap().0
+}
+
+/// Case is kept where big_vision's `vqa` evaluator keeps it (its default `to_lower=False`;
+/// AI2D sets it explicitly) and where it carries meaning (SMILES).
+#[test]
+fn transfer_recipes_compare_case_as_big_vision() {
+    for (name, metric) in [
+        ("ai2d", Metric::ExactCased),
+        ("ocrvqa", Metric::ExactCased),
+        ("gqa", Metric::ExactCased),
+        ("molecules", Metric::ExactCased),
+        ("scienceqa", Metric::Exact),
+        ("tallyqa", Metric::Exact),
+    ] {
+        assert_eq!(transfer(name).eval.unwrap().metric, metric, "{name}");
     }
 }
