@@ -59,3 +59,28 @@ fn transfer_recipes_compare_case_as_big_vision() {
         assert_eq!(transfer(name).eval.unwrap().metric, metric, "{name}");
     }
 }
+
+/// Images are antialiased where the big_vision config writes `resize(res, antialias=True)`,
+/// in training (`data`) and evaluation (`eval`, `None`: as training).
+#[test]
+fn transfer_recipes_resize_as_big_vision() {
+    for (name, train, eval) in [
+        ("vqav2", true, None),
+        ("textvqa", true, None),
+        ("docvqa", true, None),
+        ("ocrvqa", true, None),
+        ("chartqa", true, None),
+        ("tallyqa", true, None),
+        ("stvqa", true, None),
+        ("ai2d", true, Some(false)),
+        ("vizwizvqa", true, Some(false)),
+        ("cococap", false, None),
+        ("nocaps", false, None),
+        ("refcoco", false, None),
+        ("scienceqa", false, None),
+        ("gqa", false, None),
+    ] {
+        let recipe = transfer(name);
+        assert_eq!((recipe.data.antialias, recipe.eval.unwrap().antialias), (train, eval), "{name}");
+    }
+}
