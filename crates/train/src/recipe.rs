@@ -104,7 +104,8 @@ pub struct ModelSection {
     /// `SiglipModel` folder, `vision_model.*`) for the vision tower, as stage 1 starts.
     pub vision_init: Option<String>,
     /// With a preset `init`: a Gemma 2 checkpoint (`Gemma2ForCausalLM` folder, `model.*`)
-    /// for the decoder; rows past its vocabulary (loc/seg/`<image>`) keep their fresh values.
+    /// for the decoder; rows past its vocabulary (loc/seg/`<image>`) are drawn from
+    /// N(0, 0.02), as big_vision's `extend_rows`.
     pub text_init: Option<String>,
     /// Dropout on the decoder layers' branch outputs while training (big_vision's
     /// `llm.dropout`, e.g. 0.1 for some transfers); each step reseeds it from the seed and
