@@ -47,7 +47,7 @@ pub fn generate(model: &PaliGemma, prompts: &Inputs, opts: &DecodeOptions) -> Re
 }
 
 fn log_probs(model: &PaliGemma, hidden: &Tensor) -> Tensor {
-    model.logits(hidden).to_kind(Kind::Float).log_softmax(-1, Kind::Float)
+    model.logits(hidden).log_softmax(-1, Kind::Float)
 }
 
 /// Feeds one token per sequence and returns the next log-probabilities `(batch, vocab)`.
