@@ -3,6 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
+use pg2_eval::Metric;
 use pg2_train::Recipe;
 
 fn recipes(dir: &Path, out: &mut Vec<PathBuf>) {
@@ -35,5 +36,51 @@ fn every_shipped_recipe_resolves() {
         // soft-capped attention; shorter ones train faster without it.
         let stage2 = file.file_name().is_some_and(|n| n.to_string_lossy().starts_with("stage2-"));
         assert_eq!(recipe.model.lean_attention, stage2, "{}", file.display());
+    }
+}
+
+fn transfer(name: &str) -> Recipe {
+    let file = Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("../../recipes/transfer/{name}.toml"));
+    Recipe::load(&file, &["data.root=\"/data\"".to_string()]).unwrap().0
+}
+
+/// Case is kept where big_vision's `vqa` evaluator keeps it (its default `to_lower=False`;
+/// AI2D sets it explicitly) and where it carries meaning (SMILES).
+#[test]
+fn transfer_recipes_compare_case_as_big_vision() {
+    for (name, metric) in [
+        ("ai2d", Metric::ExactCased),
+        ("ocrvqa", Metric::ExactCased),
+        ("gqa", Metric::ExactCased),
+        ("molecules", Metric::ExactCased),
+        ("scienceqa", Metric::Exact),
+        ("tallyqa", Metric::Exact),
+    ] {
+        assert_eq!(transfer(name).eval.unwrap().metric, metric, "{name}");
+    }
+}
+
+/// Images are antialiased where the big_vision config writes `resize(res, antialias=True)`,
+/// in training (`data`) and evaluation (`eval`, `None`: as training).
+#[test]
+fn transfer_recipes_resize_as_big_vision() {
+    for (name, train, eval) in [
+        ("vqav2", true, None),
+        ("textvqa", true, None),
+        ("docvqa", true, None),
+        ("ocrvqa", true, None),
+        ("chartqa", true, None),
+        ("tallyqa", true, None),
+        ("stvqa", true, None),
+        ("ai2d", true, Some(false)),
+        ("vizwizvqa", true, Some(false)),
+        ("cococap", false, None),
+        ("nocaps", false, None),
+        ("refcoco", false, None),
+        ("scienceqa", false, None),
+        ("gqa", false, None),
+    ] {
+        let recipe = transfer(name);
+        assert_eq!((recipe.data.antialias, recipe.eval.unwrap().antialias), (train, eval), "{name}");
     }
 }

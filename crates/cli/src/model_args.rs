@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use anyhow::Result;
 use clap::{Args, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
-use pg2_data::{source, InferenceBatch, PgTokenizer, TaskFormat};
+use pg2_data::{source, InferenceBatch, PgTokenizer, Resize, TaskFormat};
 use pg2_model::{PaliGemma, RunOptions};
 use serde_json::Value;
 use tch::Kind;
@@ -80,6 +80,11 @@ pub struct RecordArgs {
     /// Longest record, in tokens (image tokens included); a longer one is an error naming it.
     #[arg(long, default_value_t = pg2_data::layout::DEFAULT_MAX_TOKENS)]
     pub max_tokens: usize,
+    /// Low-pass filter images before downscaling them (big_vision's `resize(res,
+    /// antialias=True)`, a recipe's `data.antialias`); by default TF's plain bilinear, as
+    /// big_vision's `resize(res)`.
+    #[arg(long)]
+    pub antialias: bool,
 }
 
 impl RecordArgs {
@@ -94,7 +99,8 @@ impl RecordArgs {
         mut each: impl FnMut(&InferenceBatch) -> Result<Vec<Value>>,
     ) -> Result<()> {
         let records = source::read_jsonl(&self.data)?;
-        let image = (model.config.vision.image_size as u32, model.config.vision.num_patches());
+        let resize = Resize { size: model.config.vision.image_size as u32, antialias: self.antialias };
+        let image = (resize, model.config.vision.num_patches());
         let bar = progress(records.len(), what);
         for chunk in records.chunks(self.batch_size as usize) {
             let limits = (with_targets, self.max_tokens);

@@ -275,7 +275,8 @@ impl StepShape {
 ///   scores, the f32 softmax and its copy in the activation dtype (T x T each);
 /// - a SigLIP layer keeps, per patch, 8 widths (norm inputs and outputs, q, k, v and the
 ///   attention output: its attention is fused) and 2 MLP widths;
-/// - the head keeps the target rows' logits and their f32 log-probabilities.
+/// - the head keeps the target rows' f32 soft-capped logits and log-probabilities (f32
+///   whatever the weights' precision).
 ///
 /// Lean attention keeps q, k and v instead of the scores (recomputed in backward), one
 /// layer's scores alive at a time; checkpointing keeps each layer's input and recomputes
@@ -293,7 +294,7 @@ pub fn activation_bytes(shape: &StepShape, keep: Keep) -> f64 {
     let decoder_layer = tokens * (6.0 * d + 2.0 * q + 2.0 * kv + 4.0 * m) * a;
     let patches = v.num_patches() as f64;
     let vision_layer = patches * (8.0 * v.hidden_size as f64 + 2.0 * v.intermediate_size as f64) * a;
-    let head = shape.target_tokens as f64 * t.vocab_size as f64 * (a + 4.0);
+    let head = shape.target_tokens as f64 * t.vocab_size as f64 * 8.0;
     let (layers, vision_layers) = (t.num_hidden_layers as f64, v.num_hidden_layers as f64);
     let per_example = match keep {
         Keep::All => layers * (decoder_layer + scores) + vision_layers * vision_layer + head,

@@ -12,15 +12,13 @@ pub struct PredictArgs {
     pub model: ModelArgs,
     #[command(flatten)]
     pub records: RecordArgs,
-    /// Beam size; 1 decodes greedily.
+    /// Beam size; 1 decodes greedily. Beam search is big_vision's: hypotheses ranked by
+    /// their summed log-probabilities, no length normalisation.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
     pub beam: u32,
     /// Most tokens generated per record.
     #[arg(long, default_value_t = 32)]
     pub max_len: usize,
-    /// Beam hypotheses rank by sum logprob / length^penalty.
-    #[arg(long, default_value_t = 1.0)]
-    pub length_penalty: f64,
 }
 
 /// Prints one `{"prediction": ...}` JSON line per record.
@@ -31,7 +29,6 @@ pub fn run(args: &PredictArgs) -> Result<()> {
         beam_size: args.beam as usize,
         eos_id: tok.eos_id,
         pad_id: tok.pad_id,
-        length_penalty: args.length_penalty,
     };
     args.records.for_each_batch((&model, &tok), false, "predict", |prepared| {
         let generated = generate(&model, &prepared.batch.inputs, &opts)?;

@@ -194,13 +194,13 @@ pub struct InferenceBatch {
 impl InferenceBatch {
     /// Encodes `records`: each one's prompt under `format` (its own `prefix` by default),
     /// its `suffix` plus `<eos>` as the target when `with_targets` (a record without one is
-    /// an error naming it), and its image at `resolution` px for `image_tokens` placeholders.
+    /// an error naming it), and its image resized by `resize` for `image_tokens` placeholders.
     /// A record longer than `max_tokens` is an error naming it, before anything is allocated.
     pub fn new(
         records: &[Record],
         tok: &PgTokenizer,
         format: &TaskFormat,
-        (resolution, image_tokens): (u32, usize),
+        (resize, image_tokens): (image::Resize, usize),
         (with_targets, max_tokens): (bool, usize),
         device: Device,
     ) -> Result<Self, DataError> {
@@ -221,7 +221,7 @@ impl InferenceBatch {
                 Ok(example)
             })
             .collect::<Result<Vec<_>, DataError>>()?;
-        let batch = Batch::collate(&examples, Some(image::load_pixels(records, resolution)?), tok.pad_id, device);
+        let batch = Batch::collate(&examples, Some(image::load_pixels(records, resize)?), tok.pad_id, device);
         Ok(Self { batch, prompts, targets: examples.iter().map(EncodedExample::num_targets).collect() })
     }
 }

@@ -12,6 +12,7 @@ pub mod source;
 pub mod synth;
 pub mod tokenizer;
 
+pub use image::Resize;
 pub use layout::{Batch, EncodedExample, InferenceBatch, TextLimits, Truncation};
 pub use mixture::{Mixture, MixturePosition, MixtureSource, RunLength, SourceData, StreamSource, TaskFormat};
 pub use pipeline::{LoadedBatch, OnBadRecord, Pipeline, PipelineConfig};

@@ -14,11 +14,12 @@ use std::thread::JoinHandle;
 use rayon::prelude::*;
 use tch::Device;
 
+use crate::image::{self, Resize};
 use crate::layout::{Batch, EncodedExample, Truncation, DEFAULT_MAX_TOKENS};
 use crate::mixture::{Mixture, MixturePosition};
 use crate::source::Record;
 use crate::tokenizer::PgTokenizer;
-use crate::{image, DataError};
+use crate::DataError;
 
 /// What to do with a record whose image is missing or corrupt (`error`, `skip`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
@@ -35,8 +36,8 @@ pub enum OnBadRecord {
 /// Pipeline settings.
 #[derive(Debug, Clone)]
 pub struct PipelineConfig {
-    /// Image side in pixels.
-    pub resolution: u32,
+    /// How images are resized (the square's side and antialiasing).
+    pub resize: Resize,
     /// `<image>` placeholders per example.
     pub image_tokens: usize,
     /// Examples per micro-batch on this rank.
@@ -256,7 +257,7 @@ fn load_batch(
         pixels.push(image);
         tokens.push(example.tokens);
     }
-    let pixels = image::stack(&pixels, config.resolution);
+    let pixels = image::stack(&pixels, config.resize.size);
     let batch = Batch::collate_to(&tokens, Some(pixels), tok.pad_id, Device::Cpu, config.pad_to);
     stats.tokens = TokenCounts { real: tokens.iter().map(|t| t.ids.len()).sum(), padded: batch.inputs.ids.numel() };
     Ok(LoadedBatch { batch, records, position: mixture.position().clone(), update_targets, stats })
@@ -266,7 +267,7 @@ fn load_batch(
 /// decides).
 fn prepare(config: &PipelineConfig, example: Encoded) -> Outcome {
     match example.record.load_image() {
-        Ok(img) => Outcome::Ready(Prepared { pixels: image::preprocess(&img, config.resolution), example }),
+        Ok(img) => Outcome::Ready(Prepared { pixels: image::preprocess(&img, config.resize), example }),
         Err(e) => Outcome::BadImage(e),
     }
 }
@@ -307,7 +308,7 @@ mod tests {
 
     fn config(on_bad_record: OnBadRecord) -> PipelineConfig {
         PipelineConfig {
-            resolution: 4,
+            resize: Resize { size: 4, antialias: false },
             image_tokens: 2,
             batch_size: 2,
             accumulation: 1,

@@ -10,7 +10,8 @@
 //! | `vqa` | `answers`: list of strings (10 in VQAv2) | `vqa` (official VQAv2 accuracy) |
 //! | `anls` | `answers`: list of strings | `anls` (DocVQA, threshold 0.5) |
 //! | `relaxed` | `answers`: list of strings | `relaxed` (ChartQA relaxed accuracy) |
-//! | `exact` | `answers`: list of strings | `exact` |
+//! | `exact` | `answers`: list of strings | `exact` (trimmed, case ignored) |
+//! | `exact_cased` | `answers`: list of strings | `exact_cased` (trimmed, case kept: big_vision's `vqa` evaluator with its default `to_lower=False`) |
 //! | `refcoco` | `boxes`: list of `[y1, x1, y2, x2]` (pixels; the first is used), `width`, `height` | `accuracy` (IoU >= 0.5), `mean_iou` |
 //! | `teds` | `html`: the reference table's HTML | `teds` (PubTabNet's TEDS; a prediction without a `<table>` scores 0) |
 //! | `teds_struct` | `html` | `teds_struct` (S-TEDS: structure only) |
@@ -79,6 +80,8 @@ pub enum Metric {
     Relaxed,
     /// Exact match after trimming and lower-casing.
     Exact,
+    /// Exact match after trimming, case kept.
+    ExactCased,
     /// Referring expression detection: accuracy at IoU >= 0.5 and mean IoU.
     RefCoco,
     /// PubTabNet's table tree-edit-distance similarity, cell content included.
@@ -91,13 +94,14 @@ pub enum Metric {
 
 impl Metric {
     /// Every metric with its name, in declaration order.
-    pub const ALL: [(Metric, &'static str); 10] = [
+    pub const ALL: [(Metric, &'static str); 11] = [
         (Metric::Cider, "cider"),
         (Metric::Bleu4, "bleu4"),
         (Metric::Vqa, "vqa"),
         (Metric::Anls, "anls"),
         (Metric::Relaxed, "relaxed"),
         (Metric::Exact, "exact"),
+        (Metric::ExactCased, "exact_cased"),
         (Metric::RefCoco, "refcoco"),
         (Metric::Teds, "teds"),
         (Metric::TedsStruct, "teds_struct"),
@@ -136,7 +140,7 @@ impl<'de> serde::Deserialize<'de> for Metric {
 #[derive(Debug, thiserror::Error)]
 pub enum EvalError {
     #[error(
-        "unknown metric {0:?} (known: cider, bleu4, vqa, anls, relaxed, exact, refcoco, teds, teds_struct, ocr_f1)"
+        "unknown metric {0:?} (known: cider, bleu4, vqa, anls, relaxed, exact, exact_cased, refcoco, teds, teds_struct, ocr_f1)"
     )]
     UnknownMetric(String),
     #[error("no examples to score")]
@@ -170,6 +174,7 @@ pub fn score(metric: Metric, examples: &[Value]) -> Result<Map<String, Value>, E
         Metric::Anls => vec![("anls", mean_over(&examples, "answers", anls::anls)?)],
         Metric::Relaxed => vec![("relaxed", mean_over(&examples, "answers", qa::relaxed_accuracy)?)],
         Metric::Exact => vec![("exact", mean_over(&examples, "answers", qa::exact_match)?)],
+        Metric::ExactCased => vec![("exact_cased", mean_over(&examples, "answers", qa::exact_match_cased)?)],
         Metric::RefCoco => refcoco_scores(&examples)?,
         Metric::Teds => vec![("teds", mean_teds(&examples, false)?)],
         Metric::TedsStruct => vec![("teds_struct", mean_teds(&examples, true)?)],

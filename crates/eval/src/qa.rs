@@ -260,3 +260,10 @@ pub fn exact_match(prediction: &str, answers: &[&str]) -> f64 {
     let prediction = norm(prediction);
     f64::from(u8::from(answers.iter().any(|a| norm(a) == prediction)))
 }
+
+/// 1 if the trimmed prediction equals any trimmed answer, case kept, else 0: big_vision's
+/// `vqa` evaluator with `to_lower=False` (its default), as AI2D, OCR-VQA and GQA use it.
+pub fn exact_match_cased(prediction: &str, answers: &[&str]) -> f64 {
+    let prediction = prediction.trim();
+    f64::from(u8::from(answers.iter().any(|a| a.trim() == prediction)))
+}

@@ -117,6 +117,11 @@ fn exact_match() {
 }
 
 #[test]
+fn exact_match_keeping_case() {
+    check_qa("exact.jsonl", Metric::ExactCased, qa::exact_match_cased);
+}
+
+#[test]
 fn refcoco_iou_and_accuracy() {
     let want = &expected()["refcoco"];
     let got: Vec<f64> = examples("refcoco.jsonl")

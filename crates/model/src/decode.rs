@@ -12,15 +12,13 @@ use crate::ModelError;
 pub struct DecodeOptions {
     /// Most tokens generated per sequence, `<eos>` included.
     pub max_new_tokens: usize,
-    /// 1 for greedy decoding, more for beam search.
+    /// 1 for greedy decoding, more for big_vision's beam search (hypotheses ranked by
+    /// their summed log-probabilities, no length normalisation; see `search`).
     pub beam_size: usize,
     /// Generation ends at this token; it is not part of the output.
     pub eos_id: i64,
     /// Fed after a sequence has ended (never attended to).
     pub pad_id: i64,
-    /// Beam hypotheses are ranked by `sum logprob / length^length_penalty`, the length
-    /// counting generated tokens with `<eos>` (transformers' default is 1.0).
-    pub length_penalty: f64,
 }
 
 /// Decodes a continuation for each prompt. `prompts` holds right-padded prefixes (image,
@@ -49,7 +47,7 @@ pub fn generate(model: &PaliGemma, prompts: &Inputs, opts: &DecodeOptions) -> Re
 }
 
 fn log_probs(model: &PaliGemma, hidden: &Tensor) -> Tensor {
-    model.logits(hidden).to_kind(Kind::Float).log_softmax(-1, Kind::Float)
+    model.logits(hidden).log_softmax(-1, Kind::Float)
 }
 
 /// Feeds one token per sequence and returns the next log-probabilities `(batch, vocab)`.
@@ -97,7 +95,7 @@ fn greedy(
     Ok(out)
 }
 
-/// A live beam: its tokens and summed log-probability.
+/// A hypothesis: its tokens (without `<eos>`) and summed log-probability.
 #[derive(Clone)]
 struct Beam {
     tokens: Vec<i64>,
@@ -110,80 +108,173 @@ fn beam_search(
     first: Tensor,
     opts: &DecodeOptions,
 ) -> Result<Vec<Vec<i64>>, ModelError> {
-    let (b, k) = (first.size()[0] as usize, opts.beam_size);
-    let vocab = first.size()[1];
     let device = model.device();
-    let rank = |beam: &Beam, len: usize| beam.score / (len as f64).powf(opts.length_penalty);
-    // Every prompt starts as k copies; only the first may expand at the first step.
-    let repeat = Tensor::arange(b as i64, (Kind::Int64, device)).repeat_interleave_self_int(k as i64, 0, None);
-    cache.select(&repeat);
-    let mut logprobs = first.index_select(0, &repeat);
-    let mut beams: Vec<Beam> =
-        (0..b * k).map(|i| Beam { tokens: vec![], score: if i % k == 0 { 0.0 } else { f64::NEG_INFINITY } }).collect();
-    let mut finished: Vec<Vec<(f64, Vec<i64>)>> = vec![Vec::new(); b];
+    search(&first, opts, |parents, tokens, live| {
+        cache.select(&Tensor::from_slice(parents).to_device(device));
+        step(model, &mut cache, tokens, live)
+    })
+}
+
+/// big_vision's beam search (`_beam_decode` in `trainers/proj/paligemma/predict_fns.py`)
+/// over `first` `(batch, vocab)` log-probabilities. `advance(parents, tokens, live)` makes
+/// row `r` of the next step continue row `parents[r]` of the previous one with
+/// `tokens[r]` (a dead row, `live[r]` false, with padding) and returns the next
+/// log-probabilities `(rows, vocab)`.
+///
+/// A hypothesis scores the plain sum of its tokens' log-probabilities, `<eos>` included
+/// (no length normalisation). At every step each live hypothesis may end: it followed by
+/// `<eos>` replaces the best ended one if it scores strictly higher (so of equal scores
+/// the one that ended first, then the better-ranked beam, stays). The live ones then grow
+/// by the `k` best of their `k + 1` likeliest tokens each, `<eos>` left out. A prompt is
+/// done once its best live hypothesis scores below its best ended one: log-probabilities
+/// are never positive, so none can overtake it any more. The answer is the best ended
+/// hypothesis; one cut at `max_new_tokens` without `<eos>` never is.
+fn search(
+    first: &Tensor,
+    opts: &DecodeOptions,
+    mut advance: impl FnMut(&[i64], &[i64], &[bool]) -> Result<Tensor, ModelError>,
+) -> Result<Vec<Vec<i64>>, ModelError> {
+    let (b, k) = (first.size()[0] as usize, opts.beam_size);
+    let dead = || Beam { tokens: vec![], score: f64::NEG_INFINITY };
+    // Each prompt's live hypotheses, best first: the empty one at first, then k.
+    let mut beams: Vec<Vec<Beam>> = vec![vec![Beam { tokens: vec![], score: 0.0 }]; b];
+    let mut best: Vec<Beam> = vec![dead(); b];
     let mut done = vec![false; b];
+    let mut logprobs = first.shallow_clone();
     for n in 0..opts.max_new_tokens {
-        let scores = Tensor::from_slice(&beams.iter().map(|beam| beam.score).collect::<Vec<_>>()).to_device(device);
-        let total = (logprobs.to_kind(Kind::Double) + scores.unsqueeze(1)).view([b as i64, -1]);
-        let (values, indices) = total.topk(2 * k as i64, -1, true, true);
-        let values = Vec::<f64>::try_from(values.to_device(Device::Cpu).view([-1])).unwrap();
+        let cpu = |t: Tensor| t.to_kind(Kind::Double).to_device(Device::Cpu).view([-1]);
+        let eos = Vec::<f64>::try_from(cpu(logprobs.select(1, opts.eos_id))).unwrap();
+        let (values, indices) = logprobs.topk(k as i64 + 1, -1, true, true);
+        let values = Vec::<f64>::try_from(cpu(values)).unwrap();
         let indices = Vec::<i64>::try_from(indices.to_device(Device::Cpu).view([-1])).unwrap();
-        let mut next = Vec::with_capacity(b * k);
-        let mut parents = Vec::with_capacity(b * k);
+        let (mut parents, mut tokens) = (Vec::with_capacity(b * k), Vec::with_capacity(b * k));
+        let mut row = 0;
         for i in 0..b {
-            let mut chosen = 0;
-            for j in 0..2 * k {
-                let (score, flat) = (values[i * 2 * k + j], indices[i * 2 * k + j]);
-                if done[i] || chosen == k || score == f64::NEG_INFINITY {
-                    break;
+            let live = std::mem::take(&mut beams[i]);
+            let rows = row..row + live.len();
+            row = rows.end;
+            let mut grown: Vec<(f64, usize, i64)> = Vec::with_capacity(live.len() * (k + 1));
+            if !done[i] {
+                for (beam, r) in live.iter().zip(rows.clone()) {
+                    if beam.score + eos[r] > best[i].score {
+                        best[i] = Beam { tokens: beam.tokens.clone(), score: beam.score + eos[r] };
+                    }
                 }
-                let parent = i * k + (flat / vocab) as usize;
-                let token = flat % vocab;
-                let mut beam = Beam { tokens: beams[parent].tokens.clone(), score };
-                if token == opts.eos_id {
-                    finished[i].push((rank(&beam, beam.tokens.len() + 1), beam.tokens));
-                } else {
-                    beam.tokens.push(token);
-                    next.push(beam);
-                    parents.push(parent as i64);
-                    chosen += 1;
+                // (score, beam, token) in big_vision's order: by beam, each beam's tokens by
+                // log-probability, ties to the lower id (jax's top_k); the stable sort keeps
+                // that order among equal scores.
+                for (j, (beam, r)) in live.iter().zip(rows.clone()).enumerate() {
+                    let mut top: Vec<(f64, i64)> =
+                        (r * (k + 1)..(r + 1) * (k + 1)).map(|c| (values[c], indices[c])).collect();
+                    top.sort_by(|x, y| y.0.total_cmp(&x.0).then(x.1.cmp(&y.1)));
+                    grown.extend(
+                        top.into_iter().filter(|&(_, t)| t != opts.eos_id).map(|(v, t)| (beam.score + v, j, t)),
+                    );
+                }
+                grown.sort_by(|x, y| y.0.total_cmp(&x.0));
+                grown.truncate(k);
+                done[i] = grown.iter().all(|&(score, _, _)| score < best[i].score);
+            }
+            if done[i] {
+                // Dead rows keep the batch's shape.
+                beams[i] = vec![dead(); k];
+                parents.extend(vec![rows.start as i64; k]);
+                tokens.extend(vec![opts.pad_id; k]);
+            } else {
+                for (score, j, token) in grown {
+                    beams[i].push(Beam { tokens: [&live[j].tokens[..], &[token]].concat(), score });
+                    parents.push((rows.start + j) as i64);
+                    tokens.push(token);
                 }
             }
-            // Ended prompts (and, rarely, prompts short of candidates) keep dead beams.
-            while chosen < k {
-                next.push(Beam { tokens: vec![], score: f64::NEG_INFINITY });
-                parents.push((i * k) as i64);
-                chosen += 1;
-            }
-            // Stop a prompt once k hypotheses have ended (transformers' early_stopping=True).
-            done[i] = done[i] || finished[i].len() >= k;
         }
-        beams = next;
         if n + 1 == opts.max_new_tokens || !done.contains(&false) {
             break;
         }
-        cache.select(&Tensor::from_slice(&parents).to_device(device));
-        let live: Vec<bool> = beams.iter().map(|beam| beam.score > f64::NEG_INFINITY).collect();
-        let tokens: Vec<i64> = beams
-            .iter()
-            .zip(&live)
-            .map(|(beam, &l)| if l { *beam.tokens.last().unwrap() } else { opts.pad_id })
-            .collect();
-        logprobs = step(model, &mut cache, &tokens, &live)?;
+        let live: Vec<bool> = beams.iter().flatten().map(|beam| beam.score > f64::NEG_INFINITY).collect();
+        logprobs = advance(&parents, &tokens, &live)?;
     }
-    // Beams still running at the length limit compete with the ended ones.
-    for (i, chunk) in beams.chunks(k).enumerate() {
-        if !done[i] {
-            for beam in chunk.iter().filter(|beam| beam.score > f64::NEG_INFINITY) {
-                finished[i].push((rank(beam, beam.tokens.len()), beam.tokens.clone()));
-            }
-        }
+    Ok(best.into_iter().map(|beam| beam.tokens).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const EOS: i64 = 1;
+
+    /// Log-probabilities over 6 tokens (0 pad, 1 eos, 2 a, 3 b, 4 c, 5 d): the listed
+    /// ones, and every other token far below them (each a little lower than the last).
+    fn lp(listed: &[(i64, f64)]) -> Vec<f64> {
+        (0..6).map(|t| listed.iter().find(|(l, _)| *l == t).map_or(-20.0 - 0.1 * t as f64, |(_, v)| *v)).collect()
     }
-    Ok(finished
-        .into_iter()
-        .map(|mut hyps| {
-            hyps.sort_by(|a, b| b.0.total_cmp(&a.0));
-            hyps.into_iter().next().map(|(_, tokens)| tokens).unwrap_or_default()
-        })
-        .collect())
+
+    /// Beam search (beam `k`, at most `max` tokens) over a model whose next-token
+    /// log-probabilities after each prefix are `table(prefix)`.
+    fn beam(table: impl Fn(&[i64]) -> Vec<f64>, k: usize, max: usize) -> Vec<i64> {
+        let opts = DecodeOptions { max_new_tokens: max, beam_size: k, eos_id: EOS, pad_id: 0 };
+        let row = |prefix: &[i64]| Tensor::from_slice(&table(prefix)).to_kind(Kind::Float);
+        let mut rows: Vec<Vec<i64>> = vec![vec![]];
+        let first = row(&[]).unsqueeze(0);
+        let out = search(&first, &opts, |parents, tokens, _live| {
+            rows = parents.iter().zip(tokens).map(|(&p, &t)| [&rows[p as usize][..], &[t]].concat()).collect();
+            Ok(Tensor::stack(&rows.iter().map(|r| row(r)).collect::<Vec<_>>(), 0))
+        });
+        out.unwrap().remove(0)
+    }
+
+    #[test]
+    fn beam_search_ranks_by_the_raw_sum_of_log_probs() {
+        // "a <eos>" scores -1.609; "b c d <eos>" -1.938, better per token (-0.48 against
+        // -0.80): big_vision does not normalise by length, so the short one wins.
+        let table = |p: &[i64]| match p {
+            [] => lp(&[(2, 0.5f64.ln()), (3, 0.45f64.ln())]),
+            [2] => lp(&[(EOS, 0.4f64.ln()), (4, 0.3f64.ln())]),
+            [3] => lp(&[(4, 0.8f64.ln())]),
+            [3, 4] => lp(&[(5, 0.8f64.ln())]),
+            [3, 4, 5] => lp(&[(EOS, 0.5f64.ln())]),
+            _ => lp(&[]),
+        };
+        assert_eq!(beam(table, 2, 8), vec![2]);
+    }
+
+    #[test]
+    fn beam_search_runs_until_no_live_beam_can_beat_the_best_ended_one() {
+        // Two hypotheses end early ("" at -1.0, "a" at -2.1, "b" at -2.6), but the live
+        // "a c" (-0.15) still scores above the best of them and ends at -0.2.
+        let table = |p: &[i64]| match p {
+            [] => lp(&[(2, -0.1), (EOS, -1.0), (3, -2.5)]),
+            [2] => lp(&[(4, -0.05), (EOS, -2.0)]),
+            [3] => lp(&[(EOS, -0.1)]),
+            [2, 4] => lp(&[(EOS, -0.05)]),
+            _ => lp(&[]),
+        };
+        assert_eq!(beam(table, 2, 8), vec![2, 4]);
+    }
+
+    #[test]
+    fn beam_search_returns_an_ended_hypothesis_at_the_length_limit() {
+        // With 2 tokens at most, "a c" (-0.11) and "b d" (-0.7) never end; big_vision
+        // returns the best hypothesis that did, "b" (-3.2).
+        let table = |p: &[i64]| match p {
+            [] => lp(&[(2, -0.1), (3, -0.2), (EOS, -5.0)]),
+            [2] => lp(&[(4, -0.01), (EOS, -4.0)]),
+            [3] => lp(&[(5, -0.5), (EOS, -3.0)]),
+            _ => lp(&[]),
+        };
+        assert_eq!(beam(table, 2, 2), vec![3]);
+    }
+
+    #[test]
+    fn beam_search_keeps_the_earlier_of_equal_scores() {
+        // "a <eos>" and "b c <eos>" both score exactly -1.5; the one that ended first stays.
+        let table = |p: &[i64]| match p {
+            [] => lp(&[(2, -0.5), (3, -0.75)]),
+            [2] => lp(&[(EOS, -1.0)]),
+            [3] => lp(&[(4, -0.25)]),
+            [3, 4] => lp(&[(EOS, -0.5)]),
+            _ => lp(&[]),
+        };
+        assert_eq!(beam(table, 2, 8), vec![2]);
+    }
 }

@@ -60,6 +60,9 @@ pub struct TokenLayout {
     pub valid: Tensor,
 }
 
+/// Vocabulary rows per f32 slice of the output head (about 150 MB at 27B's width).
+const HEAD_SLICE: i64 = 8192;
+
 /// Keys and values of the tokens seen so far, with their layout, for incremental decoding.
 ///
 /// Each layer's keys and values live in buffers with room for the tokens still to come,
@@ -502,10 +505,36 @@ impl Gemma2 {
         self.norm.forward(&x)
     }
 
-    /// Output logits for hidden states (any leading shape), soft-capped when `opts` says so.
+    /// Output logits for hidden states (any leading shape), in f32, soft-capped when `opts`
+    /// says so. With weights in a lower precision the values are still those of the f32
+    /// product of the hidden states and the head, as big_vision takes its logits from f32
+    /// activations (`embed_dtype`): bf16 logits would be off by up to 1/16 near the cap of
+    /// 30. Gradients flow through the product in the weights' precision, as before.
     pub fn logits(&self, hidden: &Tensor, opts: RunOptions) -> Tensor {
         let head = self.lm_head.as_ref().unwrap_or(&self.embed_tokens);
-        soft_cap(&hidden.matmul(&head.tr()), self.final_soft_cap.filter(|_| opts.soft_caps))
+        let cap = self.final_soft_cap.filter(|_| opts.soft_caps);
+        if hidden.kind() == Kind::Float && head.kind() == Kind::Float {
+            return soft_cap(&hidden.matmul(&head.tr()), cap);
+        }
+        // The f32 product a slice of the head at a time, so that no f32 copy of the whole
+        // head (2.4 GB for 3B) adds to the peak; without gradients it is the answer.
+        let exact = tch::no_grad(|| {
+            let hidden = hidden.to_kind(Kind::Float);
+            let slices: Vec<Tensor> =
+                head.split(HEAD_SLICE, 0).iter().map(|rows| hidden.matmul(&rows.to_kind(Kind::Float).tr())).collect();
+            Tensor::cat(&slices, -1)
+        });
+        // Hidden states that need no gradient (decoding) need none through the head either:
+        // they depend on the decoder's final norm, which trains whenever the head does.
+        let logits = if hidden.requires_grad() {
+            // The low-precision product carries the gradient; its rounding error is swapped
+            // for the exact value (x - low is exact in f32 for x and low this close).
+            let low = hidden.matmul(&head.tr()).to_kind(Kind::Float);
+            &low + (exact - &low).detach()
+        } else {
+            exact
+        };
+        soft_cap(&logits, cap)
     }
 }
 

@@ -194,7 +194,7 @@ impl PaliGemma {
         Ok(self.text.forward(&embeds, &inputs.layout, cache, self.options, self.layer_params.as_ref()))
     }
 
-    /// Output logits for hidden states.
+    /// Output logits for hidden states, in f32.
     pub fn logits(&self, hidden: &Tensor) -> Tensor {
         self.text.logits(hidden, self.options)
     }
@@ -212,7 +212,7 @@ impl PaliGemma {
         let select = |x: &Tensor| x.index(&[Some(&example), Some(&position)]);
         let hidden = select(&hidden.narrow(1, 0, t - 1));
         let targets = select(&inputs.ids.narrow(1, 1, t - 1));
-        let log_probs = self.logits(&hidden).to_kind(Kind::Float).log_softmax(-1, Kind::Float);
+        let log_probs = self.logits(&hidden).log_softmax(-1, Kind::Float);
         Ok(Targets { log_probs, targets, example })
     }
 
@@ -238,6 +238,7 @@ impl PaliGemma {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::nn::soft_cap;
     use crate::{PaliGemmaConfig, ParamKind, Part, TokenLayout, Weights};
 
     /// The layers record what each tensor is, for weight decay and freezing to read.
@@ -297,6 +298,81 @@ mod tests {
         }
     }
 
+    /// Two examples for the tiny model: random pixels, image placeholders, 3 prompt tokens
+    /// and 3 supervised ones; with the loss mask.
+    fn tiny_batch(model: &PaliGemma) -> (Inputs, Tensor) {
+        let image = model.config.vision.num_patches() as i64;
+        let ids = Tensor::cat(
+            &[
+                Tensor::full([2, image], 39, (Kind::Int64, Device::Cpu)),
+                Tensor::randint_low(1, 38, [2, 6], (Kind::Int64, Device::Cpu)),
+            ],
+            1,
+        );
+        let mask_ar = Tensor::cat(
+            &[
+                Tensor::zeros([2, image + 3], (Kind::Int64, Device::Cpu)),
+                Tensor::ones([2, 3], (Kind::Int64, Device::Cpu)),
+            ],
+            1,
+        );
+        let inputs = Inputs {
+            pixels: Some(Tensor::rand([2, 3, 32, 32], (Kind::Float, Device::Cpu)) * 2.0 - 1.0),
+            ids,
+            layout: TokenLayout { valid: mask_ar.ones_like().to_kind(Kind::Bool), mask_ar: mask_ar.shallow_clone() },
+        };
+        (inputs, mask_ar.to_kind(Kind::Bool))
+    }
+
+    /// With bf16 weights the targets' log-probabilities (the loss) come from f32 logits of
+    /// the bf16 hidden states, as big_vision's f32 `embed_dtype`, not from bf16 logits.
+    #[test]
+    fn bf16_weights_score_targets_with_f32_logits() {
+        tch::manual_seed(5);
+        let config = PaliGemmaConfig::tiny(40, 39, 32).unwrap();
+        let model =
+            PaliGemma::new(config, Weights::random(Device::Cpu, Kind::BFloat16), RunOptions::default()).unwrap();
+        let params = model.parameters();
+        let head = &params.iter().find(|(n, _)| n == "language_model.model.embed_tokens.weight").unwrap().1;
+        tch::no_grad(|| {
+            // Non-zero projector, and an embedding large enough for logits of several units.
+            params
+                .iter()
+                .filter(|(n, _)| n.starts_with(PROJECTOR))
+                .for_each(|(_, p)| drop(p.shallow_clone().normal_(0.0, 0.1)));
+            let _ = head.shallow_clone().normal_(0.0, 1.0);
+        });
+        let (inputs, loss_mask) = tiny_batch(&model);
+        // Training (gradients through the bf16 product) and scoring (no gradients) alike.
+        let unscored = tch::no_grad(|| model.target_logprobs(&inputs, &loss_mask)).unwrap().0;
+        for (_, p) in &params {
+            let _ = p.set_requires_grad(true);
+        }
+        let (got, example) = model.target_logprobs(&inputs, &loss_mask).unwrap();
+        (-got.mean(Kind::Float)).backward();
+        assert!(head.grad().abs().sum(Kind::Float).double_value(&[]) > 0.0, "the head gets a gradient");
+        let got = got.detach();
+        let hidden = tch::no_grad(|| model.forward(&inputs, None)).unwrap();
+        assert_eq!(hidden.kind(), Kind::BFloat16);
+        let t = inputs.ids.size()[1];
+        let rows = loss_mask.narrow(1, 1, t - 1).nonzero();
+        let index = |x: &Tensor| x.index(&[Some(&rows.select(1, 0)), Some(&rows.select(1, 1))]);
+        let (hidden, targets) =
+            (index(&hidden.narrow(1, 0, t - 1)), index(&inputs.ids.narrow(1, 1, t - 1)).unsqueeze(1));
+        let score = |logits: Tensor| {
+            soft_cap(&logits, Some(30.0)).log_softmax(-1, Kind::Float).gather(1, &targets, false).squeeze_dim(1)
+        };
+        let want = score(hidden.to_kind(Kind::Float).matmul(&head.to_kind(Kind::Float).tr()));
+        let rounded = score(hidden.matmul(&head.tr()).to_kind(Kind::Float));
+        assert!(example.equal(&rows.select(1, 0)));
+        let diff = |a: &Tensor, b: &Tensor| (a - b).abs().max().double_value(&[]);
+        assert!(diff(&got, &want) < 1e-5, "f32 logits: off by {}", diff(&got, &want));
+        assert!(diff(&unscored, &want) < 1e-5, "f32 logits without gradients: off by {}", diff(&unscored, &want));
+        assert!(diff(&rounded, &want) > 1e-3, "bf16 logits would differ: {}", diff(&rounded, &want));
+        // The loss (here per token) is that of the f32 logits.
+        assert!((got.mean(Kind::Float) - want.mean(Kind::Float)).abs().double_value(&[]) < 1e-6);
+    }
+
     /// Activation checkpointing, of whole layers or of soft-capped attention alone, changes
     /// memory, not math: the loss and every parameter's gradient equal those of a forward
     /// that keeps its activations (soft-capped attention, the eager path, included; and in
@@ -323,30 +399,7 @@ mod tests {
                     .filter(|(n, _)| n.starts_with(PROJECTOR))
                     .for_each(|(_, p)| drop(p.shallow_clone().normal_(0.0, 0.1)))
             });
-            let image = model.config.vision.num_patches() as i64;
-            let ids = Tensor::cat(
-                &[
-                    Tensor::full([2, image], 39, (Kind::Int64, Device::Cpu)),
-                    Tensor::randint_low(1, 38, [2, 6], (Kind::Int64, Device::Cpu)),
-                ],
-                1,
-            );
-            let mask_ar = Tensor::cat(
-                &[
-                    Tensor::zeros([2, image + 3], (Kind::Int64, Device::Cpu)),
-                    Tensor::ones([2, 3], (Kind::Int64, Device::Cpu)),
-                ],
-                1,
-            );
-            let inputs = Inputs {
-                pixels: Some(Tensor::rand([2, 3, 32, 32], (Kind::Float, Device::Cpu)) * 2.0 - 1.0),
-                ids,
-                layout: TokenLayout {
-                    valid: mask_ar.ones_like().to_kind(Kind::Bool),
-                    mask_ar: mask_ar.shallow_clone(),
-                },
-            };
-            let loss_mask = mask_ar.to_kind(Kind::Bool);
+            let (inputs, loss_mask) = tiny_batch(&model);
             let mut run = |recompute: bool, lean_attention: bool| {
                 (model.options.recompute, model.options.lean_attention) = (recompute, lean_attention);
                 let (logprobs, _) = model.target_logprobs(&inputs, &loss_mask).unwrap();

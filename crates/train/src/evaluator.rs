@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use pg2_data::layout::DEFAULT_MAX_TOKENS;
-use pg2_data::{source, InferenceBatch, PgTokenizer, Record, TaskFormat};
+use pg2_data::{source, InferenceBatch, PgTokenizer, Record, Resize, TaskFormat};
 use pg2_dist::Group;
 use pg2_model::{generate, DecodeOptions, PaliGemma, RunOptions};
 use serde_json::{Map, Value};
@@ -18,16 +18,21 @@ use crate::run_dir::{checkpoint_dir, RunDir, TrainerState};
 /// A recipe's `[eval]` block with its records read.
 pub struct Evaluator {
     spec: EvalSection,
+    /// Whether images are antialiased as they are resized.
+    antialias: bool,
     records: Vec<Record>,
     tokenizer: Arc<PgTokenizer>,
 }
 
 impl Evaluator {
-    /// Reads the first `max_examples` records of `spec.data`.
-    pub fn new(spec: &EvalSection, tokenizer: Arc<PgTokenizer>) -> Result<Evaluator> {
+    /// Reads the first `max_examples` records of `spec.data`; images are antialiased as
+    /// `spec.antialias` says, else as in training (`data_antialias`, the recipe's
+    /// `data.antialias`).
+    pub fn new(spec: &EvalSection, data_antialias: bool, tokenizer: Arc<PgTokenizer>) -> Result<Evaluator> {
         let mut records = source::read_jsonl(&spec.data)?;
         records.truncate(spec.max_examples.unwrap_or(usize::MAX));
-        Ok(Evaluator { spec: spec.clone(), records, tokenizer })
+        let antialias = spec.antialias.unwrap_or(data_antialias);
+        Ok(Evaluator { spec: spec.clone(), antialias, records, tokenizer })
     }
 
     /// Whether the run evaluates after update `done` of `total`.
@@ -48,13 +53,13 @@ impl Evaluator {
         let (spec, tok) = (&self.spec, &self.tokenizer);
         let (rank, world) = (group.rank(), group.world());
         let records = &self.records[self.records.len() * rank / world..self.records.len() * (rank + 1) / world];
-        let image = (model.config.vision.image_size as u32, model.config.vision.num_patches());
+        let resize = Resize { size: model.config.vision.image_size as u32, antialias: self.antialias };
+        let image = (resize, model.config.vision.num_patches());
         let decode = DecodeOptions {
             max_new_tokens: spec.max_len,
             beam_size: spec.beam,
             eos_id: tok.eos_id,
             pad_id: tok.pad_id,
-            length_penalty: 1.0,
         };
         let format = TaskFormat { prefix: spec.prefix.clone(), ..TaskFormat::default() };
         let mut lines = String::new();
@@ -95,8 +100,38 @@ pub fn evaluate_checkpoint(
     let options = RunOptions { soft_caps: recipe.model.soft_caps, ..RunOptions::default() };
     let tokenizer = Arc::new(PgTokenizer::from_file(&recipe.data.tokenizer)?);
     let model = crate::trainer::load_model(recipe, &tokenizer, &dir, device, options)?;
-    let evaluator = Evaluator::new(spec, tokenizer)?;
+    let evaluator = Evaluator::new(spec, recipe.data.antialias, tokenizer)?;
     let step = TrainerState::read(&dir).map_or(0, |s| s.step);
     let scores = evaluator.run(&model, step, &RunDir::new(out), &mut Group::single())?;
     Ok(scores.expect("a group of one is its own main rank"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn eval_images_are_antialiased_as_in_training_unless_the_eval_block_says() {
+        let dir = std::env::temp_dir().join(format!("pg2-eval-antialias-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("val.jsonl"), "{\"image\": \"a.png\", \"prefix\": \"p\"}\n").unwrap();
+        let tok = Arc::new(
+            PgTokenizer::from_file(
+                &Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/paligemma/tokenizer.json"),
+            )
+            .unwrap(),
+        );
+        for (eval, data, want) in
+            [(None, false, false), (None, true, true), (Some(false), true, false), (Some(true), false, true)]
+        {
+            let text = format!(
+                "data = {:?}\nmetric = \"exact\"\n{}",
+                dir.join("val.jsonl"),
+                eval.map_or(String::new(), |a| format!("antialias = {a}\n"))
+            );
+            let spec: EvalSection = toml::from_str(&text).unwrap();
+            assert_eq!(Evaluator::new(&spec, data, tok.clone()).unwrap().antialias, want, "{eval:?} {data}");
+        }
+        std::fs::remove_dir_all(dir).unwrap();
+    }
 }

@@ -3,8 +3,8 @@
 
 use anyhow::{bail, Result};
 use pg2_data::{
-    source, Mixture, MixtureSource, OnBadLine, OnBadRecord, PipelineConfig, SourceData, StreamSource, TaskFormat,
-    TextLimits,
+    source, Mixture, MixtureSource, OnBadLine, OnBadRecord, PipelineConfig, Resize, SourceData, StreamSource,
+    TaskFormat, TextLimits,
 };
 use pg2_model::PaliGemmaConfig;
 
@@ -56,7 +56,7 @@ pub fn worker_batch(recipe: &Recipe, world: usize) -> Result<usize> {
 pub fn pipeline_config(recipe: &Recipe, model: &PaliGemmaConfig, rank: usize, world: usize) -> Result<PipelineConfig> {
     let (t, d) = (&recipe.train, &recipe.data);
     Ok(PipelineConfig {
-        resolution: model.vision.image_size as u32,
+        resize: Resize { size: model.vision.image_size as u32, antialias: d.antialias },
         image_tokens: model.vision.num_patches(),
         batch_size: worker_batch(recipe, world)?,
         accumulation: t.grad_accumulation,
@@ -68,4 +68,21 @@ pub fn pipeline_config(recipe: &Recipe, model: &PaliGemmaConfig, rank: usize, wo
         pad_to: d.pad_to,
         on_bad_record: d.on_bad_record,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_recipe_s_antialias_reaches_the_pipeline() {
+        let text = "[model]\ninit = \"tiny\"\nresolution = 32\n[data]\ntokenizer = \"t.json\"\n\
+                    mixture = [{ path = \"d.jsonl\", weight = 1.0 }]\n[train]\nsteps = 1\nbatch_size = 1\nlr = 1e-3\n";
+        let model = PaliGemmaConfig::tiny(40, 39, 32).unwrap();
+        for (extra, antialias) in [("", false), ("antialias = true\n", true)] {
+            let recipe: Recipe = toml::from_str(&text.replace("[train]", &format!("{extra}[train]"))).unwrap();
+            let config = pipeline_config(&recipe, &model, 0, 1).unwrap();
+            assert_eq!(config.resize, Resize { size: 32, antialias }, "{extra:?}");
+        }
+    }
 }

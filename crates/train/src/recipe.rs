@@ -42,8 +42,8 @@ pub struct Recipe {
 pub struct EvalSection {
     /// JSONL records with the fields the metric needs (`answers`, `references`, ...).
     pub data: PathBuf,
-    /// `cider`, `bleu4`, `vqa`, `anls`, `relaxed`, `exact`, `refcoco`, `teds`,
-    /// `teds_struct` or `ocr_f1`.
+    /// `cider`, `bleu4`, `vqa`, `anls`, `relaxed`, `exact` (case ignored), `exact_cased`,
+    /// `refcoco`, `teds`, `teds_struct` or `ocr_f1`.
     pub metric: Metric,
     /// Prompt template, as a source's `prefix`; the records' own prefix by default.
     pub prefix: Option<String>,
@@ -59,6 +59,10 @@ pub struct EvalSection {
     pub max_len: usize,
     #[serde(default = "default_eval_batch")]
     pub batch_size: usize,
+    /// Antialias the eval images; `data.antialias` (as training) by default. Some
+    /// big_vision configs train with `resize(res, antialias=True)` and evaluate with
+    /// `resize(res)` (AI2D, VizWiz VQA).
+    pub antialias: Option<bool>,
     /// The paper's result for this task, by `"<size>-<resolution>"` (e.g. `"3b-224"`), on
     /// the metric's scale as pg2 reports it; `pg2 report` prints it beside the run's.
     #[serde(default)]
@@ -100,7 +104,8 @@ pub struct ModelSection {
     /// `SiglipModel` folder, `vision_model.*`) for the vision tower, as stage 1 starts.
     pub vision_init: Option<String>,
     /// With a preset `init`: a Gemma 2 checkpoint (`Gemma2ForCausalLM` folder, `model.*`)
-    /// for the decoder; rows past its vocabulary (loc/seg/`<image>`) keep their fresh values.
+    /// for the decoder; rows past its vocabulary (loc/seg/`<image>`) are drawn from
+    /// N(0, 0.02), as big_vision's `extend_rows`.
     pub text_init: Option<String>,
     /// Dropout on the decoder layers' branch outputs while training (big_vision's
     /// `llm.dropout`, e.g. 0.1 for some transfers); each step reseeds it from the seed and
@@ -201,6 +206,11 @@ pub struct DataSection {
     pub keep_eos: bool,
     /// Pad every batch to this many tokens (constant shapes) instead of to its longest example.
     pub pad_to: Option<usize>,
+    /// Low-pass filter images before downscaling them to `model.resolution`, in training
+    /// and evaluation alike: big_vision's `resize(res, antialias=True)`, which some transfer
+    /// configs use. Off is big_vision's default `resize(res)`: TF's plain bilinear.
+    #[serde(default)]
+    pub antialias: bool,
     /// Sort each update's examples by length before dealing them out to the micro-batches
     /// of `train.grad_accumulation` and to the workers, so that short-text examples are not
     /// padded to the longest of a mixed batch. The update sees the same examples; this only

@@ -82,8 +82,8 @@ pub fn build_model(recipe: &Recipe, tok: &PgTokenizer, device: Device) -> Result
 
 /// Copies a SigLIP (`Part::Vision`) or Gemma 2 (`Part::Decoder`) checkpoint into that part
 /// of `model`. Every parameter of the part must be found with its shape, except that the
-/// embedding may be shorter (its first rows are copied) and position embeddings of another
-/// grid are resampled. SigLIP's text tower, logit scale and pooling head are passed over.
+/// embedding may be shorter (its first rows are copied, the others drawn from N(0, 0.02))
+/// and position embeddings of another grid are resampled. SigLIP's text tower, logit scale and pooling head are passed over.
 fn load_part(model: &PaliGemma, dir: &Path, part: Part) -> Result<()> {
     let params: BTreeMap<String, Tensor> = model.parameters().into_iter().collect();
     let (from, to) = match part {
@@ -111,7 +111,11 @@ fn load_part(model: &PaliGemma, dir: &Path, part: Part) -> Result<()> {
                     && value.size()[0] <= param.size()[0]
                     && value.size()[1] == param.size()[1]
                 {
-                    param.narrow(0, 0, value.size()[0]).copy_(&value);
+                    let (rows, extra) = (value.size()[0], param.size()[0] - value.size()[0]);
+                    param.narrow(0, 0, rows).copy_(&value);
+                    // Rows past the checkpoint's vocabulary (loc, seg, <image>) start as
+                    // big_vision's `extend_rows` makes them.
+                    let _ = param.narrow(0, rows, extra).normal_(0.0, 0.02);
                 } else if value.size() == param.size() {
                     param.shallow_clone().copy_(&value);
                 } else {
@@ -461,7 +465,7 @@ mod tests {
                 assert!(got.narrow(0, 0, 30).equal(&want.narrow(0, 0, 30)));
                 assert!(
                     !got.narrow(0, 30, 10).equal(&want.narrow(0, 30, 10)),
-                    "rows past Gemma's vocabulary stay fresh"
+                    "rows past Gemma's vocabulary are drawn afresh"
                 );
             } else if name.starts_with("multi_modal_projector") {
                 assert_eq!(got.abs().sum(Kind::Float).double_value(&[]), 0.0, "the projector starts at zero");
@@ -470,6 +474,34 @@ mod tests {
             }
         }
         std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn rows_past_gemma_s_vocabulary_start_as_big_vision_s_extend_rows() {
+        // The tiny model's own embedding init is N(0, 128^-0.5 = 0.088); big_vision's rows
+        // past the checkpoint are N(0, 0.02).
+        let config = PaliGemmaConfig::tiny(1040, 1039, 32).unwrap();
+        tch::manual_seed(3);
+        let model = PaliGemma::new(config, Weights::random(Device::Cpu, Kind::Float), RunOptions::default()).unwrap();
+        let text: Vec<(String, Tensor)> = model
+            .parameters()
+            .into_iter()
+            .filter_map(|(name, t)| {
+                let rest = name.strip_prefix("language_model.")?.to_string();
+                let t = if rest.ends_with("embed_tokens.weight") { t.narrow(0, 0, 40) } else { t };
+                Some((rest, t))
+            })
+            .collect();
+        let dir = std::env::temp_dir().join(format!("pg2-extend-rows-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        checkpoint::write_file(&dir.join("model.safetensors"), &text, Kind::Float).unwrap();
+        tch::manual_seed(4);
+        load_part(&model, &dir, Part::Decoder).unwrap();
+        std::fs::remove_dir_all(dir).unwrap();
+        let (_, embed) = model.parameters().into_iter().find(|(n, _)| n.ends_with("embed_tokens.weight")).unwrap();
+        let new = embed.narrow(0, 40, 1000);
+        let (std, mean) = (new.std(true).double_value(&[]), new.mean(Kind::Float).double_value(&[]));
+        assert!((std - 0.02).abs() < 5e-4 && mean.abs() < 5e-4, "128,000 new values: std {std}, mean {mean}");
     }
 
     #[test]

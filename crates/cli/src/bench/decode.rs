@@ -103,8 +103,7 @@ fn pg2_side(b: &DecodeBench, dir: &Path) -> Result<Value> {
     let model = PaliGemma::load(dir, device, Kind::Float, RunOptions::default())?;
     let prompts = read_inputs(dir, device)?;
     let eos = unreachable_eos(&model.config);
-    let opts =
-        DecodeOptions { max_new_tokens: b.new_tokens, beam_size: 1, eos_id: eos, pad_id: 0, length_penalty: 1.0 };
+    let opts = DecodeOptions { max_new_tokens: b.new_tokens, beam_size: 1, eos_id: eos, pad_id: 0 };
     // Each step brings the chosen tokens to the host, which waits for the device.
     let timed = |opts: &DecodeOptions| -> Result<(f64, Vec<Vec<i64>>)> {
         let mut tokens = generate(&model, &prompts, opts)?;
