@@ -734,16 +734,26 @@ mod tests {
         let plan = model.plan(&lay, None, opts);
         let (cos, sin) = rotary_tables(&plan.positions, &model.inv_freq, Kind::Float);
         let layer = &model.layers[0];
-        tch::manual_seed(11);
-        let got = layer.forward(&x, (&cos, &sin), &plan, None, opts);
-        tch::manual_seed(11);
-        let mask = if layer.windowed { plan.windowed.as_ref().unwrap_or(&plan.full) } else { &plan.full };
-        let h = layer.self_attn.forward(&layer.input_layernorm.forward(&x), (&cos, &sin), mask, None, opts);
-        let x1 = &x + layer.post_attention_layernorm.forward(&h).dropout(0.5, true);
-        let h = layer.pre_feedforward_layernorm.forward(&x1);
-        let mlp = layer.down_proj.forward(&(layer.gate_proj.forward(&h).gelu("tanh") * layer.up_proj.forward(&h)));
-        let want = &x1 + layer.post_feedforward_layernorm.forward(&mlp.dropout(0.5, true));
-        assert!(got.allclose(&want, 1e-6, 1e-6, false), "{}", (&got - &want).abs().max());
+        let by_hand = || {
+            let mask = if layer.windowed { plan.windowed.as_ref().unwrap_or(&plan.full) } else { &plan.full };
+            let h = layer.self_attn.forward(&layer.input_layernorm.forward(&x), (&cos, &sin), mask, None, opts);
+            let x1 = &x + layer.post_attention_layernorm.forward(&h).dropout(0.5, true);
+            let h = layer.pre_feedforward_layernorm.forward(&x1);
+            let mlp = layer.down_proj.forward(&(layer.gate_proj.forward(&h).gelu("tanh") * layer.up_proj.forward(&h)));
+            &x1 + layer.post_feedforward_layernorm.forward(&mlp.dropout(0.5, true))
+        };
+        // The other tests of this binary draw from the same global generator at the same
+        // time, and a draw between a seed and its masks changes them: a few tries, each
+        // from the same seed, so that only a wrong placement fails every time.
+        let differences: Vec<f64> = (0..5)
+            .map(|_| {
+                tch::manual_seed(11);
+                let got = layer.forward(&x, (&cos, &sin), &plan, None, opts);
+                tch::manual_seed(11);
+                (got - by_hand()).abs().max().double_value(&[])
+            })
+            .collect();
+        assert!(differences.iter().any(|&d| d < 1e-6), "{differences:?}");
     }
 
     #[test]
