@@ -58,7 +58,7 @@ fn batch(name: &str, model: &PaliGemma, tok: &PgTokenizer, records: &[Record], w
 }
 
 fn reference_pixels(name: &str, record: &Record) -> Vec<f32> {
-    let file = record.image.file_name().unwrap().to_str().unwrap();
+    let file = record.image.path().unwrap().file_name().unwrap().to_str().unwrap();
     serde_json::from_value(expected()["checkpoints"][name]["pixels"][file].clone()).unwrap()
 }
 
@@ -237,7 +237,8 @@ fn score_and_predict_commands_match_transformers() {
         let lines: Vec<Value> = pg2(&args).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
         assert_eq!(lines.len(), want.len());
         // The binary decodes the images itself: exact for PNG, near for JPEG (see above).
-        let is_png: Vec<bool> = records().iter().map(|r| r.image.extension().unwrap() == "png").collect();
+        let is_png: Vec<bool> =
+            records().iter().map(|r| r.image.path().unwrap().extension().unwrap() == "png").collect();
         for ((got, want), &png) in lines.iter().zip(want).zip(&is_png) {
             let tolerance = if png { 1e-4 } else { 0.05 };
             assert_close(got["logprob"].as_f64().unwrap(), want["logprob"].as_f64().unwrap(), tolerance, name);

@@ -14,6 +14,7 @@ pub mod plan;
 pub mod predict;
 pub mod report;
 pub mod score;
+pub mod shard;
 pub mod sweep;
 
 use anyhow::Result;
@@ -45,6 +46,8 @@ pub enum Command {
     Bench(bench::BenchCommand),
     /// Convert a public dataset's annotation files into pg2 JSONL.
     Convert(convert::ConvertArgs),
+    /// Write a source (JSONL, or tar shards) as WebDataset tar shards of --shard-size samples.
+    Shard(shard::ShardArgs),
     /// The embedded demo data.
     #[command(subcommand)]
     Data(data::DataCommand),
@@ -68,6 +71,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Inspect(args) => inspect::run(args),
         Command::Bench(command) => bench::run(command),
         Command::Convert(args) => convert::run(args),
+        Command::Shard(args) => shard::run(args),
         Command::Data(command) => data::run(command),
         Command::Eval(args) => eval::run(args),
         Command::Report(args) => report::run(args),

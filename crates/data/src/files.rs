@@ -27,6 +27,11 @@ impl Staged {
         &self.tmp
     }
 
+    /// Where the content goes on commit.
+    pub fn dest(&self) -> &Path {
+        &self.dest
+    }
+
     /// Puts the new content in place by one rename: a file replaces a file; a folder takes
     /// the place of nothing or of an empty folder, and fails where a folder with content
     /// is in the way (of two writers racing, the second fails).

@@ -34,6 +34,12 @@ pub fn load_rgb(path: &Path) -> Result<RgbImage, String> {
     Ok(img.to_rgb8())
 }
 
+/// Decodes an encoded image (JPEG, PNG, ...) held in memory to 8-bit RGB.
+pub fn decode_rgb(data: &[u8]) -> Result<RgbImage, String> {
+    let img = image::load_from_memory(data).map_err(|e| format!("cannot decode image: {e}"))?;
+    Ok(img.to_rgb8())
+}
+
 /// Resizes to a square and returns channel-first pixels in [-1, 1] (`3 * size * size`).
 pub fn preprocess(img: &RgbImage, resize: Resize) -> Vec<f32> {
     let levels = if resize.antialias { antialiased(img, resize.size) } else { bilinear(img, resize.size) };

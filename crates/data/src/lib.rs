@@ -1,5 +1,5 @@
-//! pg2's data: tokenizer, the PaliGemma input layout, image preprocessing, JSONL sources,
-//! converters from public formats, weighted resumable mixtures, the prefetching input
+//! pg2's data: tokenizer, the PaliGemma input layout, image preprocessing, JSONL sources
+//! and WebDataset tar shards, converters from public formats, weighted resumable mixtures, the prefetching input
 //! pipeline and the embedded synthetic dataset.
 
 pub mod convert;
@@ -11,12 +11,13 @@ pub mod pipeline;
 pub mod source;
 pub mod synth;
 pub mod tokenizer;
+pub mod webdataset;
 
 pub use image::Resize;
 pub use layout::{Batch, EncodedExample, InferenceBatch, TextLimits, Truncation};
 pub use mixture::{Mixture, MixturePosition, MixtureSource, RunLength, SourceData, StreamSource, TaskFormat};
 pub use pipeline::{LoadedBatch, OnBadRecord, Pipeline, PipelineConfig};
-pub use source::{OnBadLine, Record};
+pub use source::{ImageData, OnBadLine, Record};
 pub use tokenizer::PgTokenizer;
 
 /// Errors from reading or preparing data; each names the file (and line) at fault.

@@ -18,6 +18,7 @@ use std::path::{Path, PathBuf};
 
 use crate::layout::TextLimits;
 use crate::source::{parse_line, OnBadLine, Record};
+use crate::webdataset::{Shard, ShardReader};
 use crate::DataError;
 
 /// How a task turns a record into text.
@@ -92,33 +93,56 @@ impl SourceData {
     }
 }
 
-/// A JSONL source read lazily: each epoch visits the shards in a shuffled order and emits
-/// records through a shuffle buffer, so only `buffer` records are held at a time. The
-/// order is a pure function of the seed and the epoch; seeking replays the current epoch
-/// up to the position (reading JSON only, no images).
+/// A source read lazily: each epoch visits the shards (JSONL files, or WebDataset tar
+/// shards) in a shuffled order and emits records through a shuffle buffer, so only
+/// `buffer` records are held at a time. The order is a pure function of the seed and the
+/// epoch; seeking replays the current epoch up to the position (reading JSON and tar
+/// headers only, no images).
 #[derive(Debug)]
 pub struct StreamSource {
-    shards: Vec<PathBuf>,
+    shards: Vec<StreamShard>,
     buffer: usize,
     policy: OnBadLine,
     len: usize,
     state: Option<StreamEpoch>,
 }
 
+/// One shard of a [`StreamSource`].
+#[derive(Debug, Clone)]
+enum StreamShard {
+    Jsonl(PathBuf),
+    Tar(Shard),
+}
+
+/// The shard being read.
+#[derive(Debug)]
+enum Reading {
+    Lines(PathBuf, std::iter::Enumerate<std::io::Lines<BufReader<File>>>),
+    Tar(ShardReader),
+}
+
 #[derive(Debug)]
 struct StreamEpoch {
     epoch: u64,
     emitted: usize,
-    pending: std::vec::IntoIter<PathBuf>,
-    lines: Option<(PathBuf, std::iter::Enumerate<std::io::Lines<BufReader<File>>>)>,
+    pending: std::vec::IntoIter<StreamShard>,
+    reading: Option<Reading>,
     buffer: Vec<Record>,
     rng: ChaCha8Rng,
 }
 
 impl StreamSource {
-    /// Opens a JSONL file or folder of shards, counting its records once.
+    /// Opens a JSONL file, a folder of JSONL shards, or tar shards (a path that
+    /// [`crate::webdataset::is_webdataset`]), counting its records once.
     pub fn open(path: &Path, buffer: usize, policy: OnBadLine) -> Result<Self, DataError> {
-        let shards = if path.is_dir() { crate::source::shard_files(path)? } else { vec![path.to_path_buf()] };
+        let spec = path.to_string_lossy();
+        let shards = if crate::webdataset::is_webdataset(&spec) {
+            crate::webdataset::shards(&spec)?.into_iter().map(StreamShard::Tar).collect()
+        } else if path.is_dir() {
+            crate::source::shard_files(path)?.into_iter().map(StreamShard::Jsonl).collect()
+        } else {
+            vec![StreamShard::Jsonl(path.to_path_buf())]
+        };
         let mut source = Self { shards, buffer: buffer.max(1), policy, len: 0, state: None };
         let mut count = 0;
         let mut epoch = source.start_epoch(0, 0)?;
@@ -133,21 +157,37 @@ impl StreamSource {
         let mut rng = rng_for(seed, u64::MAX, epoch);
         let mut shards = self.shards.clone();
         shards.shuffle(&mut rng);
-        Ok(StreamEpoch { epoch, emitted: 0, pending: shards.into_iter(), lines: None, buffer: Vec::new(), rng })
+        Ok(StreamEpoch { epoch, emitted: 0, pending: shards.into_iter(), reading: None, buffer: Vec::new(), rng })
     }
 
     /// The next good record of the epoch's shard order, or `None` at its end.
     fn read_line(&self, e: &mut StreamEpoch) -> Result<Option<Record>, DataError> {
         loop {
-            if e.lines.is_none() {
-                let Some(file) = e.pending.next() else { return Ok(None) };
-                let f = File::open(&file)
-                    .map_err(|err| DataError::File { path: file.display().to_string(), msg: err.to_string() })?;
-                e.lines = Some((file, BufReader::new(f).lines().enumerate()));
+            if e.reading.is_none() {
+                e.reading = Some(match e.pending.next() {
+                    None => return Ok(None),
+                    Some(StreamShard::Tar(shard)) => Reading::Tar(ShardReader::open(&shard, self.policy)?),
+                    Some(StreamShard::Jsonl(file)) => {
+                        let f = File::open(&file).map_err(|err| DataError::File {
+                            path: file.display().to_string(),
+                            msg: err.to_string(),
+                        })?;
+                        Reading::Lines(file, BufReader::new(f).lines().enumerate())
+                    }
+                });
             }
-            let (file, lines) = e.lines.as_mut().unwrap();
+            let (file, lines) = match e.reading.as_mut().unwrap() {
+                Reading::Lines(file, lines) => (file, lines),
+                Reading::Tar(reader) => match reader.next_record()? {
+                    Some(record) => return Ok(Some(record)),
+                    None => {
+                        e.reading = None;
+                        continue;
+                    }
+                },
+            };
             match lines.next() {
-                None => e.lines = None,
+                None => e.reading = None,
                 Some((_, Err(err))) => {
                     return Err(DataError::File { path: file.display().to_string(), msg: err.to_string() })
                 }
@@ -342,7 +382,7 @@ mod tests {
     fn source(name: &str, n: usize, weight: f64) -> MixtureSource {
         let records = (0..n)
             .map(|i| Record {
-                image: PathBuf::from(format!("{name}-{i}.png")),
+                image: crate::source::ImageData::File(PathBuf::from(format!("{name}-{i}.png"))),
                 prefix: format!("{name} {i}"),
                 suffix: None,
                 extra: serde_json::Map::from_iter([("question".to_string(), serde_json::json!(format!("q{i}")))]),

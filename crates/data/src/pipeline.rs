@@ -144,7 +144,7 @@ struct Prepared {
 
 /// An example's image either decoded or not.
 enum Outcome {
-    Ready(Prepared),
+    Ready(Box<Prepared>),
     BadImage(DataError),
 }
 
@@ -235,11 +235,11 @@ fn load_batch(
     let outcomes: Vec<Outcome> = examples.into_par_iter().map(|example| prepare(config, example)).collect();
     let mut stats = BatchStats::default();
     let ready: Vec<Prepared> =
-        outcomes.iter().filter_map(|o| if let Outcome::Ready(p) = o { Some(p.clone()) } else { None }).collect();
+        outcomes.iter().filter_map(|o| if let Outcome::Ready(p) = o { Some((**p).clone()) } else { None }).collect();
     let mut prepared = Vec::with_capacity(outcomes.len());
     for (i, outcome) in outcomes.into_iter().enumerate() {
         match outcome {
-            Outcome::Ready(p) => prepared.push(p),
+            Outcome::Ready(p) => prepared.push(*p),
             Outcome::BadImage(e) if config.on_bad_record == OnBadRecord::Error || ready.is_empty() => return Err(e),
             // A pure function of the batch, so every rank and every resumed run agrees.
             Outcome::BadImage(_) => {
@@ -267,7 +267,7 @@ fn load_batch(
 /// decides).
 fn prepare(config: &PipelineConfig, example: Encoded) -> Outcome {
     match example.record.load_image() {
-        Ok(img) => Outcome::Ready(Prepared { pixels: image::preprocess(&img, config.resize), example }),
+        Ok(img) => Outcome::Ready(Box::new(Prepared { pixels: image::preprocess(&img, config.resize), example })),
         Err(e) => Outcome::BadImage(e),
     }
 }

@@ -3,16 +3,38 @@
 //! Other fields (`id`, `references`, `answers`, ...) are kept for evaluation.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use serde_json::{Map, Value};
 
 use crate::DataError;
 
-/// One example of a JSONL file.
+/// Where a record's image is.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ImageData {
+    /// A file (for JSONL records, resolved against the JSONL file's folder).
+    File(PathBuf),
+    /// A member `name` of a local tar shard, read when the image is loaded.
+    Member { shard: PathBuf, name: String, offset: u64, len: u64 },
+    /// The bytes of member `name` of a streamed (`pipe:`) shard.
+    Bytes { name: String, data: Arc<Vec<u8>> },
+}
+
+impl ImageData {
+    /// The file, for an image that is one.
+    pub fn path(&self) -> Option<&Path> {
+        match self {
+            ImageData::File(path) => Some(path),
+            _ => None,
+        }
+    }
+}
+
+/// One example: a line of a JSONL file, or a sample of a tar shard
+/// ([`crate::webdataset`]).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Record {
-    /// The image, resolved against the JSONL file's folder.
-    pub image: PathBuf,
+    pub image: ImageData,
     pub prefix: String,
     /// The target text; absent for prediction-only data.
     pub suffix: Option<String>,
@@ -20,7 +42,7 @@ pub struct Record {
     pub extra: Map<String, Value>,
     /// Where the record came from, for error messages.
     pub file: PathBuf,
-    /// 1-based line number in `file`.
+    /// 1-based line number in `file` (for a tar shard, the sample's index).
     pub line: usize,
 }
 
@@ -32,7 +54,17 @@ impl Record {
 
     /// Decodes the record's image.
     pub fn load_image(&self) -> Result<image::RgbImage, DataError> {
-        crate::image::load_rgb(&self.image).map_err(|msg| self.error(msg))
+        match &self.image {
+            ImageData::File(path) => crate::image::load_rgb(path).map_err(|msg| self.error(msg)),
+            ImageData::Member { shard, name, offset, len } => {
+                let data = crate::webdataset::read_member(shard, *offset, *len)
+                    .map_err(|e| self.error(format!("reading {name} back from the shard: {e}")))?;
+                crate::image::decode_rgb(&data).map_err(|msg| self.error(format!("{name}: {msg}")))
+            }
+            ImageData::Bytes { name, data } => {
+                crate::image::decode_rgb(data).map_err(|msg| self.error(format!("{name}: {msg}")))
+            }
+        }
     }
 }
 
@@ -106,7 +138,8 @@ pub(crate) fn parse_line(path: &Path, line_number: usize, line: &str) -> Result<
     let prefix = text_field("prefix", true)?.unwrap();
     let suffix = text_field("suffix", false)?;
     let dir = path.parent().unwrap_or(Path::new("."));
-    Ok(Record { image: dir.join(image), prefix, suffix, extra: fields, file: path.to_path_buf(), line: line_number })
+    let image = ImageData::File(dir.join(image));
+    Ok(Record { image, prefix, suffix, extra: fields, file: path.to_path_buf(), line: line_number })
 }
 
 #[cfg(test)]
@@ -126,7 +159,7 @@ mod tests {
         let path = write("ok", "{\"image\": \"a.png\", \"prefix\": \"caption en\", \"suffix\": \"a cat\", \"id\": 7}\n\n{\"image\": \"b/c.jpg\", \"prefix\": \"ocr\"}\n");
         let records = read_jsonl(&path).unwrap();
         assert_eq!(records.len(), 2);
-        assert_eq!(records[0].image, path.parent().unwrap().join("a.png"));
+        assert_eq!(records[0].image, ImageData::File(path.parent().unwrap().join("a.png")));
         assert_eq!(records[0].suffix.as_deref(), Some("a cat"));
         assert_eq!(records[0].extra["id"], 7);
         assert_eq!((records[1].line, records[1].suffix.clone()), (3, None));

@@ -10,6 +10,9 @@ use pg2_model::PaliGemmaConfig;
 
 use crate::recipe::Recipe;
 
+/// The shuffle buffer of tar-shard sources that set none (webdataset's usual size).
+const TAR_SHUFFLE_BUFFER: usize = 1000;
+
 /// The mixture the recipe describes, from its first example.
 pub fn mixture(recipe: &Recipe) -> Result<Mixture> {
     let d = &recipe.data;
@@ -21,7 +24,8 @@ pub fn mixture(recipe: &Recipe) -> Result<Mixture> {
         .mixture
         .iter()
         .map(|s| {
-            let data = match s.shuffle_buffer {
+            let tar = pg2_data::webdataset::is_webdataset(&s.path.to_string_lossy());
+            let data = match s.shuffle_buffer.or(tar.then_some(TAR_SHUFFLE_BUFFER)) {
                 Some(buffer) => SourceData::Stream(StreamSource::open(&s.path, buffer, policy)?),
                 None => {
                     let (records, skipped) = source::read_source(&s.path, policy)?;

@@ -233,7 +233,8 @@ pub struct DataSection {
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct Source {
-    /// A JSONL file or a folder of JSONL shards.
+    /// A JSONL file, a folder of JSONL shards, or WebDataset tar shards
+    /// (`shard-{000000..000575}.tar`, globs, `pipe:CMD`; see [`pg2_data::webdataset`]).
     pub path: PathBuf,
     pub weight: f64,
     /// Prompt template such as `"answer en {question}"`; the records' own prefix by default.
@@ -244,7 +245,8 @@ pub struct Source {
     pub max_prefix_tokens: Option<usize>,
     pub max_suffix_tokens: Option<usize>,
     /// Read the source lazily through a shuffle buffer of this many records instead of
-    /// holding it in memory (for sources too large for memory).
+    /// holding it in memory (for sources too large for memory). Tar shards are always
+    /// read so, with 1,000 by default.
     pub shuffle_buffer: Option<usize>,
 }
 
@@ -489,7 +491,8 @@ fn load_table(path: &Path, depth: usize) -> Result<Table, RecipeError> {
 fn resolve_paths(table: &mut Table, dir: &Path) {
     let join = |v: &mut Value| {
         if let Value::String(p) = v {
-            if !p.is_empty() && Preset::parse(p).is_none() && !p.starts_with("$DATA/") {
+            // `pipe:` sources are shell commands, run where `launch` runs.
+            if !p.is_empty() && Preset::parse(p).is_none() && !p.starts_with("$DATA/") && !p.starts_with("pipe:") {
                 *p = dir.join(&*p).display().to_string();
             }
         }
@@ -624,10 +627,17 @@ impl Recipe {
         self.data
             .mixture
             .iter()
-            .filter(|s| !s.path.exists() && !synth)
-            .map(|s| match &s.make {
-                Some(how) => format!("{} (make it with: {how})", s.path.display()),
-                None => s.path.display().to_string(),
+            .filter(|_| !synth)
+            .filter_map(|s| {
+                let spec = s.path.to_string_lossy();
+                let missing = match pg2_data::webdataset::is_webdataset(&spec) {
+                    true => pg2_data::webdataset::missing_shards(&spec).into_iter().next(),
+                    false => Some(spec.to_string()).filter(|_| !s.path.exists()),
+                }?;
+                Some(match &s.make {
+                    Some(how) => format!("{missing} (make it with: {how})"),
+                    None => missing,
+                })
             })
             .collect()
     }

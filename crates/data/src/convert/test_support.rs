@@ -52,7 +52,7 @@ pub(super) fn convert_and_read(args: &ConvertArgs) -> Vec<Record> {
 pub(super) fn assert_image(record: &Record, format: Format, rel: &str) {
     let line = std::fs::read_to_string(&record.file).unwrap();
     assert!(!line.contains("\"image\":\"/"), "image paths are relative: {line}");
-    assert_eq!(record.image.canonicalize().unwrap(), fixture(format).join(rel).canonicalize().unwrap());
+    assert_eq!(record.image.path().unwrap().canonicalize().unwrap(), fixture(format).join(rel).canonicalize().unwrap());
 }
 
 pub(super) fn texts(record: &Record) -> (&str, Option<&str>) {
