@@ -231,7 +231,8 @@ fn streamed_sources_fixed_padding_and_per_task_limits_train() {
 }
 
 /// WebDataset tar shards (written by `pg2 shard`; read from files and through a `pipe:`
-/// command) beside a JSONL source train, and a resumed run repeats the losses exactly.
+/// command) beside a JSONL source train, two workers see what one process sees, and a
+/// resumed run repeats the losses exactly.
 #[test]
 fn tar_shards_mixed_with_jsonl_train_and_resume_exactly() {
     let dir = setup("tar", 6, 3);
@@ -258,6 +259,24 @@ fn tar_shards_mixed_with_jsonl_train_and_resume_exactly() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let whole = losses(&dir);
     assert_eq!(whole.len(), 6);
+    // Two workers, each decoding its half of every batch, see what one process sees.
+    let two = Command::new(env!("CARGO_BIN_EXE_launch"))
+        .arg(dir.join("recipe.toml"))
+        .args(["--device", "cpu", "--nproc-per-node", "2", "--out"])
+        .arg(dir.join("run-2"))
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(two.status.success(), "{}", String::from_utf8_lossy(&two.stderr));
+    let two_workers: Vec<f64> = std::fs::read_to_string(dir.join("run-2/metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).unwrap().get("loss")?.as_f64())
+        .collect();
+    assert_eq!(two_workers.len(), whole.len());
+    for ((_, a), b) in whole.iter().zip(two_workers) {
+        assert!((a - b).abs() < 1e-5, "one process {a}, two workers {b}");
+    }
     let ckpts = dir.join("run/checkpoints");
     std::fs::remove_dir_all(ckpts.join("step-000006")).unwrap();
     std::fs::write(ckpts.join("latest"), "step-000003").unwrap();
