@@ -848,6 +848,31 @@ lr = 1e-5
     }
 
     #[test]
+    fn lora_sections_default_and_refuse_what_cannot_work() {
+        let lora = GOOD.replace("init = \"tiny\"", "init = \"base\"") + "[lora]\nrank = 8\n";
+        let config = parse(&lora).unwrap().lora().unwrap();
+        assert_eq!((config.rank, config.alpha, config.dropout), (8, 8.0, 0.0));
+        assert_eq!(config.targets, LoraConfig::default_targets());
+        assert!(parse(&lora.replace("rank = 8", "rank = 0")).unwrap().lora().is_none(), "rank 0: full fine-tune");
+        for (edit, names) in [
+            (GOOD.to_string() + "[lora]\nrank = 8\n", &["model.init"][..]),
+            (
+                lora.replace("resolution = 64", "resolution = 64\nfreeze = [\"vision\"]"),
+                &["model.freeze", "lora.train"],
+            ),
+            (lora.clone() + "dropout = 1.0\n", &["lora.dropout"]),
+            (
+                lora.replace("resolution = 64", "resolution = 64\nactivation_checkpointing = true") + "dropout = 0.1\n",
+                &["activation_checkpointing", "lora.dropout"],
+            ),
+            (lora.clone() + "targets = []\n", &["lora.targets"]),
+        ] {
+            let err = parse(&edit).unwrap_err().to_string();
+            assert!(names.iter().all(|n| err.contains(n)), "{names:?}: {err}");
+        }
+    }
+
+    #[test]
     fn impossible_values_are_rejected() {
         let err = parse(&GOOD.replace("dtype", "x").replace("resolution = 64", "resolution = 64\ndtype = \"f16\""))
             .unwrap_err()
