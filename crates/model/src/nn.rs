@@ -43,7 +43,8 @@ pub enum ParamKind {
 impl ParamKind {
     /// Whether weight decay applies unless a recipe says otherwise: to kernels alone, as
     /// big_vision decays only `.../kernel` (norm scales, biases and embeddings are spared).
-    /// Adapters are kernels too (PEFT's AdamW decays them).
+    /// Adapters count as kernels: the recipe's `wd_mults` decide for them as for the layers
+    /// they adapt.
     pub fn decays_by_default(self) -> bool {
         matches!(self, ParamKind::Kernel | ParamKind::Adapter)
     }
