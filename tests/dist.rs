@@ -400,3 +400,50 @@ fn sharded_training_equals_one_process_and_resumes_at_any_worker_count() {
     }
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+/// LoRA under each sharding mode: only the adapters and the projector (`lora.train`) train,
+/// and are what is sharded (with the layers' parameters, `full`), so two workers make the
+/// updates of one process.
+#[test]
+fn lora_trains_alike_in_one_process_and_sharded_over_workers() {
+    let dir = common::scratch(
+        "dist",
+        "lora",
+        common::Tiny { steps: 2, batch_size: 8, lr: 3e-3, warmup_steps: 1, checkpoint_every: 4, eval_every: 100 },
+    );
+    run(launch(&dir, "base", &[]));
+    let init = format!("model.init=\"{}\"", dir.join("base").display());
+    let lora = [
+        "--set",
+        &init,
+        "--set",
+        "lora.rank=4",
+        "--set",
+        "lora.train=[\"projector\"]",
+        "--set",
+        "train.steps=4",
+        "--set",
+        "model.activation_checkpointing=true",
+    ];
+    run(launch(&dir, "one", &lora));
+    let adapters = |run: &str| {
+        let checkpoints = dir.join(run).join("checkpoints");
+        let latest = std::fs::read_to_string(checkpoints.join("latest")).unwrap();
+        let file = checkpoints.join(latest.trim()).join("adapter_model.safetensors");
+        let mut tensors = pg2_model::checkpoint::read_file(&file).unwrap();
+        tensors.sort_by(|a, b| a.0.cmp(&b.0));
+        tensors
+    };
+    for sharding in ["optimizer", "gradients", "full"] {
+        let mode = format!("train.sharding=\"{sharding}\"");
+        run(launch(&dir, sharding, &[&lora[..], &["--set", &mode, "--nproc-per-node", "2"]].concat()));
+        assert_close(sharding, &losses(&dir.join("one")), &losses(&dir.join(sharding)), 1e-5);
+        let (one, sharded) = (adapters("one"), adapters(sharding));
+        assert_eq!(one.len(), sharded.len());
+        for ((name, x), (_, y)) in one.iter().zip(&sharded) {
+            let max = (x - y).abs().max().double_value(&[]);
+            assert!(max < 1e-4, "{sharding}: {name} differs by {max}");
+        }
+    }
+    std::fs::remove_dir_all(dir).unwrap();
+}

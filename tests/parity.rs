@@ -1,12 +1,15 @@
 //! Numerical parity with Hugging Face transformers on the tiny random checkpoints of
 //! `tests/fixtures/paligemma/` (written by `tests/fixtures/make_paligemma_fixtures.py`),
-//! through the library and through the `pg2` binary.
+//! and with PEFT on the LoRA adapter of `tests/fixtures/lora/` (written by
+//! `tests/fixtures/lora/make_lora_fixture.py`), through the library and the `pg2` binary.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use pg2_data::{image, source, Batch, EncodedExample, PgTokenizer, Record};
-use pg2_model::{checkpoint, generate, DecodeOptions, PaliGemma, PaliGemmaConfig, RunOptions, Weights};
+use pg2_model::{
+    checkpoint, generate, DecodeOptions, Lora, LoraConfig, PaliGemma, PaliGemmaConfig, Part, RunOptions, Weights,
+};
 use serde_json::Value;
 use tch::{Device, Kind};
 
@@ -291,4 +294,100 @@ fn saved_model_reloads_identically_and_inspects() {
     assert!(summary.contains("Gemma 2 width 48, depth 2"), "{summary}");
     assert!(summary.contains("dtype       Float"), "{summary}");
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// The PEFT adapter of `tests/fixtures/lora/` (for the `released` checkpoint) and PEFT's log-probs.
+fn peft_adapter() -> (PathBuf, Value) {
+    let dir = fixtures().join("../lora");
+    let expected = serde_json::from_str(&std::fs::read_to_string(dir.join("expected.json")).unwrap()).unwrap();
+    (dir.join("adapter"), expected)
+}
+
+fn load_adapted(lora: Lora) -> PaliGemma {
+    let released = fixtures().join("released");
+    PaliGemma::load_at(&released, None, Some(lora), Device::Cpu, Kind::Float, RunOptions::default()).unwrap()
+}
+
+#[test]
+fn peft_adapter_gives_peft_s_logprobs() {
+    let ((adapter, peft), fixture) = (peft_adapter(), expected());
+    let model = load_adapted(Lora::read(&adapter).unwrap());
+    let lora = model.lora().unwrap();
+    assert_eq!((lora.rank, lora.alpha, lora.trained.as_slice()), (4, 8.0, &[Part::Projector][..]));
+    for (i, got) in logprobs("released", &model, &records()).iter().enumerate() {
+        let want = &peft["records"][i];
+        assert_close(*got, want["logprob"].as_f64().unwrap(), 1e-4, &format!("record {i} with the adapter"));
+        let base = fixture["checkpoints"]["released"]["records"][i]["logprob"].as_f64().unwrap();
+        assert_close(want["base_logprob"].as_f64().unwrap(), base, 1e-6, "PEFT's base is the fixture");
+    }
+}
+
+/// The names and shapes a pg2 LoRA run saves are PEFT's, and a PEFT adapter goes back out as it came in.
+#[test]
+fn saved_adapters_have_peft_s_names_and_shapes() {
+    let (adapter, _) = peft_adapter();
+    let shapes = |dir: &Path| -> Vec<(String, Vec<i64>)> {
+        checkpoint::read_file(&dir.join("adapter_model.safetensors"))
+            .unwrap()
+            .into_iter()
+            .map(|(n, t)| (n, t.size()))
+            .collect()
+    };
+    let config = LoraConfig {
+        rank: 4,
+        alpha: 8.0,
+        dropout: 0.0,
+        targets: LoraConfig::default_targets(),
+        trained: vec![Part::Projector],
+    };
+    let dir = std::env::temp_dir().join(format!("pg2-parity-lora-{}", std::process::id()));
+    load_adapted(Lora::fresh(config)).save(&dir.join("fresh"), Kind::Float).unwrap();
+    let mut want = shapes(&adapter);
+    let mut got = shapes(&dir.join("fresh"));
+    want.sort();
+    got.sort();
+    assert_eq!(got, want);
+    let json = |dir: &Path| -> Value {
+        serde_json::from_str(&std::fs::read_to_string(dir.join("adapter_config.json")).unwrap()).unwrap()
+    };
+    let (got, want) = (json(&dir.join("fresh")), json(&adapter));
+    for key in ["peft_type", "r", "lora_alpha", "modules_to_save", "bias", "use_rslora", "use_dora"] {
+        assert_eq!(got[key], want[key], "{key}");
+    }
+    // PEFT's own adapter, loaded and saved again: the same tensors.
+    load_adapted(Lora::read(&adapter).unwrap()).save(&dir.join("again"), Kind::Float).unwrap();
+    let again: std::collections::BTreeMap<_, _> =
+        checkpoint::read_file(&dir.join("again/adapter_model.safetensors")).unwrap().into_iter().collect();
+    for (name, t) in checkpoint::read_file(&adapter.join("adapter_model.safetensors")).unwrap() {
+        assert!(again[&name].equal(&t), "{name}");
+    }
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+/// `pg2 merge` folds PEFT's adapter into the base; the plain folder scores as PEFT does, as
+/// `pg2 score --adapter` does on the unmerged pair.
+#[test]
+fn merged_model_scores_as_the_unmerged_one() {
+    let (adapter, expected) = peft_adapter();
+    let released = fixtures().join("released");
+    let out = std::env::temp_dir().join(format!("pg2-parity-merge-{}", std::process::id()));
+    let path = |p: &Path| p.to_str().unwrap().to_string();
+    pg2(&["merge", "--base", &path(&released), "--adapter", &path(&adapter), "--out", &path(&out)]);
+    assert!(!out.join("adapter_config.json").exists() && out.join("config.json").is_file());
+    let merged = PaliGemma::load(&out, Device::Cpu, Kind::Float, RunOptions::default()).unwrap();
+    assert!(merged.lora().is_none());
+    let got = logprobs("released", &merged, &records());
+    for (i, got) in got.iter().enumerate() {
+        assert_close(*got, expected["records"][i]["logprob"].as_f64().unwrap(), 1e-4, &format!("merged record {i}"));
+    }
+    let data = path(&fixtures().join("data.jsonl"));
+    let score = |extra: &[&str]| -> Vec<f64> {
+        let args = [&["score", "--data", data.as_str()][..], extra].concat();
+        pg2(&args).lines().map(|l| serde_json::from_str::<Value>(l).unwrap()["logprob"].as_f64().unwrap()).collect()
+    };
+    let unmerged = score(&["--checkpoint", &path(&released), "--adapter", &path(&adapter)]);
+    for (a, b) in unmerged.iter().zip(score(&["--checkpoint", &path(&out)])) {
+        assert_close(b, *a, 1e-5, "pg2 score, merged vs --adapter");
+    }
+    std::fs::remove_dir_all(out).unwrap();
 }

@@ -8,6 +8,7 @@ pub mod device;
 pub mod eval;
 pub mod inspect;
 pub mod launch;
+pub mod merge;
 pub mod metric;
 pub mod model_args;
 pub mod plan;
@@ -25,7 +26,7 @@ use clap::{Parser, Subcommand};
 #[command(
     name = "pg2",
     version,
-    about = "PaliGemma 2 tools: score, predict, evaluate, inspect checkpoints; convert data; benchmark"
+    about = "PaliGemma 2 tools: score, predict, evaluate, inspect and merge checkpoints; convert data; benchmark"
 )]
 pub struct Cli {
     #[command(subcommand)]
@@ -61,6 +62,8 @@ pub enum Command {
     /// Per-GPU memory of a training step (weights, gradients, optimizer state, activations)
     /// for each train.sharding, the communication each moves, and the cheapest setting that fits.
     Plan(plan::PlanArgs),
+    /// Fold a LoRA adapter (PEFT's format, as LoRA runs save) into its base: a plain model folder.
+    Merge(merge::MergeArgs),
 }
 
 /// Runs one `pg2` subcommand.
@@ -77,5 +80,6 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Report(args) => report::run(args),
         Command::Metric(args) => metric::run(args),
         Command::Plan(args) => plan::run(args),
+        Command::Merge(args) => merge::run(args),
     }
 }

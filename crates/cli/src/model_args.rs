@@ -6,7 +6,7 @@ use anyhow::Result;
 use clap::{Args, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 use pg2_data::{source, InferenceBatch, PgTokenizer, Resize, TaskFormat};
-use pg2_model::{PaliGemma, RunOptions};
+use pg2_model::{Lora, PaliGemma, RunOptions};
 use serde_json::Value;
 use tch::Kind;
 
@@ -33,6 +33,10 @@ pub struct ModelArgs {
     /// folder (its checkpoints/latest).
     #[arg(long)]
     pub checkpoint: PathBuf,
+    /// A LoRA adapter folder (PEFT's format, e.g. a LoRA run's checkpoint, or the run folder)
+    /// to put on the checkpoint.
+    #[arg(long)]
+    pub adapter: Option<PathBuf>,
     /// Tokenizer file; defaults to the checkpoint's tokenizer.json.
     #[arg(long)]
     pub tokenizer: Option<PathBuf>,
@@ -60,7 +64,8 @@ impl ModelArgs {
         let device = crate::device::prepare_device(&self.device)?;
         let dir = pg2_train::checkpoint_dir(&self.checkpoint)?;
         eprintln!("pg2: loading {} on {device:?} in {kind:?}", dir.display());
-        let model = PaliGemma::load(&dir, device, kind, options)?;
+        let lora = self.adapter.as_ref().map(|a| pg2_train::checkpoint_dir(a).and_then(|a| Ok(Lora::read(&a)?)));
+        let model = PaliGemma::load_at(&dir, None, lora.transpose()?, device, kind, options)?;
         let tokenizer_path = self.tokenizer.clone().unwrap_or_else(|| dir.join("tokenizer.json"));
         let tokenizer = PgTokenizer::from_file(&tokenizer_path)?;
         tokenizer.check_fits(&tokenizer_path, &model.config, &dir.display().to_string())?;

@@ -44,11 +44,20 @@ pub struct RunOptions {
     /// a CPU step on the small benchmark shape). Moot with `recompute`, which already keeps
     /// one layer's activations at a time.
     pub lean_attention: bool,
+    /// Apply the LoRA adapters' dropout ([`crate::lora`]); only for training.
+    pub lora_dropout: bool,
 }
 
 impl Default for RunOptions {
     fn default() -> Self {
-        Self { soft_caps: true, sliding_window: false, dropout: 0.0, recompute: false, lean_attention: false }
+        Self {
+            soft_caps: true,
+            sliding_window: false,
+            dropout: 0.0,
+            recompute: false,
+            lean_attention: false,
+            lora_dropout: false,
+        }
     }
 }
 
@@ -247,9 +256,9 @@ impl Attention {
         let (b, t, _) = x.size3().unwrap();
         let (hd, kvh) = (self.head_dim, self.kv_heads);
         let rope = |y: &Tensor| apply_rotary(y, cos, signed_sin);
-        let q = rope(&self.q_proj.forward(x).view([b, t, self.heads, hd]).transpose(1, 2));
-        let k = rope(&self.k_proj.forward(x).view([b, t, kvh, hd]).transpose(1, 2));
-        let v = self.v_proj.forward(x).view([b, t, kvh, hd]).transpose(1, 2);
+        let q = rope(&self.q_proj.forward(x, opts.lora_dropout).view([b, t, self.heads, hd]).transpose(1, 2));
+        let k = rope(&self.k_proj.forward(x, opts.lora_dropout).view([b, t, kvh, hd]).transpose(1, 2));
+        let v = self.v_proj.forward(x, opts.lora_dropout).view([b, t, kvh, hd]).transpose(1, 2);
         let lean = opts.lean_attention && !opts.recompute && cache.is_none() && x.requires_grad();
         let (k, v) = match cache {
             Some((layer, reserve)) => layer.append(&k, &v, reserve),
@@ -286,7 +295,7 @@ impl Attention {
             }
             Some(cap) => capped_attention(&q, &k, &v, &mask.blocked, self.scale, cap, self.heads),
         };
-        self.o_proj.forward(&y.transpose(1, 2).reshape([b, t, self.heads * hd]))
+        self.o_proj.forward(&y.transpose(1, 2).reshape([b, t, self.heads * hd]), opts.lora_dropout)
     }
 }
 
@@ -358,7 +367,8 @@ impl DecoderLayer {
         // big_vision's order: `x + drop(post_norm(attn))`, but `x + post_norm(drop(mlp))`.
         let x = x + drop(self.post_attention_layernorm.forward(&h));
         let h = self.pre_feedforward_layernorm.forward(&x);
-        let h = self.down_proj.forward(&(self.gate_proj.forward(&h).gelu("tanh") * self.up_proj.forward(&h)));
+        let lin = |l: &Linear, x: &Tensor| l.forward(x, opts.lora_dropout);
+        let h = lin(&self.down_proj, &(lin(&self.gate_proj, &h).gelu("tanh") * lin(&self.up_proj, &h)));
         x + self.post_feedforward_layernorm.forward(&drop(h))
     }
 }
@@ -739,7 +749,9 @@ mod tests {
             let h = layer.self_attn.forward(&layer.input_layernorm.forward(&x), (&cos, &sin), mask, None, opts);
             let x1 = &x + layer.post_attention_layernorm.forward(&h).dropout(0.5, true);
             let h = layer.pre_feedforward_layernorm.forward(&x1);
-            let mlp = layer.down_proj.forward(&(layer.gate_proj.forward(&h).gelu("tanh") * layer.up_proj.forward(&h)));
+            let mlp = layer
+                .down_proj
+                .forward(&(layer.gate_proj.forward(&h, false).gelu("tanh") * layer.up_proj.forward(&h, false)), false);
             &x1 + layer.post_feedforward_layernorm.forward(&mlp.dropout(0.5, true))
         };
         // The other tests of this binary draw from the same global generator at the same

@@ -11,6 +11,7 @@ pub mod config;
 pub mod decode;
 pub mod gemma2;
 pub mod layer_params;
+pub mod lora;
 pub mod nn;
 pub mod paligemma;
 pub mod recompute;
@@ -22,6 +23,7 @@ pub use config::{Gemma2Config, PaliGemmaConfig, SiglipVisionConfig};
 pub use decode::{generate, DecodeOptions};
 pub use gemma2::{KvCache, RunOptions, TokenLayout};
 pub use layer_params::{Layer, LayerParams};
+pub use lora::{Lora, LoraConfig};
 pub use nn::{Param, ParamKind, Weights};
 pub use paligemma::{Inputs, PaliGemma, Targets};
 

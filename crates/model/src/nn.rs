@@ -10,6 +10,7 @@
 use std::collections::BTreeMap;
 use tch::{Device, Kind, Tensor};
 
+use crate::lora::Lora;
 use crate::ModelError;
 
 /// How a parameter is initialised when the model is created from scratch.
@@ -35,13 +36,17 @@ pub enum ParamKind {
     Embedding,
     /// Learned position embeddings.
     PositionEmbedding,
+    /// A LoRA adapter's `A` or `B` ([`crate::lora`]).
+    Adapter,
 }
 
 impl ParamKind {
     /// Whether weight decay applies unless a recipe says otherwise: to kernels alone, as
     /// big_vision decays only `.../kernel` (norm scales, biases and embeddings are spared).
+    /// Adapters count as kernels: the recipe's `wd_mults` decide for them as for the layers
+    /// they adapt.
     pub fn decays_by_default(self) -> bool {
-        self == ParamKind::Kernel
+        matches!(self, ParamKind::Kernel | ParamKind::Adapter)
     }
 }
 
@@ -68,6 +73,8 @@ pub struct Weights {
     source: Source,
     device: Device,
     kind: Kind,
+    /// The adapters linear layers add, if any.
+    lora: Option<Lora>,
     /// What has been taken, in order.
     taken: Vec<Param>,
 }
@@ -80,12 +87,36 @@ impl Weights {
         device: Device,
         kind: Kind,
     ) -> Self {
-        Self { source: Source::Checkpoint { tensors, origin: origin.into() }, device, kind, taken: Vec::new() }
+        Self {
+            source: Source::Checkpoint { tensors, origin: origin.into() },
+            device,
+            kind,
+            lora: None,
+            taken: Vec::new(),
+        }
     }
 
     /// Freshly initialised parameters.
     pub fn random(device: Device, kind: Kind) -> Self {
-        Self { source: Source::Random, device, kind, taken: Vec::new() }
+        Self { source: Source::Random, device, kind, lora: None, taken: Vec::new() }
+    }
+
+    /// The same weights with LoRA adapters on the layers `lora` targets. Tensors of fully
+    /// trained parts must already be among the weights' ([`crate::PaliGemma::load_at`] puts them there).
+    pub fn with_lora(mut self, lora: Lora) -> Result<Self, ModelError> {
+        if let Some(name) = lora.trained.keys().next() {
+            return Err(ModelError::Invalid(format!(
+                "{}: `{name}` was not placed among the base's tensors",
+                lora.origin
+            )));
+        }
+        self.lora = Some(lora);
+        Ok(self)
+    }
+
+    /// The LoRA settings the weights were given, if any.
+    pub fn lora(&self) -> Option<&crate::lora::LoraConfig> {
+        self.lora.as_ref().map(|l| &l.config)
     }
 
     /// The device parameters are placed on.
@@ -123,9 +154,50 @@ impl Weights {
                 t
             }
         };
-        let tensor = tensor.to_device(device).to_kind(self.kind).detach();
+        Ok(self.record(name, tensor, kind))
+    }
+
+    /// `tensor` on the weights' device and kind, recorded as parameter `name`.
+    fn record(&mut self, name: &str, tensor: Tensor, kind: ParamKind) -> Tensor {
+        let tensor = tensor.to_device(self.device).to_kind(self.kind).detach();
         self.taken.push(Param { name: name.to_string(), tensor: tensor.shallow_clone(), kind });
-        Ok(tensor)
+        tensor
+    }
+
+    /// The adapter of linear layer `layer` `(in_dim -> out_dim)` when the LoRA settings
+    /// target it: read from the adapter source, or fresh as PEFT makes it.
+    fn adapter(&mut self, layer: &str, in_dim: i64, out_dim: i64) -> Result<Option<Adapter>, ModelError> {
+        let Some(lora) = self.lora.as_mut().filter(|l| l.config.targets(layer)) else { return Ok(None) };
+        let (rank, scale, dropout) = (lora.config.rank as i64, lora.config.scale(), lora.config.dropout);
+        let fresh = lora.fresh;
+        let mut part = |which: &str, shape: [i64; 2]| -> Result<(String, Tensor), ModelError> {
+            let name = format!("{layer}.{which}.weight");
+            let tensor = match fresh {
+                // kaiming_uniform_(a = sqrt(5)) on (rank, in): bound sqrt(6 / (1 + 5) / in).
+                true if which == "lora_A" => {
+                    let bound = 1.0 / (in_dim as f64).sqrt();
+                    Tensor::empty(shape, (Kind::Float, self.device)).uniform_(-bound, bound)
+                }
+                true => Tensor::zeros(shape, (Kind::Float, self.device)),
+                false => lora
+                    .adapters
+                    .remove(&name)
+                    .ok_or_else(|| ModelError::Checkpoint(format!("{}: tensor `{name}` is missing", lora.origin)))?,
+            };
+            if tensor.size() != shape {
+                return Err(ModelError::Checkpoint(format!(
+                    "{}: tensor `{name}` has shape {:?}, rank {rank} and the layer imply {shape:?}",
+                    lora.origin,
+                    tensor.size()
+                )));
+            }
+            Ok((name, tensor))
+        };
+        let (a_name, a) = part("lora_A", [rank, in_dim])?;
+        let (b_name, b) = part("lora_B", [out_dim, rank])?;
+        let a = self.record(&a_name, a, ParamKind::Adapter);
+        let b = self.record(&b_name, b, ParamKind::Adapter);
+        Ok(Some(Adapter { a, b, scale, dropout }))
     }
 
     /// The parameters taken so far, in order; errors if the checkpoint holds tensors the
@@ -140,6 +212,10 @@ impl Weights {
                 )));
             }
         }
+        if let Some(name) = self.lora.as_ref().and_then(|l| l.adapters.keys().next()) {
+            let origin = &self.lora.as_ref().unwrap().origin;
+            return Err(ModelError::Checkpoint(format!("{origin}: adapter `{name}` belongs to no linear layer")));
+        }
         Ok(self.taken)
     }
 }
@@ -147,10 +223,21 @@ impl Weights {
 /// Collects `(checkpoint name, tensor)` pairs; the tensors share storage with the model.
 pub type NamedTensors = Vec<(String, Tensor)>;
 
-/// Fully connected layer `x W^T + b`.
+/// A LoRA adapter of a linear layer: adds `B A dropout(x) * scale` ([`crate::lora`]).
+struct Adapter {
+    /// `(rank, in)`.
+    a: Tensor,
+    /// `(out, rank)`.
+    b: Tensor,
+    scale: f64,
+    dropout: f64,
+}
+
+/// Fully connected layer `x W^T + b`, plus its LoRA adapter's term if it has one.
 pub struct Linear {
     pub weight: Tensor,
     pub bias: Option<Tensor>,
+    adapter: Option<Adapter>,
 }
 
 impl Linear {
@@ -167,11 +254,20 @@ impl Linear {
             true => Some(w.take(&format!("{prefix}.bias"), &[out_dim as i64], Init::Zeros, ParamKind::Bias)?),
             false => None,
         };
-        Ok(Self { weight, bias })
+        let adapter = w.adapter(prefix, in_dim as i64, out_dim as i64)?;
+        Ok(Self { weight, bias, adapter })
     }
 
-    pub fn forward(&self, x: &Tensor) -> Tensor {
-        x.linear(&self.weight, self.bias.as_ref())
+    /// `x W^T + b`, plus the adapter's term; `train` applies the adapter's dropout.
+    pub fn forward(&self, x: &Tensor, train: bool) -> Tensor {
+        let y = x.linear(&self.weight, self.bias.as_ref());
+        match &self.adapter {
+            None => y,
+            Some(ad) => {
+                let x = if train && ad.dropout > 0.0 { x.dropout(ad.dropout, true) } else { x.shallow_clone() };
+                y + x.linear::<&Tensor>(&ad.a, None).linear::<&Tensor>(&ad.b, None) * ad.scale
+            }
+        }
     }
 }
 

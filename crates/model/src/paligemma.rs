@@ -11,6 +11,7 @@ use crate::checkpoint::{self, LM_HEAD, PROJECTOR, TEXT, VISION};
 use crate::config::PaliGemmaConfig;
 use crate::gemma2::{Gemma2, KvCache, RunOptions, TokenLayout};
 use crate::layer_params::LayerParams;
+use crate::lora::{self, Lora, LoraConfig};
 use crate::nn::{Init, Linear, NamedTensors, Param, Weights};
 use crate::siglip::{resample_positions, SiglipVision};
 use crate::ModelError;
@@ -44,6 +45,8 @@ pub struct PaliGemma {
     text: Gemma2,
     /// Every parameter, as the layers took them from the weights.
     params: Vec<Param>,
+    /// The LoRA settings when the model has adapters.
+    lora: Option<LoraConfig>,
     /// Where the layers' parameters come from when they are sharded ([`PaliGemma::shard_layers`]).
     layer_params: Option<Arc<dyn LayerParams>>,
 }
@@ -64,27 +67,43 @@ impl PaliGemma {
         )?;
         let tied = config.tie_word_embeddings;
         let text = Gemma2::new(&config.text, &mut weights, TEXT, LM_HEAD, tied)?;
+        let lora = weights.lora().cloned();
         let params = weights.finish()?;
-        Ok(Self { config, options, vision, projector, text, params, layer_params: None })
+        Ok(Self { config, options, vision, projector, text, params, lora, layer_params: None })
     }
 
     /// Loads a Hugging Face model folder onto `device`, computing in `kind`.
     pub fn load(dir: &Path, device: Device, kind: Kind, options: RunOptions) -> Result<Self, ModelError> {
-        Self::load_at(dir, None, device, kind, options)
+        Self::load_at(dir, None, None, device, kind, options)
     }
 
     /// As [`PaliGemma::load`], moved to another image `resolution` when given: the position
     /// embedding grid is resampled bilinearly, corners aligned as big_vision does (stage
-    /// chaining 224 -> 448 -> 896 px).
+    /// chaining 224 -> 448 -> 896 px); with `lora`, its adapters are added (and the parts
+    /// it trains in full take its tensors).
     pub fn load_at(
         dir: &Path,
         resolution: Option<usize>,
+        mut lora: Option<Lora>,
         device: Device,
         kind: Kind,
         options: RunOptions,
     ) -> Result<Self, ModelError> {
         let mut config = PaliGemmaConfig::from_file(&dir.join("config.json"))?;
         let mut tensors = checkpoint::read_tensors(dir)?;
+        if let Some(lora) = &mut lora {
+            // The adapter file's fully trained parts replace the base's tensors (before any
+            // move to a new resolution, which they take part in).
+            for (name, tensor) in std::mem::take(&mut lora.trained) {
+                if tensors.insert(name.clone(), tensor).is_none() {
+                    return Err(ModelError::Checkpoint(format!(
+                        "{}: `{name}` is not in {}",
+                        lora.origin,
+                        dir.display()
+                    )));
+                }
+            }
+        }
         if let Some(res) = resolution.filter(|&r| r != config.vision.image_size) {
             if res == 0 || !res.is_multiple_of(config.vision.patch_size) {
                 return Err(ModelError::Invalid(format!(
@@ -110,17 +129,49 @@ impl PaliGemma {
                 }
             }
         }
-        Self::new(config, Weights::from_tensors(tensors, dir.display().to_string(), device, kind), options)
+        let mut weights = Weights::from_tensors(tensors, dir.display().to_string(), device, kind);
+        if let Some(lora) = lora {
+            weights = weights.with_lora(lora)?;
+        }
+        Self::new(config, weights, options)
     }
 
-    /// Writes a Hugging Face model folder (config.json + safetensors in the released layout).
+    /// Writes a Hugging Face model folder (config.json + safetensors in the released layout),
+    /// or for a model with adapters a PEFT adapter folder ([`crate::lora`]).
     pub fn save(&self, dir: &Path, kind: Kind) -> Result<(), ModelError> {
         self.save_weights(dir, &self.parameters(), kind)
+    }
+
+    /// The LoRA settings when the model has adapters.
+    pub fn lora(&self) -> Option<&LoraConfig> {
+        self.lora.as_ref()
+    }
+
+    /// Whether [`PaliGemma::save`] writes parameter `name`: all of them, or with adapters
+    /// the adapters and the parts trained in full.
+    pub fn saves(&self, name: &str) -> bool {
+        self.lora.as_ref().is_none_or(|l| self.params.iter().any(|p| p.name == name && lora::is_saved(l, p)))
     }
 
     /// [`PaliGemma::save`] with `weights` (this model's parameters by name, e.g. host copies
     /// of sharded ones) in place of the parameters themselves.
     pub fn save_weights(&self, dir: &Path, weights: &[(String, Tensor)], kind: Kind) -> Result<(), ModelError> {
+        if let Some(lora) = &self.lora {
+            return lora::write_adapter(dir, lora, weights, kind);
+        }
+        self.save_plain(dir, weights, kind)
+    }
+
+    /// Writes a plain Hugging Face model folder with the adapters folded into their layers
+    /// (the parameters as they are for a model without adapters).
+    pub fn save_merged(&self, dir: &Path, kind: Kind) -> Result<(), ModelError> {
+        match &self.lora {
+            Some(lora) => self.save_plain(dir, &lora::merged(lora, &self.parameters()), kind),
+            None => self.save_plain(dir, &self.parameters(), kind),
+        }
+    }
+
+    fn save_plain(&self, dir: &Path, weights: &[(String, Tensor)], kind: Kind) -> Result<(), ModelError> {
         checkpoint::write_tensors(dir, weights, kind)?;
         let config = serde_json::to_string_pretty(&self.config.to_json()).unwrap();
         let path = dir.join("config.json");
@@ -154,7 +205,8 @@ impl PaliGemma {
 
     /// Projected image tokens `(batch, patches, width)` for pixels `(batch, 3, res, res)`.
     pub fn encode_images(&self, pixels: &Tensor) -> Tensor {
-        self.projector.forward(&self.vision.forward(pixels, self.options.recompute, self.layer_params.as_ref()))
+        let features = self.vision.forward(pixels, self.options, self.layer_params.as_ref());
+        self.projector.forward(&features, self.options.lora_dropout)
     }
 
     /// Runs each layer with its parameters from `params` (gathered around each use): for
@@ -238,6 +290,7 @@ impl PaliGemma {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::lora::{Lora, LoraConfig};
     use crate::nn::soft_cap;
     use crate::{PaliGemmaConfig, ParamKind, Part, TokenLayout, Weights};
 
@@ -322,6 +375,75 @@ mod tests {
             layout: TokenLayout { valid: mask_ar.ones_like().to_kind(Kind::Bool), mask_ar: mask_ar.shallow_clone() },
         };
         (inputs, mask_ar.to_kind(Kind::Bool))
+    }
+
+    /// The tiny model's weights with adapters on every linear layer kind (decoder, SigLIP,
+    /// projector), `B` zero unless `b_std` draws it, in `kind`.
+    fn adapted(base: &PaliGemma, b_std: Option<f64>, kind: Kind) -> PaliGemma {
+        let tensors = base.parameters().into_iter().map(|(n, t)| (n, t.copy())).collect();
+        let targets =
+            [LoraConfig::default_targets(), vec!["fc1".into(), "multi_modal_projector.linear".into()]].concat();
+        let config = LoraConfig { rank: 2, alpha: 3.0, dropout: 0.5, targets, trained: vec![] };
+        let weights = Weights::from_tensors(tensors, "base", Device::Cpu, kind).with_lora(Lora::fresh(config)).unwrap();
+        let model = PaliGemma::new(base.config.clone(), weights, RunOptions::default()).unwrap();
+        if let Some(std) = b_std {
+            let b = model.params().iter().filter(|p| p.name.ends_with("lora_B.weight"));
+            tch::no_grad(|| b.for_each(|p| drop(p.tensor.shallow_clone().normal_(0.0, std))));
+        }
+        model
+    }
+
+    fn random_base(kind: Kind) -> PaliGemma {
+        tch::manual_seed(7);
+        let config = PaliGemmaConfig::tiny(40, 39, 32).unwrap();
+        let model = PaliGemma::new(config, Weights::random(Device::Cpu, kind), RunOptions::default()).unwrap();
+        // A non-zero projector, so that the image reaches the text.
+        let projector = model.params().iter().filter(|p| p.name.starts_with(PROJECTOR));
+        tch::no_grad(|| projector.for_each(|p| drop(p.tensor.shallow_clone().normal_(0.0, 0.1))));
+        model
+    }
+
+    /// PEFT's start: B = 0, so the adapted model computes exactly what the base does (with
+    /// the adapters' dropout on too), in every dtype.
+    #[test]
+    fn zero_initialised_adapters_leave_outputs_unchanged() {
+        for kind in [Kind::Float, Kind::BFloat16] {
+            let base = random_base(kind);
+            let (inputs, loss_mask) = tiny_batch(&base);
+            let mut model = adapted(&base, None, kind);
+            let names: Vec<&str> =
+                model.params().iter().filter(|p| p.kind == ParamKind::Adapter).map(|p| p.name.as_str()).collect();
+            // 7 decoder projections x 2 layers + 2 SigLIP fc1 + the projector, each A and B.
+            assert_eq!(
+                names.len(),
+                2 * (7 * base.config.text.num_hidden_layers + base.config.vision.num_hidden_layers + 1)
+            );
+            assert!(names.contains(&"vision_tower.vision_model.encoder.layers.0.mlp.fc1.lora_A.weight"), "{names:?}");
+            let a = model.params().iter().find(|p| p.name.ends_with("q_proj.lora_A.weight")).unwrap();
+            let bound = 1.0 / (base.config.text.hidden_size as f64).sqrt();
+            assert!(a.tensor.abs().max().double_value(&[]) <= bound, "kaiming-uniform(a=sqrt(5)) bound");
+            model.options.lora_dropout = true;
+            let want = tch::no_grad(|| base.target_logprobs(&inputs, &loss_mask)).unwrap().0;
+            let got = tch::no_grad(|| model.target_logprobs(&inputs, &loss_mask)).unwrap().0;
+            assert!(got.equal(&want), "{kind:?}");
+        }
+    }
+
+    /// `pg2 merge`'s folding: the merged weights without adapters score as the adapted model.
+    #[test]
+    fn merged_adapters_score_as_unmerged() {
+        let base = random_base(Kind::Float);
+        let (inputs, loss_mask) = tiny_batch(&base);
+        let model = adapted(&base, Some(0.5), Kind::Float);
+        let lora = model.lora().unwrap();
+        let merged = lora::merged(lora, &model.parameters());
+        assert_eq!(merged.len(), base.parameters().len());
+        let weights = Weights::from_tensors(merged.into_iter().collect(), "merged", Device::Cpu, Kind::Float);
+        let plain = PaliGemma::new(base.config.clone(), weights, RunOptions::default()).unwrap();
+        let score = |m: &PaliGemma| tch::no_grad(|| m.target_logprobs(&inputs, &loss_mask)).unwrap().0;
+        let (want, got, before) = (score(&model), score(&plain), score(&base));
+        assert!(!want.allclose(&before, 1e-3, 1e-3, false), "the adapters change the outputs");
+        assert!(got.allclose(&want, 1e-4, 1e-4, false), "{got} vs {want}");
     }
 
     /// With bf16 weights the targets' log-probabilities (the loss) come from f32 logits of

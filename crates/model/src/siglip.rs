@@ -7,6 +7,7 @@ use std::sync::Arc;
 use tch::{Kind, Tensor};
 
 use crate::config::SiglipVisionConfig;
+use crate::gemma2::RunOptions;
 use crate::layer_params::{recompute_layer, Gathered, Layer, LayerParams};
 use crate::nn::{Init, LayerNorm, Linear, ParamKind, Weights};
 use crate::ModelError;
@@ -32,15 +33,15 @@ impl Attention {
         })
     }
 
-    fn forward(&self, x: &Tensor) -> Tensor {
+    fn forward(&self, x: &Tensor, train: bool) -> Tensor {
         let (b, t, d) = x.size3().unwrap();
         let split = |y: Tensor| y.view([b, t, self.heads, d / self.heads]).transpose(1, 2);
-        let q = split(self.q_proj.forward(x));
-        let k = split(self.k_proj.forward(x));
-        let v = split(self.v_proj.forward(x));
+        let q = split(self.q_proj.forward(x, train));
+        let k = split(self.k_proj.forward(x, train));
+        let v = split(self.v_proj.forward(x, train));
         // Unmasked, uncapped attention: libtorch's fused kernel computes exactly softmax(q k^T / sqrt(d)) v.
         let y = Tensor::scaled_dot_product_attention(&q, &k, &v, None::<Tensor>, 0.0, false, None, false);
-        self.out_proj.forward(&y.transpose(1, 2).reshape([b, t, d]))
+        self.out_proj.forward(&y.transpose(1, 2).reshape([b, t, d]), train)
     }
 }
 
@@ -65,10 +66,10 @@ impl EncoderLayer {
         })
     }
 
-    fn forward(&self, x: &Tensor) -> Tensor {
-        let x = x + self.self_attn.forward(&self.layer_norm1.forward(x));
-        let h = self.fc1.forward(&self.layer_norm2.forward(&x)).gelu("tanh");
-        x + self.fc2.forward(&h)
+    fn forward(&self, x: &Tensor, train: bool) -> Tensor {
+        let x = x + self.self_attn.forward(&self.layer_norm1.forward(x), train);
+        let h = self.fc1.forward(&self.layer_norm2.forward(&x), train).gelu("tanh");
+        x + self.fc2.forward(&h, train)
     }
 }
 
@@ -121,13 +122,14 @@ impl SiglipVision {
     }
 
     /// Pixels `(batch, 3, res, res)` in [-1, 1] to patch features `(batch, patches, width)`;
-    /// with `recompute`, layers keep only their inputs for the backward pass. `params`, where
-    /// the layers' parameters are sharded, gathers each layer's around its use.
-    pub fn forward(&self, pixels: &Tensor, recompute: bool, params: Option<&Arc<dyn LayerParams>>) -> Tensor {
+    /// with `opts.recompute`, layers keep only their inputs for the backward pass (and
+    /// `opts.lora_dropout` applies adapters' dropout). `params`, where the layers' parameters
+    /// are sharded, gathers each layer's around its use.
+    pub fn forward(&self, pixels: &Tensor, opts: RunOptions, params: Option<&Arc<dyn LayerParams>>) -> Tensor {
         let x = pixels.to_kind(self.patch_weight.kind());
         let x = x.conv2d(&self.patch_weight, Some(&self.patch_bias), [self.patch_size], [0], [1], 1);
         let mut x = x.flatten(2, 3).transpose(1, 2) + &self.position_embedding;
-        let recompute = recompute && x.requires_grad();
+        let (recompute, train) = (opts.recompute && x.requires_grad(), opts.lora_dropout);
         for (i, layer) in self.layers.iter().enumerate() {
             let n = self.layers.len();
             let _gathered = Gathered::new(params, Layer::Vision(i), Layer::at(Layer::Vision, Some(i + 1), n));
@@ -135,9 +137,9 @@ impl SiglipVision {
                 true => {
                     let layer = layer.clone();
                     let below = Layer::at(Layer::Vision, i.checked_sub(1), n);
-                    recompute_layer(&x, params, (Layer::Vision(i), below), move |x| layer.forward(x))
+                    recompute_layer(&x, params, (Layer::Vision(i), below), move |x| layer.forward(x, train))
                 }
-                false => layer.forward(&x),
+                false => layer.forward(&x, train),
             };
         }
         self.post_layernorm.forward(&x)

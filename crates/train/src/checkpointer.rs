@@ -40,7 +40,8 @@ impl Checkpointer {
         self.every.is_some_and(|n| done.is_multiple_of(n)) || done == total
     }
 
-    /// Writes `checkpoints/step-NNNNNN/` (the model folder with its tokenizer, the optimizer
+    /// Writes `checkpoints/step-NNNNNN/` (the model folder, or with LoRA the adapter folder,
+    /// with its tokenizer, the optimizer
     /// state and `state`), points `latest` at it and prunes old ones; returns its folder on
     /// rank 0. Every rank calls it: with sharded training each writes its optimizer state
     /// first, and rank 0 puts the files into the checkpoint once all are written.

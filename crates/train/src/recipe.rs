@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use pg2_data::{OnBadRecord, RunLength};
 use pg2_eval::anls::levenshtein;
 use pg2_eval::Metric;
-use pg2_model::{ModelError, PaliGemmaConfig, Part};
+use pg2_model::{LoraConfig, ModelError, PaliGemmaConfig, Part};
 use pg2_optim::{Decay, DecayShape};
 use serde::Deserialize;
 use toml::{Table, Value};
@@ -34,6 +34,47 @@ pub struct Recipe {
     pub train: TrainSection,
     /// Evaluation during training (before the first step, every `every` steps, at the end).
     pub eval: Option<EvalSection>,
+    /// LoRA adapters: train them (and `train` parts) on a frozen base; absent or rank 0
+    /// trains the whole model.
+    pub lora: Option<LoraSection>,
+}
+
+/// LoRA: adapters `B A x * alpha / rank` on the targeted linear layers, as PEFT makes them;
+/// checkpoints are PEFT adapter folders (`adapter_config.json`, `adapter_model.safetensors`).
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct LoraSection {
+    /// The adapters' inner dimension; 0 turns LoRA off.
+    pub rank: usize,
+    /// Scales the adapters' outputs by `alpha / rank`; `rank` by default (a factor of 1).
+    pub alpha: Option<f64>,
+    /// Dropout on the adapters' inputs while training.
+    #[serde(default)]
+    pub dropout: f64,
+    /// Linear layers to adapt, as patterns over pg2's parameter names without `.weight`
+    /// (`*` any characters; a pattern may match the whole name or its part after a dot, so
+    /// `"fc1"` picks every SigLIP `fc1`); by default the decoder's q/k/v/o and gate/up/down
+    /// projections (`"language_model.model.layers.*.q_proj"`, ...).
+    #[serde(default = "LoraConfig::default_targets")]
+    pub targets: Vec<String>,
+    /// Parts trained in full beside the adapters (PEFT's `modules_to_save`): `vision`,
+    /// `projector`, `decoder`.
+    #[serde(default)]
+    pub train: Vec<Part>,
+}
+
+impl Recipe {
+    /// The recipe's LoRA settings, if it trains adapters (a `[lora]` section of positive rank).
+    pub fn lora(&self) -> Option<LoraConfig> {
+        let l = self.lora.as_ref().filter(|l| l.rank > 0)?;
+        Some(LoraConfig {
+            rank: l.rank,
+            alpha: l.alpha.unwrap_or(l.rank as f64),
+            dropout: l.dropout,
+            targets: l.targets.clone(),
+            trained: l.train.clone(),
+        })
+    }
 }
 
 /// Decode a held-out set and score it.
@@ -715,6 +756,24 @@ impl Recipe {
         if t.grad_accumulation == 0 {
             return Err("train.grad_accumulation must be positive".into());
         }
+        if let Some(lora) = self.lora.as_ref().filter(|l| l.rank > 0) {
+            if !(0.0..1.0).contains(&lora.dropout) {
+                return Err(format!("lora.dropout = {}: expected a value in [0, 1)", lora.dropout));
+            }
+            if lora.dropout > 0.0 && self.model.activation_checkpointing {
+                return Err("model.activation_checkpointing does not go with lora.dropout: the recompute would draw other dropout masks".into());
+            }
+            if lora.alpha.is_some_and(|a| !a.is_finite()) || lora.targets.is_empty() {
+                return Err("lora.alpha must be finite and lora.targets not empty".into());
+            }
+            if !self.model.freeze.is_empty() {
+                return Err("model.freeze does not go with [lora], whose base is frozen: name the parts to train in full in lora.train".into());
+            }
+            // A resumed or evaluated adapter checkpoint is put on this base again.
+            if !matches!(self.model.init, Init::Checkpoint(_)) {
+                return Err("[lora] needs model.init to name the base checkpoint the adapters train on".into());
+            }
+        }
         let from_parts = self.model.vision_init.is_some() || self.model.text_init.is_some();
         if from_parts && !matches!(self.model.init, Init::Preset(_)) {
             return Err("model.vision_init and model.text_init need a preset model.init (the shape to fill)".into());
@@ -796,6 +855,31 @@ lr = 1e-5
         assert_eq!(table["train"]["steps"].as_integer(), Some(99));
         assert!(r.missing_sources()[0].starts_with("/data/x.jsonl"));
         std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn lora_sections_default_and_refuse_what_cannot_work() {
+        let lora = GOOD.replace("init = \"tiny\"", "init = \"base\"") + "[lora]\nrank = 8\n";
+        let config = parse(&lora).unwrap().lora().unwrap();
+        assert_eq!((config.rank, config.alpha, config.dropout), (8, 8.0, 0.0));
+        assert_eq!(config.targets, LoraConfig::default_targets());
+        assert!(parse(&lora.replace("rank = 8", "rank = 0")).unwrap().lora().is_none(), "rank 0: full fine-tune");
+        for (edit, names) in [
+            (GOOD.to_string() + "[lora]\nrank = 8\n", &["model.init"][..]),
+            (
+                lora.replace("resolution = 64", "resolution = 64\nfreeze = [\"vision\"]"),
+                &["model.freeze", "lora.train"],
+            ),
+            (lora.clone() + "dropout = 1.0\n", &["lora.dropout"]),
+            (
+                lora.replace("resolution = 64", "resolution = 64\nactivation_checkpointing = true") + "dropout = 0.1\n",
+                &["activation_checkpointing", "lora.dropout"],
+            ),
+            (lora.clone() + "targets = []\n", &["lora.targets"]),
+        ] {
+            let err = parse(&edit).unwrap_err().to_string();
+            assert!(names.iter().all(|n| err.contains(n)), "{names:?}: {err}");
+        }
     }
 
     #[test]

@@ -281,11 +281,11 @@ fn resolve_pointer(pointer: &Path) -> Result<PathBuf> {
     Ok(dir)
 }
 
-/// A model folder, given as itself or as a run folder, its `checkpoints` folder or its
-/// `latest` pointer (the newest checkpoint): what every command that takes a checkpoint
-/// accepts.
+/// A model folder (or a LoRA run's adapter folder), given as itself or as a run folder, its
+/// `checkpoints` folder or its `latest` pointer (the newest checkpoint): what every command
+/// that takes a checkpoint accepts.
 pub fn checkpoint_dir(path: &Path) -> Result<PathBuf> {
-    if path.join("config.json").is_file() {
+    if path.join("config.json").is_file() || path.join(pg2_model::lora::CONFIG_FILE).is_file() {
         return Ok(path.to_path_buf());
     }
     let pointer =
@@ -294,7 +294,7 @@ pub fn checkpoint_dir(path: &Path) -> Result<PathBuf> {
         Some(pointer) => resolve_pointer(&pointer),
         None if !path.exists() => bail!("{}: no such model or run folder", path.display()),
         None => bail!(
-            "{}: neither a model folder (config.json) nor a run with checkpoints (checkpoints/latest)",
+            "{}: neither a model folder (config.json), an adapter folder (adapter_config.json) nor a run with checkpoints (checkpoints/latest)",
             path.display()
         ),
     }

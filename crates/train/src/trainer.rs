@@ -8,7 +8,7 @@ use std::path::Path;
 use anyhow::{bail, Context, Result};
 use pg2_data::{Batch, PgTokenizer};
 use pg2_dist::Group;
-use pg2_model::{checkpoint, Layer, LayerParams, PaliGemma, Part, RunOptions, Weights};
+use pg2_model::{checkpoint, Layer, LayerParams, Lora, PaliGemma, ParamKind, Part, RunOptions, Weights};
 use pg2_optim::{AdamConfig, ParamGroup, Schedule};
 use tch::{Device, Kind, Tensor};
 
@@ -27,7 +27,8 @@ pub fn training_options(recipe: &Recipe) -> RunOptions {
 }
 
 /// The model folder `dir` at the recipe's resolution and dtype, run with `options`; an error
-/// unless the recipe's tokenizer `tok` fits it.
+/// unless the recipe's tokenizer `tok` fits it. An adapter folder (a LoRA run's checkpoint)
+/// is put on the recipe's `model.init`, the base it was trained on.
 pub fn load_model(
     recipe: &Recipe,
     tok: &PgTokenizer,
@@ -35,13 +36,32 @@ pub fn load_model(
     device: Device,
     options: RunOptions,
 ) -> Result<PaliGemma> {
-    let model = PaliGemma::load_at(dir, Some(recipe.model.resolution), device, recipe.model.dtype.kind(), options)?;
+    if !dir.join(pg2_model::lora::CONFIG_FILE).is_file() {
+        return load_with(recipe, tok, dir, None, device, options);
+    }
+    let Init::Checkpoint(base) = &recipe.model.init else {
+        bail!("{}: an adapter folder needs the recipe's model.init to name its base checkpoint", dir.display())
+    };
+    load_with(recipe, tok, &checkpoint_dir(base)?, Some(Lora::read(dir)?), device, options)
+}
+
+/// The model folder `dir` with `lora`'s adapters, as [`load_model`] loads it.
+fn load_with(
+    recipe: &Recipe,
+    tok: &PgTokenizer,
+    dir: &Path,
+    lora: Option<Lora>,
+    device: Device,
+    options: RunOptions,
+) -> Result<PaliGemma> {
+    let (resolution, kind) = (Some(recipe.model.resolution), recipe.model.dtype.kind());
+    let model = PaliGemma::load_at(dir, resolution, lora, device, kind, options)?;
     tok.check_fits(&recipe.data.tokenizer, &model.config, &dir.display().to_string())?;
     Ok(model)
 }
 
 /// A fresh model of the recipe's preset (from its SigLIP and Gemma 2 checkpoints when it
-/// names them), or its starting checkpoint.
+/// names them), or its starting checkpoint; with fresh adapters when the recipe has `[lora]`.
 pub fn build_model(recipe: &Recipe, tok: &PgTokenizer, device: Device) -> Result<PaliGemma> {
     let options = training_options(recipe);
     let kind = recipe.model.dtype.kind();
@@ -49,7 +69,9 @@ pub fn build_model(recipe: &Recipe, tok: &PgTokenizer, device: Device) -> Result
         Init::Checkpoint(path) => {
             let dir = checkpoint_dir(path)?;
             eprintln!("launch: starting from {}", dir.display());
-            return load_model(recipe, tok, &dir, device, options);
+            // The adapters' A is drawn at random.
+            tch::manual_seed(recipe.seed as i64);
+            return load_with(recipe, tok, &dir, recipe.lora().map(Lora::fresh), device, options);
         }
         Init::Preset(preset) => preset,
     };
@@ -68,7 +90,7 @@ pub fn build_model(recipe: &Recipe, tok: &PgTokenizer, device: Device) -> Result
             let kernels = model
                 .params()
                 .iter()
-                .filter(|p| Part::of(&p.name) == Some(Part::Projector) && p.kind == pg2_model::ParamKind::Kernel);
+                .filter(|p| Part::of(&p.name) == Some(Part::Projector) && p.kind == ParamKind::Kernel);
             for p in kernels {
                 let _ = p.tensor.shallow_clone().normal_(0.0, 0.02);
             }
@@ -176,6 +198,8 @@ struct StepSettings {
     grad_clip: Option<f64>,
     autocast: Option<Kind>,
     dropout: f64,
+    /// Whether the adapters have dropout.
+    lora_dropout: bool,
     seed: u64,
     lr: f64,
 }
@@ -198,9 +222,10 @@ pub struct Trainer {
 }
 
 impl Trainer {
-    /// Trains `model` as the recipe says from update `first_step` on: frozen parts get no
-    /// gradient and no optimizer state, `lr_mults` and weight decay are set per parameter,
-    /// and every rank of `group` starts from rank 0's weights.
+    /// Trains `model` as the recipe says from update `first_step` on: frozen parts (with
+    /// adapters, everything but them and the parts LoRA trains in full) get no gradient and no
+    /// optimizer state, `lr_mults` and weight decay are set per parameter, and every rank of
+    /// `group` starts from rank 0's weights.
     pub fn new(
         mut model: PaliGemma,
         recipe: &Recipe,
@@ -210,8 +235,11 @@ impl Trainer {
         group: &mut Group,
     ) -> Result<Trainer> {
         group.broadcast_from_main(&model.parameters().into_iter().map(|(_, p)| p).collect::<Vec<_>>())?;
-        let frozen = |name: &str| Part::of(name).is_some_and(|part| recipe.model.freeze.contains(&part));
-        let trainable: Vec<&pg2_model::Param> = model.params().iter().filter(|p| !frozen(&p.name)).collect();
+        let trains = |p: &pg2_model::Param| match model.lora() {
+            Some(lora) => pg2_model::lora::is_saved(lora, p),
+            None => Part::of(&p.name).is_none_or(|part| !recipe.model.freeze.contains(&part)),
+        };
+        let trainable: Vec<&pg2_model::Param> = model.params().iter().filter(|p| trains(p)).collect();
         let t = &recipe.train;
         for p in &trainable {
             let _ = p.tensor.set_requires_grad(true);
@@ -240,6 +268,7 @@ impl Trainer {
             grad_clip: Some(t.grad_clip).filter(|&c| c > 0.0),
             autocast: recipe.model.dtype.autocast(),
             dropout: recipe.model.dropout,
+            lora_dropout: recipe.lora().is_some_and(|l| l.dropout > 0.0),
             seed: recipe.seed,
             lr: t.lr,
         };
@@ -282,10 +311,12 @@ impl Trainer {
     /// the device never holds the whole model (a collective: every rank calls this
     /// together; a rank that does not write passes `keep = false` and gets none).
     pub fn checkpoint_weights(&self, keep: bool) -> Result<Vec<(String, Tensor)>> {
-        let Some(shards) = self.update.layer_shards() else { return Ok(self.model.parameters()) };
+        // With adapters, only they and the parts trained in full are saved.
+        let saved = self.model.parameters().into_iter().filter(|(name, _)| self.model.saves(name));
+        let Some(shards) = self.update.layer_shards() else { return Ok(saved.collect()) };
         let mut weights = vec![];
         let mut gathered = None;
-        for (name, param) in self.model.parameters() {
+        for (name, param) in saved {
             let layer = Layer::of(&name);
             if layer != gathered {
                 if let Some(done) = gathered {
@@ -334,11 +365,12 @@ impl Trainer {
         }
         let (device, world) = (self.model.device(), group.world());
         let per_token = s.loss_normalization == LossNormalization::Token;
-        if s.dropout > 0.0 {
+        if s.dropout > 0.0 || s.lora_dropout {
             // Dropout masks from (seed, step, rank) alone: a resumed run draws the same ones.
             let stream = (s.seed as i64).wrapping_mul(1_000_003).wrapping_add(self.step as i64);
             tch::manual_seed(stream.wrapping_add((group.rank() as i64) << 40));
             self.model.options.dropout = s.dropout;
+            self.model.options.lora_dropout = s.lora_dropout;
         }
         let mut loss_sum = Tensor::zeros([], (Kind::Float, device));
         for (i, batch) in micro_batches.iter().enumerate() {
@@ -361,7 +393,8 @@ impl Trainer {
             loss_sum += loss.detach();
             self.update.after_backward(last, group)?;
         }
-        self.model.options.dropout = 0.0; // evaluation and checkpoints see the model without it
+        // Evaluation and checkpoints see the model without dropout.
+        (self.model.options.dropout, self.model.options.lora_dropout) = (0.0, false);
         if world > 1 {
             group.all_reduce_sum(&loss_sum)?;
             loss_sum /= world as f64;
@@ -534,6 +567,42 @@ mod tests {
         assert_eq!(decay_in(&own, &format!("{vision}.encoder.layers.0.mlp.fc1.weight")), 0.0);
         assert_eq!(decay_in(&own, "multi_modal_projector.linear.weight"), 0.0);
         assert_eq!(decay_in(&own, "language_model.model.norm.weight"), 0.0);
+    }
+
+    /// With `[lora]` the base is frozen: only the adapters and the parts `lora.train` names
+    /// take gradients, and only they move.
+    #[test]
+    fn with_lora_only_the_adapters_and_the_named_parts_train() {
+        let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/paligemma");
+        let text = format!(
+            "[model]\ninit = {:?}\nresolution = 28\nsoft_caps = false\n[data]\ntokenizer = {:?}\n\
+             mixture = [{{ path = \"d.jsonl\", weight = 1.0 }}]\n[train]\nsteps = 2\nbatch_size = 1\nlr = 1e-2\n\
+             [lora]\nrank = 2\ntrain = [\"projector\"]\n",
+            fixtures.join("released"),
+            fixtures.join("tokenizer.json")
+        );
+        let recipe: Recipe = toml::from_str(&text).unwrap();
+        let tok = PgTokenizer::from_file(&recipe.data.tokenizer).unwrap();
+        let model = build_model(&recipe, &tok, Device::Cpu).unwrap();
+        let before: Vec<(String, Tensor)> = model.parameters().into_iter().map(|(n, t)| (n, t.copy())).collect();
+        let schedule = Schedule { warmup_steps: 0, total_steps: 2, shape: Default::default() };
+        let mut group = Group::single();
+        let mut trainer = Trainer::new(model, &recipe, schedule, 0, tok.text_ids(), &mut group).unwrap();
+        let trains = |name: &str| name.contains(".lora_") || name.starts_with("multi_modal_projector.");
+        for p in trainer.model.params() {
+            assert_eq!(p.tensor.requires_grad(), trains(&p.name), "{}", p.name);
+        }
+        let n_image = trainer.model.config.vision.num_patches();
+        let example = pg2_data::EncodedExample::new(&tok, n_image, "caption en", Some("a red circle"));
+        let pixels = Tensor::rand([1, 3, 28, 28], (Kind::Float, Device::Cpu)) * 2.0 - 1.0;
+        let batch = Batch::collate(&[example], Some(pixels), tok.pad_id, Device::Cpu);
+        let targets = batch.loss_mask.sum(Kind::Int64).int64_value(&[]) as usize;
+        for _ in 0..2 {
+            trainer.step(&[&batch], targets, &mut group).unwrap();
+        }
+        for ((name, old), (_, new)) in before.iter().zip(trainer.model.parameters()) {
+            assert_eq!(!old.equal(&new), trains(name), "{name}: only the trained parameters move");
+        }
     }
 
     #[test]
