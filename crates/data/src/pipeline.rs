@@ -323,7 +323,7 @@ mod tests {
     }
 
     fn mixture(records: &[Record]) -> Mixture {
-        let format = TaskFormat { prefix: None, limits: TextLimits::default() };
+        let format = TaskFormat { prefix: None, limits: TextLimits::default(), suffix_from: None };
         let data = SourceData::Memory(records.to_vec());
         Mixture::new(vec![MixtureSource { name: "s".into(), data, weight: 1.0, format }], 5).unwrap()
     }

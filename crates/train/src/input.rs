@@ -31,7 +31,8 @@ pub fn mixture(recipe: &Recipe) -> Result<Mixture> {
                     SourceData::Memory(records)
                 }
             };
-            let format = TaskFormat { prefix: s.prefix.clone(), limits: d.limits(s) };
+            let format =
+                TaskFormat { prefix: s.prefix.clone(), limits: d.limits(s), suffix_from: s.suffix_from.clone() };
             Ok(MixtureSource { name: s.path.display().to_string(), data, weight: s.weight, format })
         })
         .collect::<Result<Vec<_>, pg2_data::DataError>>()?;

@@ -264,6 +264,10 @@ pub struct Source {
     pub text_len: Option<usize>,
     pub max_prefix_tokens: Option<usize>,
     pub max_suffix_tokens: Option<usize>,
+    /// Draw each visit's target from this list field of the records (e.g. `"answers"`)
+    /// instead of taking their `suffix`: big_vision's `choice_no_replacement`, which shows
+    /// each of a record's targets once before repeating one.
+    pub suffix_from: Option<String>,
     /// Read the source lazily through a shuffle buffer of this many records instead of
     /// holding it in memory (for sources too large for memory).
     pub shuffle_buffer: Option<usize>,

@@ -5,8 +5,8 @@
 //! keeping the dataset's ids and the ground truth an evaluator needs as extra fields.
 //! Prompts and targets follow big_vision's PaliGemma transfer configs
 //! (`big_vision/configs/proj/paligemma/transfers/*.py`); where big_vision draws a random
-//! target each epoch (VQA answers, DocVQA answers) a file must hold one, so the choice made
-//! is documented per format.
+//! target each visit (VQA answers, DocVQA answers), `suffix` holds one (the choice is
+//! documented per format) and `answers` all, for a source's `suffix_from` to draw from.
 //!
 //! | format | `inputs`, in order | image file | prefix | suffix |
 //! |---|---|---|---|---|
