@@ -119,13 +119,17 @@ fn transfer_recipes_budget_text_as_big_vision() {
 }
 
 /// The tasks whose big_vision configs draw one of several answers per visit
-/// (`choice_no_replacement(inkey="answers")`; DocVQA's `choice`) draw from `answers`.
+/// (`choice_no_replacement(inkey="answers")`; DocVQA's `choice`) draw from `answers`, COCO
+/// captions from an image's `references` (`inkey="captions/text"`).
 #[test]
 fn transfer_recipes_draw_targets_as_big_vision() {
     for name in ["vqav2", "textvqa", "docvqa", "vizwizvqa", "stvqa"] {
         for source in &transfer(name).data.mixture {
             assert_eq!(source.suffix_from.as_deref(), Some("answers"), "{name}");
         }
+    }
+    for name in ["cococap", "nocaps"] {
+        assert_eq!(transfer(name).data.mixture[0].suffix_from.as_deref(), Some("references"), "{name}");
     }
     assert_eq!(transfer("ocrvqa").data.mixture[0].suffix_from, None, "one answer per question");
 }
