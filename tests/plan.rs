@@ -52,3 +52,12 @@ fn the_plan_for_10b_at_448_picks_the_cheapest_setting_that_fits() {
         "{out}"
     );
 }
+
+/// A recipe's text budget sizes the plan's sequence: VQAv2's `text_len` 32 is 33 text tokens
+/// (`<bos>` to `<eos>`), of which at most 31 are targets (the prompt keeps its "\n").
+#[test]
+fn the_plan_of_a_recipe_reads_its_text_budget() {
+    let recipe = concat!(env!("CARGO_MANIFEST_DIR"), "/../../recipes/transfer/vqav2.toml");
+    let out = pg2(&["plan", "--recipe", recipe, "--gpus", "8", "--set", "model.init=\"paligemma2-3b\""]);
+    assert!(out.contains("micro-batches of 32 x (256 image + 33 text tokens), 31 target tokens each"), "{out}");
+}

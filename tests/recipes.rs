@@ -84,3 +84,52 @@ fn transfer_recipes_resize_as_big_vision() {
         assert_eq!((recipe.data.antialias, recipe.eval.unwrap().antialias), (train, eval), "{name}");
     }
 }
+
+/// One text budget as big_vision's `text_len`, decoded up to `max_decode_len = text_len`,
+/// for every task with a big_vision transfer config.
+#[test]
+fn transfer_recipes_budget_text_as_big_vision() {
+    for (name, text_len) in [
+        ("vqav2", 32),
+        ("textvqa", 32),
+        ("docvqa", 32),
+        ("ocrvqa", 32),
+        ("gqa", 32),
+        ("tallyqa", 32),
+        ("cococap", 32),
+        ("nocaps", 32),
+        ("chartqa", 48),
+        ("stvqa", 48),
+        ("vizwizvqa", 48),
+        ("refcoco", 48),
+        ("refcocoplus", 48),
+        ("refcocog", 48),
+        ("ai2d", 128),
+        ("scienceqa", 512),
+    ] {
+        let recipe = transfer(name);
+        let d = &recipe.data;
+        for source in &d.mixture {
+            let limits = d.limits(source);
+            assert_eq!(limits.text_len, Some(text_len), "{name}");
+            assert_eq!((limits.max_prefix_tokens, limits.max_suffix_tokens), (None, None), "{name}: one budget");
+        }
+        assert_eq!(recipe.eval.unwrap().max_len, text_len, "{name}");
+    }
+}
+
+/// The tasks whose big_vision configs draw one of several answers per visit
+/// (`choice_no_replacement(inkey="answers")`; DocVQA's `choice`) draw from `answers`, COCO
+/// captions from an image's `references` (`inkey="captions/text"`).
+#[test]
+fn transfer_recipes_draw_targets_as_big_vision() {
+    for name in ["vqav2", "textvqa", "docvqa", "vizwizvqa", "stvqa"] {
+        for source in &transfer(name).data.mixture {
+            assert_eq!(source.suffix_from.as_deref(), Some("answers"), "{name}");
+        }
+    }
+    for name in ["cococap", "nocaps"] {
+        assert_eq!(transfer(name).data.mixture[0].suffix_from.as_deref(), Some("references"), "{name}");
+    }
+    assert_eq!(transfer("ocrvqa").data.mixture[0].suffix_from, None, "one answer per question");
+}

@@ -173,18 +173,30 @@ impl StepShape {
         if !t.batch_size.is_multiple_of(gpus) {
             bail!("train.batch_size = {} does not split evenly over {gpus} GPUs", t.batch_size);
         }
-        // The longest text any source may give (its own limits, else the data's).
+        // The longest text and target any source may give (its own limits, else the
+        // data's): `text_len + 1` tokens under one budget, whose target leaves the prompt
+        // at least its "\n"; `<bos>`, prompt, `\n`, target and `<eos>` under the caps.
         let d = &recipe.data;
-        let limit = |own: fn(&pg2_train::recipe::Source) -> Option<usize>, shared: Option<usize>, key: &str| {
-            let limits: Option<Vec<usize>> = d.mixture.iter().map(|s| own(s).or(shared)).collect();
-            limits.and_then(|l| l.into_iter().max()).with_context(|| {
-                format!("{}: the recipe sets no data.{key}, so a text's length is open; set it", path.display())
+        let bounds = d
+            .mixture
+            .iter()
+            .map(|s| {
+                let l = d.limits(s);
+                let caps = l.max_prefix_tokens.zip(l.max_suffix_tokens).map(|(p, s)| p + s + 3);
+                let text = [caps, l.text_len.map(|t| t + 1)].into_iter().flatten().min();
+                let target =
+                    [l.max_suffix_tokens.map(|s| s + 1), l.text_len.map(|t| t - 1)].into_iter().flatten().min();
+                text.zip(target)
             })
-        };
-        let (prefix, suffix) = (
-            limit(|s| s.max_prefix_tokens, d.max_prefix_tokens, "max_prefix_tokens")?,
-            limit(|s| s.max_suffix_tokens, d.max_suffix_tokens, "max_suffix_tokens")?,
-        );
+            .collect::<Option<Vec<(usize, usize)>>>()
+            .with_context(|| {
+                format!(
+                    "{}: a source has neither data.text_len nor data.max_prefix_tokens and max_suffix_tokens, so a \
+                     text's length is open; set data.text_len",
+                    path.display()
+                )
+            })?;
+        let longest = |pick: fn(&(usize, usize)) -> usize| bounds.iter().map(pick).max().unwrap_or(0);
         Ok(StepShape {
             config,
             params,
@@ -193,9 +205,8 @@ impl StepShape {
             weight_bytes: if m.dtype == Dtype::Bf16 { 2 } else { 4 },
             activation_bytes: if m.dtype == Dtype::F32 { 4 } else { 2 },
             batch: t.batch_size / gpus,
-            // `<bos>`, prompt, `\n`, target, `<eos>`.
-            text_tokens: prefix + suffix + 3,
-            target_tokens: suffix + 1,
+            text_tokens: longest(|b| b.0),
+            target_tokens: longest(|b| b.1),
             soft_caps: m.soft_caps,
             gpus,
             accumulation: t.grad_accumulation,

@@ -16,13 +16,19 @@ use crate::source::Record;
 use crate::tokenizer::PgTokenizer;
 use crate::{image, DataError};
 
-/// Token limits of one task, in tokens of text (image tokens and `<bos>` not counted).
+/// Token limits of one task, in tokens of text (image tokens not counted).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct TextLimits {
-    /// Most tokens of `prefix + "\n"`; longer prompts are cut at the end.
+    /// Most tokens of `prefix + "\n"` (`<bos>` not counted); a longer prompt is cut before
+    /// its `"\n"`, which always survives.
     pub max_prefix_tokens: Option<usize>,
     /// Most tokens of `suffix` plus `<eos>`; longer targets are cut at the end.
     pub max_suffix_tokens: Option<usize>,
+    /// big_vision's `text_len`: `<bos>`, prompt, `"\n"`, target and `<eos>` hold at most
+    /// `text_len + 1` tokens together (its `tolen(text_len + 1)` of the concatenation; the
+    /// model reads `text_len` of them). The prompt comes first, as in big_vision: the target
+    /// gets what the prompt leaves, and a prompt that fills the budget leaves none.
+    pub text_len: Option<usize>,
     /// When cutting a target, keep `<eos>` as its last token (the model then learns to stop
     /// early) instead of dropping it (big_vision's plain cut).
     pub keep_eos: bool,
@@ -63,15 +69,22 @@ impl EncodedExample {
     ) -> (Self, Truncation) {
         let mut cut = Truncation::default();
         let mut prompt = tok.encode(&format!("{prefix}\n"));
-        if let Some(max) = limits.max_prefix_tokens.filter(|&m| prompt.len() > m) {
-            prompt.truncate(max);
+        let max_prompt = [limits.max_prefix_tokens, limits.text_len].into_iter().flatten().min();
+        if let Some(max) = max_prompt.filter(|&m| prompt.len() > m) {
+            // Cut before the separator, so that the model still sees where the prompt ends.
+            let separator = tok.encode("\n");
+            let mut body = tok.encode(prefix);
+            body.truncate(max.saturating_sub(separator.len()));
+            prompt = [body, separator].concat();
             cut.prefix = true;
         }
         let mut target = match suffix {
             Some(suffix) => [tok.encode(suffix), vec![tok.eos_id]].concat(),
             None => vec![],
         };
-        if let Some(max) = limits.max_suffix_tokens.filter(|&m| target.len() > m) {
+        let left = limits.text_len.map(|t| t.saturating_sub(prompt.len()));
+        let max_target = [limits.max_suffix_tokens, left].into_iter().flatten().min();
+        if let Some(max) = max_target.filter(|&m| target.len() > m) {
             target.truncate(max);
             cut.suffix = true;
             if limits.keep_eos && max > 0 {
@@ -247,6 +260,42 @@ mod tests {
         assert!(e.mask_ar.iter().all(|&m| m == 0));
     }
 
+    /// The token of the prompt's closing `"\n"`.
+    fn newline(tok: &PgTokenizer) -> i64 {
+        let ids = tok.encode("\n");
+        assert_eq!(ids.len(), 1);
+        ids[0]
+    }
+
+    /// big_vision's one budget: `<bos>`, prompt, `"\n"`, target and `<eos>` in `text_len + 1`
+    /// tokens, the prompt served first and cut before its separator.
+    #[test]
+    fn one_text_budget_serves_the_prompt_first_and_keeps_its_separator() {
+        let tok = tokenizer();
+        let question = "answer en how many circles are there";
+        let full = EncodedExample::new(&tok, 1, question, Some("two red circles"));
+        let prompt = full.mask_ar.iter().filter(|&&m| m == 0).count() - 2; // less the image and <bos>
+        assert!(full.num_targets() > 2);
+        let budget = TextLimits { text_len: Some(prompt + 2), ..TextLimits::default() };
+        let (e, t) = EncodedExample::with_limits(&tok, 1, question, Some("two red circles"), &budget);
+        assert_eq!(e.ids.len(), 1 + prompt + 2 + 1, "image, then text_len + 1 tokens");
+        assert_eq!((e.num_targets(), t), (2, Truncation { prefix: false, suffix: true, eos_dropped: true }));
+        assert_eq!(e.ids[..e.ids.len() - 2], full.ids[..full.ids.len() - full.num_targets()]);
+        let (e, t) = EncodedExample::with_limits(
+            &tok,
+            1,
+            question,
+            Some("two red circles"),
+            &TextLimits { text_len: Some(3), ..budget },
+        );
+        assert_eq!(e.ids, [tok.image_id, tok.bos_id, full.ids[2], full.ids[3], newline(&tok)]);
+        assert_eq!((e.num_targets(), t), (0, Truncation { prefix: true, suffix: true, eos_dropped: true }));
+        // The tighter of the budget and a part's own cap wins.
+        let both = TextLimits { max_suffix_tokens: Some(1), ..budget };
+        let (e, _) = EncodedExample::with_limits(&tok, 1, question, Some("two red circles"), &both);
+        assert_eq!(e.num_targets(), 1);
+    }
+
     #[test]
     fn long_targets_are_cut_and_the_cut_is_reported() {
         let tok = tokenizer();
@@ -266,6 +315,7 @@ mod tests {
         let (cut, t) = EncodedExample::with_limits(&tok, 1, "answer en how many circles are there", Some("2"), &prompt);
         assert!(t.prefix && !t.suffix);
         assert_eq!(cut.mask_ar.iter().filter(|&&m| m == 0).count(), 1 + 1 + 2);
+        assert_eq!(cut.ids[3], newline(&tok), "a cut prompt keeps its separator");
         let (_, t) =
             EncodedExample::with_limits(&tok, 1, "ocr", Some("4"), &TextLimits { max_suffix_tokens: Some(8), ..keep });
         assert_eq!(t, Truncation::default());

@@ -29,6 +29,9 @@ pub struct TaskFormat {
     pub prefix: Option<String>,
     /// Token limits and the truncation policy.
     pub limits: TextLimits,
+    /// A list field of the record (such as VQA's `answers`) to draw each visit's target
+    /// from, in place of its `suffix`: big_vision's `choice_no_replacement`.
+    pub suffix_from: Option<String>,
 }
 
 impl TaskFormat {
@@ -364,7 +367,13 @@ impl Mixture {
         let k = self.position.consumed[s];
         self.position.next += 1;
         self.position.consumed[s] += 1;
-        Ok((s, self.element(s, k)?))
+        let mut record = self.element(s, k)?;
+        if let Some(field) = &self.sources[s].format.suffix_from {
+            // Each epoch of a source shows each of its records once.
+            let visit = k / self.sources[s].data.len() as u64;
+            record.suffix = Some(draw_suffix(&record, field, self.seed, visit)?);
+        }
+        Ok((s, record))
     }
 
     /// The next `n` examples of the global stream (one optimizer update's worth: the
@@ -373,6 +382,35 @@ impl Mixture {
         (0..n).map(|_| self.next_example()).collect()
     }
 }
+
+/// The target of `record`'s `visit`-th showing, drawn from its list field `field` as
+/// big_vision's `choice_no_replacement`: every `n` visits take the `n` entries in a fresh
+/// order, so each comes once before any comes again (duplicates, such as VQA's repeated
+/// answers, keep their weight). A pure function of the seed, the record's file and line and
+/// the visit, so a resumed stream draws the same targets.
+fn draw_suffix(record: &Record, field: &str, seed: u64, visit: u64) -> Result<String, DataError> {
+    let expected =
+        || record.error(format!("the source draws its target from `{field}`: expected a non-empty list of strings"));
+    let entries = match record.extra.get(field) {
+        Some(serde_json::Value::Array(entries)) if !entries.is_empty() => entries,
+        _ => return Err(expected()),
+    };
+    let n = entries.len() as u64;
+    // FNV-1a: a stable key of the record, the same on every machine and build.
+    let key = record
+        .file
+        .to_string_lossy()
+        .bytes()
+        .chain(record.line.to_le_bytes())
+        .fold(0xCBF2_9CE4_8422_2325_u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01B3));
+    let mut order: Vec<usize> = (0..entries.len()).collect();
+    order.shuffle(&mut rng_for(seed ^ key, SUFFIX_STREAM, visit / n));
+    entries[order[(visit % n) as usize]].as_str().map(str::to_owned).ok_or_else(expected)
+}
+
+/// The generator stream of target draws (0 picks sources, `1 + s` orders source `s`,
+/// `u64::MAX` orders a streamed source's shards).
+const SUFFIX_STREAM: u64 = u64::MAX - 1;
 
 #[cfg(test)]
 mod tests {
@@ -453,6 +491,45 @@ mod tests {
         resumed.seek(serde_json::from_str(&saved).unwrap()).unwrap();
         let rest: Vec<_> = (123..300).map(|_| key(resumed.next_example())).collect();
         assert_eq!(rest, all[123..]);
+    }
+
+    /// A source with `suffix_from = "answers"`: two records of four answers (one repeated).
+    fn answering() -> Mixture {
+        let mut a = source("a", 2, 1.0);
+        let SourceData::Memory(records) = &mut a.data else { unreachable!() };
+        for r in records.iter_mut() {
+            r.extra.insert("answers".into(), serde_json::json!(["x", "y", "y", "z"]));
+        }
+        a.format.suffix_from = Some("answers".into());
+        Mixture::new(vec![a], 5).unwrap()
+    }
+
+    /// (record line, drawn target) of the next `n` examples.
+    fn drawn(m: &mut Mixture, n: usize) -> Vec<(usize, String)> {
+        (0..n).map(|_| m.next_example().map(|(_, r)| (r.line, r.suffix.unwrap())).unwrap()).collect()
+    }
+
+    #[test]
+    fn targets_are_drawn_per_visit_without_replacement() {
+        let all = drawn(&mut answering(), 24); // 12 visits of each record: three rounds of 4
+        for line in [1, 2] {
+            let mine: Vec<&str> = all.iter().filter(|(l, _)| *l == line).map(|(_, s)| s.as_str()).collect();
+            for round in mine.chunks(4) {
+                let mut round = round.to_vec();
+                round.sort();
+                assert_eq!(round, ["x", "y", "y", "z"], "record {line}: each answer once a round: {mine:?}");
+            }
+            assert!(mine[..4] != mine[4..8] || mine[4..8] != mine[8..], "each round reorders: {mine:?}");
+        }
+        let mut first = answering();
+        drawn(&mut first, 9);
+        let mut resumed = answering();
+        resumed.seek(first.position().clone()).unwrap();
+        assert_eq!(drawn(&mut resumed, 15), all[9..], "a resumed stream draws the same targets");
+        let mut m = answering();
+        m.sources[0].format.suffix_from = Some("references".into());
+        let err = m.next_example().unwrap_err().to_string();
+        assert!(err.contains("a.jsonl:") && err.contains("`references`: expected a non-empty list"), "{err}");
     }
 
     #[test]

@@ -176,7 +176,7 @@ fn next_update(
                 if tokens.ids.len() > DEFAULT_MAX_TOKENS {
                     let n = tokens.ids.len();
                     return Err(record.error(format!(
-                        "{n} tokens, more than {DEFAULT_MAX_TOKENS}: set the source's or data's max_prefix_tokens / max_suffix_tokens to cut such texts"
+                        "{n} tokens, more than {DEFAULT_MAX_TOKENS}: set the source's or data's text_len (or max_prefix_tokens / max_suffix_tokens) to cut such texts"
                     )));
                 }
                 Ok(Encoded { record, tokens, truncation })
@@ -323,7 +323,7 @@ mod tests {
     }
 
     fn mixture(records: &[Record]) -> Mixture {
-        let format = TaskFormat { prefix: None, limits: TextLimits::default() };
+        let format = TaskFormat { prefix: None, limits: TextLimits::default(), suffix_from: None };
         let data = SourceData::Memory(records.to_vec());
         Mixture::new(vec![MixtureSource { name: "s".into(), data, weight: 1.0, format }], 5).unwrap()
     }

@@ -15,7 +15,7 @@
 //! | `refcoco` | `boxes`: list of `[y1, x1, y2, x2]` (pixels; the first is used), `width`, `height` | `accuracy` (IoU >= 0.5), `mean_iou` |
 //! | `teds` | `html`: the reference table's HTML | `teds` (PubTabNet's TEDS; a prediction without a `<table>` scores 0) |
 //! | `teds_struct` | `html` | `teds_struct` (S-TEDS: structure only) |
-//! | `ocr_f1` | `words`: list of `{"text": "...", "box": [y1, x1, y2, x2]}` (pixels), `width`, `height` | `precision`, `recall`, `f1` (HierText's word-level end-to-end scores: IoU >= 0.5 and exact text) |
+//! | `ocr_f1` | `words`: list of `{"text": "...", "box": [y1, x1, y2, x2]}` (pixels), `width`, `height` | `precision`, `recall`, `f1` (HierText's word-level end-to-end scores: IoU >= 0.5 and exact text; `###` words and the predictions on them left out) |
 //!
 //! Every score is a fraction (1.0 = perfect; CIDEr can exceed 1): the paper's tables print
 //! them times 100 (the official VQA script prints its mean times 100, rounded to 2

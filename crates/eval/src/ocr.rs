@@ -13,13 +13,25 @@
 //! `recall = matches / references`, each 1 when its denominator is 0, and
 //! `f1 = 2pr / (p + r)`, 0 when `p + r` is 0 (HierText's conventions).
 //!
-//! HierText compares polygons or masks and skips "don't care" regions; here words are
-//! axis-aligned boxes and every reference word counts.
+//! "Don't care" words, as HierText's `_filter_dont_care_region` before the matching: a
+//! reference word whose text is [`DONT_CARE`] (`###`: unreadable in ICDAR'15 and Total-Text)
+//! is no reference, and a prediction lying mostly on one (its intersection with it over its
+//! own area at least [`DONT_CARE_COVER`]) is no prediction. So reading an unreadable word
+//! costs nothing, and missing one costs nothing either.
+//!
+//! HierText compares polygons or masks; here words are axis-aligned boxes.
 
 use crate::refcoco::{leading_box, Box};
 
 /// A matched pair needs at least this IoU.
 pub const IOU_THRESHOLD: f64 = 0.5;
+
+/// The text of an unreadable reference word (ICDAR'15, Total-Text).
+pub const DONT_CARE: &str = "###";
+
+/// A prediction whose area lies on a don't-care word by at least this share is left out
+/// (HierText's `filter_invalid_thr`).
+pub const DONT_CARE_COVER: f64 = 0.5;
 
 /// A word and its box; a predicted word may lack one, and then matches nothing.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -53,6 +65,18 @@ pub struct Counts {
 impl Counts {
     /// Matches `predictions` against `references` (see the module docs).
     pub fn of(predictions: &[Word], references: &[Word]) -> Counts {
+        let (dont_care, references): (Vec<Word>, Vec<Word>) =
+            references.iter().copied().partition(|r| r.text == DONT_CARE);
+        // HierText's EPSILON keeps an empty box from dividing by zero.
+        let on_dont_care = |p: &Word| {
+            p.bbox.is_some_and(|b| {
+                dont_care
+                    .iter()
+                    .filter_map(|d| d.bbox)
+                    .any(|d| b.intersection(&d) / (b.area() + 1e-5) >= DONT_CARE_COVER)
+            })
+        };
+        let predictions: Vec<Word> = predictions.iter().filter(|p| !on_dont_care(p)).copied().collect();
         let iou = |p: &Word, r: &Word| match (p.bbox, r.bbox) {
             (Some(a), Some(b)) => a.iou(&b),
             _ => 0.0,

@@ -28,15 +28,20 @@ impl Box {
         (self.y2 - self.y1).max(0.0) * (self.x2 - self.x1).max(0.0)
     }
 
-    /// Intersection over union; 0 when the union is empty.
-    pub fn iou(&self, other: &Box) -> f64 {
-        let inter = Box {
+    /// Area of the overlap with `other`.
+    pub fn intersection(&self, other: &Box) -> f64 {
+        Box {
             y1: self.y1.max(other.y1),
             x1: self.x1.max(other.x1),
             y2: self.y2.min(other.y2),
             x2: self.x2.min(other.x2),
         }
-        .area();
+        .area()
+    }
+
+    /// Intersection over union; 0 when the union is empty.
+    pub fn iou(&self, other: &Box) -> f64 {
+        let inter = self.intersection(other);
         let union = self.area() + other.area() - inter;
         if union > 0.0 {
             inter / union

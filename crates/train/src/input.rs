@@ -4,7 +4,7 @@
 use anyhow::{bail, Result};
 use pg2_data::{
     source, Mixture, MixtureSource, OnBadLine, OnBadRecord, PipelineConfig, Resize, SourceData, StreamSource,
-    TaskFormat, TextLimits,
+    TaskFormat,
 };
 use pg2_model::PaliGemmaConfig;
 
@@ -35,12 +35,8 @@ pub fn mixture(recipe: &Recipe) -> Result<Mixture> {
                     SourceData::Memory(records)
                 }
             };
-            let limits = TextLimits {
-                max_prefix_tokens: s.max_prefix_tokens.or(d.max_prefix_tokens),
-                max_suffix_tokens: s.max_suffix_tokens.or(d.max_suffix_tokens),
-                keep_eos: d.keep_eos,
-            };
-            let format = TaskFormat { prefix: s.prefix.clone(), limits };
+            let format =
+                TaskFormat { prefix: s.prefix.clone(), limits: d.limits(s), suffix_from: s.suffix_from.clone() };
             Ok(MixtureSource { name: s.path.display().to_string(), data, weight: s.weight, format })
         })
         .collect::<Result<Vec<_>, pg2_data::DataError>>()?;

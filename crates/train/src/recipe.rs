@@ -12,7 +12,7 @@
 
 use std::path::{Path, PathBuf};
 
-use pg2_data::{OnBadRecord, RunLength};
+use pg2_data::{OnBadRecord, RunLength, TextLimits};
 use pg2_eval::anls::levenshtein;
 use pg2_eval::Metric;
 use pg2_model::{LoraConfig, ModelError, PaliGemmaConfig, Part};
@@ -238,7 +238,14 @@ pub struct DataSection {
     pub synth: Option<PathBuf>,
     /// Weighted sources.
     pub mixture: Vec<Source>,
-    /// Most prompt tokens; longer prompts are cut.
+    /// big_vision's `text_len`: `<bos>`, prompt, `"\n"`, target and `<eos>` take at most
+    /// `text_len + 1` tokens together, the prompt first (cut before its `"\n"`), the target
+    /// what is left; evaluation then decodes up to `eval.max_len` (big_vision's
+    /// `max_decode_len = text_len`). The transfer recipes set this.
+    pub text_len: Option<usize>,
+    /// Most prompt tokens (with its `"\n"`); longer prompts are cut before the `"\n"`. A
+    /// cap beside `text_len` (the tighter wins), for pretraining mixtures that split the
+    /// length between prompt and target.
     pub max_prefix_tokens: Option<usize>,
     /// Most target tokens (with `<eos>`); longer targets are cut and counted.
     pub max_suffix_tokens: Option<usize>,
@@ -270,6 +277,18 @@ pub struct DataSection {
     pub prefetch: usize,
 }
 
+impl DataSection {
+    /// The token limits of `source`: its own where it sets them, else the data's.
+    pub fn limits(&self, source: &Source) -> TextLimits {
+        TextLimits {
+            text_len: source.text_len.or(self.text_len),
+            max_prefix_tokens: source.max_prefix_tokens.or(self.max_prefix_tokens),
+            max_suffix_tokens: source.max_suffix_tokens.or(self.max_suffix_tokens),
+            keep_eos: self.keep_eos,
+        }
+    }
+}
+
 /// One weighted source of the mixture.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
@@ -282,9 +301,15 @@ pub struct Source {
     pub prefix: Option<String>,
     /// How to make a missing source (shown when it is missing), e.g. a `pg2 convert` line.
     pub make: Option<String>,
-    /// This task's own prompt and target limits (default: the `[data]` ones).
+    /// This task's own text budget and prompt and target limits (default: the `[data]`
+    /// ones).
+    pub text_len: Option<usize>,
     pub max_prefix_tokens: Option<usize>,
     pub max_suffix_tokens: Option<usize>,
+    /// Draw each visit's target from this list field of the records (e.g. `"answers"`)
+    /// instead of taking their `suffix`: big_vision's `choice_no_replacement`, which shows
+    /// each of a record's targets once before repeating one.
+    pub suffix_from: Option<String>,
     /// Read the source lazily through a shuffle buffer of this many records instead of
     /// holding it in memory (for sources too large for memory). Tar shards are always
     /// read so, with 1,000 by default.
@@ -716,6 +741,11 @@ impl Recipe {
                 return Err(format!("train.{key}.\"{prefix}\" = {m}: expected a non-negative, finite number"));
             }
         }
+        let d = &self.data;
+        let text_lens = d.mixture.iter().filter_map(|s| s.text_len).chain(d.text_len);
+        if let Some(n) = text_lens.into_iter().find(|&n| n < 2) {
+            return Err(format!("text_len = {n}: expected at least 2 (the prompt's \"\\n\" and one target token)"));
+        }
         if let Some(e) = &self.eval {
             if e.every == 0 || e.beam == 0 || e.batch_size == 0 {
                 return Err("eval.every, eval.beam and eval.batch_size must be positive".into());
@@ -820,6 +850,22 @@ lr = 1e-5
         assert!(r.name.as_deref().unwrap().starts_with('r'));
     }
 
+    /// A source's own budget wins over the data's; caps the source leaves open come from
+    /// `[data]`.
+    #[test]
+    fn text_budgets_come_from_the_source_or_the_data() {
+        let text = GOOD.replace(
+            "mixture = [{ path = \"train.jsonl\", weight = 1.0 }]",
+            "text_len = 32\nmax_suffix_tokens = 8\nmixture = [{ path = \"a.jsonl\", weight = 1.0 }, \
+             { path = \"b.jsonl\", weight = 1.0, text_len = 128 }]",
+        );
+        let d = parse(&text).unwrap().data;
+        let limits: Vec<_> = d.mixture.iter().map(|s| d.limits(s)).collect();
+        let expect =
+            |text_len| TextLimits { text_len: Some(text_len), max_suffix_tokens: Some(8), ..TextLimits::default() };
+        assert_eq!(limits, [expect(32), expect(128)]);
+    }
+
     #[test]
     fn unknown_key_names_key_and_section() {
         let err = parse(&GOOD.replace("lr = 1e-5", "lr = 1e-5\nlearning_rate = 3")).unwrap_err().to_string();
@@ -910,6 +956,8 @@ lr = 1e-5
             let err = parse(&GOOD.replace(edit.0, edit.1)).unwrap_err().to_string();
             assert!(err.contains(names), "{edit:?}: {err}");
         }
+        let err = parse(&GOOD.replace("mixture =", "text_len = 1\nmixture =")).unwrap_err().to_string();
+        assert!(err.contains("text_len = 1: expected at least 2"), "{err}");
         let err = parse(&GOOD.replace("steps = 10", "steps = 10\nepochs = 2.0")).unwrap_err().to_string();
         assert!(err.contains("exactly one of"), "{err}");
         let err =

@@ -15,9 +15,9 @@ use crate::tensorboard::EventWriter;
 pub struct DataCounts {
     /// Records replaced because their image could not be read (`data.on_bad_record = "skip"`).
     pub skipped_records: u64,
-    /// Prompts cut to `max_prefix_tokens`.
+    /// Prompts cut to `text_len` or `max_prefix_tokens`.
     pub prefix_truncated: u64,
-    /// Targets cut to `max_suffix_tokens`.
+    /// Targets cut to what `text_len` left them or to `max_suffix_tokens`.
     pub suffix_truncated: u64,
     /// Cut targets that lost their `<eos>`.
     pub eos_dropped: u64,

@@ -5,12 +5,12 @@
 //! keeping the dataset's ids and the ground truth an evaluator needs as extra fields.
 //! Prompts and targets follow big_vision's PaliGemma transfer configs
 //! (`big_vision/configs/proj/paligemma/transfers/*.py`); where big_vision draws a random
-//! target each epoch (VQA answers, DocVQA answers) a file must hold one, so the choice made
-//! is documented per format.
+//! target each visit (VQA answers, DocVQA answers), `suffix` holds one (the choice is
+//! documented per format) and `answers` all, for a source's `suffix_from` to draw from.
 //!
 //! | format | `inputs`, in order | image file | prefix | suffix |
 //! |---|---|---|---|---|
-//! | `coco-captions` | `captions_*.json` | `IMAGES/{file_name}` | `caption en` | the caption |
+//! | `coco-captions` | `captions_*.json`, or Karpathy's `dataset_coco.json` with `--split` | `IMAGES/{file_name}`, `IMAGES/{filepath}/{filename}` | `caption en` | the first caption |
 //! | `vqav2` | questions json, annotations json (left out for test) | `IMAGES/COCO_{subtype}_{image_id:012}.jpg` | `answer en {question}` | `multiple_choice_answer` |
 //! | `textvqa` | `TextVQA_0.5.1_*.json` | `IMAGES/{image_id}.jpg` | `answer en {question}` | most common answer |
 //! | `ocrvqa` | `dataset.json` | `IMAGES/{id}{extension of imageURL}` | `answer en {question}` | the answer |
@@ -42,7 +42,8 @@ use crate::DataError;
 /// A public dataset format [`convert`] reads.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Format {
-    /// COCO captions: one record per caption, `references` = every caption of its image.
+    /// COCO captions: one record per image, `references` = its captions; Karpathy's split
+    /// with `split`.
     CocoCaptions,
     /// VQAv2: one record per question, `answers` = the 10 annotators' answers.
     Vqa,
@@ -76,7 +77,11 @@ impl Format {
     /// The `--input` files this format takes, in order, and what `--images` is.
     pub fn usage(self) -> &'static str {
         match self {
-            Format::CocoCaptions => "CAPTIONS.json (captions_train2014.json, ...); images: the folder of file_name",
+            Format::CocoCaptions => {
+                "CAPTIONS.json (captions_train2014.json, ...; images: the folder of file_name), or with \
+                 --split train|val|test Karpathy's dataset_coco.json (train = train + restval; images: the \
+                 folder holding train2014/ and val2014/)"
+            }
             Format::Vqa => {
                 "QUESTIONS.json [ANNOTATIONS.json] (v2_OpenEnded_mscoco_*_questions.json, \
                  v2_mscoco_*_annotations.json; no annotations for test); images: train2014/, val2014/ or test2015/"
@@ -93,7 +98,7 @@ impl Format {
 
     /// Whether [`ConvertArgs::split`] applies (the other formats keep one split per file).
     pub fn takes_split(self) -> bool {
-        matches!(self, Format::OcrVqa | Format::RefCoco)
+        matches!(self, Format::CocoCaptions | Format::OcrVqa | Format::RefCoco)
     }
 
     /// One line per format, name and usage, for `--help`.
@@ -157,11 +162,11 @@ pub struct ConvertSummary {
 pub fn convert(args: &ConvertArgs) -> Result<ConvertSummary, DataError> {
     let format = args.format;
     if args.split.is_some() && !format.takes_split() {
-        return Err(usage_error(format, "--split only applies to ocrvqa and refcoco"));
+        return Err(usage_error(format, "--split only applies to coco-captions, ocrvqa and refcoco"));
     }
     let split = args.split.as_deref();
     let examples = match format {
-        Format::CocoCaptions => coco_captions::coco_captions(&args.inputs)?,
+        Format::CocoCaptions => coco_captions::coco_captions(&args.inputs, split)?,
         Format::Vqa => vqav2::vqav2(&args.inputs)?,
         Format::TextVqa => textvqa::textvqa(&args.inputs)?,
         Format::OcrVqa => ocrvqa::ocrvqa(&args.inputs, split)?,

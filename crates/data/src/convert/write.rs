@@ -136,8 +136,8 @@ mod tests {
         a.skip_missing = true;
         let summary = convert(&a).unwrap();
         let missing = images.canonicalize().unwrap().join("COCO_val2014_000000000073.jpg");
-        assert_eq!(summary, ConvertSummary { records: 2, skipped_records: 1, missing_images: vec![missing] });
-        assert_eq!(read_jsonl(&a.output).unwrap().len(), 2);
+        assert_eq!(summary, ConvertSummary { records: 1, skipped_records: 1, missing_images: vec![missing] });
+        assert_eq!(read_jsonl(&a.output).unwrap().len(), 1);
     }
 
     #[test]
