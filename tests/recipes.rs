@@ -36,6 +36,12 @@ fn every_shipped_recipe_resolves() {
         // soft-capped attention; shorter ones train faster without it.
         let stage2 = file.file_name().is_some_and(|n| n.to_string_lossy().starts_with("stage2-"));
         assert_eq!(recipe.model.lean_attention, stage2, "{}", file.display());
+        // Transfers warm up over big_vision's `warmup_percent = 0.05` of their real length,
+        // not over a step count derived from an assumed record count.
+        if file.parent().is_some_and(|d| d.ends_with("transfer")) {
+            let t = &recipe.train;
+            assert_eq!((t.warmup_fraction, t.warmup_steps), (Some(0.05), 0), "{}", file.display());
+        }
     }
 }
 
