@@ -6,13 +6,26 @@ use tch::Tensor;
 /// The indices of `tensors`, taken in `order`, grouped into buckets of consecutive tensors of
 /// one kind that hold at most `bucket_bytes` together (a larger tensor travels alone).
 pub(crate) fn buckets(tensors: &[Tensor], order: impl Iterator<Item = usize>, bucket_bytes: usize) -> Vec<Vec<usize>> {
+    buckets_of_units(tensors, order, bucket_bytes, |_| None)
+}
+
+/// [`buckets`], except that consecutive tensors of one `unit` (`Some`) form one bucket of
+/// their own, whatever its size.
+pub(crate) fn buckets_of_units(
+    tensors: &[Tensor],
+    order: impl Iterator<Item = usize>,
+    bucket_bytes: usize,
+    unit: impl Fn(usize) -> Option<usize>,
+) -> Vec<Vec<usize>> {
     let bytes = |t: &Tensor| t.numel() * t.kind().elt_size_in_bytes();
     let mut buckets: Vec<Vec<usize>> = vec![];
     let mut size = 0;
     for i in order {
-        let fits = buckets
-            .last()
-            .is_some_and(|b| tensors[b[0]].kind() == tensors[i].kind() && size + bytes(&tensors[i]) <= bucket_bytes);
+        let fits = buckets.last().is_some_and(|b| {
+            tensors[b[0]].kind() == tensors[i].kind()
+                && unit(b[0]) == unit(i)
+                && (unit(i).is_some() || size + bytes(&tensors[i]) <= bucket_bytes)
+        });
         if !fits {
             buckets.push(vec![]);
             size = 0;

@@ -46,9 +46,22 @@ impl ShardLayout {
         ShardLayout::with_buckets(tensors, buckets, rank, world)
     }
 
+    /// [`ShardLayout::new`], except that the tensors of one unit (`units[i]`, e.g. a
+    /// model layer, gathered as one) form one bucket of their own, whatever its size.
+    pub fn with_units(
+        tensors: &[Tensor],
+        units: &[Option<usize>],
+        bucket_bytes: usize,
+        rank: usize,
+        world: usize,
+    ) -> ShardLayout {
+        let buckets = crate::bucket::buckets_of_units(tensors, (0..tensors.len()).rev(), bucket_bytes, |i| units[i]);
+        ShardLayout::with_buckets(tensors, buckets, rank, world)
+    }
+
     /// The given buckets (tensor indices in flat order, each of one kind) over `tensors`,
     /// each split `world` ways; this rank is `rank`.
-    pub fn with_buckets(tensors: &[Tensor], buckets: Vec<Vec<usize>>, rank: usize, world: usize) -> ShardLayout {
+    fn with_buckets(tensors: &[Tensor], buckets: Vec<Vec<usize>>, rank: usize, world: usize) -> ShardLayout {
         let buckets = buckets
             .into_iter()
             .map(|members| {

@@ -226,12 +226,13 @@ impl Sharded {
     ) -> Result<Sharded> {
         let (names, params): (Vec<String>, Vec<Tensor>) = trainable.named().into_iter().unzip();
         let layout = match sharding {
-            Sharding::Full => ShardLayout::with_buckets(
-                &params,
-                layer_buckets(&names, &params, bucket_bytes),
-                group.rank(),
-                group.world(),
-            ),
+            Sharding::Full => {
+                // Each layer's tensors are gathered as one.
+                let layers: Vec<Option<Layer>> = names.iter().map(|n| Layer::of(n)).collect();
+                let units: Vec<Option<usize>> =
+                    layers.iter().map(|l| l.map(|l| layers.iter().position(|m| *m == Some(l)).unwrap())).collect();
+                ShardLayout::with_units(&params, &units, bucket_bytes, group.rank(), group.world())
+            }
             _ => ShardLayout::new(&params, bucket_bytes, group.rank(), group.world()),
         };
         let (master, grads): (Vec<Tensor>, Vec<Tensor>) = (0..layout.buckets.len())
@@ -371,35 +372,6 @@ impl Sharded {
         });
         self.optimizer.load_state(state, steps as i64).map_err(|e| anyhow::anyhow!("{}: {e}", checkpoint.display()))
     }
-}
-
-/// Buckets for sharded parameters, in reverse order: each layer's tensors together (they
-/// are gathered as one), the tensors around the layers in runs of one kind and at most
-/// `bucket_bytes` (a larger tensor goes alone).
-fn layer_buckets(names: &[String], params: &[Tensor], bucket_bytes: usize) -> Vec<Vec<usize>> {
-    let mut buckets: Vec<Vec<usize>> = vec![];
-    let mut bytes = 0;
-    for i in (0..params.len()).rev() {
-        let (layer, kind) = (Layer::of(&names[i]), params[i].kind());
-        let size = params[i].numel() * kind.elt_size_in_bytes();
-        let joins = buckets.last().is_some_and(|bucket| {
-            let first = bucket[0];
-            Layer::of(&names[first]) == layer
-                && params[first].kind() == kind
-                && (layer.is_some() || bytes + size <= bucket_bytes)
-        });
-        match (joins, buckets.last_mut()) {
-            (true, Some(bucket)) => {
-                bucket.push(i);
-                bytes += size;
-            }
-            _ => {
-                buckets.push(vec![i]);
-                bytes = size;
-            }
-        }
-    }
-    buckets
 }
 
 /// A run of one optimizer state tensor wanted from a checkpoint: `len` elements of state
