@@ -1,17 +1,23 @@
-//! `pg2 shard`: a source (a JSONL file or folder, or tar shards) written as WebDataset tar
-//! shards, the form a cluster file system or object store serves well.
+//! `pg2 shard`: a source (a JSONL file or folder, tar shards, or parquet files) written as
+//! WebDataset tar shards, the form a cluster file system or object store serves well.
 
 use std::path::PathBuf;
 
 use anyhow::Result;
 use clap::Args;
-use pg2_data::{webdataset, OnBadLine};
+use pg2_data::parquet::Columns;
+use pg2_data::{stream, webdataset, OnBadLine};
 
 #[derive(Args)]
 pub struct ShardArgs {
-    /// The source: a JSONL file, a folder of JSONL shards, or tar shards
-    /// (`shard-{000000..000575}.tar`, globs, `pipe:CMD`).
+    /// The source: a JSONL file, a folder of JSONL shards, tar shards
+    /// (`shard-{000000..000575}.tar`, globs, `pipe:CMD`), or parquet files
+    /// (`train-*.parquet`).
     pub source: PathBuf,
+    /// For parquet: a record field from the columns, as a recipe's `columns`
+    /// (`--column prefix="answer en {question}" --column suffix={answer}`); repeatable.
+    #[arg(long = "column", value_name = "KEY=VALUE", value_parser = parse_column)]
+    pub columns: Vec<(String, String)>,
     /// The folder to write `shard-000000.tar`, ... into.
     #[arg(long)]
     pub output: PathBuf,
@@ -25,7 +31,8 @@ pub struct ShardArgs {
 
 pub fn run(args: &ShardArgs) -> Result<()> {
     let policy = if args.skip_bad { OnBadLine::Skip } else { OnBadLine::Error };
-    let records = webdataset::records(&args.source, policy)?;
+    let columns = Columns(args.columns.iter().cloned().collect());
+    let records = stream::records(&args.source, policy, &columns)?;
     let bar = indicatif::ProgressBar::new_spinner().with_message("samples written");
     let shards = webdataset::write_shards(bar.wrap_iter(records), &args.output, args.shard_size as usize)?;
     bar.finish_and_clear();
@@ -37,4 +44,46 @@ pub fn run(args: &ShardArgs) -> Result<()> {
         shards.len().saturating_sub(1)
     );
     Ok(())
+}
+
+fn parse_column(text: &str) -> Result<(String, String), String> {
+    let (key, value) = text.split_once('=').ok_or_else(|| format!("`{text}`: expected KEY=VALUE"))?;
+    Ok((key.to_string(), value.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use pg2_data::parquet::Columns;
+
+    /// Hugging Face parquet files re-sharded into tar shards keep every record: prompt,
+    /// target, fields and image.
+    #[test]
+    fn parquet_files_become_tar_shards_holding_the_same_records() {
+        let fixtures = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/parquet");
+        let output = std::env::temp_dir().join(format!("pg2-shard-parquet-{}", std::process::id()));
+        let column = |text: &str| parse_column(text).unwrap();
+        let args = ShardArgs {
+            source: fixtures.join("train-*.parquet"),
+            output: output.clone(),
+            shard_size: 2,
+            skip_bad: false,
+            columns: vec![column("prefix=answer en {question}"), column("suffix=answer")],
+        };
+        run(&args).unwrap();
+        let mapping = Columns(args.columns.iter().cloned().collect());
+        let read = |spec: &std::path::Path, columns: &Columns| -> Vec<pg2_data::Record> {
+            stream::records(spec, OnBadLine::Error, columns).unwrap().collect::<Result<_, _>>().unwrap()
+        };
+        let before = read(&args.source, &mapping);
+        let after = read(&output.join("shard-{000000..000002}.tar"), &Columns::default());
+        assert_eq!(after.len(), 5);
+        for (a, b) in before.iter().zip(&after) {
+            assert_eq!((&a.prefix, &a.suffix), (&b.prefix, &b.suffix));
+            assert_eq!(a.extra["answers"], b.extra["answers"]);
+            assert_eq!(a.load_image().unwrap(), b.load_image().unwrap());
+        }
+        assert!(parse_column("prefix").unwrap_err().contains("expected KEY=VALUE"));
+        std::fs::remove_dir_all(output).unwrap();
+    }
 }

@@ -1,5 +1,5 @@
-//! pg2's data: tokenizer, the PaliGemma input layout, image preprocessing, JSONL sources
-//! and WebDataset tar shards, converters from public formats, weighted resumable mixtures, the prefetching input
+//! pg2's data: tokenizer, the PaliGemma input layout, image preprocessing, JSONL sources,
+//! WebDataset tar shards and parquet files, converters from public formats, weighted resumable mixtures, the prefetching input
 //! pipeline and the embedded synthetic dataset.
 
 pub mod convert;
@@ -7,8 +7,10 @@ pub mod files;
 pub mod image;
 pub mod layout;
 pub mod mixture;
+pub mod parquet;
 pub mod pipeline;
 pub mod source;
+pub mod stream;
 pub mod synth;
 pub mod tokenizer;
 pub mod webdataset;

@@ -12,13 +12,13 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
-use std::fs::File;
-use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
+use std::path::Path;
+use std::sync::Arc;
 
 use crate::layout::TextLimits;
-use crate::source::{parse_line, OnBadLine, Record};
-use crate::webdataset::{Shard, ShardReader};
+use crate::parquet::Columns;
+use crate::source::{fill_template, OnBadLine, Record};
+use crate::stream::{Reading, SourceFile};
 use crate::DataError;
 
 /// How a task turns a record into text.
@@ -38,27 +38,12 @@ impl TaskFormat {
     /// The prompt of `record` under this format.
     pub fn prompt(&self, record: &Record) -> Result<String, DataError> {
         let Some(template) = &self.prefix else { return Ok(record.prefix.clone()) };
-        let mut out = String::new();
-        let mut rest = template.as_str();
-        while let Some(open) = rest.find('{') {
-            let close = rest[open..]
-                .find('}')
-                .map(|c| open + c)
-                .ok_or_else(|| record.error(format!("prompt template {template:?} has an unclosed `{{`")))?;
-            out.push_str(&rest[..open]);
-            let name = &rest[open + 1..close];
-            let value = match name {
-                "prefix" => Some(record.prefix.clone()),
-                "suffix" => record.suffix.clone(),
-                _ => record.extra.get(name).map(|v| v.as_str().map(str::to_string).unwrap_or_else(|| v.to_string())),
-            };
-            out.push_str(&value.ok_or_else(|| {
-                record.error(format!("prompt template {template:?} needs field `{name}`, which the record lacks"))
-            })?);
-            rest = &rest[close + 1..];
-        }
-        out.push_str(rest);
-        Ok(out)
+        let value = |name: &str| match name {
+            "prefix" => Some(record.prefix.clone()),
+            "suffix" => record.suffix.clone(),
+            _ => record.extra.get(name).map(crate::parquet::json_text),
+        };
+        fill_template(template, value).map_err(|msg| record.error(msg))
     }
 }
 
@@ -96,60 +81,41 @@ impl SourceData {
     }
 }
 
-/// A source read lazily: each epoch visits the shards (JSONL files, or WebDataset tar
-/// shards) in a shuffled order and emits records through a shuffle buffer, so only
-/// `buffer` records are held at a time. The order is a pure function of the seed and the
-/// epoch; seeking replays the current epoch up to the position (reading JSON and tar
-/// headers only, no images).
+/// A source read lazily: each epoch visits the source's files (JSONL files, WebDataset
+/// tar shards or parquet files) in a shuffled order and emits records through a shuffle
+/// buffer, so only `buffer` records are held at a time. The order is a pure function of the
+/// seed and the epoch; seeking replays the current epoch up to the position (for JSONL and
+/// tar, reading records without their images).
 #[derive(Debug)]
 pub struct StreamSource {
-    shards: Vec<StreamShard>,
+    files: Vec<SourceFile>,
     buffer: usize,
     policy: OnBadLine,
+    columns: Arc<Columns>,
     len: usize,
     state: Option<StreamEpoch>,
-}
-
-/// One shard of a [`StreamSource`].
-#[derive(Debug, Clone)]
-enum StreamShard {
-    Jsonl(PathBuf),
-    Tar(Shard),
-}
-
-/// The shard being read.
-#[derive(Debug)]
-enum Reading {
-    Lines(PathBuf, std::iter::Enumerate<std::io::Lines<BufReader<File>>>),
-    Tar(ShardReader),
 }
 
 #[derive(Debug)]
 struct StreamEpoch {
     epoch: u64,
     emitted: usize,
-    pending: std::vec::IntoIter<StreamShard>,
+    pending: std::vec::IntoIter<SourceFile>,
     reading: Option<Reading>,
     buffer: Vec<Record>,
     rng: ChaCha8Rng,
 }
 
 impl StreamSource {
-    /// Opens a JSONL file, a folder of JSONL shards, or tar shards (a path that
-    /// [`crate::webdataset::is_webdataset`]), counting its records once.
-    pub fn open(path: &Path, buffer: usize, policy: OnBadLine) -> Result<Self, DataError> {
-        let spec = path.to_string_lossy();
-        let shards = if crate::webdataset::is_webdataset(&spec) {
-            crate::webdataset::shards(&spec)?.into_iter().map(StreamShard::Tar).collect()
-        } else if path.is_dir() {
-            crate::source::shard_files(path)?.into_iter().map(StreamShard::Jsonl).collect()
-        } else {
-            vec![StreamShard::Jsonl(path.to_path_buf())]
-        };
-        let mut source = Self { shards, buffer: buffer.max(1), policy, len: 0, state: None };
+    /// Opens a JSONL file, a folder of JSONL shards, tar shards or parquet files (mapped by
+    /// `columns`), counting its records once.
+    pub fn open(path: &Path, buffer: usize, policy: OnBadLine, columns: &Columns) -> Result<Self, DataError> {
+        let files = SourceFile::all(path)?;
+        let columns = Arc::new(columns.clone());
+        let mut source = Self { files, buffer: buffer.max(1), policy, columns, len: 0, state: None };
         let mut count = 0;
         let mut epoch = source.start_epoch(0, 0)?;
-        while source.read_line(&mut epoch)?.is_some() {
+        while source.read_record(&mut epoch)?.is_some() {
             count += 1;
         }
         source.len = count;
@@ -158,48 +124,23 @@ impl StreamSource {
 
     fn start_epoch(&self, seed: u64, epoch: u64) -> Result<StreamEpoch, DataError> {
         let mut rng = rng_for(seed, u64::MAX, epoch);
-        let mut shards = self.shards.clone();
-        shards.shuffle(&mut rng);
-        Ok(StreamEpoch { epoch, emitted: 0, pending: shards.into_iter(), reading: None, buffer: Vec::new(), rng })
+        let mut files = self.files.clone();
+        files.shuffle(&mut rng);
+        Ok(StreamEpoch { epoch, emitted: 0, pending: files.into_iter(), reading: None, buffer: Vec::new(), rng })
     }
 
-    /// The next good record of the epoch's shard order, or `None` at its end.
-    fn read_line(&self, e: &mut StreamEpoch) -> Result<Option<Record>, DataError> {
+    /// The next good record of the epoch's file order, or `None` at its end.
+    fn read_record(&self, e: &mut StreamEpoch) -> Result<Option<Record>, DataError> {
         loop {
             if e.reading.is_none() {
-                e.reading = Some(match e.pending.next() {
+                match e.pending.next() {
                     None => return Ok(None),
-                    Some(StreamShard::Tar(shard)) => Reading::Tar(ShardReader::open(&shard, self.policy)?),
-                    Some(StreamShard::Jsonl(file)) => {
-                        let f = File::open(&file).map_err(|err| DataError::File {
-                            path: file.display().to_string(),
-                            msg: err.to_string(),
-                        })?;
-                        Reading::Lines(file, BufReader::new(f).lines().enumerate())
-                    }
-                });
-            }
-            let (file, lines) = match e.reading.as_mut().unwrap() {
-                Reading::Lines(file, lines) => (file, lines),
-                Reading::Tar(reader) => match reader.next_record()? {
-                    Some(record) => return Ok(Some(record)),
-                    None => {
-                        e.reading = None;
-                        continue;
-                    }
-                },
-            };
-            match lines.next() {
-                None => e.reading = None,
-                Some((_, Err(err))) => {
-                    return Err(DataError::File { path: file.display().to_string(), msg: err.to_string() })
+                    Some(file) => e.reading = Some(file.open(self.policy, &self.columns)?),
                 }
-                Some((_, Ok(line))) if line.trim().is_empty() => {}
-                Some((i, Ok(line))) => match parse_line(file, i + 1, &line) {
-                    Ok(record) => return Ok(Some(record)),
-                    Err(_) if self.policy == OnBadLine::Skip => {}
-                    Err(err) => return Err(err),
-                },
+            }
+            match e.reading.as_mut().expect("a file is open").next_record()? {
+                Some(record) => return Ok(Some(record)),
+                None => e.reading = None,
             }
         }
     }
@@ -213,7 +154,7 @@ impl StreamSource {
         };
         loop {
             while state.buffer.len() < self.buffer {
-                match self.read_line(&mut state)? {
+                match self.read_record(&mut state)? {
                     Some(record) => state.buffer.push(record),
                     None => break,
                 }
@@ -547,6 +488,7 @@ mod tests {
 #[cfg(test)]
 mod stream_tests {
     use super::*;
+    use std::path::PathBuf;
 
     /// 3 shards of 5 records: prefixes "s{shard} {i}".
     fn shards(name: &str) -> PathBuf {
@@ -561,7 +503,7 @@ mod stream_tests {
     }
 
     fn stream_mixture(dir: &Path, buffer: usize) -> Mixture {
-        let data = SourceData::Stream(StreamSource::open(dir, buffer, OnBadLine::Error).unwrap());
+        let data = SourceData::Stream(StreamSource::open(dir, buffer, OnBadLine::Error, &Default::default()).unwrap());
         Mixture::new(vec![MixtureSource { name: "s".into(), data, weight: 1.0, format: TaskFormat::default() }], 9)
             .unwrap()
     }

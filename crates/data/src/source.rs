@@ -142,6 +142,38 @@ pub(crate) fn parse_line(path: &Path, line_number: usize, line: &str) -> Result<
     Ok(Record { image, prefix, suffix, extra: fields, file: path.to_path_buf(), line: line_number })
 }
 
+/// `template` with each `{name}` replaced by `value(name)`; errors say which name has no
+/// value, or that a `{` is not closed.
+pub(crate) fn fill_template(template: &str, value: impl Fn(&str) -> Option<String>) -> Result<String, String> {
+    let mut out = String::new();
+    let mut rest = template;
+    while let Some(open) = rest.find('{') {
+        let close = rest[open..]
+            .find('}')
+            .map(|c| open + c)
+            .ok_or_else(|| format!("template {template:?} has an unclosed `{{`"))?;
+        out.push_str(&rest[..open]);
+        let name = &rest[open + 1..close];
+        out.push_str(
+            &value(name)
+                .ok_or_else(|| format!("template {template:?} needs field `{name}`, which the record lacks"))?,
+        );
+        rest = &rest[close + 1..];
+    }
+    out.push_str(rest);
+    Ok(out)
+}
+
+/// The field names `template` reads.
+pub(crate) fn template_fields(template: &str) -> Result<Vec<String>, String> {
+    let names = std::cell::RefCell::new(vec![]);
+    fill_template(template, |name| {
+        names.borrow_mut().push(name.to_string());
+        Some(String::new())
+    })?;
+    Ok(names.into_inner())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -414,33 +414,6 @@ fn pax_path(data: &[u8]) -> Option<String> {
     text.lines().find_map(|record| record.split_once(' ')?.1.strip_prefix("path=").map(str::to_string))
 }
 
-/// Every record of a source path: a JSONL file or folder (read whole), or tar shards
-/// (streamed shard by shard), in order.
-pub fn records(
-    spec: &Path,
-    policy: OnBadLine,
-) -> Result<Box<dyn Iterator<Item = Result<Record, DataError>>>, DataError> {
-    let text = spec.to_string_lossy();
-    if !is_webdataset(&text) {
-        return Ok(Box::new(crate::source::read_source(spec, policy)?.0.into_iter().map(Ok)));
-    }
-    let mut pending = shards(&text)?.into_iter();
-    let mut reader: Option<ShardReader> = None;
-    Ok(Box::new(std::iter::from_fn(move || loop {
-        if reader.is_none() {
-            reader = match ShardReader::open(&pending.next()?, policy) {
-                Ok(r) => Some(r),
-                Err(e) => return Some(Err(e)),
-            };
-        }
-        match reader.as_mut()?.next_record() {
-            Ok(Some(record)) => return Some(Ok(record)),
-            Ok(None) => reader = None,
-            Err(e) => return Some(Err(e)),
-        }
-    })))
-}
-
 /// Writes `records` as tar shards of `per_shard` samples in `dir` (`shard-000000.tar`, ...,
 /// each written atomically): per sample its image as `KEY.EXT` and `KEY.json` holding
 /// `prefix`, `suffix` and every other field, the keys numbering the samples. Returns the

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use pg2_data::layout::DEFAULT_MAX_TOKENS;
-use pg2_data::{source, InferenceBatch, PgTokenizer, Record, Resize, TaskFormat};
+use pg2_data::{stream, InferenceBatch, OnBadLine, PgTokenizer, Record, Resize, TaskFormat};
 use pg2_dist::Group;
 use pg2_model::{generate, DecodeOptions, PaliGemma, RunOptions};
 use serde_json::{Map, Value};
@@ -29,8 +29,9 @@ impl Evaluator {
     /// `spec.antialias` says, else as in training (`data_antialias`, the recipe's
     /// `data.antialias`).
     pub fn new(spec: &EvalSection, data_antialias: bool, tokenizer: Arc<PgTokenizer>) -> Result<Evaluator> {
-        let mut records = source::read_jsonl(&spec.data)?;
-        records.truncate(spec.max_examples.unwrap_or(usize::MAX));
+        let records = stream::records(&spec.data, OnBadLine::Error, &spec.columns)?
+            .take(spec.max_examples.unwrap_or(usize::MAX))
+            .collect::<Result<_, _>>()?;
         let antialias = spec.antialias.unwrap_or(data_antialias);
         Ok(Evaluator { spec: spec.clone(), antialias, records, tokenizer })
     }

@@ -10,8 +10,9 @@ use pg2_model::PaliGemmaConfig;
 
 use crate::recipe::Recipe;
 
-/// The shuffle buffer of tar-shard sources that set none (webdataset's usual size).
-const TAR_SHUFFLE_BUFFER: usize = 1000;
+/// The shuffle buffer of tar-shard and parquet sources that set none (webdataset's usual
+/// size).
+const STREAM_SHUFFLE_BUFFER: usize = 1000;
 
 /// The mixture the recipe describes, from its first example.
 pub fn mixture(recipe: &Recipe) -> Result<Mixture> {
@@ -24,9 +25,10 @@ pub fn mixture(recipe: &Recipe) -> Result<Mixture> {
         .mixture
         .iter()
         .map(|s| {
-            let tar = pg2_data::webdataset::is_webdataset(&s.path.to_string_lossy());
-            let data = match s.shuffle_buffer.or(tar.then_some(TAR_SHUFFLE_BUFFER)) {
-                Some(buffer) => SourceData::Stream(StreamSource::open(&s.path, buffer, policy)?),
+            let spec = s.path.to_string_lossy();
+            let streamed = pg2_data::webdataset::is_webdataset(&spec) || pg2_data::parquet::is_parquet(&spec);
+            let data = match s.shuffle_buffer.or(streamed.then_some(STREAM_SHUFFLE_BUFFER)) {
+                Some(buffer) => SourceData::Stream(StreamSource::open(&s.path, buffer, policy, &s.columns)?),
                 None => {
                     let (records, skipped) = source::read_source(&s.path, policy)?;
                     if skipped > 0 {

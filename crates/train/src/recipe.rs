@@ -12,6 +12,7 @@
 
 use std::path::{Path, PathBuf};
 
+use pg2_data::parquet::Columns;
 use pg2_data::{OnBadRecord, RunLength, TextLimits};
 use pg2_eval::anls::levenshtein;
 use pg2_eval::Metric;
@@ -88,6 +89,9 @@ pub struct EvalSection {
     pub metric: Metric,
     /// Prompt template, as a source's `prefix`; the records' own prefix by default.
     pub prefix: Option<String>,
+    /// For parquet files: how their columns make records, as a source's `columns`.
+    #[serde(default)]
+    pub columns: Columns,
     #[serde(default = "default_eval_every")]
     pub every: u64,
     /// Evaluate the first N records only.
@@ -293,9 +297,15 @@ impl DataSection {
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct Source {
-    /// A JSONL file, a folder of JSONL shards, or WebDataset tar shards
-    /// (`shard-{000000..000575}.tar`, globs, `pipe:CMD`; see [`pg2_data::webdataset`]).
+    /// A JSONL file, a folder of JSONL shards, WebDataset tar shards
+    /// (`shard-{000000..000575}.tar`, globs, `pipe:CMD`; see [`pg2_data::webdataset`]), or
+    /// parquet files in Hugging Face's layout (`train-*.parquet`; see [`pg2_data::parquet`]).
     pub path: PathBuf,
+    /// For parquet files: which column is the image, and the prompt, target and other fields
+    /// as templates over the columns or column names
+    /// (`{ prefix = "answer en {question}", suffix = "{answer}", answers = "answers" }`).
+    #[serde(default)]
+    pub columns: Columns,
     pub weight: f64,
     /// Prompt template such as `"answer en {question}"`; the records' own prefix by default.
     pub prefix: Option<String>,
@@ -311,8 +321,8 @@ pub struct Source {
     /// each of a record's targets once before repeating one.
     pub suffix_from: Option<String>,
     /// Read the source lazily through a shuffle buffer of this many records instead of
-    /// holding it in memory (for sources too large for memory). Tar shards are always
-    /// read so, with 1,000 by default.
+    /// holding it in memory (for sources too large for memory). Tar shards and parquet
+    /// files are always read so, with 1,000 by default.
     pub shuffle_buffer: Option<usize>,
 }
 
@@ -696,7 +706,8 @@ impl Recipe {
             .filter(|_| !synth)
             .filter_map(|s| {
                 let spec = s.path.to_string_lossy();
-                let missing = match pg2_data::webdataset::is_webdataset(&spec) {
+                let patterned = pg2_data::webdataset::is_webdataset(&spec) || pg2_data::parquet::is_parquet(&spec);
+                let missing = match patterned {
                     true => pg2_data::webdataset::missing_shards(&spec).into_iter().next(),
                     false => Some(spec.to_string()).filter(|_| !s.path.exists()),
                 }?;
@@ -711,6 +722,17 @@ impl Recipe {
     fn check(&self) -> Result<(), String> {
         if self.data.mixture.is_empty() || self.data.mixture.iter().any(|s| !s.weight.is_finite() || s.weight <= 0.0) {
             return Err("data.mixture needs at least one source, each with a positive weight (a finite number)".into());
+        }
+        let eval = self.eval.iter().map(|e| ("eval", &e.data, &e.columns, &e.prefix));
+        let sources = self.data.mixture.iter().map(|s| ("data.mixture[]", &s.path, &s.columns, &s.prefix));
+        for (key, path, columns, prefix) in sources.chain(eval) {
+            let parquet = pg2_data::parquet::is_parquet(&path.to_string_lossy());
+            if !columns.0.is_empty() && !parquet {
+                return Err(format!("{key}.columns is for parquet sources; {} is not one", path.display()));
+            }
+            if prefix.is_some() && columns.0.contains_key("prefix") {
+                return Err(format!("{key} of {} sets both prefix and columns.prefix; keep one", path.display()));
+            }
         }
         if self.model.resolution == 0 {
             return Err(
@@ -970,6 +992,16 @@ lr = 1e-5
                 .unwrap_err()
                 .to_string();
         assert!(err.contains("activation_checkpointing") && err.contains("dropout"), "{err}");
+        let columns = "columns = { prefix = \"{question}\" } }]";
+        let err = parse(&GOOD.replace("weight = 1.0 }]", &format!("weight = 1.0, {columns}"))).unwrap_err().to_string();
+        assert!(
+            err.contains("data.mixture[].columns is for parquet sources; ") && err.contains("train.jsonl"),
+            "{err}"
+        );
+        let parquet = GOOD.replace("train.jsonl\", weight = 1.0 }]", &format!("t.parquet\", weight = 1.0, {columns}"));
+        parse(&parquet).unwrap();
+        let err = parse(&parquet.replace("weight = 1.0,", "weight = 1.0, prefix = \"x\",")).unwrap_err().to_string();
+        assert!(err.contains("sets both prefix and columns.prefix"), "{err}");
         let full = GOOD.replace("steps = 10", "steps = 10\nsharding = \"full\"");
         let err = parse(&full).unwrap_err().to_string();
         assert!(err.contains("train.sharding") && err.contains("model.activation_checkpointing"), "{err}");
