@@ -230,47 +230,9 @@ fn streamed_sources_fixed_padding_and_per_task_limits_train() {
     std::fs::remove_dir_all(dir).unwrap();
 }
 
-/// The records of a JSONL file as parquet files of `per_file` rows laid out as Hugging Face
-/// datasets writes them (the image a struct{bytes, path}), in row groups of 8, with the prompt
-/// and target as columns `question` and `answer`. Returns the files' pattern.
-fn write_parquet(jsonl: &Path, dir: &Path, per_file: usize) -> PathBuf {
-    use arrow_array::{ArrayRef, BinaryArray, RecordBatch, StringArray, StructArray};
-    use arrow_schema::{DataType, Field};
-    use std::sync::Arc;
-
-    let rows: Vec<Value> =
-        std::fs::read_to_string(jsonl).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
-    std::fs::create_dir_all(dir).unwrap();
-    let files = rows.len().div_ceil(per_file);
-    for (k, chunk) in rows.chunks(per_file).enumerate() {
-        let text =
-            |key: &str| StringArray::from_iter_values(chunk.iter().map(|r| r[key].as_str().unwrap().to_string()));
-        let images = chunk.iter().map(|r| std::fs::read(jsonl.parent().unwrap().join(r["image"].as_str().unwrap())));
-        let bytes: Vec<Vec<u8>> = images.map(Result::unwrap).collect();
-        let image = StructArray::from(vec![
-            (
-                Arc::new(Field::new("bytes", DataType::Binary, true)),
-                Arc::new(BinaryArray::from_iter_values(&bytes)) as ArrayRef,
-            ),
-            (
-                Arc::new(Field::new("path", DataType::Utf8, true)),
-                Arc::new(StringArray::new_null(chunk.len())) as ArrayRef,
-            ),
-        ]);
-        let columns: [(&str, ArrayRef); 3] =
-            [("image", Arc::new(image)), ("question", Arc::new(text("prefix"))), ("answer", Arc::new(text("suffix")))];
-        let batch = RecordBatch::try_from_iter(columns).unwrap();
-        let file = std::fs::File::create(dir.join(format!("train-{k:05}-of-{files:05}.parquet"))).unwrap();
-        let properties = parquet::file::properties::WriterProperties::builder().set_max_row_group_size(8).build();
-        let mut writer = parquet::arrow::ArrowWriter::try_new(file, batch.schema(), Some(properties)).unwrap();
-        writer.write(&batch).unwrap();
-        writer.close().unwrap();
-    }
-    dir.join(format!("train-*-of-{files:05}.parquet"))
-}
-
 /// WebDataset tar shards (written by `pg2 shard`; read from files and through a `pipe:`
-/// command), parquet files and a JSONL source train together, two workers see what one
+/// command), parquet files (written by `pg2 shard --format parquet`, read through a column
+/// mapping) and a JSONL source train together, two workers see what one
 /// process sees, and a resumed run repeats the losses exactly.
 #[test]
 fn tar_shards_and_parquet_mixed_with_jsonl_train_and_resume_exactly() {
@@ -284,13 +246,22 @@ fn tar_shards_and_parquet_mixed_with_jsonl_train_and_resume_exactly() {
         .output()
         .unwrap();
     assert!(shard.status.success(), "{}", String::from_utf8_lossy(&shard.stderr));
-    assert!(String::from_utf8_lossy(&shard.stderr).contains("64 samples in 4 shard(s)"));
+    assert!(String::from_utf8_lossy(&shard.stderr).contains("64 samples in 4 file(s)"));
     let shards = dir.join("shards");
-    let parquet = write_parquet(&dir.join("synth/train.jsonl"), &dir.join("parquet"), 24);
+    let to_parquet = Command::new(env!("CARGO_BIN_EXE_pg2"))
+        .arg("shard")
+        .arg(shards.join("shard-*.tar"))
+        .arg("--output")
+        .arg(dir.join("parquet"))
+        .args(["--format", "parquet", "--shard-size", "24"])
+        .output()
+        .unwrap();
+    assert!(to_parquet.status.success(), "{}", String::from_utf8_lossy(&to_parquet.stderr));
+    let parquet = dir.join("parquet/part-{00000..00002}.parquet");
     let mixture = format!(
         "data.mixture=[{{path = {:?}, weight = 1.0}}, {{path = {:?}, weight = 1.0, shuffle_buffer = 8}}, \
          {{path = {:?}, weight = 1.0}}, \
-         {{path = {:?}, weight = 1.0, shuffle_buffer = 16, columns = {{prefix = \"{{question}}\", suffix = \"{{answer}}\"}}}}]",
+         {{path = {:?}, weight = 1.0, shuffle_buffer = 16, columns = {{prefix = \"{{prefix}}\", suffix = \"{{suffix}}\"}}}}]",
         shards.join("shard-{000000..000003}.tar"),
         format!("pipe:cat {}/shard-{{000001..000002}}.tar", shards.display()),
         dir.join("synth/train.jsonl"),

@@ -1,12 +1,22 @@
 //! `pg2 shard`: a source (a JSONL file or folder, tar shards, or parquet files) written as
-//! WebDataset tar shards, the form a cluster file system or object store serves well.
+//! WebDataset tar shards, the form a cluster file system or object store serves well, or as
+//! parquet files in Hugging Face's layout.
 
 use std::path::PathBuf;
 
 use anyhow::Result;
 use clap::Args;
-use pg2_data::parquet::Columns;
+use pg2_data::parquet::{self, Columns};
 use pg2_data::{stream, webdataset, OnBadLine};
+
+/// What `pg2 shard` writes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum ShardFormat {
+    /// WebDataset tar shards.
+    Tar,
+    /// Parquet files as Hugging Face datasets writes them.
+    Parquet,
+}
 
 #[derive(Args)]
 pub struct ShardArgs {
@@ -18,9 +28,12 @@ pub struct ShardArgs {
     /// (`--column prefix="answer en {question}" --column suffix={answer}`); repeatable.
     #[arg(long = "column", value_name = "KEY=VALUE", value_parser = parse_column)]
     pub columns: Vec<(String, String)>,
-    /// The folder to write `shard-000000.tar`, ... into.
+    /// The folder to write `shard-000000.tar`, ... (or `part-00000.parquet`, ...) into.
     #[arg(long)]
     pub output: PathBuf,
+    /// What to write.
+    #[arg(long, value_enum, default_value = "tar")]
+    pub format: ShardFormat,
     /// Samples per shard.
     #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..))]
     pub shard_size: u64,
@@ -34,14 +47,20 @@ pub fn run(args: &ShardArgs) -> Result<()> {
     let columns = Columns(args.columns.iter().cloned().collect());
     let records = stream::records(&args.source, policy, &columns)?;
     let bar = indicatif::ProgressBar::new_spinner().with_message("samples written");
-    let shards = webdataset::write_shards(bar.wrap_iter(records), &args.output, args.shard_size as usize)?;
+    let (per_shard, records) = (args.shard_size as usize, bar.wrap_iter(records));
+    let (shards, pattern) = match args.format {
+        ShardFormat::Tar => (webdataset::write_shards(records, &args.output, per_shard)?, "shard-{000000..%}.tar"),
+        ShardFormat::Parquet => (parquet::write_files(records, &args.output, per_shard)?, "part-{00000..%}.parquet"),
+    };
     bar.finish_and_clear();
+    let last = shards.len().saturating_sub(1);
+    let width = if args.format == ShardFormat::Tar { 6 } else { 5 };
+    let pattern = pattern.replace('%', &format!("{last:0width$}"));
     eprintln!(
-        "pg2 shard: {} samples in {} shard(s); use them as `path = \"{}/shard-{{000000..{:06}}}.tar\"`",
+        "pg2 shard: {} samples in {} file(s); use them as `path = \"{}/{pattern}\"`",
         bar.position(),
         shards.len(),
         args.output.display(),
-        shards.len().saturating_sub(1)
     );
     Ok(())
 }
@@ -54,7 +73,6 @@ fn parse_column(text: &str) -> Result<(String, String), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use pg2_data::parquet::Columns;
 
     /// Hugging Face parquet files re-sharded into tar shards keep every record: prompt,
     /// target, fields and image.
@@ -66,6 +84,7 @@ mod tests {
         let args = ShardArgs {
             source: fixtures.join("train-*.parquet"),
             output: output.clone(),
+            format: ShardFormat::Tar,
             shard_size: 2,
             skip_bad: false,
             columns: vec![column("prefix=answer en {question}"), column("suffix=answer")],

@@ -251,6 +251,142 @@ fn image_at(column: &Arc<dyn Array>, i: usize, dir: &Path, row: usize) -> Result
     path.map(|p| ImageData::File(dir.join(p))).ok_or_else(|| "neither `bytes` nor `path` is set".into())
 }
 
+/// Records per written row group: small, as rows hold images.
+const ROWS_PER_GROUP: usize = 256;
+
+/// Writes `records` as parquet files of `per_file` rows in `dir` (`part-00000.parquet`, ...,
+/// each written atomically) in Hugging Face's layout: the image as `struct{bytes, path}`
+/// (bytes only), then `prefix`, `suffix` and every other field as columns, their types
+/// inferred from each file's first rows (a later row with a field those lack is an error
+/// naming it). Returns the files written.
+pub fn write_files(
+    records: impl IntoIterator<Item = Result<Record, DataError>>,
+    dir: &Path,
+    per_file: usize,
+) -> Result<Vec<PathBuf>, DataError> {
+    std::fs::create_dir_all(dir)
+        .map_err(|e| DataError::File { path: dir.display().to_string(), msg: e.to_string() })?;
+    let per_file = per_file.max(1);
+    let (mut written, mut open, mut rows, mut in_file) = (vec![], None::<OpenFile>, vec![], 0);
+    let flush = |open: &mut Option<OpenFile>, rows: &mut Vec<Record>, written: usize| -> Result<(), DataError> {
+        let path = dir.join(format!("part-{written:05}.parquet"));
+        let file = match open.take() {
+            Some(file) => file,
+            None => OpenFile::new(path, rows)?,
+        };
+        *open = Some(file.write(std::mem::take(rows))?);
+        Ok(())
+    };
+    for record in records {
+        rows.push(record?);
+        in_file += 1;
+        if rows.len() == ROWS_PER_GROUP || in_file == per_file {
+            flush(&mut open, &mut rows, written.len())?;
+        }
+        if in_file == per_file {
+            written.push(open.take().expect("a file is open").finish()?);
+            in_file = 0;
+        }
+    }
+    if !rows.is_empty() {
+        flush(&mut open, &mut rows, written.len())?;
+    }
+    if let Some(file) = open {
+        written.push(file.finish()?);
+    }
+    Ok(written)
+}
+
+/// A parquet file being written.
+struct OpenFile {
+    path: PathBuf,
+    staged: crate::files::Staged,
+    writer: parquet::arrow::ArrowWriter<File>,
+    schema: arrow_schema::SchemaRef,
+    /// The schema of the fields beside the image.
+    fields: arrow_schema::SchemaRef,
+}
+
+impl OpenFile {
+    /// Starts a file whose field columns are typed from `rows`.
+    fn new(path: PathBuf, rows: &[Record]) -> Result<OpenFile, DataError> {
+        let err = |msg: String| DataError::File { path: path.display().to_string(), msg };
+        let values: Vec<Value> = rows.iter().map(|r| Value::Object(field_row(r))).collect();
+        let fields = arrow_json::reader::infer_json_schema_from_iterator(values.iter().map(Ok))
+            .map_err(|e| err(format!("typing the fields: {e}")))?;
+        let image = arrow_schema::Field::new("image", DataType::Struct(image_fields()), true);
+        let columns: Vec<_> = std::iter::once(Arc::new(image)).chain(fields.fields().iter().cloned()).collect();
+        let schema = Arc::new(arrow_schema::Schema::new(columns));
+        let staged = crate::files::Staged::new(&path).map_err(|e| err(e.to_string()))?;
+        let file = File::create(staged.path()).map_err(|e| err(e.to_string()))?;
+        let properties = parquet::file::properties::WriterProperties::builder()
+            .set_compression(parquet::basic::Compression::SNAPPY)
+            .build();
+        let writer = parquet::arrow::ArrowWriter::try_new(file, schema.clone(), Some(properties))
+            .map_err(|e| err(e.to_string()))?;
+        Ok(OpenFile { path, staged, writer, schema, fields: Arc::new(fields) })
+    }
+
+    /// Writes `rows` as one row group.
+    fn write(mut self, rows: Vec<Record>) -> Result<OpenFile, DataError> {
+        let path = self.path.display().to_string();
+        let err = |msg: String| DataError::File { path: path.clone(), msg };
+        let values: Vec<Value> = rows.iter().map(|r| Value::Object(field_row(r))).collect();
+        let mut decoder = arrow_json::ReaderBuilder::new(self.fields.clone())
+            .with_strict_mode(true)
+            .build_decoder()
+            .map_err(|e| err(e.to_string()))?;
+        decoder.serialize(&values).map_err(|e| err(format!("a row does not fit the file's first rows: {e}")))?;
+        let fields = decoder.flush().map_err(|e| err(e.to_string()))?.expect("rows were given");
+        let mut bytes = Vec::with_capacity(rows.len());
+        for record in &rows {
+            bytes.push(crate::webdataset::image_bytes(record)?);
+        }
+        let image = arrow_array::StructArray::new(
+            image_fields(),
+            vec![
+                Arc::new(arrow_array::BinaryArray::from_iter_values(&bytes)),
+                Arc::new(arrow_array::StringArray::new_null(rows.len())),
+            ],
+            None,
+        );
+        let columns: Vec<Arc<dyn Array>> =
+            std::iter::once(Arc::new(image) as _).chain(fields.columns().iter().cloned()).collect();
+        let batch = RecordBatch::try_new(self.schema.clone(), columns).map_err(|e| err(e.to_string()))?;
+        self.writer.write(&batch).map_err(|e| err(e.to_string()))?;
+        self.writer.flush().map_err(|e| err(e.to_string()))?; // one row group per call
+        Ok(self)
+    }
+
+    fn finish(self) -> Result<PathBuf, DataError> {
+        let path = self.path;
+        let err = |msg: String| DataError::File { path: path.display().to_string(), msg };
+        self.writer.close().map_err(|e| err(e.to_string()))?;
+        self.staged.commit().map_err(|e| err(e.to_string()))?;
+        Ok(path)
+    }
+}
+
+/// The fields of Hugging Face's `Image` feature.
+fn image_fields() -> arrow_schema::Fields {
+    vec![
+        arrow_schema::Field::new("bytes", DataType::Binary, true),
+        arrow_schema::Field::new("path", DataType::Utf8, true),
+    ]
+    .into()
+}
+
+/// A record's text and fields as one JSON object (the image left out).
+fn field_row(record: &Record) -> Map<String, Value> {
+    let mut row = Map::new();
+    row.insert("prefix".into(), Value::String(record.prefix.clone()));
+    if let Some(suffix) = &record.suffix {
+        row.insert("suffix".into(), Value::String(suffix.clone()));
+    }
+    row.extend(record.extra.clone());
+    row
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -302,6 +438,28 @@ mod tests {
         assert_eq!(records[0].load_image().unwrap().get_pixel(0, 0).0, [255, 0, 0]);
         let err = records[1].load_image().unwrap_err().to_string();
         assert!(err.contains("plain.parquet:3: row 3:"), "{err}");
+    }
+
+    /// Records written as parquet read back the same: texts, list and number fields, images.
+    #[test]
+    fn written_files_read_back_the_same_records() {
+        let mapping = columns(&[("prefix", "answer en {question}"), ("suffix", "{answer}")]);
+        let records = read(&fixture("train-*.parquet"), &mapping, OnBadLine::Error).unwrap();
+        let dir = std::env::temp_dir().join(format!("pg2-parquet-write-{}", std::process::id()));
+        let files = write_files(records.clone().into_iter().map(Ok), &dir, 2).unwrap();
+        assert_eq!(files.len(), 3);
+        let back = read(&dir.join("part-*.parquet"), &Columns::default(), OnBadLine::Error).unwrap();
+        assert_eq!(back.len(), records.len());
+        for (a, b) in records.iter().zip(&back) {
+            assert_eq!((&a.prefix, &a.suffix, &a.extra), (&b.prefix, &b.suffix, &b.extra));
+            assert_eq!(a.load_image().unwrap(), b.load_image().unwrap());
+        }
+        let mut odd = records[4].clone();
+        odd.extra.insert("extra_field".into(), Value::from(1));
+        let first_group = std::iter::repeat_n(records[0].clone(), ROWS_PER_GROUP);
+        let err = write_files(first_group.chain([odd]).map(Ok), &dir, 1000).unwrap_err().to_string();
+        assert!(err.contains("part-00000.parquet") && err.contains("extra_field"), "{err}");
+        std::fs::remove_dir_all(dir).unwrap();
     }
 
     #[test]

@@ -479,7 +479,7 @@ fn finish_shard(staged: crate::files::Staged, tar: tar::Builder<File>) -> Result
 }
 
 /// A record's encoded image.
-fn image_bytes(record: &Record) -> Result<Vec<u8>, DataError> {
+pub(crate) fn image_bytes(record: &Record) -> Result<Vec<u8>, DataError> {
     match &record.image {
         ImageData::File(path) => std::fs::read(path).map_err(|e| record.error(format!("{}: {e}", path.display()))),
         ImageData::Member { shard, name, offset, len } => {

@@ -15,6 +15,7 @@ use tch::{Device, Kind, Tensor};
 mod decode;
 mod overlap;
 mod padding;
+mod sources;
 mod train;
 
 pub use decode::{decode, DecodeBench};
@@ -29,7 +30,9 @@ const BASELINE: &str = include_str!("siglip_baseline.py");
 #[derive(Subcommand)]
 pub enum BenchCommand {
     /// Images/s per core of decode + resize + normalise, against transformers' SigLIP image
-    /// processor (PIL + numpy) on the same files.
+    /// processor (PIL + numpy) on the same files; then examples/s of the whole input
+    /// pipeline on one decoding thread, reading the images from JSONL + files, tar shards
+    /// and parquet.
     Data {
         /// Folder of JPEG/PNG images; by default 640x480 JPEGs are generated.
         #[arg(long)]
@@ -43,6 +46,9 @@ pub enum BenchCommand {
         /// Python with transformers and pillow, for the baseline.
         #[arg(long, default_value = "python3")]
         python: String,
+        /// The tokenizer of the pipeline table (the embedded demo data's by default).
+        #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/../../data/synth/tokenizer.json"))]
+        tokenizer: PathBuf,
     },
     /// Step time and FLOP utilisation of a released-shape PaliGemma 2 with random weights.
     Model {
@@ -177,8 +183,8 @@ pub enum BenchCommand {
 /// Runs one `pg2 bench` subcommand.
 pub fn run(command: &BenchCommand) -> Result<()> {
     match command {
-        BenchCommand::Data { images, count, resolutions, python } => {
-            data(images.as_deref(), *count, resolutions, python)
+        BenchCommand::Data { images, count, resolutions, python, tokenizer } => {
+            data(images.as_deref(), *count, resolutions, python, tokenizer)
         }
         BenchCommand::Model {
             size,
@@ -289,8 +295,9 @@ fn baseline_rates(python: &str, files: &[PathBuf], resolutions: &[u32]) -> Resul
     Ok(Some(rates))
 }
 
-/// `pg2 bench data`: decode + resize at each resolution, pg2 against transformers.
-pub fn data(images: Option<&Path>, count: usize, resolutions: &[u32], python: &str) -> Result<()> {
+/// `pg2 bench data`: decode + resize at each resolution, pg2 against transformers, then the
+/// whole input pipeline over each kind of source.
+pub fn data(images: Option<&Path>, count: usize, resolutions: &[u32], python: &str, tokenizer: &Path) -> Result<()> {
     keep_freed_memory(tch::Device::Cpu);
     let tmp = std::env::temp_dir().join(format!("pg2-bench-data-{}", std::process::id()));
     let files = match images {
@@ -321,10 +328,9 @@ pub fn data(images: Option<&Path>, count: usize, resolutions: &[u32], python: &s
             None => println!("{res:>10} {ours:>16.1} {:>22} {:>8}", "n/a", "n/a"),
         }
     }
-    if images.is_none() {
-        std::fs::remove_dir_all(&tmp).ok();
-    }
-    Ok(())
+    let pipeline = sources::pipeline_rates(&files, &tmp.join("sources"), resolutions, tokenizer);
+    std::fs::remove_dir_all(&tmp).ok(); // generated images and sources only: --images are elsewhere
+    pipeline
 }
 
 /// Settings of `pg2 bench model`.
