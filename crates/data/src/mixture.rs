@@ -32,19 +32,34 @@ pub struct TaskFormat {
     /// A list field of the record (such as VQA's `answers`) to draw each visit's target
     /// from, in place of its `suffix`: big_vision's `choice_no_replacement`.
     pub suffix_from: Option<String>,
+    /// A list field of the record (ScienceQA's `choices`, the right one's index in its
+    /// `answer` field) to put in a fresh order each visit, as big_vision's
+    /// `sci_qa_choices_shuffle`: the visit's record gets the fields `indexed_choices`
+    /// (`"(A) x, (B) y"`) and `indexed_answer` (`"B"`) for the templates.
+    pub shuffle_choices: Option<String>,
+    /// Target template such as `"The answer is {indexed_answer}."` (fields as in `prefix`);
+    /// the record's suffix by default.
+    pub suffix: Option<String>,
 }
 
 impl TaskFormat {
     /// The prompt of `record` under this format.
     pub fn prompt(&self, record: &Record) -> Result<String, DataError> {
-        let Some(template) = &self.prefix else { return Ok(record.prefix.clone()) };
-        let value = |name: &str| match name {
-            "prefix" => Some(record.prefix.clone()),
-            "suffix" => record.suffix.clone(),
-            _ => record.extra.get(name).map(crate::parquet::json_text),
-        };
-        fill_template(template, value).map_err(|msg| record.error(msg))
+        match &self.prefix {
+            Some(template) => fill_record(template, record),
+            None => Ok(record.prefix.clone()),
+        }
     }
+}
+
+/// `template` filled from `record`'s prefix, suffix and fields.
+fn fill_record(template: &str, record: &Record) -> Result<String, DataError> {
+    let value = |name: &str| match name {
+        "prefix" => Some(record.prefix.clone()),
+        "suffix" => record.suffix.clone(),
+        _ => record.extra.get(name).map(crate::parquet::json_text),
+    };
+    fill_template(template, value).map_err(|msg| record.error(msg))
 }
 
 /// One weighted source of a mixture (records only; images load lazily).
@@ -309,10 +324,17 @@ impl Mixture {
         self.position.next += 1;
         self.position.consumed[s] += 1;
         let mut record = self.element(s, k)?;
-        if let Some(field) = &self.sources[s].format.suffix_from {
-            // Each epoch of a source shows each of its records once.
-            let visit = k / self.sources[s].data.len() as u64;
+        // Each epoch of a source shows each of its records once.
+        let visit = k / self.sources[s].data.len() as u64;
+        let format = &self.sources[s].format;
+        if let Some(field) = &format.suffix_from {
             record.suffix = Some(draw_suffix(&record, field, self.seed, visit)?);
+        }
+        if let Some(field) = &format.shuffle_choices {
+            shuffle_choices(&mut record, field, self.seed, visit)?;
+        }
+        if let Some(template) = &format.suffix {
+            record.suffix = Some(fill_record(template, &record)?);
         }
         Ok((s, record))
     }
@@ -337,21 +359,52 @@ fn draw_suffix(record: &Record, field: &str, seed: u64, visit: u64) -> Result<St
         _ => return Err(expected()),
     };
     let n = entries.len() as u64;
-    // FNV-1a: a stable key of the record, the same on every machine and build.
-    let key = record
+    let mut order: Vec<usize> = (0..entries.len()).collect();
+    order.shuffle(&mut rng_for(seed ^ record_key(record), SUFFIX_STREAM, visit / n));
+    entries[order[(visit % n) as usize]].as_str().map(str::to_owned).ok_or_else(expected)
+}
+
+/// Sets `record`'s `indexed_choices` and `indexed_answer` for its `visit`-th showing: its
+/// list field `field` in an order drawn from the seed, the record and the visit, lettered
+/// `(A) x, (B) y`, and the letter its `answer` index now has (big_vision's
+/// `sci_qa_choices_shuffle`).
+fn shuffle_choices(record: &mut Record, field: &str, seed: u64, visit: u64) -> Result<(), DataError> {
+    let bad = |what: &str| record.error(format!("the source shuffles the choices in `{field}`: {what}"));
+    let choices: Vec<String> = match record.extra.get(field) {
+        Some(serde_json::Value::Array(c)) if (1..=26).contains(&c.len()) => c
+            .iter()
+            .map(|c| c.as_str().map(str::to_owned))
+            .collect::<Option<_>>()
+            .ok_or_else(|| bad("expected strings"))?,
+        _ => return Err(bad("expected a list of 1 to 26 strings")),
+    };
+    let answer = record.extra.get("answer").and_then(|a| a.as_u64()).filter(|&a| (a as usize) < choices.len());
+    let answer = answer.ok_or_else(|| bad("expected `answer`, the index of the right one"))? as usize;
+    let mut order: Vec<usize> = (0..choices.len()).collect();
+    order.shuffle(&mut rng_for(seed ^ record_key(record), CHOICES_STREAM, visit));
+    let letter = |i: usize| char::from(b'A' + i as u8);
+    let indexed: Vec<String> =
+        order.iter().enumerate().map(|(i, &c)| format!("({}) {}", letter(i), choices[c])).collect();
+    let position = order.iter().position(|&c| c == answer).expect("the order holds every index");
+    record.extra.insert("indexed_choices".into(), indexed.join(", ").into());
+    record.extra.insert("indexed_answer".into(), letter(position).to_string().into());
+    Ok(())
+}
+
+/// FNV-1a of the record's file and line: a stable key, the same on every machine and build.
+fn record_key(record: &Record) -> u64 {
+    record
         .file
         .to_string_lossy()
         .bytes()
         .chain(record.line.to_le_bytes())
-        .fold(0xCBF2_9CE4_8422_2325_u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01B3));
-    let mut order: Vec<usize> = (0..entries.len()).collect();
-    order.shuffle(&mut rng_for(seed ^ key, SUFFIX_STREAM, visit / n));
-    entries[order[(visit % n) as usize]].as_str().map(str::to_owned).ok_or_else(expected)
+        .fold(0xCBF2_9CE4_8422_2325_u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01B3))
 }
 
-/// The generator stream of target draws (0 picks sources, `1 + s` orders source `s`,
-/// `u64::MAX` orders a streamed source's shards).
+/// The generator streams of target draws and choice orders (0 picks sources, `1 + s`
+/// orders source `s`, `u64::MAX` orders a streamed source's shards).
 const SUFFIX_STREAM: u64 = u64::MAX - 1;
+const CHOICES_STREAM: u64 = u64::MAX - 2;
 
 #[cfg(test)]
 mod tests {
@@ -471,6 +524,44 @@ mod tests {
         m.sources[0].format.suffix_from = Some("references".into());
         let err = m.next_example().unwrap_err().to_string();
         assert!(err.contains("a.jsonl:") && err.contains("`references`: expected a non-empty list"), "{err}");
+    }
+
+    /// ScienceQA's choices in a fresh order each visit, the answer's letter following its
+    /// choice, and a target template over it; the same again after a resume.
+    #[test]
+    fn choices_are_reshuffled_per_visit_with_the_answer_letter_following() {
+        let quiz = || {
+            let mut a = source("a", 1, 1.0);
+            let SourceData::Memory(records) = &mut a.data else { unreachable!() };
+            records[0].extra.insert("choices".into(), serde_json::json!(["ant", "bee", "cat", "dog"]));
+            records[0].extra.insert("answer".into(), serde_json::json!(2));
+            a.format.shuffle_choices = Some("choices".into());
+            a.format.suffix = Some("The answer is {indexed_answer}.".into());
+            a.format.prefix = Some("Options: {indexed_choices}".into());
+            Mixture::new(vec![a], 5).unwrap()
+        };
+        let mut m = quiz();
+        let shown: Vec<(String, String)> = (0..12)
+            .map(|_| {
+                let (s, r) = m.next_example().unwrap();
+                (m.sources()[s].format.prompt(&r).unwrap(), r.suffix.unwrap())
+            })
+            .collect();
+        for (prompt, suffix) in &shown {
+            let letter = suffix.strip_prefix("The answer is ").unwrap().trim_end_matches('.');
+            assert!(prompt.contains(&format!("({letter}) cat")), "{prompt} / {suffix}");
+            assert!(prompt.starts_with("Options: (A) ") && prompt.contains(", (D) "), "{prompt}");
+        }
+        let orders: std::collections::BTreeSet<_> = shown.iter().map(|(p, _)| p).collect();
+        assert!(orders.len() > 4, "orders vary over visits: {orders:?}");
+        let mut resumed = quiz();
+        resumed.seek(MixturePosition { next: 7, consumed: vec![7] }).unwrap();
+        let (_, r) = resumed.next_example().unwrap();
+        assert_eq!(r.suffix.unwrap(), shown[7].1);
+        let mut m = quiz();
+        m.sources[0].format.shuffle_choices = Some("answers".into());
+        let err = m.next_example().unwrap_err().to_string();
+        assert!(err.contains("a.jsonl:1") && err.contains("`answers`: expected a list"), "{err}");
     }
 
     #[test]

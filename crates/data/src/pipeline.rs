@@ -275,7 +275,6 @@ fn prepare(config: &PipelineConfig, example: Encoded) -> Outcome {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::layout::TextLimits;
     use crate::mixture::{MixtureSource, SourceData, TaskFormat};
     use crate::source::read_jsonl;
     use std::path::{Path, PathBuf};
@@ -323,7 +322,7 @@ mod tests {
     }
 
     fn mixture(records: &[Record]) -> Mixture {
-        let format = TaskFormat { prefix: None, limits: TextLimits::default(), suffix_from: None };
+        let format = TaskFormat::default();
         let data = SourceData::Memory(records.to_vec());
         Mixture::new(vec![MixtureSource { name: "s".into(), data, weight: 1.0, format }], 5).unwrap()
     }

@@ -37,8 +37,13 @@ pub fn mixture(recipe: &Recipe) -> Result<Mixture> {
                     SourceData::Memory(records)
                 }
             };
-            let format =
-                TaskFormat { prefix: s.prefix.clone(), limits: d.limits(s), suffix_from: s.suffix_from.clone() };
+            let format = TaskFormat {
+                prefix: s.prefix.clone(),
+                limits: d.limits(s),
+                suffix_from: s.suffix_from.clone(),
+                shuffle_choices: s.shuffle_choices.clone(),
+                suffix: s.suffix.clone(),
+            };
             Ok(MixtureSource { name: s.path.display().to_string(), data, weight: s.weight, format })
         })
         .collect::<Result<Vec<_>, pg2_data::DataError>>()?;

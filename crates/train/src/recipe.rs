@@ -320,6 +320,13 @@ pub struct Source {
     /// instead of taking their `suffix`: big_vision's `choice_no_replacement`, which shows
     /// each of a record's targets once before repeating one.
     pub suffix_from: Option<String>,
+    /// Target template such as `"The answer is {indexed_answer}."`, as `prefix`; the records'
+    /// own suffix by default.
+    pub suffix: Option<String>,
+    /// A list field (ScienceQA's `choices`, the right one's index in `answer`) put in a fresh
+    /// order each visit, as big_vision's `sci_qa_choices_shuffle`, giving the fields
+    /// `indexed_choices` (`"(A) x, (B) y"`) and `indexed_answer` (`"B"`) to the templates.
+    pub shuffle_choices: Option<String>,
     /// Read the source lazily through a shuffle buffer of this many records instead of
     /// holding it in memory (for sources too large for memory). Tar shards and parquet
     /// files are always read so, with 1,000 by default.
@@ -723,6 +730,9 @@ impl Recipe {
         if self.data.mixture.is_empty() || self.data.mixture.iter().any(|s| !s.weight.is_finite() || s.weight <= 0.0) {
             return Err("data.mixture needs at least one source, each with a positive weight (a finite number)".into());
         }
+        if let Some(s) = self.data.mixture.iter().find(|s| s.suffix.is_some() && s.suffix_from.is_some()) {
+            return Err(format!("data.mixture[] of {} sets both suffix and suffix_from; keep one", s.path.display()));
+        }
         let eval = self.eval.iter().map(|e| ("eval", &e.data, &e.columns, &e.prefix));
         let sources = self.data.mixture.iter().map(|s| ("data.mixture[]", &s.path, &s.columns, &s.prefix));
         for (key, path, columns, prefix) in sources.chain(eval) {
@@ -1002,6 +1012,9 @@ lr = 1e-5
         parse(&parquet).unwrap();
         let err = parse(&parquet.replace("weight = 1.0,", "weight = 1.0, prefix = \"x\",")).unwrap_err().to_string();
         assert!(err.contains("sets both prefix and columns.prefix"), "{err}");
+        let both = "weight = 1.0, suffix = \"{x}\", suffix_from = \"answers\" }]";
+        let err = parse(&GOOD.replace("weight = 1.0 }]", both)).unwrap_err().to_string();
+        assert!(err.contains("sets both suffix and suffix_from"), "{err}");
         let full = GOOD.replace("steps = 10", "steps = 10\nsharding = \"full\"");
         let err = parse(&full).unwrap_err().to_string();
         assert!(err.contains("train.sharding") && err.contains("model.activation_checkpointing"), "{err}");
