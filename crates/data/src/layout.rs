@@ -205,9 +205,10 @@ pub struct InferenceBatch {
 }
 
 impl InferenceBatch {
-    /// Encodes `records`: each one's prompt under `format` (its own `prefix` by default),
-    /// its `suffix` plus `<eos>` as the target when `with_targets` (a record without one is
-    /// an error naming it), and its image resized by `resize` for `image_tokens` placeholders.
+    /// Encodes `records`: each one's prompt under `format` (its own `prefix` by default;
+    /// cut to `format.limits` as in training, before its `"\n"`), its `suffix` plus `<eos>`
+    /// as the target when `with_targets` (a record without one is an error naming it), and
+    /// its image resized by `resize` for `image_tokens` placeholders.
     /// A record longer than `max_tokens` is an error naming it, before anything is allocated.
     pub fn new(
         records: &[Record],
@@ -226,7 +227,7 @@ impl InferenceBatch {
                     true => Some(r.suffix.as_deref().ok_or_else(|| r.error("record has no `suffix` to score"))?),
                     false => None,
                 };
-                let example = EncodedExample::new(tok, image_tokens, prompt, suffix);
+                let (example, _) = EncodedExample::with_limits(tok, image_tokens, prompt, suffix, &format.limits);
                 if example.ids.len() > max_tokens {
                     let n = example.ids.len();
                     return Err(r.error(format!("{n} tokens, more than the {max_tokens} allowed (--max-tokens)")));
@@ -249,6 +250,35 @@ mod tests {
             &Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/paligemma/tokenizer.json"),
         )
         .unwrap()
+    }
+
+    /// Decoding prompts are cut to the format's budget as training's are (big_vision's
+    /// `combine_and_keep_eval(text_len)`), keeping their `"\n"`.
+    #[test]
+    fn inference_prompts_are_cut_to_the_text_budget() {
+        let tok = tokenizer();
+        let dir = std::env::temp_dir().join(format!("pg2-layout-eval-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        ::image::RgbImage::new(2, 2).save(dir.join("a.png")).unwrap();
+        let record = Record {
+            image: crate::source::ImageData::File(dir.join("a.png")),
+            prefix: "answer en how many circles are there".into(),
+            suffix: None,
+            extra: Default::default(),
+            file: dir.join("val.jsonl"),
+            line: 1,
+        };
+        let ids = |text_len| {
+            let format =
+                TaskFormat { limits: TextLimits { text_len, ..TextLimits::default() }, ..TaskFormat::default() };
+            let resize = image::Resize { size: 14, antialias: false };
+            let batch = InferenceBatch::new(&[record.clone()], &tok, &format, (resize, 1), (false, 100), Device::Cpu);
+            Vec::<i64>::try_from(batch.unwrap().batch.inputs.ids.view([-1])).unwrap()
+        };
+        let whole = ids(None);
+        assert!(whole.len() > 5);
+        assert_eq!(ids(Some(3)), [tok.image_id, tok.bos_id, whole[2], whole[3], newline(&tok)]);
+        std::fs::remove_dir_all(dir).unwrap();
     }
 
     #[test]

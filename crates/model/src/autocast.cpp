@@ -4,13 +4,14 @@
 
 extern "C" {
 
-// Turns autocast on for `device_type` (a c10::DeviceType: 0 CPU, 1 CUDA) computing in
-// `dtype` (a c10::ScalarType), and returns the previous setting for pg2_autocast_exit.
-void pg2_autocast_enter(int device_type, int dtype, bool *was_enabled, int *was_dtype) noexcept {
+// Turns autocast on (or, with `enabled` false, off) for `device_type` (a c10::DeviceType:
+// 0 CPU, 1 CUDA) computing in `dtype` (a c10::ScalarType), and returns the previous setting
+// for pg2_autocast_exit.
+void pg2_autocast_enter(int device_type, bool enabled, int dtype, bool *was_enabled, int *was_dtype) noexcept {
   auto device = static_cast<c10::DeviceType>(device_type);
   *was_enabled = at::autocast::is_autocast_enabled(device);
   *was_dtype = static_cast<int>(at::autocast::get_autocast_dtype(device));
-  at::autocast::set_autocast_enabled(device, true);
+  at::autocast::set_autocast_enabled(device, enabled);
   at::autocast::set_autocast_dtype(device, static_cast<c10::ScalarType>(dtype));
   at::autocast::increment_nesting();
 }

@@ -524,7 +524,8 @@ impl Gemma2 {
         let head = self.lm_head.as_ref().unwrap_or(&self.embed_tokens);
         let cap = self.final_soft_cap.filter(|_| opts.soft_caps);
         if hidden.kind() == Kind::Float && head.kind() == Kind::Float {
-            return soft_cap(&hidden.matmul(&head.tr()), cap);
+            // f32 weights: under `bf16_autocast` the product would come out in bf16.
+            return soft_cap(&crate::autocast::without_autocast(hidden.device(), || hidden.matmul(&head.tr())), cap);
         }
         // The f32 product a slice of the head at a time, so that no f32 copy of the whole
         // head (2.4 GB for 3B) adds to the peak; without gradients it is the answer.
@@ -581,6 +582,21 @@ mod tests {
     fn allowed(blocked: &Tensor) -> Vec<Vec<i64>> {
         let a = blocked.logical_not().squeeze().to_kind(Kind::Int64);
         Vec::<Vec<i64>>::try_from(a).unwrap()
+    }
+
+    /// Under `bf16_autocast` (f32 weights, bf16 matmuls) the logits are still the f32
+    /// product, gradients included, as big_vision takes them.
+    #[test]
+    fn logits_stay_f32_under_autocast() {
+        let model = tiny();
+        let hidden = (Tensor::randn([3, 16], (Kind::Float, Device::Cpu)) * 4.0).set_requires_grad(true);
+        let opts = RunOptions::default();
+        let plain = model.logits(&hidden, opts);
+        let cast = crate::autocast(Device::Cpu, Kind::BFloat16, || model.logits(&hidden, opts));
+        assert_eq!(cast.kind(), Kind::Float);
+        assert!(cast.allclose(&plain, 1e-6, 1e-6, false), "bf16 would differ by about 1e-2 here");
+        let grad = |logits: &Tensor| Tensor::run_backward(&[logits.sum(Kind::Float)], &[&hidden], false, false);
+        assert!(grad(&cast)[0].allclose(&grad(&plain)[0], 1e-6, 1e-6, false));
     }
 
     #[test]

@@ -6,13 +6,13 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use pg2_data::layout::DEFAULT_MAX_TOKENS;
-use pg2_data::{stream, InferenceBatch, OnBadLine, PgTokenizer, Record, Resize, TaskFormat};
+use pg2_data::{stream, InferenceBatch, OnBadLine, PgTokenizer, Record, Resize, TaskFormat, TextLimits};
 use pg2_dist::Group;
 use pg2_model::{generate, DecodeOptions, PaliGemma, RunOptions};
 use serde_json::{Map, Value};
 use tch::Device;
 
-use crate::recipe::{EvalSection, Recipe};
+use crate::recipe::{DataSection, EvalSection, Recipe};
 use crate::run_dir::{checkpoint_dir, RunDir, TrainerState};
 
 /// A recipe's `[eval]` block with its records read.
@@ -20,20 +20,23 @@ pub struct Evaluator {
     spec: EvalSection,
     /// Whether images are antialiased as they are resized.
     antialias: bool,
+    /// The training data's `text_len`: prompts are cut to it as in training
+    /// (big_vision's `combine_and_keep_eval(text_len)`).
+    text_len: Option<usize>,
     records: Vec<Record>,
     tokenizer: Arc<PgTokenizer>,
 }
 
 impl Evaluator {
     /// Reads the first `max_examples` records of `spec.data`; images are antialiased as
-    /// `spec.antialias` says, else as in training (`data_antialias`, the recipe's
-    /// `data.antialias`).
-    pub fn new(spec: &EvalSection, data_antialias: bool, tokenizer: Arc<PgTokenizer>) -> Result<Evaluator> {
+    /// `spec.antialias` says, else as in training (`data.antialias`), and prompts are cut to
+    /// `data.text_len`.
+    pub fn new(spec: &EvalSection, data: &DataSection, tokenizer: Arc<PgTokenizer>) -> Result<Evaluator> {
         let records = stream::records(&spec.data, OnBadLine::Error, &spec.columns)?
             .take(spec.max_examples.unwrap_or(usize::MAX))
             .collect::<Result<_, _>>()?;
-        let antialias = spec.antialias.unwrap_or(data_antialias);
-        Ok(Evaluator { spec: spec.clone(), antialias, records, tokenizer })
+        let antialias = spec.antialias.unwrap_or(data.antialias);
+        Ok(Evaluator { spec: spec.clone(), antialias, text_len: data.text_len, records, tokenizer })
     }
 
     /// Whether the run evaluates after update `done` of `total`.
@@ -62,7 +65,8 @@ impl Evaluator {
             eos_id: tok.eos_id,
             pad_id: tok.pad_id,
         };
-        let format = TaskFormat { prefix: spec.prefix.clone(), ..TaskFormat::default() };
+        let limits = TextLimits { text_len: self.text_len, ..TextLimits::default() };
+        let format = TaskFormat { prefix: spec.prefix.clone(), limits, ..TaskFormat::default() };
         let mut lines = String::new();
         for chunk in records.chunks(spec.batch_size) {
             let prepared =
@@ -101,7 +105,7 @@ pub fn evaluate_checkpoint(
     let options = RunOptions { soft_caps: recipe.model.soft_caps, ..RunOptions::default() };
     let tokenizer = Arc::new(PgTokenizer::from_file(&recipe.data.tokenizer)?);
     let model = crate::trainer::load_model(recipe, &tokenizer, &dir, device, options)?;
-    let evaluator = Evaluator::new(spec, recipe.data.antialias, tokenizer)?;
+    let evaluator = Evaluator::new(spec, &recipe.data, tokenizer)?;
     let step = TrainerState::read(&dir).map_or(0, |s| s.step);
     let scores = evaluator.run(&model, step, &RunDir::new(out), &mut Group::single())?;
     Ok(scores.expect("a group of one is its own main rank"))
@@ -131,7 +135,10 @@ mod tests {
                 eval.map_or(String::new(), |a| format!("antialias = {a}\n"))
             );
             let spec: EvalSection = toml::from_str(&text).unwrap();
-            assert_eq!(Evaluator::new(&spec, data, tok.clone()).unwrap().antialias, want, "{eval:?} {data}");
+            let mut section: DataSection =
+                toml::from_str("tokenizer = \"t.json\"\nmixture = [{ path = \"d.jsonl\", weight = 1.0 }]").unwrap();
+            section.antialias = data;
+            assert_eq!(Evaluator::new(&spec, &section, tok.clone()).unwrap().antialias, want, "{eval:?} {data}");
         }
         std::fs::remove_dir_all(dir).unwrap();
     }

@@ -157,8 +157,10 @@ pub struct ModelSection {
     /// the step, so resumed runs stay exact.
     #[serde(default)]
     pub dropout: f64,
-    /// Parts left untouched (no gradient, no optimizer state): `vision`, `projector`, `decoder`.
-    #[serde(default)]
+    /// Parts left untouched (no gradient, no optimizer state): `vision`, `projector`,
+    /// `decoder`, or `img` for the first two, as big_vision's `img/.*` (its projector is the
+    /// ViT's head, `img/head`).
+    #[serde(default, deserialize_with = "freeze_parts")]
     pub freeze: Vec<Part>,
     /// Keep only each layer's input in the forward pass and recompute the layer in the
     /// backward (about a third more compute, far less memory: what lets 3B at 896 px and
@@ -331,6 +333,22 @@ pub struct Source {
     /// holding it in memory (for sources too large for memory). Tar shards and parquet
     /// files are always read so, with 1,000 by default.
     pub shuffle_buffer: Option<usize>,
+}
+
+/// `model.freeze`'s names as parts, `img` standing for the vision tower and the projector.
+fn freeze_parts<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<Part>, D::Error> {
+    let mut parts = vec![];
+    for name in Vec::<String>::deserialize(d)? {
+        match name.as_str() {
+            "img" => parts.extend([Part::Vision, Part::Projector]),
+            _ => parts.push(Part::ALL.into_iter().find(|p| p.name() == name).ok_or_else(|| {
+                serde::de::Error::custom(format!(
+                    "unknown part `{name}`, expected `vision`, `projector`, `decoder` or `img` (vision and projector)"
+                ))
+            })?),
+        }
+    }
+    Ok(parts)
 }
 
 /// How long and how fast to train.
@@ -995,6 +1013,8 @@ lr = 1e-5
         let err =
             parse(&GOOD.replace("resolution = 64", "resolution = 64\nfreeze = [\"vit\"]")).unwrap_err().to_string();
         assert!(err.contains("`vit`") && err.contains("`vision`"), "{err}");
+        let img = parse(&GOOD.replace("resolution = 64", "resolution = 64\nfreeze = [\"img\"]")).unwrap();
+        assert_eq!(img.model.freeze, [Part::Vision, Part::Projector], "big_vision's img/.* holds the projector");
         let err = parse(&GOOD.replace("steps = 10", "steps = \"ten\"")).unwrap_err().to_string();
         assert!(err.contains("steps") && err.contains("ten"), "{err}");
         let err =

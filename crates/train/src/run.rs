@@ -74,7 +74,7 @@ pub fn train(recipe: &Recipe, resolved: &toml::Table, opts: &LaunchOptions, grou
         input::pipeline_config(recipe, &trainer.model.config, group.rank(), group.world())?,
     )?;
     let evaluator =
-        recipe.eval.as_ref().map(|spec| Evaluator::new(spec, recipe.data.antialias, tokenizer.clone())).transpose()?;
+        recipe.eval.as_ref().map(|spec| Evaluator::new(spec, &recipe.data, tokenizer.clone())).transpose()?;
     let checkpointer = Checkpointer::new(run.clone(), recipe);
     let mut log =
         RunLog::open(&run, recipe.name.as_deref().unwrap_or_default(), first_step, total_steps, group.is_main())?;
