@@ -272,7 +272,14 @@ mod tests {
             let format =
                 TaskFormat { limits: TextLimits { text_len, ..TextLimits::default() }, ..TaskFormat::default() };
             let resize = image::Resize { size: 14, antialias: false };
-            let batch = InferenceBatch::new(&[record.clone()], &tok, &format, (resize, 1), (false, 100), Device::Cpu);
+            let batch = InferenceBatch::new(
+                std::slice::from_ref(&record),
+                &tok,
+                &format,
+                (resize, 1),
+                (false, 100),
+                Device::Cpu,
+            );
             Vec::<i64>::try_from(batch.unwrap().batch.inputs.ids.view([-1])).unwrap()
         };
         let whole = ids(None);
