@@ -16,23 +16,44 @@
 //! | `ocrvqa` | `dataset.json` | `IMAGES/{id}{extension of imageURL}` | `answer en {question}` | the answer |
 //! | `refcoco` | COCO `instances.json`, refs as JSON | `IMAGES/{file_name}` | the sentence | `<locY1><locX1><locY2><locX2>` |
 //! | `docvqa` | `*_v1.0.json` | `IMAGES/{image}` | the question | first answer |
+//! | `chartqa` | `*_human.json` or `*_augmented.json` | `IMAGES/{imgname}` | the query | the label |
+//! | `ai2d` | `questions/` folder, `ai2d_test_ids.csv` | `IMAGES/{imageName}` | `answer en  {question} choose from: {a} \t {b} ...` | the correct option |
+//! | `scienceqa` | `problems.json`, `pid_splits.json` | `IMAGES/{split}/{pid}/{image}` | `Question: ...\nContext: ...\nOptions: (A) ..., (B) ...\nAnswer:` | `The answer is {letter}.` |
+//! | `gqa` | `*_questions.json` | `IMAGES/{imageId}.jpg` | `answer en {question}` | the answer |
+//! | `tallyqa` | `train.json` or `test.json` | `IMAGES/{image}` | `answer en {question}` | the count in digits |
+//! | `vizwiz` | `Annotations/*.json` | `IMAGES/{image}` | `answer en {question}` | most common answer |
+//! | `stvqa` | `*_task_3.json` | `IMAGES/{file_path}` | `answer en {question}` | first answer, lower-cased |
+//! | `vsr` | `splits/*/*.jsonl` | `IMAGES/{image}` | `answer en {caption}` | `True` or `False` |
+//! | `docci` | `docci_descriptions.jsonlines` | `IMAGES/{image_file}` | `caption en` | the description |
 //!
 //! Records come out in input order. Nothing is written unless the whole conversion succeeds:
 //! the output goes to a temporary file beside it, renamed at the end.
 
+mod ai2d;
+mod chartqa;
 mod coco_captions;
+mod docci;
 mod docvqa;
+mod gqa;
 mod json;
 mod ocrvqa;
 mod refcoco;
+mod scienceqa;
+mod stvqa;
+mod tallyqa;
 #[cfg(test)]
 mod test_support;
 mod textvqa;
+mod vizwiz;
 mod vqav2;
+mod vsr;
 mod write;
 
+pub use scienceqa::scienceqa_texts;
+
+use std::collections::BTreeSet;
 use std::fmt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
 use serde_json::{Map, Value};
@@ -55,12 +76,46 @@ pub enum Format {
     RefCoco,
     /// DocVQA: one record per question, suffix = the first answer.
     DocVqa,
+    /// ChartQA (human or augmented): one record per question, suffix = the label.
+    ChartQa,
+    /// AI2D: one record per diagram question, the options in the prompt; `split` train/test.
+    Ai2d,
+    /// ScienceQA: one record per image question, lettered options in the prompt; `split` names
+    /// a list of `pid_splits.json`.
+    ScienceQa,
+    /// GQA: one record per question, suffix = the answer.
+    Gqa,
+    /// TallyQA: one record per counting question, suffix = the count; `split` simple/complex.
+    TallyQa,
+    /// VizWiz VQA: one record per question, suffix = the most common answer.
+    VizWiz,
+    /// ST-VQA: one record per question, answers lower-cased.
+    StVqa,
+    /// Visual Spatial Reasoning: one record per statement, suffix `True` or `False`.
+    Vsr,
+    /// DOCCI: one record per image, suffix = its long description; `split` picks one.
+    Docci,
 }
 
 impl Format {
     /// Every format, in the order `--help` lists them.
-    pub const ALL: [Format; 6] =
-        [Format::CocoCaptions, Format::Vqa, Format::TextVqa, Format::OcrVqa, Format::RefCoco, Format::DocVqa];
+    pub const ALL: [Format; 15] = [
+        Format::CocoCaptions,
+        Format::Vqa,
+        Format::TextVqa,
+        Format::OcrVqa,
+        Format::RefCoco,
+        Format::DocVqa,
+        Format::ChartQa,
+        Format::Ai2d,
+        Format::ScienceQa,
+        Format::Gqa,
+        Format::TallyQa,
+        Format::VizWiz,
+        Format::StVqa,
+        Format::Vsr,
+        Format::Docci,
+    ];
 
     /// The name the CLI takes.
     pub fn name(self) -> &'static str {
@@ -71,6 +126,15 @@ impl Format {
             Format::OcrVqa => "ocrvqa",
             Format::RefCoco => "refcoco",
             Format::DocVqa => "docvqa",
+            Format::ChartQa => "chartqa",
+            Format::Ai2d => "ai2d",
+            Format::ScienceQa => "scienceqa",
+            Format::Gqa => "gqa",
+            Format::TallyQa => "tallyqa",
+            Format::VizWiz => "vizwiz",
+            Format::StVqa => "stvqa",
+            Format::Vsr => "vsr",
+            Format::Docci => "docci",
         }
     }
 
@@ -93,12 +157,40 @@ impl Format {
                  images: train2014/; --split train|val|testA|testB|test"
             }
             Format::DocVqa => "{train,val,test}_v1.0.json; images: the folder holding documents/",
+            Format::ChartQa => {
+                "{train,val,test}_{human,augmented}.json of \"ChartQA Dataset/{split}/\"; images: that split's png/"
+            }
+            Format::Ai2d => "questions/ (the folder) ai2d_test_ids.csv; images: images/; --split train|test",
+            Format::ScienceQa => {
+                "problems.json pid_splits.json; images: the folder holding train/, val/ and test/; \
+                 --split train|val|test|minival|... (a list of pid_splits.json)"
+            }
+            Format::Gqa => "{train,val,testdev}_balanced_questions.json; images: images/",
+            Format::TallyQa => {
+                "train.json or test.json; images: the folder holding train2014/, val2014/, VG_100K/ and \
+                 VG_100K_2/; optional --split simple|complex"
+            }
+            Format::VizWiz => "Annotations/{train,val,test}.json; images: train/, val/ or test/",
+            Format::StVqa => "train_task_3.json or test_task_3.json; images: the folder holding coco-text/, ...",
+            Format::Vsr => "a split's {train,dev,test}.jsonl (splits/random/ or splits/zeroshot/); images: images/",
+            Format::Docci => {
+                "docci_descriptions.jsonlines; images: images/; optional --split train|test|qual_dev|qual_test"
+            }
         }
     }
 
     /// Whether [`ConvertArgs::split`] applies (the other formats keep one split per file).
     pub fn takes_split(self) -> bool {
-        matches!(self, Format::CocoCaptions | Format::OcrVqa | Format::RefCoco)
+        matches!(
+            self,
+            Format::CocoCaptions
+                | Format::OcrVqa
+                | Format::RefCoco
+                | Format::Ai2d
+                | Format::ScienceQa
+                | Format::TallyQa
+                | Format::Docci
+        )
     }
 
     /// One line per format, name and usage, for `--help`.
@@ -162,7 +254,8 @@ pub struct ConvertSummary {
 pub fn convert(args: &ConvertArgs) -> Result<ConvertSummary, DataError> {
     let format = args.format;
     if args.split.is_some() && !format.takes_split() {
-        return Err(usage_error(format, "--split only applies to coco-captions, ocrvqa and refcoco"));
+        let names: Vec<_> = Format::ALL.iter().filter(|f| f.takes_split()).map(|f| f.name()).collect();
+        return Err(usage_error(format, &format!("--split only applies to {}", names.join(", "))));
     }
     let split = args.split.as_deref();
     let examples = match format {
@@ -172,6 +265,15 @@ pub fn convert(args: &ConvertArgs) -> Result<ConvertSummary, DataError> {
         Format::OcrVqa => ocrvqa::ocrvqa(&args.inputs, split)?,
         Format::RefCoco => refcoco::refcoco(&args.inputs, split)?,
         Format::DocVqa => docvqa::docvqa(&args.inputs)?,
+        Format::ChartQa => chartqa::chartqa(&args.inputs)?,
+        Format::Ai2d => ai2d::ai2d(&args.inputs, split)?,
+        Format::ScienceQa => scienceqa::scienceqa(&args.inputs, split)?,
+        Format::Gqa => gqa::gqa(&args.inputs)?,
+        Format::TallyQa => tallyqa::tallyqa(&args.inputs, split)?,
+        Format::VizWiz => vizwiz::vizwiz(&args.inputs)?,
+        Format::StVqa => stvqa::stvqa(&args.inputs)?,
+        Format::Vsr => vsr::vsr(&args.inputs)?,
+        Format::Docci => docci::docci(&args.inputs, split)?,
     };
     write::write_jsonl(args, &examples)
 }
@@ -194,6 +296,41 @@ fn fields(object: Value) -> Map<String, Value> {
 
 fn vqa_prompt(question: &str) -> String {
     format!("answer en {question}")
+}
+
+/// The most frequent string, the earliest on ties.
+fn most_common(items: &[String]) -> Option<&str> {
+    let mut counts: Vec<(&str, usize)> = Vec::new(); // in order of first appearance
+    for item in items {
+        match counts.iter_mut().find(|(s, _)| *s == item.as_str()) {
+            Some((_, n)) => *n += 1,
+            None => counts.push((item, 1)),
+        }
+    }
+    // max_by_key keeps the last of equal maxima; reversing makes it the first.
+    counts.into_iter().rev().max_by_key(|&(_, n)| n).map(|(s, _)| s)
+}
+
+/// `split` checked against a format's split names (`None` passes).
+fn known_split<'s>(format: Format, split: Option<&'s str>, names: &[&str]) -> Result<Option<&'s str>, DataError> {
+    match split {
+        Some(name) if !names.contains(&name) => {
+            Err(usage_error(format, &format!("unknown split `{name}` (one of {})", names.join(", "))))
+        }
+        _ => Ok(split),
+    }
+}
+
+/// The error for a `--split` no record of `path` is in, naming the splits it holds.
+fn empty_split(path: &Path, what: &str, split: &str, found: BTreeSet<String>) -> DataError {
+    let found: Vec<_> = found.into_iter().collect();
+    let msg = format!("no {what} in split `{split}` (found: {})", found.join(", "));
+    DataError::File { path: path.display().to_string(), msg }
+}
+
+/// The split a format cannot do without.
+fn required_split(format: Format, split: Option<&str>) -> Result<&str, DataError> {
+    split.ok_or_else(|| usage_error(format, "--split is required"))
 }
 
 fn usage_error(format: Format, msg: &str) -> DataError {
@@ -264,12 +401,35 @@ mod tests {
         a.inputs = vec![write("dataset.json", books)];
         expect_error(&a, &["dataset.json", "`b1`: 1 questions but 0 answers"]);
 
+        // Answers that name no option; a VSR label that is not 0 or 1, named by its line.
+        a.format = Format::ScienceQa;
+        a.split = Some("train".into());
+        let problem =
+            r#"{"4": {"question": "q", "choices": ["x", "y"], "answer": 2, "image": "i.png", "split": "train"}}"#;
+        a.inputs = vec![write("problems.json", problem), write("pid_splits.json", r#"{"train": ["4"]}"#)];
+        expect_error(&a, &["problems.json", "`4.answer`: answer 2 of 2 choices"]);
+        a.format = Format::Vsr;
+        a.split = None;
+        a.inputs =
+            vec![write("test.jsonl", "{\"image\": \"a.jpg\", \"caption\": \"c\", \"label\": 1}\n{\"label\": 2}\n")];
+        expect_error(&a, &["test.jsonl", "`line 2.label`: expected 0 or 1, found 2"]);
+        a.format = Format::Ai2d;
+        a.split = Some("train".into());
+        let questions = tmp.0.join("questions");
+        std::fs::create_dir_all(&questions).unwrap();
+        let diagram = r#"{"imageName": "1.png", "questions": {"q": {"answerTexts": ["x"], "correctAnswer": 1, "questionId": "1.png-0"}}}"#;
+        std::fs::write(questions.join("1.png.json"), diagram).unwrap();
+        a.inputs = vec![questions, write("ai2d_test_ids.csv", "7\n")];
+        expect_error(&a, &["1.png.json", "`questions.q.correctAnswer`: no option 1 among 1"]);
+        a.inputs.pop();
+        a.split = None;
+
         // Usage: input count, --split where it does not apply, unknown names.
         a.format = Format::RefCoco;
         expect_error(&a, &["convert refcoco", "wrong number of inputs (1)", "INSTANCES.json REFS.json"]);
         a.format = Format::DocVqa;
         a.split = Some("train".into());
-        expect_error(&a, &["convert docvqa", "--split only applies"]);
+        expect_error(&a, &["convert docvqa", "--split only applies to coco-captions, ocrvqa, refcoco, ai2d"]);
         a.split = None;
         a.images = tmp.0.join("nowhere");
         a.inputs = vec![fixture(Format::DocVqa).join("val_v1.0.json")];
@@ -277,6 +437,6 @@ mod tests {
         assert!("vqa"
             .parse::<Format>()
             .unwrap_err()
-            .contains("coco-captions, vqav2, textvqa, ocrvqa, refcoco, docvqa"));
+            .contains("coco-captions, vqav2, textvqa, ocrvqa, refcoco, docvqa, chartqa, ai2d"));
     }
 }
