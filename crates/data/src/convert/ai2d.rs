@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use serde_json::json;
 
 use super::json::{read_value, Node};
-use super::{fields, known_split, required_split, wrong_inputs, Example, Format};
+use super::{fields, folder_files, known_split, natural_key, required_split, wrong_inputs, Example, Format};
 use crate::DataError;
 
 /// `ai2d`: AI2D's `questions/` folder (one `{image}.json` per diagram: `imageName` and
@@ -28,19 +28,9 @@ pub(super) fn ai2d(inputs: &[PathBuf], split: Option<&str>) -> Result<Vec<Exampl
     let test_ids = std::fs::read_to_string(test_ids_path).map_err(|e| file_error(test_ids_path, e.to_string()))?;
     let test_ids: HashSet<&str> = test_ids.lines().map(str::trim).filter(|l| !l.is_empty()).collect();
 
-    let mut files = Vec::new(); // (diagram id, its questions file)
-    let entries = std::fs::read_dir(questions_dir).map_err(|e| file_error(questions_dir, e.to_string()))?;
-    for entry in entries {
-        let path = entry.map_err(|e| file_error(questions_dir, e.to_string()))?.path();
-        let name = path.file_name().unwrap_or_default().to_string_lossy();
-        // `12.png.json` describes diagram 12.
-        if let Some(id) = name.strip_suffix(".json").map(|n| n.split('.').next().unwrap_or(n).to_owned()) {
-            if test_ids.contains(id.as_str()) == test {
-                files.push((id, path));
-            }
-        }
-    }
-    files.sort_by(|(a, _), (b, _)| natural_key(a).cmp(&natural_key(b)));
+    // `12.png.json` holds the questions on diagram 12.
+    let files = folder_files(questions_dir, ".json")?;
+    let files = files.into_iter().filter(|(name, _)| test_ids.contains(name.split('.').next().unwrap_or(name)) == test);
 
     let mut examples = Vec::new();
     for (_, path) in files {
@@ -73,17 +63,10 @@ pub(super) fn ai2d(inputs: &[PathBuf], split: Option<&str>) -> Result<Vec<Exampl
     Ok(examples)
 }
 
-/// Sorts `0.png-10` after `0.png-9`: the text before the last run of digits, then that number.
-fn natural_key(id: &str) -> (&str, u64) {
-    let head = id.trim_end_matches(|c: char| c.is_ascii_digit());
-    (head, id[head.len()..].parse().unwrap_or(0))
-}
-
 #[cfg(test)]
 mod tests {
     use serde_json::json;
 
-    use super::natural_key;
     use crate::convert::test_support::{args, assert_image, convert_and_read, texts, TempDir};
     use crate::convert::{convert, Format};
 
@@ -115,6 +98,5 @@ mod tests {
 
         a.split = None;
         assert!(convert(&a).unwrap_err().to_string().contains("--split is required"));
-        assert!(natural_key("0.png-10") > natural_key("0.png-9"));
     }
 }

@@ -25,6 +25,8 @@
 //! | `stvqa` | `*_task_3.json` | `IMAGES/{file_path}` | `answer en {question}` | first answer, lower-cased |
 //! | `vsr` | `splits/*/*.jsonl` | `IMAGES/{image}` | `answer en {caption}` | `True` or `False` |
 //! | `docci` | `docci_descriptions.jsonlines` | `IMAGES/{image_file}` | `caption en` | the description |
+//! | `icdar15` | the `gt_img_N.txt` folder | `IMAGES/img_N.jpg` | `ocr` | `<loc>`x4 and text per word, ` ; ` between |
+//! | `pubtabnet` | `PubTabNet_2.0.0.jsonl` | `IMAGES/{split}/{filename}` | `table html` | the table's HTML, cells with `coords` |
 //!
 //! Records come out in input order. Nothing is written unless the whole conversion succeeds:
 //! the output goes to a temporary file beside it, renamed at the end.
@@ -35,8 +37,10 @@ mod coco_captions;
 mod docci;
 mod docvqa;
 mod gqa;
+mod icdar15;
 mod json;
 mod ocrvqa;
+mod pubtabnet;
 mod refcoco;
 mod scienceqa;
 mod stvqa;
@@ -95,11 +99,15 @@ pub enum Format {
     Vsr,
     /// DOCCI: one record per image, suffix = its long description; `split` picks one.
     Docci,
+    /// PubTabNet: one record per table, suffix = its HTML with cell boxes; `split` picks one.
+    PubTabNet,
+    /// ICDAR 2015 incidental scene text: one record per image, suffix = its words with boxes.
+    Icdar15,
 }
 
 impl Format {
     /// Every format, in the order `--help` lists them.
-    pub const ALL: [Format; 15] = [
+    pub const ALL: [Format; 17] = [
         Format::CocoCaptions,
         Format::Vqa,
         Format::TextVqa,
@@ -115,6 +123,8 @@ impl Format {
         Format::StVqa,
         Format::Vsr,
         Format::Docci,
+        Format::PubTabNet,
+        Format::Icdar15,
     ];
 
     /// The name the CLI takes.
@@ -135,6 +145,8 @@ impl Format {
             Format::StVqa => "stvqa",
             Format::Vsr => "vsr",
             Format::Docci => "docci",
+            Format::PubTabNet => "pubtabnet",
+            Format::Icdar15 => "icdar15",
         }
     }
 
@@ -176,6 +188,14 @@ impl Format {
             Format::Docci => {
                 "docci_descriptions.jsonlines; images: images/; optional --split train|test|qual_dev|qual_test"
             }
+            Format::PubTabNet => {
+                "PubTabNet_2.0.0.jsonl; images: the folder holding train/, val/ and test/; optional --split \
+                 train|val|test"
+            }
+            Format::Icdar15 => {
+                "the ground-truth folder (ch4_training_localization_transcription_gt/ or \
+                 Challenge4_Test_Task4_GT/); images: ch4_training_images/ or ch4_test_images/"
+            }
         }
     }
 
@@ -190,6 +210,7 @@ impl Format {
                 | Format::ScienceQa
                 | Format::TallyQa
                 | Format::Docci
+                | Format::PubTabNet
         )
     }
 
@@ -274,6 +295,8 @@ pub fn convert(args: &ConvertArgs) -> Result<ConvertSummary, DataError> {
         Format::StVqa => stvqa::stvqa(&args.inputs)?,
         Format::Vsr => vsr::vsr(&args.inputs)?,
         Format::Docci => docci::docci(&args.inputs, split)?,
+        Format::PubTabNet => pubtabnet::pubtabnet(&args.inputs, &args.images, split)?,
+        Format::Icdar15 => icdar15::icdar15(&args.inputs, &args.images)?,
     };
     write::write_jsonl(args, &examples)
 }
@@ -311,6 +334,70 @@ fn most_common(items: &[String]) -> Option<&str> {
     counts.into_iter().rev().max_by_key(|&(_, n)| n).map(|(s, _)| s)
 }
 
+/// The 4 location tokens of a box `[y1, x1, y2, x2]` in pixels of a `width` x `height` image.
+pub(super) fn loc_tokens(corners: [f64; 4], width: f64, height: f64) -> String {
+    let sizes = [height, width, height, width];
+    corners.iter().zip(sizes).map(|(&c, size)| loc_token(c, size)).collect()
+}
+
+/// `<locNNNN>` for a coordinate along an axis of `size` pixels: big_vision's
+/// `round(coord / size * 1023)` clipped to [0, 1023]. `tf.round` rounds halves to even, so
+/// does this; the product is taken before the division so that exact halves stay exact.
+pub(super) fn loc_token(coord: f64, size: f64) -> String {
+    let bin = (coord * 1023.0 / size).round_ties_even().clamp(0.0, 1023.0);
+    format!("<loc{:04}>", bin as u32)
+}
+
+/// The size (width, height) of the image `image` under the folder `images`, read from its
+/// header; `None` when there is no such file (the writer then reports or skips the record).
+fn image_size(images: &Path, image: &Path) -> Result<Option<(f64, f64)>, DataError> {
+    let path = images.join(image);
+    if !path.is_file() {
+        return Ok(None);
+    }
+    let (width, height) = ::image::image_dimensions(&path)
+        .map_err(|e| DataError::File { path: path.display().to_string(), msg: format!("image size: {e}") })?;
+    Ok(Some((f64::from(width), f64::from(height))))
+}
+
+/// The files of the folder `dir` whose names end in `suffix`, as (name without the suffix,
+/// path), in [`natural_key`] order of their names.
+fn folder_files(dir: &Path, suffix: &str) -> Result<Vec<(String, PathBuf)>, DataError> {
+    let error = |e: std::io::Error| DataError::File { path: dir.display().to_string(), msg: e.to_string() };
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(dir).map_err(error)? {
+        let path = entry.map_err(error)?.path();
+        let name = path.file_name().unwrap_or_default().to_string_lossy().into_owned();
+        if let Some(stem) = name.strip_suffix(suffix).filter(|_| path.is_file()) {
+            files.push((stem.to_owned(), path));
+        }
+    }
+    files.sort_by(|(a, _), (b, _)| natural_key(a).cmp(&natural_key(b)));
+    Ok(files)
+}
+
+/// A part of a name for [`natural_key`].
+#[derive(Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Chunk<'a> {
+    Number(u128),
+    Text(&'a str),
+}
+
+/// Orders names as people do: runs of digits compare as numbers (`img_9` before `img_10`,
+/// `2.png-2` before `2.png-10`).
+fn natural_key(name: &str) -> Vec<Chunk<'_>> {
+    let mut key = Vec::new();
+    let mut rest = name;
+    while let Some(first) = rest.chars().next() {
+        let digits = first.is_ascii_digit();
+        let end = rest.find(|c: char| c.is_ascii_digit() != digits).unwrap_or(rest.len());
+        let (run, tail) = rest.split_at(end);
+        key.push(if digits { Chunk::Number(run.parse().unwrap_or(u128::MAX)) } else { Chunk::Text(run) });
+        rest = tail;
+    }
+    key
+}
+
 /// `split` checked against a format's split names (`None` passes).
 fn known_split<'s>(format: Format, split: Option<&'s str>, names: &[&str]) -> Result<Option<&'s str>, DataError> {
     match split {
@@ -345,6 +432,13 @@ fn wrong_inputs(format: Format, inputs: &[PathBuf]) -> DataError {
 mod tests {
     use super::test_support::{args, fixture, no_temporary, TempDir};
     use super::*;
+
+    #[test]
+    fn natural_order_compares_digit_runs_as_numbers() {
+        let mut names = ["img_10", "img_9", "2.png-10", "2.png-2", "10.png", "img_", "b"];
+        names.sort_by(|a, b| natural_key(a).cmp(&natural_key(b)));
+        assert_eq!(names, ["2.png-2", "2.png-10", "10.png", "b", "img_", "img_9", "img_10"]);
+    }
 
     #[test]
     fn format_names_round_trip() {

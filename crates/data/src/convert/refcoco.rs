@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use serde_json::json;
 
 use super::json::{read_json, Node, Walk};
-use super::{empty_split, fields, wrong_inputs, Example, Format};
+use super::{empty_split, fields, loc_tokens, wrong_inputs, Example, Format};
 use crate::DataError;
 
 /// `refcoco`: the refs list (`refs(unc).p`, `refs(google).p`, `refs(umd).p` of the refer
@@ -78,27 +78,12 @@ pub(super) fn refcoco(inputs: &[PathBuf], split: Option<&str>) -> Result<Vec<Exa
     Ok(examples)
 }
 
-/// The 4 location tokens of a box `[y1, x1, y2, x2]` in pixels of a `width` x `height` image.
-fn loc_tokens(corners: [f64; 4], width: f64, height: f64) -> String {
-    let sizes = [height, width, height, width];
-    corners.iter().zip(sizes).map(|(&c, size)| loc_token(c, size)).collect()
-}
-
-/// `<locNNNN>` for a coordinate along an axis of `size` pixels: big_vision's
-/// `round(coord / size * 1023)` clipped to [0, 1023]. `tf.round` rounds halves to even, so
-/// does this; the product is taken before the division so that exact halves stay exact.
-fn loc_token(coord: f64, size: f64) -> String {
-    let bin = (coord * 1023.0 / size).round_ties_even().clamp(0.0, 1023.0);
-    format!("<loc{:04}>", bin as u32)
-}
-
 #[cfg(test)]
 mod tests {
     use serde_json::json;
 
-    use super::{loc_token, loc_tokens};
     use crate::convert::test_support::{args, assert_image, convert_and_read, texts, TempDir};
-    use crate::convert::{convert, Format};
+    use crate::convert::{convert, loc_token, loc_tokens, Format};
 
     #[test]
     fn refcoco_sentence_prompts_box_tokens() {
