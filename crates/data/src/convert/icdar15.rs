@@ -2,23 +2,15 @@
 
 use std::path::{Path, PathBuf};
 
-use serde_json::{json, Value};
-
-use super::{fields, folder_files, image_size, loc_tokens, wrong_inputs, Example, Format};
+use super::{enclosing_box, folder_files, image_size, ocr_example, wrong_inputs, Example, Format};
 use crate::DataError;
-
-/// The text of an unreadable word in ICDAR'15's ground truth.
-const DONT_CARE: &str = "###";
 
 /// `icdar15`: ICDAR'15's ground-truth folder (`ch4_training_localization_transcription_gt/` or
 /// `Challenge4_Test_Task4_GT/`: `gt_img_N.txt` for the image `img_N.jpg`, one word a line as
-/// `x1,y1,x2,y2,x3,y3,x4,y4,transcription`, the text possibly holding commas). One record per
-/// image in natural order (`img_9` before `img_10`), prefix `ocr`, suffix = the readable words
-/// in the file's order, each as the four `<loc>` tokens of its quadrilateral's enclosing box
-/// (y1 x1 y2 x2 on the image's size, read from its header) and its text, joined by ` ; `
-/// (the target format `ocr_f1` reads; the paper does not give one). `words` = every word as
-/// `{text, box: [y1, x1, y2, x2]}` in pixels, the unreadable `###` ones included (the metric
-/// leaves them and the predictions on them out), with the image's `width` and `height`.
+/// `x1,y1,x2,y2,x3,y3,x4,y4,transcription`, the text possibly holding commas, `###` when
+/// unreadable). One record per image in natural order (`img_9` before `img_10`), its words in
+/// the file's order, each with its quadrilateral's enclosing box, as [`ocr_example`] writes
+/// them (the image's size read from its header); `id` = `img_N`.
 pub(super) fn icdar15(inputs: &[PathBuf], images: &Path) -> Result<Vec<Example>, DataError> {
     let [gt_dir] = inputs else {
         return Err(wrong_inputs(Format::Icdar15, inputs));
@@ -29,26 +21,8 @@ pub(super) fn icdar15(inputs: &[PathBuf], images: &Path) -> Result<Vec<Example>,
             continue;
         };
         let image = PathBuf::from(format!("{stem}.jpg"));
-        let words = read_words(&path)?;
         let size = image_size(images, &image)?;
-        let suffix = size.map(|(width, height)| {
-            let readable = words.iter().filter(|(text, _)| text != DONT_CARE);
-            let segments: Vec<String> =
-                readable.map(|(text, corners)| format!("{} {text}", loc_tokens(*corners, width, height))).collect();
-            segments.join(" ; ")
-        });
-        let words: Vec<Value> = words.iter().map(|(text, corners)| json!({"text": text, "box": corners})).collect();
-        examples.push(Example {
-            image,
-            prefix: "ocr".into(),
-            suffix,
-            extra: fields(json!({
-                "id": stem,
-                "words": words,
-                "width": size.map(|(w, _)| w),
-                "height": size.map(|(_, h)| h),
-            })),
-        });
+        examples.push(ocr_example(image, stem, &read_words(&path)?, size));
     }
     Ok(examples)
 }
@@ -69,10 +43,7 @@ fn read_words(path: &Path) -> Result<Vec<(String, [f64; 4])>, DataError> {
         let numbers = numbers.filter(|n| n.len() == 8).ok_or_else(|| {
             error(format!("line {}: expected x1,y1,x2,y2,x3,y3,x4,y4,transcription, found {line:?}", i + 1))
         })?;
-        let (xs, ys): (Vec<f64>, Vec<f64>) = numbers.chunks(2).map(|p| (p[0], p[1])).unzip();
-        let min = |v: &[f64]| v.iter().copied().fold(f64::INFINITY, f64::min);
-        let max = |v: &[f64]| v.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-        words.push((word.to_string(), [min(&ys), min(&xs), max(&ys), max(&xs)]));
+        words.push((word.to_string(), enclosing_box(numbers.chunks(2).map(|p| (p[0], p[1])))));
     }
     Ok(words)
 }

@@ -26,6 +26,8 @@
 //! | `vsr` | `splits/*/*.jsonl` | `IMAGES/{image}` | `answer en {caption}` | `True` or `False` |
 //! | `docci` | `docci_descriptions.jsonlines` | `IMAGES/{image_file}` | `caption en` | the description |
 //! | `icdar15` | the `gt_img_N.txt` folder | `IMAGES/img_N.jpg` | `ocr` | `<loc>`x4 and text per word, ` ; ` between |
+//! | `hiertext` | `train.jsonl` or `validation.jsonl` | `IMAGES/{image_id}.jpg` | `ocr` | as `icdar15` |
+//! | `totaltext` | the `poly_gt_imgN.txt` folder | `IMAGES/imgN.jpg` (or `.JPG`) | `ocr` | as `icdar15` |
 //! | `pubtabnet` | `PubTabNet_2.0.0.jsonl` | `IMAGES/{split}/{filename}` | `table html` | the table's HTML, cells with `coords` |
 //!
 //! Records come out in input order. Nothing is written unless the whole conversion succeeds:
@@ -37,6 +39,7 @@ mod coco_captions;
 mod docci;
 mod docvqa;
 mod gqa;
+mod hiertext;
 mod icdar15;
 mod json;
 mod ocrvqa;
@@ -48,6 +51,7 @@ mod tallyqa;
 #[cfg(test)]
 mod test_support;
 mod textvqa;
+mod totaltext;
 mod vizwiz;
 mod vqav2;
 mod vsr;
@@ -103,11 +107,15 @@ pub enum Format {
     PubTabNet,
     /// ICDAR 2015 incidental scene text: one record per image, suffix = its words with boxes.
     Icdar15,
+    /// HierText: one record per image, suffix = its words with boxes.
+    HierText,
+    /// Total-Text: one record per image, suffix = its words with boxes.
+    TotalText,
 }
 
 impl Format {
     /// Every format, in the order `--help` lists them.
-    pub const ALL: [Format; 17] = [
+    pub const ALL: [Format; 19] = [
         Format::CocoCaptions,
         Format::Vqa,
         Format::TextVqa,
@@ -125,6 +133,8 @@ impl Format {
         Format::Docci,
         Format::PubTabNet,
         Format::Icdar15,
+        Format::HierText,
+        Format::TotalText,
     ];
 
     /// The name the CLI takes.
@@ -147,6 +157,8 @@ impl Format {
             Format::Docci => "docci",
             Format::PubTabNet => "pubtabnet",
             Format::Icdar15 => "icdar15",
+            Format::HierText => "hiertext",
+            Format::TotalText => "totaltext",
         }
     }
 
@@ -195,6 +207,10 @@ impl Format {
             Format::Icdar15 => {
                 "the ground-truth folder (ch4_training_localization_transcription_gt/ or \
                  Challenge4_Test_Task4_GT/); images: ch4_training_images/ or ch4_test_images/"
+            }
+            Format::HierText => "train.jsonl or validation.jsonl (gunzipped); images: train/ or validation/",
+            Format::TotalText => {
+                "txt_format/Train/ or txt_format/Test/ (the folder); images: Images/Train/ or Images/Test/"
             }
         }
     }
@@ -297,6 +313,8 @@ pub fn convert(args: &ConvertArgs) -> Result<ConvertSummary, DataError> {
         Format::Docci => docci::docci(&args.inputs, split)?,
         Format::PubTabNet => pubtabnet::pubtabnet(&args.inputs, &args.images, split)?,
         Format::Icdar15 => icdar15::icdar15(&args.inputs, &args.images)?,
+        Format::HierText => hiertext::hiertext(&args.inputs)?,
+        Format::TotalText => totaltext::totaltext(&args.inputs, &args.images)?,
     };
     write::write_jsonl(args, &examples)
 }
@@ -346,6 +364,47 @@ pub(super) fn loc_tokens(corners: [f64; 4], width: f64, height: f64) -> String {
 pub(super) fn loc_token(coord: f64, size: f64) -> String {
     let bin = (coord * 1023.0 / size).round_ties_even().clamp(0.0, 1023.0);
     format!("<loc{:04}>", bin as u32)
+}
+
+/// The text of an unreadable word (ICDAR'15's, and pg2's `ocr_f1` metric's).
+const DONT_CARE: &str = "###";
+
+/// An `ocr` record of the image `image` with `words` (text and box `[y1, x1, y2, x2]` in
+/// pixels, unreadable ones as [`DONT_CARE`]) in reading order: prefix `ocr`, suffix = the
+/// readable words, each as the four `<loc>` tokens of its box (y1 x1 y2 x2 on the image's
+/// size) and its text, joined by ` ; ` (the format `ocr_f1` reads; the paper gives none);
+/// `words` = all of them as `{text, box}`, the unreadable ones included (the metric leaves them
+/// and the predictions on them out), with the image's `width` and `height`. Without a size
+/// (the image is missing) there is no suffix.
+fn ocr_example(image: PathBuf, id: &str, words: &[(String, [f64; 4])], size: Option<(f64, f64)>) -> Example {
+    let suffix = size.map(|(width, height)| {
+        let readable = words.iter().filter(|(text, _)| text != DONT_CARE);
+        let segments: Vec<String> =
+            readable.map(|(text, corners)| format!("{} {text}", loc_tokens(*corners, width, height))).collect();
+        segments.join(" ; ")
+    });
+    let words: Vec<Value> =
+        words.iter().map(|(text, corners)| serde_json::json!({"text": text, "box": corners})).collect();
+    Example {
+        image,
+        prefix: "ocr".into(),
+        suffix,
+        extra: fields(serde_json::json!({
+            "id": id,
+            "words": words,
+            "width": size.map(|(w, _)| w),
+            "height": size.map(|(_, h)| h),
+        })),
+    }
+}
+
+/// The enclosing box `[y1, x1, y2, x2]` of the points `(x, y)`.
+fn enclosing_box(points: impl IntoIterator<Item = (f64, f64)>) -> [f64; 4] {
+    let mut corners = [f64::INFINITY, f64::INFINITY, f64::NEG_INFINITY, f64::NEG_INFINITY];
+    for (x, y) in points {
+        corners = [corners[0].min(y), corners[1].min(x), corners[2].max(y), corners[3].max(x)];
+    }
+    corners
 }
 
 /// The size (width, height) of the image `image` under the folder `images`, read from its
