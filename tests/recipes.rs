@@ -180,14 +180,6 @@ fn transfer_hints_are_convert_commands_writing_the_source() {
     }
     without.sort();
     without.dedup();
-    let expected = [
-        "grandstaff",
-        "mimic-cxr",
-        "molecules",
-        "ocr-icdar15",
-        "ocr-totaltext",
-        "tables-fintabnet",
-        "tables-pubtabnet",
-    ];
+    let expected = ["grandstaff", "molecules", "ocr-icdar15", "ocr-totaltext", "tables-fintabnet", "tables-pubtabnet"];
     assert_eq!(without, expected);
 }

@@ -28,6 +28,7 @@
 //! | `icdar15` | the `gt_img_N.txt` folder | `IMAGES/img_N.jpg` | `ocr` | `<loc>`x4 and text per word, ` ; ` between |
 //! | `hiertext` | `train.jsonl` or `validation.jsonl` | `IMAGES/{image_id}.jpg` | `ocr` | as `icdar15` |
 //! | `totaltext` | the `poly_gt_imgN.txt` folder | `IMAGES/imgN.jpg` (or `.JPG`) | `ocr` | as `icdar15` |
+//! | `mimic-cxr` | `mimic-cxr-2.0.0-split.csv`, the reports' `files/` | `IMAGES/files/pXX/pSUBJECT/sSTUDY/DICOM.jpg` | `INDICATION: ...` | `FINDINGS: ... IMPRESSION: ...` |
 //! | `pubtabnet` | `PubTabNet_2.0.0.jsonl` | `IMAGES/{split}/{filename}` | `table html` | the table's HTML, cells with `coords` |
 //!
 //! Records come out in input order. Nothing is written unless the whole conversion succeeds:
@@ -42,6 +43,7 @@ mod gqa;
 mod hiertext;
 mod icdar15;
 mod json;
+mod mimic_cxr;
 mod ocrvqa;
 mod pubtabnet;
 mod refcoco;
@@ -111,11 +113,14 @@ pub enum Format {
     HierText,
     /// Total-Text: one record per image, suffix = its words with boxes.
     TotalText,
+    /// MIMIC-CXR: one record per X-ray of a split, suffix = its report's findings and
+    /// impression.
+    MimicCxr,
 }
 
 impl Format {
     /// Every format, in the order `--help` lists them.
-    pub const ALL: [Format; 19] = [
+    pub const ALL: [Format; 20] = [
         Format::CocoCaptions,
         Format::Vqa,
         Format::TextVqa,
@@ -135,6 +140,7 @@ impl Format {
         Format::Icdar15,
         Format::HierText,
         Format::TotalText,
+        Format::MimicCxr,
     ];
 
     /// The name the CLI takes.
@@ -159,6 +165,7 @@ impl Format {
             Format::Icdar15 => "icdar15",
             Format::HierText => "hiertext",
             Format::TotalText => "totaltext",
+            Format::MimicCxr => "mimic-cxr",
         }
     }
 
@@ -212,6 +219,10 @@ impl Format {
             Format::TotalText => {
                 "txt_format/Train/ or txt_format/Test/ (the folder); images: Images/Train/ or Images/Test/"
             }
+            Format::MimicCxr => {
+                "mimic-cxr-2.0.0-split.csv (gunzipped) and the reports' files/ folder; images: the MIMIC-CXR-JPG \
+                 folder holding files/; --split train|validate|test"
+            }
         }
     }
 
@@ -227,6 +238,7 @@ impl Format {
                 | Format::TallyQa
                 | Format::Docci
                 | Format::PubTabNet
+                | Format::MimicCxr
         )
     }
 
@@ -315,6 +327,7 @@ pub fn convert(args: &ConvertArgs) -> Result<ConvertSummary, DataError> {
         Format::Icdar15 => icdar15::icdar15(&args.inputs, &args.images)?,
         Format::HierText => hiertext::hiertext(&args.inputs)?,
         Format::TotalText => totaltext::totaltext(&args.inputs, &args.images)?,
+        Format::MimicCxr => mimic_cxr::mimic_cxr(&args.inputs, split)?,
     };
     write::write_jsonl(args, &examples)
 }
