@@ -3,6 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
+use pg2_data::convert::Format;
 use pg2_eval::Metric;
 use pg2_train::Recipe;
 
@@ -51,7 +52,8 @@ fn transfer(name: &str) -> Recipe {
 }
 
 /// Case is kept where big_vision's `vqa` evaluator keeps it (its default `to_lower=False`;
-/// AI2D sets it explicitly) and where it carries meaning (SMILES).
+/// AI2D sets it explicitly) and where it carries meaning (SMILES); TallyQA and ScienceQA use
+/// their own evaluators' rules.
 #[test]
 fn transfer_recipes_compare_case_as_big_vision() {
     for (name, metric) in [
@@ -59,8 +61,8 @@ fn transfer_recipes_compare_case_as_big_vision() {
         ("ocrvqa", Metric::ExactCased),
         ("gqa", Metric::ExactCased),
         ("molecules", Metric::ExactCased),
-        ("scienceqa", Metric::Exact),
-        ("tallyqa", Metric::Exact),
+        ("scienceqa", Metric::ScienceQa),
+        ("tallyqa", Metric::TallyQa),
     ] {
         assert_eq!(transfer(name).eval.unwrap().metric, metric, "{name}");
     }
@@ -138,4 +140,46 @@ fn transfer_recipes_draw_targets_as_big_vision() {
         assert_eq!(transfer(name).data.mixture[0].suffix_from.as_deref(), Some("references"), "{name}");
     }
     assert_eq!(transfer("ocrvqa").data.mixture[0].suffix_from, None, "one answer per question");
+}
+
+/// A transfer source's `make` hint that runs `pg2 convert` is a command to run: a known
+/// format, `--input`, `--images`, `--split` only where the format takes one, and the very
+/// file the source reads as `--output` (or made from it by a following command). The tasks still without a converter are exactly these.
+#[test]
+fn transfer_hints_are_convert_commands_writing_the_source() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../recipes/transfer");
+    let mut files = Vec::new();
+    recipes(&dir, &mut files);
+    let mut without = Vec::new();
+    for file in &files {
+        let name = file.file_stem().unwrap().to_string_lossy().into_owned();
+        if name.starts_with("base") {
+            continue; // placeholders whose hint says to run a task
+        }
+        for source in transfer(&name).data.mixture {
+            let make = source.make.as_deref().unwrap_or_else(|| panic!("{name}: a source without `make`"));
+            let Some(command) = make.strip_prefix("pg2 convert ") else {
+                assert!(make.starts_with("no converter yet: "), "{name}: {make}");
+                without.push(name.clone());
+                continue;
+            };
+            // The convert command's words: up to a following `&&` command or a closing remark.
+            let words: Vec<&str> =
+                command.split_whitespace().take_while(|w| *w != "&&" && !w.starts_with('(')).collect();
+            let format: Format = words[0].parse().unwrap_or_else(|e| panic!("{name}: {e}"));
+            let flag = |flag: &str| -> Vec<&str> { words.windows(2).filter(|w| w[0] == flag).map(|w| w[1]).collect() };
+            assert!(!flag("--input").is_empty() && flag("--images").len() == 1, "{name}: {make}");
+            assert!(flag("--split").len() <= usize::from(format.takes_split()), "{name}: {make}");
+            // The source is the converter's output, or what a following command makes of it.
+            let target = source.path.to_string_lossy().replacen("/data", "$DATA", 1);
+            let made = flag("--output") == [target.as_str()] || make.contains(&format!("> {target}"));
+            assert!(made, "{name}: {make} does not write {target}");
+            let known = |w: &&str| !w.starts_with("--") || ["--input", "--images", "--split", "--output"].contains(w);
+            assert!(words.iter().all(known), "{name}: {make}");
+        }
+    }
+    without.sort();
+    without.dedup();
+    let expected = ["grandstaff", "molecules", "ocr-icdar15", "ocr-totaltext", "tables-fintabnet", "tables-pubtabnet"];
+    assert_eq!(without, expected);
 }

@@ -20,7 +20,7 @@ pub struct ConvertArgs {
     /// The JSONL file to write (image paths are written relative to it).
     #[arg(long)]
     pub output: PathBuf,
-    /// Keep one split (ocrvqa, refcoco).
+    /// Keep one split (the formats that take one say so below).
     #[arg(long)]
     pub split: Option<String>,
     /// Leave out records whose image is missing instead of failing.

@@ -7,7 +7,8 @@ use clap::Args;
 
 #[derive(Args)]
 pub struct MetricArgs {
-    /// cider, bleu4, vqa, anls, relaxed, exact, exact_cased, refcoco, teds, teds_struct or ocr_f1.
+    /// cider, bleu4, vqa, anls, relaxed, exact, exact_cased, tallyqa, scienceqa, refcoco, teds,
+    /// teds_struct or ocr_f1.
     #[arg(long)]
     pub metric: pg2_eval::Metric,
     /// JSONL with `prediction` and the references the metric needs.

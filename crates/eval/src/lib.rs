@@ -12,6 +12,8 @@
 //! | `relaxed` | `answers`: list of strings | `relaxed` (ChartQA relaxed accuracy) |
 //! | `exact` | `answers`: list of strings | `exact` (trimmed, case ignored) |
 //! | `exact_cased` | `answers`: list of strings | `exact_cased` (trimmed, case kept: big_vision's `vqa` evaluator with its default `to_lower=False`) |
+//! | `tallyqa` | `answers`: list of strings | `tallyqa` (big_vision's TallyQA evaluator: number words up to "twenty" read as numerals, then exact) |
+//! | `scienceqa` | `answers`: list of strings (`"The answer is B."`) | `scienceqa` (big_vision's ScienceQA evaluator: the letters read by `the answer is ([a-z])\.` compared) |
 //! | `refcoco` | `boxes`: list of `[y1, x1, y2, x2]` (pixels; the first is used), `width`, `height` | `accuracy` (IoU >= 0.5), `mean_iou` |
 //! | `teds` | `html`: the reference table's HTML | `teds` (PubTabNet's TEDS; a prediction without a `<table>` scores 0) |
 //! | `teds_struct` | `html` | `teds_struct` (S-TEDS: structure only) |
@@ -82,6 +84,10 @@ pub enum Metric {
     Exact,
     /// Exact match after trimming, case kept.
     ExactCased,
+    /// TallyQA counting accuracy: exact match after number words become numerals.
+    TallyQa,
+    /// ScienceQA accuracy: the answer letters of "The answer is X." compared.
+    ScienceQa,
     /// Referring expression detection: accuracy at IoU >= 0.5 and mean IoU.
     RefCoco,
     /// PubTabNet's table tree-edit-distance similarity, cell content included.
@@ -94,7 +100,7 @@ pub enum Metric {
 
 impl Metric {
     /// Every metric with its name, in declaration order.
-    pub const ALL: [(Metric, &'static str); 11] = [
+    pub const ALL: [(Metric, &'static str); 13] = [
         (Metric::Cider, "cider"),
         (Metric::Bleu4, "bleu4"),
         (Metric::Vqa, "vqa"),
@@ -102,6 +108,8 @@ impl Metric {
         (Metric::Relaxed, "relaxed"),
         (Metric::Exact, "exact"),
         (Metric::ExactCased, "exact_cased"),
+        (Metric::TallyQa, "tallyqa"),
+        (Metric::ScienceQa, "scienceqa"),
         (Metric::RefCoco, "refcoco"),
         (Metric::Teds, "teds"),
         (Metric::TedsStruct, "teds_struct"),
@@ -139,9 +147,7 @@ impl<'de> serde::Deserialize<'de> for Metric {
 /// Why a set of examples could not be scored.
 #[derive(Debug, thiserror::Error)]
 pub enum EvalError {
-    #[error(
-        "unknown metric {0:?} (known: cider, bleu4, vqa, anls, relaxed, exact, exact_cased, refcoco, teds, teds_struct, ocr_f1)"
-    )]
+    #[error("unknown metric {0:?} (known: {known})", known = Metric::ALL.map(|(_, name)| name).join(", "))]
     UnknownMetric(String),
     #[error("no examples to score")]
     Empty,
@@ -175,6 +181,8 @@ pub fn score(metric: Metric, examples: &[Value]) -> Result<Map<String, Value>, E
         Metric::Relaxed => vec![("relaxed", mean_over(&examples, "answers", qa::relaxed_accuracy)?)],
         Metric::Exact => vec![("exact", mean_over(&examples, "answers", qa::exact_match)?)],
         Metric::ExactCased => vec![("exact_cased", mean_over(&examples, "answers", qa::exact_match_cased)?)],
+        Metric::TallyQa => vec![("tallyqa", mean_over(&examples, "answers", qa::tallyqa_accuracy)?)],
+        Metric::ScienceQa => vec![("scienceqa", mean_over(&examples, "answers", qa::scienceqa_accuracy)?)],
         Metric::RefCoco => refcoco_scores(&examples)?,
         Metric::Teds => vec![("teds", mean_teds(&examples, false)?)],
         Metric::TedsStruct => vec![("teds_struct", mean_teds(&examples, true)?)],

@@ -1,5 +1,5 @@
-//! Short-answer accuracies: VQAv2's official accuracy, ChartQA's relaxed accuracy and exact
-//! match. Each takes one prediction and its reference answers and returns a score in [0, 1].
+//! Short-answer accuracies: VQAv2's official accuracy, ChartQA's relaxed accuracy, exact
+//! match and big_vision's TallyQA and ScienceQA accuracies. Each takes one prediction and its reference answers and returns a score in [0, 1].
 
 /// VQAv2 accuracy of one prediction, as the official `vqaEval.py`: the mean over the
 /// leave-one-out subsets of the answers of `min(#answers in the subset equal to the
@@ -266,4 +266,72 @@ pub fn exact_match(prediction: &str, answers: &[&str]) -> f64 {
 pub fn exact_match_cased(prediction: &str, answers: &[&str]) -> f64 {
     let prediction = prediction.trim();
     f64::from(u8::from(answers.iter().any(|a| a.trim() == prediction)))
+}
+
+/// 1 if the prediction equals any answer after big_vision's TallyQA evaluator maps each whole
+/// string that is a number word from "none"/"zero" to "twenty" (any case) to its numeral
+/// (`"Two"` -> `"2"`), else 0. Like that evaluator nothing is trimmed and other text keeps its
+/// case.
+pub fn tallyqa_accuracy(prediction: &str, answers: &[&str]) -> f64 {
+    let prediction = tally_numeral(prediction);
+    f64::from(u8::from(answers.iter().any(|a| tally_numeral(a) == prediction)))
+}
+
+/// big_vision's `_number_word_to_numeral`: the numeral of a number word up to 20, else the
+/// text as it is.
+fn tally_numeral(text: &str) -> &str {
+    let lower = text.to_lowercase();
+    TALLY_WORDS.iter().position(|w| *w == lower).map_or(text, |n| TALLY_NUMERALS[n])
+}
+
+/// The number words big_vision's TallyQA evaluator maps, `none` and `zero` to 0, then 1 to 20.
+const TALLY_WORDS: [&str; 22] = [
+    "none",
+    "zero",
+    "one",
+    "two",
+    "three",
+    "four",
+    "five",
+    "six",
+    "seven",
+    "eight",
+    "nine",
+    "ten",
+    "eleven",
+    "twelve",
+    "thirteen",
+    "fourteen",
+    "fifteen",
+    "sixteen",
+    "seventeen",
+    "eighteen",
+    "nineteen",
+    "twenty",
+];
+
+/// The numerals of [`TALLY_WORDS`], in the same order.
+const TALLY_NUMERALS: [&str; 22] = [
+    "0", "0", "1", "2", "3", "4", "5", "6", "7", "8", "9", "10", "11", "12", "13", "14", "15", "16", "17", "18", "19",
+    "20",
+];
+
+/// big_vision's ScienceQA accuracy: 1 if the letter read from the start of the lower-cased
+/// prediction by `the answer is ([a-z])\.` equals the letter read so from any answer (`"The
+/// answer is B."`), else 0. Text after the period is ignored; a prediction or answer the
+/// pattern does not match reads as "failed", and, as in big_vision, two failures are equal.
+pub fn scienceqa_accuracy(prediction: &str, answers: &[&str]) -> f64 {
+    let letter = scienceqa_letter(prediction);
+    f64::from(u8::from(answers.iter().any(|a| scienceqa_letter(a) == letter)))
+}
+
+/// The letter of `the answer is X.` at the start of the lower-cased text, `None` when the text
+/// does not start so.
+fn scienceqa_letter(text: &str) -> Option<char> {
+    let lower = text.to_lowercase();
+    let mut rest = lower.strip_prefix("the answer is ")?.chars();
+    match (rest.next(), rest.next()) {
+        (Some(letter @ 'a'..='z'), Some('.')) => Some(letter),
+        _ => None,
+    }
 }

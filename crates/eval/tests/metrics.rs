@@ -295,7 +295,9 @@ fn metric_names_round_trip() {
         assert_eq!(name.parse::<Metric>().unwrap(), metric);
         assert_eq!(metric.to_string(), name);
     }
-    assert!(matches!("ciderd".parse::<Metric>(), Err(EvalError::UnknownMetric(_))));
+    let err = "ciderd".parse::<Metric>().unwrap_err();
+    assert!(matches!(err, EvalError::UnknownMetric(_)));
+    assert!(err.to_string().ends_with("exact_cased, tallyqa, scienceqa, refcoco, teds, teds_struct, ocr_f1)"), "{err}");
 }
 
 #[test]
@@ -327,4 +329,60 @@ fn file_errors_name_file_and_line() {
     std::fs::write(&path, "{not json\n").unwrap();
     assert!(score_file(Metric::Exact, &path).unwrap_err().to_string().starts_with(&format!("{}:1: ", path.display())));
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// big_vision's TallyQA evaluator (`evaluators/proj/paligemma/transfers/tallyqa.py`): the whole
+/// prediction and answer go through `_number_word_to_numeral` (a dict lookup of the
+/// lower-cased string, words up to "twenty"), then `==`.
+#[test]
+fn tallyqa_maps_number_words_as_big_vision() {
+    let cases: [(&str, &str, f64); 10] = [
+        ("2", "2", 1.0),
+        ("two", "2", 1.0),
+        ("Two", "2", 1.0),
+        ("TWENTY", "20", 1.0),
+        ("none", "0", 1.0),
+        ("zero", "none", 1.0),
+        ("twenty-one", "21", 0.0), // not in big_vision's table
+        ("two apples", "2", 0.0),  // only whole strings are mapped
+        (" 2", "2", 0.0),          // nothing is trimmed
+        ("3", "2", 0.0),
+    ];
+    for (prediction, answer, want) in cases {
+        assert_eq!(qa::tallyqa_accuracy(prediction, &[answer]), want, "{prediction:?} vs {answer:?}");
+    }
+    let examples = [json!({"prediction": "Two", "answers": ["2"]}), json!({"prediction": "4", "answers": ["5"]})];
+    let out = score(Metric::TallyQa, &examples).unwrap();
+    assert_eq!((out["tallyqa"].as_f64(), &out["n"]), (Some(0.5), &json!(2)));
+    // `exact` (case ignored) does not map number words.
+    assert_eq!(score(Metric::Exact, &examples).unwrap()["exact"].as_f64(), Some(0.0));
+}
+
+/// big_vision's ScienceQA evaluator (`evaluators/proj/paligemma/transfers/science_qa.py`):
+/// `re.match(r"the answer is ([a-z])\.", text.lower())` on prediction and target, the groups
+/// compared, "failed" when the pattern does not match at the start.
+#[test]
+fn scienceqa_compares_answer_letters_as_big_vision() {
+    let target = "The answer is B.";
+    let cases: [(&str, f64); 8] = [
+        ("The answer is B.", 1.0),
+        ("the answer is b.", 1.0),
+        ("The answer is B. BECAUSE: plants need light", 1.0), // what follows is ignored
+        ("THE ANSWER IS B.x", 1.0),
+        ("The answer is C.", 0.0),
+        ("The answer is B", 0.0),   // no period: failed
+        (" The answer is B.", 0.0), // re.match anchors at the start
+        ("B", 0.0),
+    ];
+    for (prediction, want) in cases {
+        assert_eq!(qa::scienceqa_accuracy(prediction, &[target]), want, "{prediction:?}");
+    }
+    // Two unreadable strings are equal ("failed" == "failed"), as in big_vision.
+    assert_eq!(qa::scienceqa_accuracy("no idea", &["(B) x"]), 1.0);
+    let examples = [
+        json!({"prediction": "The answer is A. BECAUSE: x", "answers": ["The answer is A."]}),
+        json!({"prediction": "The answer is A.", "answers": ["The answer is C."]}),
+    ];
+    assert_eq!(score(Metric::ScienceQa, &examples).unwrap()["scienceqa"].as_f64(), Some(0.5));
+    assert_eq!(score(Metric::Exact, &examples).unwrap()["exact"].as_f64(), Some(0.0));
 }

@@ -85,7 +85,7 @@ pub struct EvalSection {
     /// JSONL records with the fields the metric needs (`answers`, `references`, ...).
     pub data: PathBuf,
     /// `cider`, `bleu4`, `vqa`, `anls`, `relaxed`, `exact` (case ignored), `exact_cased`,
-    /// `refcoco`, `teds`, `teds_struct` or `ocr_f1`.
+    /// `tallyqa`, `scienceqa`, `refcoco`, `teds`, `teds_struct` or `ocr_f1`.
     pub metric: Metric,
     /// Prompt template, as a source's `prefix`; the records' own prefix by default.
     pub prefix: Option<String>,

@@ -116,6 +116,22 @@ mod tests {
         assert!(no_temporary(output.parent().unwrap()), "no temporary left");
     }
 
+    /// NoCaps' `nocaps_val_4500_captions.json` is in COCO's format: one record per image with
+    /// its 10 captions.
+    #[test]
+    fn nocaps_val_reads_as_coco_captions() {
+        let tmp = TempDir::new("nocaps");
+        let f = Format::CocoCaptions;
+        let a = args(f, &["nocaps_val_4500_captions.json"], "nocaps-val", &tmp.0.join("nocaps.jsonl"));
+        let records = convert_and_read(&a);
+        assert_eq!(records.len(), 1);
+        assert_eq!(texts(&records[0]), ("caption en", Some("A man riding a red bicycle.")));
+        let references = records[0].extra["references"].as_array().unwrap();
+        assert_eq!((references.len(), &references[9]), (10, &json!("a man riding his bicycle")));
+        assert_eq!(records[0].extra["image_id"], json!(0));
+        assert_image(&records[0], f, "nocaps-val/0013ea2087020901.jpg");
+    }
+
     #[test]
     fn karpathy_splits_train_on_train_and_restval() {
         let tmp = TempDir::new("karpathy");

@@ -30,8 +30,7 @@ impl<'a> Node<'a> {
     /// A field that may be absent (or null).
     pub(super) fn opt(&self, key: &str) -> Option<Node<'a>> {
         let value = self.value.get(key).filter(|v| !v.is_null())?;
-        let at = if self.at.is_empty() { key.to_owned() } else { format!("{}.{key}", self.at) };
-        Some(Node { file: self.file, at, value })
+        Some(self.child(key, value))
     }
 
     pub(super) fn field(&self, key: &str) -> Result<Node<'a>, DataError> {
@@ -62,6 +61,10 @@ impl<'a> Node<'a> {
         self.value.as_u64().ok_or_else(|| self.expected("a non-negative integer"))
     }
 
+    pub(super) fn bool(&self) -> Result<bool, DataError> {
+        self.value.as_bool().ok_or_else(|| self.expected("a boolean"))
+    }
+
     /// An id, integer or string, as text (ids key maps and make file names).
     pub(super) fn id(&self) -> Result<String, DataError> {
         match self.value {
@@ -79,6 +82,17 @@ impl<'a> Node<'a> {
     pub(super) fn strings(&self) -> Result<Vec<String>, DataError> {
         self.items()?.iter().map(|n| n.str().map(str::to_owned)).collect()
     }
+
+    /// An object's fields with their nodes, in the object's order.
+    pub(super) fn entries(&self) -> Result<Vec<(&'a str, Node<'a>)>, DataError> {
+        let map = self.value.as_object().ok_or_else(|| self.expected("an object"))?;
+        Ok(map.iter().map(|(key, value)| (key.as_str(), self.child(key, value))).collect())
+    }
+
+    fn child(&self, key: &str, value: &'a Value) -> Node<'a> {
+        let at = if self.at.is_empty() { key.to_owned() } else { format!("{}.{key}", self.at) };
+        Node { file: self.file, at, value }
+    }
 }
 
 /// An id's text: a string as it is, a number in JSON.
@@ -87,6 +101,29 @@ pub(super) fn id_text(value: &Value) -> String {
         Value::String(s) => s.clone(),
         other => other.to_string(),
     }
+}
+
+/// Reads the JSON Lines file `path` (one JSON value a line, blank lines skipped), calling
+/// `each` with each line's value, named `line N` (counted from 1).
+pub(super) fn read_jsonl<F>(path: &Path, mut each: F) -> Result<(), DataError>
+where
+    F: FnMut(Node) -> Result<(), DataError>,
+{
+    let file_error = |msg: String| DataError::File { path: path.display().to_string(), msg };
+    let text = std::fs::read_to_string(path).map_err(|e| file_error(e.to_string()))?;
+    for (i, line) in text.lines().enumerate().filter(|(_, line)| !line.trim().is_empty()) {
+        let value: Value =
+            serde_json::from_str(line).map_err(|e| file_error(format!("line {}: invalid JSON: {e}", i + 1)))?;
+        each(Node { file: path, at: format!("line {}", i + 1), value: &value })?;
+    }
+    Ok(())
+}
+
+/// Reads a whole (small) JSON file as one value, for [`Node::root`].
+pub(super) fn read_value(path: &Path) -> Result<Value, DataError> {
+    let file_error = |msg: String| DataError::File { path: path.display().to_string(), msg };
+    let bytes = std::fs::read(path).map_err(|e| file_error(e.to_string()))?;
+    serde_json::from_slice(&bytes).map_err(|e| file_error(format!("invalid JSON: {e}")))
 }
 
 /// How [`read_json`] walks a file's top level, handing out one item at a time so that the
@@ -227,7 +264,7 @@ impl<'de, F: FnMut(&str, Node) -> Result<(), DataError>> Visitor<'de> for ArrayS
 mod tests {
     use serde_json::json;
 
-    use super::{id_text, read_json, Walk};
+    use super::{id_text, read_json, read_jsonl, Node, Walk};
     use crate::convert::test_support::TempDir;
 
     #[test]
@@ -297,5 +334,32 @@ mod tests {
         assert!(err.contains("invalid JSON") && err.contains("expected an array under `a`"), "{err}");
         let err = error(r#"{"a": []} x"#, Walk::Arrays(&["a"]));
         assert!(err.contains("invalid JSON") && err.contains("trailing characters"), "{err}");
+    }
+
+    #[test]
+    fn jsonl_lines_and_object_entries_are_named() {
+        let tmp = TempDir::new("json-lines");
+        let path = tmp.0.join("lines.jsonl");
+        std::fs::write(&path, "{\"q\": {\"b\": 1, \"a\": \"x\"}}\n\n{\"q\": {\"c\": 2}}\n").unwrap();
+        let mut seen = Vec::new();
+        read_jsonl(&path, |node| {
+            for (key, entry) in node.field("q")?.entries()? {
+                seen.push((key.to_owned(), entry.at));
+            }
+            Ok(())
+        })
+        .unwrap();
+        let seen: Vec<_> = seen.iter().map(|(k, at)| (k.as_str(), at.as_str())).collect();
+        assert_eq!(seen[2], ("c", "line 3.q.c"), "blank lines are counted, not handed out");
+        assert!(seen[..2].contains(&("a", "line 1.q.a")) && seen.len() == 3, "{seen:?}");
+
+        let err = read_jsonl(&path, |node| node.field("r").map(drop)).unwrap_err().to_string();
+        assert!(err.ends_with("`line 1`: missing key `r`"), "{err}");
+        std::fs::write(&path, "{}\n{\"q\": [}\n").unwrap();
+        let err = read_jsonl(&path, |_| Ok(())).unwrap_err().to_string();
+        assert!(err.contains("lines.jsonl: line 2: invalid JSON"), "{err}");
+        let value = serde_json::json!([1]);
+        let err = Node::root(&path, &value).entries().err().unwrap().to_string();
+        assert!(err.ends_with("expected an object, found an array"), "{err}");
     }
 }

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use serde_json::json;
 
 use super::json::{read_json, Node, Walk};
-use super::{fields, wrong_inputs, Example, Format};
+use super::{empty_split, fields, loc_tokens, wrong_inputs, Example, Format};
 use crate::DataError;
 
 /// `refcoco`: the refs list (`refs(unc).p`, `refs(google).p`, `refs(umd).p` of the refer
@@ -73,34 +73,17 @@ pub(super) fn refcoco(inputs: &[PathBuf], split: Option<&str>) -> Result<Vec<Exa
         Ok(())
     })?;
     if let Some(split) = split.filter(|_| examples.is_empty()) {
-        let found: Vec<_> = splits.into_iter().collect();
-        let msg = format!("no refs in split `{split}` (found: {})", found.join(", "));
-        return Err(DataError::File { path: refs_path.display().to_string(), msg });
+        return Err(empty_split(refs_path, "refs", split, splits));
     }
     Ok(examples)
-}
-
-/// The 4 location tokens of a box `[y1, x1, y2, x2]` in pixels of a `width` x `height` image.
-fn loc_tokens(corners: [f64; 4], width: f64, height: f64) -> String {
-    let sizes = [height, width, height, width];
-    corners.iter().zip(sizes).map(|(&c, size)| loc_token(c, size)).collect()
-}
-
-/// `<locNNNN>` for a coordinate along an axis of `size` pixels: big_vision's
-/// `round(coord / size * 1023)` clipped to [0, 1023]. `tf.round` rounds halves to even, so
-/// does this; the product is taken before the division so that exact halves stay exact.
-fn loc_token(coord: f64, size: f64) -> String {
-    let bin = (coord * 1023.0 / size).round_ties_even().clamp(0.0, 1023.0);
-    format!("<loc{:04}>", bin as u32)
 }
 
 #[cfg(test)]
 mod tests {
     use serde_json::json;
 
-    use super::{loc_token, loc_tokens};
     use crate::convert::test_support::{args, assert_image, convert_and_read, texts, TempDir};
-    use crate::convert::{convert, Format};
+    use crate::convert::{convert, loc_token, loc_tokens, Format};
 
     #[test]
     fn refcoco_sentence_prompts_box_tokens() {
@@ -120,8 +103,9 @@ mod tests {
         let extra = &records[1].extra;
         assert_eq!((&extra["id"], &extra["sent_id"], &extra["ann_id"]), (&json!(0), &json!(2), &json!(1038967)));
         assert_eq!((&extra["image_id"], &extra["split"]), (&json!(9), &json!("train")));
-        // The refcoco metric maps <loc> tokens back to pixels with the image size.
-        assert!(extra["width"].as_f64().is_some_and(|w| w > 0.0) && extra["height"].as_f64().is_some_and(|h| h > 0.0));
+        // The refcoco metric maps <loc> tokens back to pixels with the image size, COCO's
+        // `images[].width` and `height`.
+        assert_eq!((&extra["width"], &extra["height"]), (&json!(640.0), &json!(480.0)));
         assert_image(&records[0], f, "train2014/COCO_train2014_000000000009.jpg");
         // The whole 2 x 2 image: 0 and 2 * 1023 / 2.
         assert_eq!(texts(&records[2]), ("whole picture", Some("<loc0000><loc0000><loc1023><loc1023>")));

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use serde_json::{json, Value};
 
 use super::json::{read_json, Walk};
-use super::{fields, vqa_prompt, wrong_inputs, Example, Format};
+use super::{fields, most_common, vqa_prompt, wrong_inputs, Example, Format};
 use crate::DataError;
 
 /// `textvqa`: prefix `answer en {question}` (`textvqa.py`); suffix = the most common of the 10
@@ -32,19 +32,6 @@ pub(super) fn textvqa(inputs: &[PathBuf]) -> Result<Vec<Example>, DataError> {
         Ok(())
     })?;
     Ok(examples)
-}
-
-/// The most frequent string, the earliest on ties.
-fn most_common(items: &[String]) -> Option<&str> {
-    let mut counts: Vec<(&str, usize)> = Vec::new(); // in order of first appearance
-    for item in items {
-        match counts.iter_mut().find(|(s, _)| *s == item.as_str()) {
-            Some((_, n)) => *n += 1,
-            None => counts.push((item, 1)),
-        }
-    }
-    // max_by_key keeps the last of equal maxima; reversing makes it the first.
-    counts.into_iter().rev().max_by_key(|&(_, n)| n).map(|(s, _)| s)
 }
 
 #[cfg(test)]
