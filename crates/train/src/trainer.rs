@@ -42,7 +42,8 @@ pub fn load_model(
     let Init::Checkpoint(base) = &recipe.model.init else {
         bail!("{}: an adapter folder needs the recipe's model.init to name its base checkpoint", dir.display())
     };
-    load_with(recipe, tok, &checkpoint_dir(base)?, Some(Lora::read(dir)?), device, options)
+    let lora = Lora::read(dir)?.on_base(recipe.base_dtype());
+    load_with(recipe, tok, &checkpoint_dir(base)?, Some(lora), device, options)
 }
 
 /// The model folder `dir` with `lora`'s adapters, as [`load_model`] loads it.
@@ -71,7 +72,8 @@ pub fn build_model(recipe: &Recipe, tok: &PgTokenizer, device: Device) -> Result
             eprintln!("launch: starting from {}", dir.display());
             // The adapters' A is drawn at random.
             tch::manual_seed(recipe.seed as i64);
-            return load_with(recipe, tok, &dir, recipe.lora().map(Lora::fresh), device, options);
+            let lora = recipe.lora().map(|l| Lora::fresh(l).on_base(recipe.base_dtype()));
+            return load_with(recipe, tok, &dir, lora, device, options);
         }
         Init::Preset(preset) => preset,
     };
