@@ -42,8 +42,21 @@ pub fn load_model(
     let Init::Checkpoint(base) = &recipe.model.init else {
         bail!("{}: an adapter folder needs the recipe's model.init to name its base checkpoint", dir.display())
     };
-    let lora = Lora::read(dir)?.on_base(recipe.base_dtype());
-    load_with(recipe, tok, &checkpoint_dir(base)?, Some(lora), device, options)
+    load_adapted(recipe, tok, &checkpoint_dir(base)?, dir, device, options)
+}
+
+/// The model folder `base` with the PEFT adapter folder `adapter` on it, the base held as
+/// the recipe's `lora.base_dtype` says; otherwise as [`load_model`] loads a model.
+pub fn load_adapted(
+    recipe: &Recipe,
+    tok: &PgTokenizer,
+    base: &Path,
+    adapter: &Path,
+    device: Device,
+    options: RunOptions,
+) -> Result<PaliGemma> {
+    let lora = Lora::read(adapter)?.on_base(recipe.base_dtype());
+    load_with(recipe, tok, base, Some(lora), device, options)
 }
 
 /// The model folder `dir` with `lora`'s adapters, as [`load_model`] loads it.
