@@ -481,6 +481,7 @@ pub fn model(b: &ModelBench) -> Result<()> {
             soft_caps: !b.no_soft_caps,
             gpus: 1,
             accumulation: 1,
+            lora: None,
         };
         let state = shape.state(pg2_train::recipe::Sharding::None);
         let optimizer = if b.optimizer { state.optimizer } else { 0.0 };
