@@ -52,15 +52,9 @@ pub struct PlanArgs {
     /// without `--recipe`.
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     pub soft_caps: bool,
-    /// LoRA: the rank of adapters on the decoder's attention and MLP projections (the
-    /// projector trained in full, as the LoRA recipes do), without `--recipe`; 0 plans a
-    /// full fine-tune. With `--measure`, the step measured is this LoRA step.
-    #[arg(long, default_value_t = 0)]
-    pub lora_rank: usize,
-    /// How a LoRA step holds its frozen base (`lora.base_dtype`): `model` (the weights'
-    /// dtype) or `int8`, without `--recipe`.
-    #[arg(long, default_value = "model", value_parser = ["model", "int8"])]
-    pub base_dtype: String,
+    /// LoRA settings, without `--recipe`; with `--measure`, the step measured is this LoRA step.
+    #[command(flatten)]
+    pub lora: LoraArgs,
     /// Data-parallel workers (one per GPU).
     #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u64).range(1..))]
     pub gpus: u64,
@@ -77,9 +71,22 @@ pub struct PlanArgs {
     pub measure_keep: Option<Keep>,
 }
 
-impl PlanArgs {
-    /// The LoRA settings of `--lora-rank` and `--base-dtype`, if any.
-    fn lora(&self) -> Option<(LoraConfig, BaseDtype)> {
+/// A LoRA step on the command line (`pg2 plan`, `pg2 bench model`).
+#[derive(Args, Clone)]
+pub struct LoraArgs {
+    /// LoRA: the rank of adapters on the decoder's attention and MLP projections (the
+    /// projector trained in full, as the LoRA recipes do); 0: a full fine-tune.
+    #[arg(long, default_value_t = 0)]
+    pub lora_rank: usize,
+    /// How a LoRA step holds its frozen base (`lora.base_dtype`): `model` (the weights'
+    /// dtype) or `int8`.
+    #[arg(long, default_value = "model", value_parser = ["model", "int8"])]
+    pub base_dtype: String,
+}
+
+impl LoraArgs {
+    /// The LoRA settings, if any.
+    pub fn lora(&self) -> Option<(LoraConfig, BaseDtype)> {
         let config = LoraConfig {
             rank: self.lora_rank,
             alpha: self.lora_rank as f64,
@@ -183,7 +190,7 @@ impl StepShape {
                 accumulation: 1,
                 lora: None,
             }
-            .with_lora_of(args.lora()));
+            .with_lora_of(args.lora.lora()));
         };
         // Planning reads no data: `$DATA` sources need a root only to resolve.
         let sets: Vec<String> =
@@ -452,7 +459,7 @@ const MODES: [(Sharding, &str); 4] = [
 
 pub fn run(args: &PlanArgs) -> Result<()> {
     match (&args.measure, &args.measure_keep) {
-        (Some(shape), Some(keep)) => return measure_one(*shape, *keep, args.lora()),
+        (Some(shape), Some(keep)) => return measure_one(*shape, *keep, args.lora.lora()),
         (Some(shape), None) => return measure(*shape, args),
         _ => {}
     }
@@ -467,6 +474,13 @@ pub fn run(args: &PlanArgs) -> Result<()> {
         shape.gpus,
         args.gpu_memory
     );
+    if let Some(l) = &shape.lora {
+        let int8 = match l.int8_params {
+            0 => String::new(),
+            n => format!(", {:.2}B frozen decoder weights in int8", n as f64 / 1e9),
+        };
+        println!("LoRA: {:.1}M adapter parameters on a frozen base{int8}", l.adapters as f64 / 1e6);
+    }
     println!(
         "per GPU: micro-batches of {} x ({} image + {} text tokens), {} target tokens each; soft caps {}",
         shape.batch,
@@ -557,9 +571,9 @@ fn benchmark_step(shape: crate::bench::Shape) -> Result<StepShape> {
 /// peak is its own), beside the estimate; and the weights' resident bytes beside theirs.
 fn measure(shape: crate::bench::Shape, args: &PlanArgs) -> Result<()> {
     let shape_name = value_name(&shape);
-    let step = benchmark_step(shape)?.with_lora_of(args.lora());
-    let lora = match args.lora() {
-        Some((l, _)) => format!("; LoRA rank {} (projector trained), base {}", l.rank, args.base_dtype),
+    let step = benchmark_step(shape)?.with_lora_of(args.lora.lora());
+    let lora = match args.lora.lora() {
+        Some((l, _)) => format!("; LoRA rank {} (projector trained), base {}", l.rank, args.lora.base_dtype),
         None => String::new(),
     };
     println!(
@@ -572,7 +586,7 @@ fn measure(shape: crate::bench::Shape, args: &PlanArgs) -> Result<()> {
     for keep in Keep::ALL {
         let keep_name = value_name(&keep);
         let lora_args =
-            ["--lora-rank", &args.lora_rank.to_string(), "--base-dtype", &args.base_dtype].map(String::from);
+            ["--lora-rank", &args.lora.lora_rank.to_string(), "--base-dtype", &args.lora.base_dtype].map(String::from);
         let out = std::process::Command::new(std::env::current_exe()?)
             .args(["plan", "--measure", &shape_name, "--measure-keep", &keep_name])
             .args(lora_args)
@@ -702,8 +716,7 @@ mod tests {
             target_tokens: 64,
             dtype: "bf16".into(),
             soft_caps: true,
-            lora_rank,
-            base_dtype: base_dtype.into(),
+            lora: LoraArgs { lora_rank, base_dtype: base_dtype.into() },
             gpus: 1,
             gpu_memory: 24.0,
             measure: None,
