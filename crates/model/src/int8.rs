@@ -44,11 +44,6 @@ impl Int8Weight {
         })
     }
 
-    /// The weight as `kind`: `scale * values`, computed in f32 and rounded once.
-    pub fn dequantize(&self, kind: Kind) -> Tensor {
-        (self.values.to_kind(Kind::Float) * self.scales.unsqueeze(1)).to_kind(kind)
-    }
-
     /// `x W^T` for `x` `(..., in)`, in `x`'s kind (or autocast's); differentiable in `x`.
     pub fn linear(&self, x: &Tensor) -> Tensor {
         // SAFETY: the pointers are live tensors; the shim returns a new heap tensor or null.
@@ -62,17 +57,17 @@ impl Int8Weight {
         // SAFETY: a heap tensor we now own.
         unsafe { Tensor::from_ptr(out.cast()) }
     }
-
-    /// Bytes held: the int8 values and the f32 scales.
-    pub fn bytes(&self) -> i64 {
-        self.values.numel() as i64 + 4 * self.scales.numel() as i64
-    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use tch::Device;
+
+    /// The weight as `kind`: `scale * values`, computed in f32 and rounded once (as the shim does).
+    fn dequantize(q: &Int8Weight, kind: Kind) -> Tensor {
+        (q.values.to_kind(Kind::Float) * q.scales.unsqueeze(1)).to_kind(kind)
+    }
 
     fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
         (a.to_kind(Kind::Float) - b.to_kind(Kind::Float)).abs().max().double_value(&[])
@@ -87,10 +82,9 @@ mod tests {
         let q = Int8Weight::quantize(&w);
         assert_eq!((q.values.kind(), q.values.size(), q.scales.size()), (Kind::Int8, vec![24, 40], vec![24]));
         let step = w.abs().amax([1], true) / 127.0;
-        let err = (q.dequantize(Kind::Float) - &w).abs();
+        let err = (dequantize(&q, Kind::Float) - &w).abs();
         assert!(bool::try_from(err.le_tensor(&(step * 0.5 + 1e-9)).all()).unwrap());
-        assert_eq!(q.dequantize(Kind::Float).get(3).abs().sum(Kind::Float).double_value(&[]), 0.0);
-        assert_eq!(q.bytes(), 24 * 40 + 24 * 4);
+        assert_eq!(dequantize(&q, Kind::Float).get(3).abs().sum(Kind::Float).double_value(&[]), 0.0);
     }
 
     /// One linear layer: the int8 product is that of the dequantised weight (both the
@@ -112,7 +106,7 @@ mod tests {
                     let kernel = x.internal_weight_int8pack_mm(&q.values, &q.scales.to_kind(kind));
                     assert!(y.equal(&kernel), "few bf16 rows go through libtorch's int8 kernel");
                 }
-                let dense = x.linear::<&Tensor>(&q.dequantize(kind), None);
+                let dense = x.linear::<&Tensor>(&dequantize(&q, kind), None);
                 let full = x.to_kind(Kind::Float).linear::<&Tensor>(&w, None);
                 let scale = full.abs().max().double_value(&[]);
                 let tol = if kind == Kind::Float { 1e-5 } else { 2e-2 };
@@ -122,10 +116,24 @@ mod tests {
                 let g = Tensor::randn(y.size().as_slice(), (Kind::Float, Device::Cpu)).to_kind(kind);
                 let loss = (&y * &g).sum(Kind::Float);
                 let got = Tensor::run_backward(&[&loss], &[&x], false, false).pop().unwrap();
-                let want = g.matmul(&q.dequantize(kind));
+                let want = g.matmul(&dequantize(&q, kind));
                 let gscale = want.abs().max().double_value(&[]);
                 assert!(max_diff(&got, &want) <= tol * gscale, "{kind:?} {shape:?}: {}", max_diff(&got, &want));
             }
         }
+    }
+
+    /// Under autocast (`model.dtype = "bf16_autocast"`) the product runs in bf16 like any
+    /// other, and the f32 input still gets its gradient.
+    #[test]
+    fn autocast_computes_in_bf16_and_gradients_reach_f32_inputs() {
+        let q = Int8Weight::quantize(&(Tensor::randn([8, 16], (Kind::Float, Device::Cpu)) * 0.1));
+        let x = Tensor::randn([5, 16], (Kind::Float, Device::Cpu)).set_requires_grad(true);
+        let y = crate::autocast(Device::Cpu, Kind::BFloat16, || q.linear(&x));
+        assert_eq!(y.kind(), Kind::BFloat16);
+        let grad = Tensor::run_backward(&[&y.sum(Kind::Float)], &[&x], false, false).pop().unwrap();
+        assert_eq!(grad.kind(), Kind::Float);
+        let want = dequantize(&q, Kind::Float).sum_dim_intlist([0i64].as_slice(), false, Kind::Float);
+        assert!(max_diff(&grad, &want.expand([5, 16], false)) < 0.05 * want.abs().max().double_value(&[]));
     }
 }

@@ -164,11 +164,6 @@ impl PaliGemma {
         self.save_plain(dir, weights, kind)
     }
 
-    /// How the frozen base's decoder layers are held (`lora.base_dtype`).
-    pub fn base_dtype(&self) -> BaseDtype {
-        self.base_dtype
-    }
-
     /// Writes a plain Hugging Face model folder with the adapters folded into their layers
     /// (the parameters as they are for a model without adapters). Not for a base held in
     /// int8, whose decoder weights are no parameters: fold the adapters into the base
@@ -511,7 +506,6 @@ mod tests {
             let decoder_kernel =
                 |n: &String| n.starts_with("language_model.model.layers.") && n.ends_with("proj.weight");
             assert!(!names(&int8).iter().any(decoder_kernel) && names(&full).iter().any(decoder_kernel));
-            assert_eq!(int8.base_dtype(), BaseDtype::Int8);
             let run = |m: &PaliGemma| {
                 let adapters: Vec<Tensor> = m
                     .params()
