@@ -118,6 +118,9 @@ pub struct StepShape {
     pub soft_caps: bool,
     pub gpus: usize,
     pub accumulation: usize,
+    /// Whether layers may be recomputed: not with dropout (`model.dropout`, `lora.dropout`),
+    /// whose masks the recompute would draw again.
+    pub recompute: bool,
     /// A LoRA step's adapters and int8 base ([`StepShape::with_lora`]); `None`: the
     /// parameters of the parts not frozen train.
     pub lora: Option<LoraShape>,
@@ -188,6 +191,7 @@ impl StepShape {
                 soft_caps: args.soft_caps,
                 gpus: args.gpus as usize,
                 accumulation: 1,
+                recompute: true,
                 lora: None,
             }
             .with_lora_of(args.lora.lora()));
@@ -264,6 +268,7 @@ impl StepShape {
             soft_caps: m.soft_caps,
             gpus,
             accumulation: t.grad_accumulation,
+            recompute: m.dropout == 0.0 && recipe.lora().is_none_or(|l| l.dropout == 0.0),
             lora: None,
         }
         .with_lora_of(recipe.lora().map(|l| (l, recipe.base_dtype()))))
@@ -508,8 +513,10 @@ pub fn run(args: &PlanArgs) -> Result<()> {
         let acts = Keep::ALL.map(|keep| activation_bytes(&shape, keep));
         let totals = acts.map(|a| state + a);
         for (keep, total) in Keep::ALL.iter().zip(totals) {
-            // Parameter sharding recomputes every layer (it gathers them again for that).
-            let possible = mode != Sharding::Full || *keep == Keep::Checkpointed;
+            // Parameter sharding recomputes every layer (it gathers them again for that);
+            // dropout rules out recomputing.
+            let recomputes = *keep == Keep::Checkpointed;
+            let possible = (mode != Sharding::Full || recomputes) && (shape.recompute || !recomputes);
             if cheapest.is_none() && possible && total <= budget {
                 cheapest = Some((name, *keep, total));
             }
@@ -537,8 +544,9 @@ pub fn run(args: &PlanArgs) -> Result<()> {
             total / scale
         ),
         None => println!(
-            "\nnothing fits in 90 % of {} GB: more GPUs or a smaller micro-batch (more train.grad_accumulation)",
-            args.gpu_memory
+            "\nnothing fits in 90 % of {} GB: more GPUs or a smaller micro-batch (more train.grad_accumulation){}",
+            args.gpu_memory,
+            if shape.recompute { "" } else { "; without dropout, activation checkpointing" }
         ),
     }
     Ok(())
@@ -563,6 +571,7 @@ fn benchmark_step(shape: crate::bench::Shape) -> Result<StepShape> {
         soft_caps: true,
         gpus: 1,
         accumulation: 1,
+        recompute: true,
         lora: None,
     })
 }
@@ -751,6 +760,8 @@ mod tests {
         assert_eq!(int8.lora.as_ref().map(|l| (l.int8_params, l.int8_channels)), Some((int8_params, channels)));
         assert_eq!(s.weights - q.weights, int8_params as f64 - channels as f64 * 4.0);
         assert_eq!((q.gradients, q.optimizer), (s.gradients, s.optimizer));
+        // The recipe's lora.dropout rules out activation checkpointing.
+        assert!(!lora.recompute && shape(&["lora.dropout=0.0"]).recompute);
         // `--lora-rank` plans the same adapters without a recipe.
         let flags = StepShape::from_args(&plan_args(None, &[], 16, "int8")).unwrap();
         assert_eq!(flags.lora, int8.lora);

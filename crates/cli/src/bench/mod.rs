@@ -499,6 +499,7 @@ pub fn model(b: &ModelBench) -> Result<()> {
             soft_caps: !b.no_soft_caps,
             gpus: 1,
             accumulation: 1,
+            recompute: true,
             lora: None,
         };
         if let Some((lora, base)) = &b.lora {
