@@ -1,5 +1,9 @@
 //! `pg2 merge`: folds a LoRA adapter into its base model, giving a plain model folder that
 //! any tool loads without PEFT.
+//!
+//! The base is read as stored, also for an adapter trained on a base held in int8
+//! (`lora.base_dtype`): that copy only ever lived in the run's memory, and folding into the
+//! full-precision weights gives the adapter's model up to the base's int8 rounding.
 
 use std::path::PathBuf;
 

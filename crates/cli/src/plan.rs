@@ -9,11 +9,12 @@
 //! libtorch's workspaces come on top, which is why a setting must leave a tenth of the GPU
 //! free to count as fitting.
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use pg2_model::{PaliGemmaConfig, Part};
+use pg2_model::{BaseDtype, Layer, Lora, LoraConfig, PaliGemmaConfig, Part};
 use pg2_train::recipe::{Dtype, Init, Preset, Sharding};
 use pg2_train::Recipe;
 
@@ -27,9 +28,11 @@ pub struct PlanArgs {
     /// `key=value` overrides of the recipe, as `launch --set`.
     #[arg(long = "set", value_name = "KEY=VALUE")]
     pub sets: Vec<String>,
-    /// PaliGemma 2 size in billions (3, 10 or 28), without `--recipe`.
-    #[arg(long, default_value_t = 3)]
-    pub size: u32,
+    /// PaliGemma 2 size in billions (3, 10 or 28; 3 by default); with `--recipe`, plans
+    /// the recipe at that size without reading its starting checkpoint (a LoRA recipe
+    /// must name one, so `--set model.init=...` cannot stand in for it).
+    #[arg(long)]
+    pub size: Option<u32>,
     /// Image side in pixels (224, 448, 896), without `--recipe`.
     #[arg(long, default_value_t = 224)]
     pub resolution: usize,
@@ -49,6 +52,9 @@ pub struct PlanArgs {
     /// without `--recipe`.
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     pub soft_caps: bool,
+    /// LoRA settings, without `--recipe`; with `--measure`, the step measured is this LoRA step.
+    #[command(flatten)]
+    pub lora: LoraArgs,
     /// Data-parallel workers (one per GPU).
     #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u64).range(1..))]
     pub gpus: u64,
@@ -63,6 +69,34 @@ pub struct PlanArgs {
     /// Set in the re-executed process that measures one way of keeping activations.
     #[arg(long, hide = true, value_enum)]
     pub measure_keep: Option<Keep>,
+}
+
+/// A LoRA step on the command line (`pg2 plan`, `pg2 bench model`).
+#[derive(Args, Clone)]
+pub struct LoraArgs {
+    /// LoRA: the rank of adapters on the decoder's attention and MLP projections (the
+    /// projector trained in full, as the LoRA recipes do); 0: a full fine-tune.
+    #[arg(long, default_value_t = 0)]
+    pub lora_rank: usize,
+    /// How a LoRA step holds its frozen base (`lora.base_dtype`): `model` (the weights'
+    /// dtype) or `int8`.
+    #[arg(long, default_value = "model", value_parser = ["model", "int8"])]
+    pub base_dtype: String,
+}
+
+impl LoraArgs {
+    /// The LoRA settings, if any.
+    pub fn lora(&self) -> Option<(LoraConfig, BaseDtype)> {
+        let config = LoraConfig {
+            rank: self.lora_rank,
+            alpha: self.lora_rank as f64,
+            dropout: 0.0,
+            targets: LoraConfig::default_targets(),
+            trained: vec![Part::Projector],
+        };
+        let base = if self.base_dtype == "int8" { BaseDtype::Int8 } else { BaseDtype::Model };
+        (self.lora_rank > 0).then_some((config, base))
+    }
 }
 
 /// One training step's shape, as the memory model reads it.
@@ -84,6 +118,26 @@ pub struct StepShape {
     pub soft_caps: bool,
     pub gpus: usize,
     pub accumulation: usize,
+    /// Whether layers may be recomputed: not with dropout (`model.dropout`, `lora.dropout`),
+    /// whose masks the recompute would draw again.
+    pub recompute: bool,
+    /// A LoRA step's adapters and int8 base ([`StepShape::with_lora`]); `None`: the
+    /// parameters of the parts not frozen train.
+    pub lora: Option<LoraShape>,
+}
+
+/// What LoRA changes in a step: few parameters train, and an int8 base takes less room.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LoraShape {
+    /// Adapter parameters (counted in `params` and `trained`).
+    pub adapters: i64,
+    /// Trained parameters inside the layers (sharded by `full`), and those of the largest layer.
+    pub in_layers: i64,
+    pub largest_layer: i64,
+    /// Base weights held in int8 (counted in `params`), and their output channels (an f32
+    /// scale each).
+    pub int8_params: i64,
+    pub int8_channels: i64,
 }
 
 /// How the activations are kept for backward.
@@ -121,7 +175,7 @@ pub struct StateBytes {
 impl StepShape {
     fn from_args(args: &PlanArgs) -> Result<StepShape> {
         let Some(path) = &args.recipe else {
-            let config = PaliGemmaConfig::paligemma2(args.size, args.resolution)?;
+            let config = PaliGemmaConfig::paligemma2(args.size.unwrap_or(3), args.resolution)?;
             let params = config.parameter_counts().iter().map(|c| c.1).sum();
             let bytes = if args.dtype == "bf16" { 2 } else { 4 };
             return Ok(StepShape {
@@ -137,15 +191,19 @@ impl StepShape {
                 soft_caps: args.soft_caps,
                 gpus: args.gpus as usize,
                 accumulation: 1,
-            });
+                recompute: true,
+                lora: None,
+            }
+            .with_lora_of(args.lora.lora()));
         };
         // Planning reads no data: `$DATA` sources need a root only to resolve.
         let sets: Vec<String> =
             std::iter::once("data.root=\"/\"".to_string()).chain(args.sets.iter().cloned()).collect();
         let (recipe, _) = Recipe::load(path, &sets)?;
         let m = &recipe.model;
-        let config = match &m.init {
-            Init::Preset(preset) => {
+        let config = match (&m.init, args.size) {
+            (_, Some(size)) => PaliGemmaConfig::paligemma2(size, m.resolution)?,
+            (Init::Preset(preset), None) => {
                 // The tiny model's vocabulary is its tokenizer's; the released sizes have their own.
                 let vocab = match preset {
                     Preset::Tiny => pg2_data::PgTokenizer::from_file(&recipe.data.tokenizer)?.vocab_size(),
@@ -153,10 +211,10 @@ impl StepShape {
                 };
                 preset.config(vocab, vocab as i64 - 1, m.resolution)?
             }
-            Init::Checkpoint(dir) => {
+            (Init::Checkpoint(dir), None) => {
                 let dir = pg2_train::checkpoint_dir(dir).context(
-                    "pg2 plan reads the starting checkpoint's config.json: download it, or plan its size as a \
-                     preset, e.g. --set 'model.init=\"paligemma2-3b\"'",
+                    "pg2 plan reads the starting checkpoint's config.json: download it, or plan the recipe at a \
+                     size, e.g. --size 3",
                 )?;
                 let mut config = PaliGemmaConfig::from_file(&dir.join("config.json"))?;
                 config.vision.image_size = m.resolution;
@@ -210,7 +268,75 @@ impl StepShape {
             soft_caps: m.soft_caps,
             gpus,
             accumulation: t.grad_accumulation,
-        })
+            recompute: m.dropout == 0.0 && recipe.lora().is_none_or(|l| l.dropout == 0.0),
+            lora: None,
+        }
+        .with_lora_of(recipe.lora().map(|l| (l, recipe.base_dtype()))))
+    }
+
+    /// [`StepShape::with_lora`] when there are LoRA settings.
+    fn with_lora_of(self, lora: Option<(LoraConfig, BaseDtype)>) -> StepShape {
+        match lora {
+            Some((config, base)) => self.with_lora(&config, base),
+            None => self,
+        }
+    }
+
+    /// The same step training LoRA adapters as `config` says on a base held as `base`:
+    /// `rank * (in + out)` adapter parameters per targeted linear layer join the parameters
+    /// and, with the parts trained in full, are all that trains (gradients, f32 master
+    /// weights and moments for them alone); an int8 base holds its decoder layers' linear
+    /// weights in a byte each plus an f32 scale per output channel. Activations are
+    /// counted as for a full fine-tune (the adapters' own are rank-sized; dropout on their
+    /// inputs would add copies of them, which are not counted).
+    pub fn with_lora(mut self, config: &LoraConfig, base: BaseDtype) -> StepShape {
+        let lora = Lora::fresh(config.clone()).on_base(base);
+        let (counts, [vision_layer, decoder_layer]) = (self.config.parameter_counts(), self.config.layer_sizes());
+        let mut by_layer: BTreeMap<Layer, i64> = BTreeMap::new();
+        let (mut adapters, mut int8_params, mut int8_channels) = (0, 0, 0);
+        for (name, i, o) in self.config.linear_layers() {
+            let (i, o) = (i as i64, o as i64);
+            if config.targets(&name) {
+                let size = config.rank as i64 * (i + o);
+                adapters += size;
+                if let Some(layer) = Layer::of(&name) {
+                    *by_layer.entry(layer).or_default() += size;
+                }
+            }
+            if lora.quantizes(&name) {
+                (int8_params, int8_channels) = (int8_params + i * o, int8_channels + o);
+            }
+        }
+        let (v, t) = (&self.config.vision, &self.config.text);
+        for (part, layers, size) in
+            [(Part::Vision, v.num_hidden_layers, vision_layer), (Part::Decoder, t.num_hidden_layers, decoder_layer)]
+        {
+            if config.trained.contains(&part) {
+                let make = if part == Part::Vision { Layer::Vision } else { Layer::Text };
+                (0..layers).for_each(|i| *by_layer.entry(make(i)).or_default() += size);
+            }
+        }
+        let full: i64 = counts.iter().filter(|(part, _)| config.trained.contains(part)).map(|c| c.1).sum();
+        self.params += adapters;
+        self.trained = adapters + full;
+        self.frozen = Part::ALL.into_iter().filter(|p| !config.trained.contains(p)).collect();
+        self.lora = Some(LoraShape {
+            adapters,
+            in_layers: by_layer.values().sum(),
+            largest_layer: by_layer.values().copied().max().unwrap_or(0),
+            int8_params,
+            int8_channels,
+        });
+        self
+    }
+
+    /// Bytes of the weights: each in the weights' dtype, but an int8 base's.
+    fn weight_bytes_total(&self) -> f64 {
+        let int8 = self
+            .lora
+            .as_ref()
+            .map_or(0.0, |l| l.int8_params as f64 * (self.weight_bytes as f64 - 1.0) - l.int8_channels as f64 * 4.0);
+        self.params as f64 * self.weight_bytes as f64 - int8
     }
 
     /// The model state per GPU under `sharding` at its peak (the end of a backward pass),
@@ -228,7 +354,7 @@ impl StepShape {
     /// way; the embeddings, norms and projector stay whole), and gathers each layer twice per micro-batch: for its forward pass and
     /// for its recompute in backward.
     pub fn state(&self, sharding: Sharding) -> StateBytes {
-        let (n, p, trained) = (self.gpus as f64, self.params as f64, self.trained as f64);
+        let (n, trained) = (self.gpus as f64, self.trained as f64);
         let w = self.weight_bytes as f64;
         let (c, [vision_layer, decoder_layer]) = (&self.config, self.config.layer_sizes());
         let largest_layer = vision_layer.max(decoder_layer) as f64;
@@ -236,15 +362,16 @@ impl StepShape {
         let ring = (n - 1.0) / n;
         let reduce_scatter = ring * trained * w;
         let all_gather = ring * trained * w;
+        let weights = self.weight_bytes_total();
         let shares = StateBytes {
-            weights: p * w,
+            weights,
             gradients: trained * w + trained * 4.0 / n,
             optimizer: trained * 12.0 / n,
             sent: reduce_scatter + all_gather,
         };
         match sharding {
             Sharding::None => StateBytes {
-                weights: p * w,
+                weights,
                 gradients: trained * w,
                 optimizer: trained * if self.weight_bytes == 4 { 8.0 } else { 12.0 },
                 sent: 2.0 * ring * trained * w,
@@ -260,12 +387,19 @@ impl StepShape {
                     true => 0.0,
                     false => (layers as i64 * size) as f64,
                 };
-                let sharded = trained_layers(Part::Vision, c.vision.num_hidden_layers, vision_layer)
-                    + trained_layers(Part::Decoder, c.text.num_hidden_layers, decoder_layer);
+                // With LoRA, only the trained tensors of a layer are sharded and gathered.
+                let (sharded, gathered) = match &self.lora {
+                    Some(l) => (l.in_layers as f64, l.largest_layer as f64),
+                    None => (
+                        trained_layers(Part::Vision, c.vision.num_hidden_layers, vision_layer)
+                            + trained_layers(Part::Decoder, c.text.num_hidden_layers, decoder_layer),
+                        largest_layer,
+                    ),
+                };
                 let micro_batches = self.accumulation as f64;
                 StateBytes {
                     // The layer running and the next one, on its way.
-                    weights: (p - sharded) * w + sharded * w / n + 2.0 * largest_layer * w,
+                    weights: weights - sharded * w * (1.0 - 1.0 / n) + 2.0 * gathered * w,
                     gradients: in_backward + trained * 4.0 / n,
                     sent: reduce_scatter * micro_batches
                         + 2.0 * micro_batches * ring * sharded * w
@@ -330,8 +464,8 @@ const MODES: [(Sharding, &str); 4] = [
 
 pub fn run(args: &PlanArgs) -> Result<()> {
     match (&args.measure, &args.measure_keep) {
-        (Some(shape), Some(keep)) => return measure_one(*shape, *keep),
-        (Some(shape), None) => return measure(*shape),
+        (Some(shape), Some(keep)) => return measure_one(*shape, *keep, args.lora.lora()),
+        (Some(shape), None) => return measure(*shape, args),
         _ => {}
     }
     let shape = StepShape::from_args(args)?;
@@ -345,6 +479,13 @@ pub fn run(args: &PlanArgs) -> Result<()> {
         shape.gpus,
         args.gpu_memory
     );
+    if let Some(l) = &shape.lora {
+        let int8 = match l.int8_params {
+            0 => String::new(),
+            n => format!(", {:.2}B frozen decoder weights in int8", n as f64 / 1e9),
+        };
+        println!("LoRA: {:.1}M adapter parameters on a frozen base{int8}", l.adapters as f64 / 1e6);
+    }
     println!(
         "per GPU: micro-batches of {} x ({} image + {} text tokens), {} target tokens each; soft caps {}",
         shape.batch,
@@ -372,8 +513,10 @@ pub fn run(args: &PlanArgs) -> Result<()> {
         let acts = Keep::ALL.map(|keep| activation_bytes(&shape, keep));
         let totals = acts.map(|a| state + a);
         for (keep, total) in Keep::ALL.iter().zip(totals) {
-            // Parameter sharding recomputes every layer (it gathers them again for that).
-            let possible = mode != Sharding::Full || *keep == Keep::Checkpointed;
+            // Parameter sharding recomputes every layer (it gathers them again for that);
+            // dropout rules out recomputing.
+            let recomputes = *keep == Keep::Checkpointed;
+            let possible = (mode != Sharding::Full || recomputes) && (shape.recompute || !recomputes);
             if cheapest.is_none() && possible && total <= budget {
                 cheapest = Some((name, *keep, total));
             }
@@ -401,8 +544,9 @@ pub fn run(args: &PlanArgs) -> Result<()> {
             total / scale
         ),
         None => println!(
-            "\nnothing fits in 90 % of {} GB: more GPUs or a smaller micro-batch (more train.grad_accumulation)",
-            args.gpu_memory
+            "\nnothing fits in 90 % of {} GB: more GPUs or a smaller micro-batch (more train.grad_accumulation){}",
+            args.gpu_memory,
+            if shape.recompute { "" } else { "; without dropout, activation checkpointing" }
         ),
     }
     Ok(())
@@ -427,29 +571,42 @@ fn benchmark_step(shape: crate::bench::Shape) -> Result<StepShape> {
         soft_caps: true,
         gpus: 1,
         accumulation: 1,
+        recompute: true,
+        lora: None,
     })
 }
 
 /// `--measure`: each way of keeping activations measured in a fresh process (so that each
-/// peak is its own), beside the estimate.
-fn measure(shape: crate::bench::Shape) -> Result<()> {
+/// peak is its own), beside the estimate; and the weights' resident bytes beside theirs.
+fn measure(shape: crate::bench::Shape, args: &PlanArgs) -> Result<()> {
     let shape_name = value_name(&shape);
-    let step = benchmark_step(shape)?;
+    let step = benchmark_step(shape)?.with_lora_of(args.lora.lora());
+    let lora = match args.lora.lora() {
+        Some((l, _)) => format!("; LoRA rank {} (projector trained), base {}", l.rank, args.lora.base_dtype),
+        None => String::new(),
+    };
     println!(
-        "{shape_name} shape on the CPU: batch {} x ({} image + {} text tokens), f32, soft caps on",
+        "{shape_name} shape on the CPU: batch {} x ({} image + {} text tokens), f32, soft caps on{lora}",
         step.batch,
         step.config.vision.num_patches(),
         step.text_tokens
     );
+    let mut weights = None;
     for keep in Keep::ALL {
         let keep_name = value_name(&keep);
+        let lora_args =
+            ["--lora-rank", &args.lora.lora_rank.to_string(), "--base-dtype", &args.lora.base_dtype].map(String::from);
         let out = std::process::Command::new(std::env::current_exe()?)
             .args(["plan", "--measure", &shape_name, "--measure-keep", &keep_name])
+            .args(lora_args)
             .output()?;
         if !out.status.success() {
             bail!("measuring `{keep_name}`: {}", String::from_utf8_lossy(&out.stderr));
         }
-        let measured: f64 = String::from_utf8_lossy(&out.stdout).trim().parse()?;
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let figures: Vec<f64> = stdout.split_whitespace().map(str::parse).collect::<Result<_, _>>()?;
+        let [measured, model] = figures[..] else { bail!("measuring `{keep_name}` printed {stdout:?}") };
+        weights.get_or_insert(model);
         let estimate = activation_bytes(&step, keep);
         println!(
             "activations {keep_name:<13} estimated {:>7.1} MB, measured {:>7.1} MB (ratio {:.2})",
@@ -458,7 +615,17 @@ fn measure(shape: crate::bench::Shape) -> Result<()> {
             measured / estimate
         );
     }
-    println!("(measured: the step's peak resident memory less the weights, inputs and gradients)");
+    let (estimate, measured) = (step.state(Sharding::None).weights, weights.unwrap_or_default());
+    println!(
+        "weights estimated {:.1} MB, measured {:.1} MB (measured / estimated {:.2})",
+        estimate / 1e6,
+        measured / 1e6,
+        measured / estimate
+    );
+    println!(
+        "(measured: the step's peak resident memory less the weights, inputs and gradients; the weights: what \
+         building the model added)"
+    );
     Ok(())
 }
 
@@ -468,23 +635,31 @@ fn value_name(value: &impl clap::ValueEnum) -> String {
 }
 
 /// One forward and backward pass of the benchmark shape keeping activations as `keep`
-/// says; prints the bytes the step added to the process's peak beyond its gradients. A
+/// says (training LoRA adapters as `lora` says, if given); prints the bytes the step added
+/// to the process's peak beyond its gradients, and the bytes building the model added. A
 /// first step runs before, so that libtorch's one-time buffers are not counted, and every
 /// large block is returned to the system when freed, so that the second step's peak is its
 /// own.
-fn measure_one(shape: crate::bench::Shape, keep: Keep) -> Result<()> {
+fn measure_one(shape: crate::bench::Shape, keep: Keep, lora: Option<(LoraConfig, BaseDtype)>) -> Result<()> {
     use pg2_model::{PaliGemma, RunOptions, Weights};
     use tch::{Device, Kind};
     return_freed_memory();
-    let step = benchmark_step(shape)?;
+    let step = benchmark_step(shape)?.with_lora_of(lora.clone());
     let options = RunOptions {
         recompute: keep == Keep::Checkpointed,
         lean_attention: keep == Keep::Lean,
         ..RunOptions::default()
     };
     tch::manual_seed(0);
-    let model = PaliGemma::new(step.config.clone(), Weights::random(Device::Cpu, Kind::Float), options)?;
-    for p in model.params() {
+    let empty = resident_bytes("VmRSS")?;
+    let mut weights = Weights::random(Device::Cpu, Kind::Float);
+    if let Some((config, base)) = lora {
+        weights = weights.with_lora(Lora::fresh(config).on_base(base))?;
+    }
+    let model = PaliGemma::new(step.config.clone(), weights, options)?;
+    let model_bytes = resident_bytes("VmRSS")? - empty;
+    let trains = |p: &pg2_model::Param| model.lora().is_none_or(|l| pg2_model::lora::is_saved(l, p));
+    for p in model.params().iter().filter(|p| trains(p)) {
         let _ = p.tensor.set_requires_grad(true);
     }
     // The benchmarks' inputs: image tokens, `<bos>`, prompt, `\n`, target, `<eos>`.
@@ -502,8 +677,8 @@ fn measure_one(shape: crate::bench::Shape, keep: Keep) -> Result<()> {
     std::fs::write("/proc/self/clear_refs", "5")?; // the peak starts again from here
     let before = resident_bytes("VmRSS")?;
     run()?;
-    let gradients = step.params as f64 * 4.0;
-    println!("{}", resident_bytes("VmHWM")? - before - gradients);
+    let gradients = step.trained as f64 * 4.0;
+    println!("{} {model_bytes}", resident_bytes("VmHWM")? - before - gradients);
     Ok(())
 }
 
@@ -531,5 +706,65 @@ fn resident_bytes(field: &str) -> Result<f64> {
     match kb {
         Some(kb) => Ok(kb * 1024.0),
         None => bail!("/proc/self/status has no {field} (measuring needs Linux)"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn plan_args(recipe: Option<&str>, sets: &[&str], lora_rank: usize, base_dtype: &str) -> PlanArgs {
+        let recipes = concat!(env!("CARGO_MANIFEST_DIR"), "/../../recipes/");
+        PlanArgs {
+            recipe: recipe.map(|r| PathBuf::from(recipes).join(r)),
+            sets: sets.iter().map(|s| s.to_string()).collect(),
+            size: Some(3),
+            resolution: 224,
+            batch: 1,
+            text_tokens: 128,
+            target_tokens: 64,
+            dtype: "bf16".into(),
+            soft_caps: true,
+            lora: LoraArgs { lora_rank, base_dtype: base_dtype.into() },
+            gpus: 1,
+            gpu_memory: 24.0,
+            measure: None,
+            measure_keep: None,
+        }
+    }
+
+    /// A LoRA recipe is costed as adapters on a frozen base, not as a full fine-tune: the
+    /// 3B's rank-16 adapters on its 26 decoder layers' seven projections (16 x 49 920 each)
+    /// and the projector train; all 3B weights stay, in bf16 or (the decoder layers'
+    /// projections) in int8.
+    #[test]
+    fn a_lora_recipe_is_planned_as_adapters_on_a_frozen_base() {
+        let shape =
+            |sets: &[&str]| StepShape::from_args(&plan_args(Some("transfer/vqav2-lora.toml"), sets, 0, "")).unwrap();
+        let (lora, full, int8) = (shape(&[]), shape(&["lora.rank=0"]), shape(&["lora.base_dtype=\"int8\""]));
+        let adapters = 16 * 26 * 49_920;
+        let projector = 1152 * 2304 + 2304;
+        assert_eq!(lora.lora.as_ref().map(|l| l.adapters), Some(adapters));
+        assert_eq!((lora.params, lora.trained), (full.params + adapters, adapters + projector));
+        assert_eq!(full.trained, full.params);
+        let (s, f, q) = (lora.state(Sharding::None), full.state(Sharding::None), int8.state(Sharding::None));
+        // bf16 weights; gradients of the trained parameters, their f32 master and moments.
+        assert_eq!(
+            (s.weights, s.gradients, s.optimizer),
+            (lora.params as f64 * 2.0, lora.trained as f64 * 2.0, lora.trained as f64 * 12.0)
+        );
+        assert!(f.gradients + f.optimizer > 100.0 * (s.gradients + s.optimizer));
+        // 2.02B decoder weights a byte each instead of two, plus an f32 scale per output channel.
+        let int8_params = 26 * (2304 * 2048 * 2 + 2304 * 1024 * 2 + 3 * 2304 * 9216);
+        let channels = 26 * (2048 + 1024 * 2 + 2304 + 9216 * 2 + 2304);
+        assert_eq!(int8.lora.as_ref().map(|l| (l.int8_params, l.int8_channels)), Some((int8_params, channels)));
+        assert_eq!(s.weights - q.weights, int8_params as f64 - channels as f64 * 4.0);
+        assert_eq!((q.gradients, q.optimizer), (s.gradients, s.optimizer));
+        // The recipe's lora.dropout rules out activation checkpointing.
+        assert!(!lora.recompute && shape(&["lora.dropout=0.0"]).recompute);
+        // `--lora-rank` plans the same adapters without a recipe.
+        let flags = StepShape::from_args(&plan_args(None, &[], 16, "int8")).unwrap();
+        assert_eq!(flags.lora, int8.lora);
+        assert_eq!(flags.trained, int8.trained);
     }
 }

@@ -409,6 +409,36 @@ impl PaliGemmaConfig {
         [vision_layer, decoder_layer]
     }
 
+    /// Every linear layer of the model as `(canonical name without .weight, in, out)`, in
+    /// the order the model takes them: what LoRA targets match, counted without building it.
+    pub fn linear_layers(&self) -> Vec<(String, usize, usize)> {
+        use crate::checkpoint::{PROJECTOR, TEXT, VISION};
+        let (v, t) = (&self.vision, &self.text);
+        let (dv, d, q) = (v.hidden_size, t.hidden_size, t.num_attention_heads * t.head_dim);
+        let kv = t.num_key_value_heads * t.head_dim;
+        let vision = (0..v.num_hidden_layers).flat_map(|i| {
+            let p = format!("{VISION}.encoder.layers.{i}");
+            let attn = ["q_proj", "k_proj", "v_proj", "out_proj"].map(|n| (format!("{p}.self_attn.{n}"), dv, dv));
+            let mlp =
+                [(format!("{p}.mlp.fc1"), dv, v.intermediate_size), (format!("{p}.mlp.fc2"), v.intermediate_size, dv)];
+            attn.into_iter().chain(mlp)
+        });
+        let decoder = (0..t.num_hidden_layers).flat_map(|i| {
+            let p = format!("{TEXT}.layers.{i}");
+            let m = t.intermediate_size;
+            [
+                (format!("{p}.self_attn.q_proj"), d, q),
+                (format!("{p}.self_attn.k_proj"), d, kv),
+                (format!("{p}.self_attn.v_proj"), d, kv),
+                (format!("{p}.self_attn.o_proj"), q, d),
+                (format!("{p}.mlp.gate_proj"), d, m),
+                (format!("{p}.mlp.up_proj"), d, m),
+                (format!("{p}.mlp.down_proj"), m, d),
+            ]
+        });
+        vision.chain([(PROJECTOR.to_string(), dv, d)]).chain(decoder).collect()
+    }
+
     /// Writes the config as transformers writes a PaliGemma 2 `config.json`.
     pub fn to_json(&self) -> Value {
         let t = &self.text;

@@ -10,6 +10,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod decode;
 pub mod gemma2;
+pub mod int8;
 pub mod layer_params;
 pub mod lora;
 pub mod nn;
@@ -23,7 +24,7 @@ pub use config::{Gemma2Config, PaliGemmaConfig, SiglipVisionConfig};
 pub use decode::{generate, DecodeOptions};
 pub use gemma2::{KvCache, RunOptions, TokenLayout};
 pub use layer_params::{Layer, LayerParams};
-pub use lora::{Lora, LoraConfig};
+pub use lora::{BaseDtype, Lora, LoraConfig};
 pub use nn::{Param, ParamKind, Weights};
 pub use paligemma::{Inputs, PaliGemma, Targets};
 

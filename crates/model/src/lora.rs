@@ -18,6 +18,7 @@ use serde_json::{json, Value};
 use tch::{Kind, Tensor};
 
 use crate::checkpoint::{self, Part};
+use crate::layer_params::Layer;
 use crate::nn::{NamedTensors, Param, ParamKind};
 use crate::ModelError;
 
@@ -82,9 +83,22 @@ fn glob(pattern: &str, text: &str) -> bool {
     }
 }
 
+/// How the frozen base's decoder linear layers are held (`lora.base_dtype`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BaseDtype {
+    /// In the model's dtype, as every other weight.
+    #[default]
+    Model,
+    /// In int8 with per-output-channel scales ([`crate::int8`]).
+    Int8,
+}
+
 /// Adapters to build a model with: fresh ones, or ones read from a PEFT adapter folder.
 pub struct Lora {
     pub config: LoraConfig,
+    /// How the base they sit on is held (not part of a PEFT adapter: a choice of the run).
+    pub base_dtype: BaseDtype,
     /// Whether the adapters are made afresh rather than taken from `adapters`.
     pub(crate) fresh: bool,
     /// Adapter tensors by canonical name, taken out as the model is built.
@@ -99,7 +113,7 @@ impl Lora {
     /// Freshly initialised adapters (draws from the device's generator: seed it first).
     pub fn fresh(config: LoraConfig) -> Self {
         let (adapters, trained) = (BTreeMap::new(), BTreeMap::new());
-        Lora { config, fresh: true, adapters, trained, origin: "fresh adapters".into() }
+        Lora { config, base_dtype: BaseDtype::Model, fresh: true, adapters, trained, origin: "fresh adapters".into() }
     }
 
     /// The adapters of a PEFT adapter folder (`adapter_config.json` + `adapter_model.safetensors`).
@@ -160,7 +174,24 @@ impl Lora {
         // The adapted layers are exactly those with tensors in the file.
         let targets = adapters.keys().filter_map(|n| n.strip_suffix(".lora_A.weight")).map(str::to_string).collect();
         let config = LoraConfig { rank: rank as usize, alpha, dropout, targets, trained };
-        Ok(Lora { config, fresh: false, adapters, trained: tensors, origin: weights.display().to_string() })
+        let origin = weights.display().to_string();
+        Ok(Lora { config, base_dtype: BaseDtype::Model, fresh: false, adapters, trained: tensors, origin })
+    }
+
+    /// The same adapters on a base held as `base_dtype`.
+    pub fn on_base(self, base_dtype: BaseDtype) -> Self {
+        Lora { base_dtype, ..self }
+    }
+
+    /// Whether linear layer `layer` (canonical, without `.weight`) is held in int8: with an
+    /// int8 base, every linear layer of the decoder's layers (the attention and MLP
+    /// projections, adapted or not), unless the decoder trains in full. The vision tower
+    /// and projector (a seventh of the 3B model; the projector often trains) and the
+    /// embedding (also the output head, whose logits the loss reads) stay in the model's dtype.
+    pub fn quantizes(&self, layer: &str) -> bool {
+        self.base_dtype == BaseDtype::Int8
+            && matches!(Layer::of(layer), Some(Layer::Text(_)))
+            && !self.config.trains_in_full(layer)
     }
 }
 

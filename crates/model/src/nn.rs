@@ -10,7 +10,8 @@
 use std::collections::BTreeMap;
 use tch::{Device, Kind, Tensor};
 
-use crate::lora::Lora;
+use crate::int8::Int8Weight;
+use crate::lora::{BaseDtype, Lora};
 use crate::ModelError;
 
 /// How a parameter is initialised when the model is created from scratch.
@@ -119,6 +120,11 @@ impl Weights {
         self.lora.as_ref().map(|l| &l.config)
     }
 
+    /// How the frozen base is held: as the model, unless LoRA settings say int8.
+    pub fn base_dtype(&self) -> BaseDtype {
+        self.lora.as_ref().map_or(BaseDtype::Model, |l| l.base_dtype)
+    }
+
     /// The device parameters are placed on.
     pub fn device(&self) -> Device {
         self.device
@@ -131,15 +137,33 @@ impl Weights {
 
     /// The parameter `name` with the expected `shape`, recorded as a `kind`.
     pub fn take(&mut self, name: &str, shape: &[i64], init: Init, kind: ParamKind) -> Result<Tensor, ModelError> {
+        let tensor = self.fetch(name, shape, init)?;
+        Ok(self.record(name, tensor, kind))
+    }
+
+    /// Whether linear layer `layer` is held in int8 ([`Lora::quantizes`]).
+    fn quantizes(&self, layer: &str) -> bool {
+        self.lora.as_ref().is_some_and(|l| l.quantizes(layer))
+    }
+
+    /// The frozen kernel `name` with the expected `shape`, quantised to int8 on the
+    /// weights' device: not a parameter (nothing trains it, and checkpoints never hold it).
+    fn take_int8(&mut self, name: &str, shape: &[i64], init: Init) -> Result<Int8Weight, ModelError> {
+        let tensor = self.fetch(name, shape, init)?;
+        Ok(Int8Weight::quantize(&tensor.to_device(self.device)))
+    }
+
+    /// The tensor `name` of the source, checked to have `shape`, or freshly initialised.
+    fn fetch(&mut self, name: &str, shape: &[i64], init: Init) -> Result<Tensor, ModelError> {
         let device = self.device;
-        let tensor = match &mut self.source {
+        match &mut self.source {
             Source::Random => {
                 let opts = (Kind::Float, device);
-                match init {
+                Ok(match init {
                     Init::Zeros => Tensor::zeros(shape, opts),
                     Init::Ones => Tensor::ones(shape, opts),
                     Init::Normal(std) => Tensor::randn(shape, opts) * std,
-                }
+                })
             }
             Source::Checkpoint { tensors, origin } => {
                 let t = tensors
@@ -151,10 +175,9 @@ impl Weights {
                         t.size()
                     )));
                 }
-                t
+                Ok(t)
             }
-        };
-        Ok(self.record(name, tensor, kind))
+        }
     }
 
     /// `tensor` on the weights' device and kind, recorded as parameter `name`.
@@ -233,10 +256,18 @@ struct Adapter {
     dropout: f64,
 }
 
-/// Fully connected layer `x W^T + b`, plus its LoRA adapter's term if it has one.
+/// A linear layer's weight: a parameter, or a frozen base's int8 copy.
+enum Kernel {
+    Dense(Tensor),
+    Int8(Int8Weight),
+}
+
+/// Fully connected layer `x W^T + b`, plus its LoRA adapter's term if it has one. With a
+/// frozen base in int8 (`lora.base_dtype`), the weight of a layer the LoRA settings
+/// quantise is held in int8 ([`crate::int8`]).
 pub struct Linear {
-    pub weight: Tensor,
-    pub bias: Option<Tensor>,
+    kernel: Kernel,
+    bias: Option<Tensor>,
     adapter: Option<Adapter>,
 }
 
@@ -249,18 +280,28 @@ impl Linear {
         bias: bool,
         init: Init,
     ) -> Result<Self, ModelError> {
-        let weight = w.take(&format!("{prefix}.weight"), &[out_dim as i64, in_dim as i64], init, ParamKind::Kernel)?;
+        let (name, shape) = (format!("{prefix}.weight"), [out_dim as i64, in_dim as i64]);
+        let kernel = match w.quantizes(prefix) {
+            true => Kernel::Int8(w.take_int8(&name, &shape, init)?),
+            false => Kernel::Dense(w.take(&name, &shape, init, ParamKind::Kernel)?),
+        };
         let bias = match bias {
             true => Some(w.take(&format!("{prefix}.bias"), &[out_dim as i64], Init::Zeros, ParamKind::Bias)?),
             false => None,
         };
         let adapter = w.adapter(prefix, in_dim as i64, out_dim as i64)?;
-        Ok(Self { weight, bias, adapter })
+        Ok(Self { kernel, bias, adapter })
     }
 
     /// `x W^T + b`, plus the adapter's term; `train` applies the adapter's dropout.
     pub fn forward(&self, x: &Tensor, train: bool) -> Tensor {
-        let y = x.linear(&self.weight, self.bias.as_ref());
+        let y = match &self.kernel {
+            Kernel::Dense(weight) => x.linear(weight, self.bias.as_ref()),
+            Kernel::Int8(weight) => match &self.bias {
+                Some(bias) => weight.linear(x) + bias,
+                None => weight.linear(x),
+            },
+        };
         match &self.adapter {
             None => y,
             Some(ad) => {

@@ -4,7 +4,7 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use pg2_data::layout::DEFAULT_MAX_TOKENS;
 use pg2_data::{stream, InferenceBatch, OnBadLine, PgTokenizer, Record, Resize, TaskFormat, TextLimits};
 use pg2_dist::Group;
@@ -92,11 +92,13 @@ impl Evaluator {
 }
 
 /// `pg2 eval`: evaluates a checkpoint (a model folder or a run) with a recipe's `[eval]`
-/// block and its model settings (resolution, dtype, soft-caps), writing
-/// `out/eval/step-NNNNNN.jsonl` (the step the checkpoint was saved at, else 0).
+/// block and its model settings (resolution, dtype, soft-caps), with the PEFT adapter
+/// folder (or LoRA run) `adapter` on it if given, writing `out/eval/step-NNNNNN.jsonl` (the
+/// step the checkpoint, or the adapter, was saved at, else 0).
 pub fn evaluate_checkpoint(
     recipe: &Recipe,
     checkpoint: &Path,
+    adapter: Option<&Path>,
     device: Device,
     out: &Path,
 ) -> Result<Map<String, Value>> {
@@ -104,9 +106,18 @@ pub fn evaluate_checkpoint(
     let dir = checkpoint_dir(checkpoint)?;
     let options = RunOptions { soft_caps: recipe.model.soft_caps, ..RunOptions::default() };
     let tokenizer = Arc::new(PgTokenizer::from_file(&recipe.data.tokenizer)?);
-    let model = crate::trainer::load_model(recipe, &tokenizer, &dir, device, options)?;
+    let (model, saved) = match adapter {
+        Some(adapter) => {
+            if dir.join(pg2_model::lora::CONFIG_FILE).is_file() {
+                bail!("{} is an adapter folder: give its base model with --checkpoint", dir.display());
+            }
+            let adapter = checkpoint_dir(adapter)?;
+            (crate::trainer::load_adapted(recipe, &tokenizer, &dir, &adapter, device, options)?, adapter)
+        }
+        None => (crate::trainer::load_model(recipe, &tokenizer, &dir, device, options)?, dir),
+    };
     let evaluator = Evaluator::new(spec, &recipe.data, tokenizer)?;
-    let step = TrainerState::read(&dir).map_or(0, |s| s.step);
+    let step = TrainerState::read(&saved).map_or(0, |s| s.step);
     let scores = evaluator.run(&model, step, &RunDir::new(out), &mut Group::single())?;
     Ok(scores.expect("a group of one is its own main rank"))
 }

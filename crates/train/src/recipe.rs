@@ -16,7 +16,7 @@ use pg2_data::parquet::Columns;
 use pg2_data::{OnBadRecord, RunLength, TextLimits};
 use pg2_eval::anls::levenshtein;
 use pg2_eval::Metric;
-use pg2_model::{LoraConfig, ModelError, PaliGemmaConfig, Part};
+use pg2_model::{BaseDtype, LoraConfig, ModelError, PaliGemmaConfig, Part};
 use pg2_optim::{Decay, DecayShape};
 use serde::Deserialize;
 use toml::{Table, Value};
@@ -62,6 +62,11 @@ pub struct LoraSection {
     /// `projector`, `decoder`.
     #[serde(default)]
     pub train: Vec<Part>,
+    /// How the frozen base's decoder layers are held: `"model"` (default: in `model.dtype`)
+    /// or `"int8"` (their linear layers' weights in int8 with per-output-channel scales,
+    /// half the bytes of bf16; see `pg2_model::int8`). Checkpoints are unchanged.
+    #[serde(default)]
+    pub base_dtype: BaseDtype,
 }
 
 impl Recipe {
@@ -75,6 +80,11 @@ impl Recipe {
             targets: l.targets.clone(),
             trained: l.train.clone(),
         })
+    }
+
+    /// How the recipe holds the frozen base (`lora.base_dtype`; the model's dtype without LoRA).
+    pub fn base_dtype(&self) -> BaseDtype {
+        self.lora.as_ref().filter(|l| l.rank > 0).map_or(BaseDtype::Model, |l| l.base_dtype)
     }
 }
 
@@ -846,6 +856,9 @@ impl Recipe {
             if lora.alpha.is_some_and(|a| !a.is_finite()) || lora.targets.is_empty() {
                 return Err("lora.alpha must be finite and lora.targets not empty".into());
             }
+            if lora.base_dtype == BaseDtype::Int8 && lora.train.contains(&Part::Decoder) {
+                return Err("lora.base_dtype = \"int8\" holds the frozen decoder in int8: it does not go with lora.train = [\"decoder\"]".into());
+            }
             if !self.model.freeze.is_empty() {
                 return Err("model.freeze does not go with [lora], whose base is frozen: name the parts to train in full in lora.train".into());
             }
@@ -960,6 +973,8 @@ lr = 1e-5
         assert_eq!((config.rank, config.alpha, config.dropout), (8, 8.0, 0.0));
         assert_eq!(config.targets, LoraConfig::default_targets());
         assert!(parse(&lora.replace("rank = 8", "rank = 0")).unwrap().lora().is_none(), "rank 0: full fine-tune");
+        assert_eq!(parse(&lora).unwrap().base_dtype(), BaseDtype::Model);
+        assert_eq!(parse(&(lora.clone() + "base_dtype = \"int8\"\n")).unwrap().base_dtype(), BaseDtype::Int8);
         for (edit, names) in [
             (GOOD.to_string() + "[lora]\nrank = 8\n", &["model.init"][..]),
             (
@@ -972,6 +987,8 @@ lr = 1e-5
                 &["activation_checkpointing", "lora.dropout"],
             ),
             (lora.clone() + "targets = []\n", &["lora.targets"]),
+            (lora.clone() + "base_dtype = \"int4\"\n", &["base_dtype", "int4", "int8"]),
+            (lora.clone() + "base_dtype = \"int8\"\ntrain = [\"decoder\"]\n", &["lora.base_dtype", "lora.train"]),
         ] {
             let err = parse(&edit).unwrap_err().to_string();
             assert!(names.iter().all(|n| err.contains(n)), "{names:?}: {err}");

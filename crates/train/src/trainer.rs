@@ -42,7 +42,21 @@ pub fn load_model(
     let Init::Checkpoint(base) = &recipe.model.init else {
         bail!("{}: an adapter folder needs the recipe's model.init to name its base checkpoint", dir.display())
     };
-    load_with(recipe, tok, &checkpoint_dir(base)?, Some(Lora::read(dir)?), device, options)
+    load_adapted(recipe, tok, &checkpoint_dir(base)?, dir, device, options)
+}
+
+/// The model folder `base` with the PEFT adapter folder `adapter` on it, the base held as
+/// the recipe's `lora.base_dtype` says; otherwise as [`load_model`] loads a model.
+pub fn load_adapted(
+    recipe: &Recipe,
+    tok: &PgTokenizer,
+    base: &Path,
+    adapter: &Path,
+    device: Device,
+    options: RunOptions,
+) -> Result<PaliGemma> {
+    let lora = Lora::read(adapter)?.on_base(recipe.base_dtype());
+    load_with(recipe, tok, base, Some(lora), device, options)
 }
 
 /// The model folder `dir` with `lora`'s adapters, as [`load_model`] loads it.
@@ -71,7 +85,8 @@ pub fn build_model(recipe: &Recipe, tok: &PgTokenizer, device: Device) -> Result
             eprintln!("launch: starting from {}", dir.display());
             // The adapters' A is drawn at random.
             tch::manual_seed(recipe.seed as i64);
-            return load_with(recipe, tok, &dir, recipe.lora().map(Lora::fresh), device, options);
+            let lora = recipe.lora().map(|l| Lora::fresh(l).on_base(recipe.base_dtype()));
+            return load_with(recipe, tok, &dir, lora, device, options);
         }
         Init::Preset(preset) => preset,
     };
@@ -570,38 +585,45 @@ mod tests {
     }
 
     /// With `[lora]` the base is frozen: only the adapters and the parts `lora.train` names
-    /// take gradients, and only they move.
+    /// take gradients, and only they move; on an int8 base (`lora.base_dtype`) as well,
+    /// every decoder layer's adapters included, whose gradients pass through the int8 layers
+    /// above them.
     #[test]
     fn with_lora_only_the_adapters_and_the_named_parts_train() {
         let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/paligemma");
-        let text = format!(
-            "[model]\ninit = {:?}\nresolution = 28\nsoft_caps = false\n[data]\ntokenizer = {:?}\n\
-             mixture = [{{ path = \"d.jsonl\", weight = 1.0 }}]\n[train]\nsteps = 2\nbatch_size = 1\nlr = 1e-2\n\
-             [lora]\nrank = 2\ntrain = [\"projector\"]\n",
-            fixtures.join("released"),
-            fixtures.join("tokenizer.json")
-        );
-        let recipe: Recipe = toml::from_str(&text).unwrap();
-        let tok = PgTokenizer::from_file(&recipe.data.tokenizer).unwrap();
-        let model = build_model(&recipe, &tok, Device::Cpu).unwrap();
-        let before: Vec<(String, Tensor)> = model.parameters().into_iter().map(|(n, t)| (n, t.copy())).collect();
-        let schedule = Schedule { warmup_steps: 0, total_steps: 2, shape: Default::default() };
-        let mut group = Group::single();
-        let mut trainer = Trainer::new(model, &recipe, schedule, 0, tok.text_ids(), &mut group).unwrap();
-        let trains = |name: &str| name.contains(".lora_") || name.starts_with("multi_modal_projector.");
-        for p in trainer.model.params() {
-            assert_eq!(p.tensor.requires_grad(), trains(&p.name), "{}", p.name);
-        }
-        let n_image = trainer.model.config.vision.num_patches();
-        let example = pg2_data::EncodedExample::new(&tok, n_image, "caption en", Some("a red circle"));
-        let pixels = Tensor::rand([1, 3, 28, 28], (Kind::Float, Device::Cpu)) * 2.0 - 1.0;
-        let batch = Batch::collate(&[example], Some(pixels), tok.pad_id, Device::Cpu);
-        let targets = batch.loss_mask.sum(Kind::Int64).int64_value(&[]) as usize;
-        for _ in 0..2 {
-            trainer.step(&[&batch], targets, &mut group).unwrap();
-        }
-        for ((name, old), (_, new)) in before.iter().zip(trainer.model.parameters()) {
-            assert_eq!(!old.equal(&new), trains(name), "{name}: only the trained parameters move");
+        for base in ["model", "int8"] {
+            let text = format!(
+                "[model]\ninit = {:?}\nresolution = 28\nsoft_caps = false\n[data]\ntokenizer = {:?}\n\
+                 mixture = [{{ path = \"d.jsonl\", weight = 1.0 }}]\n[train]\nsteps = 2\nbatch_size = 1\nlr = 1e-2\n\
+                 [lora]\nrank = 2\ntrain = [\"projector\"]\nbase_dtype = \"{base}\"\n",
+                fixtures.join("released"),
+                fixtures.join("tokenizer.json")
+            );
+            let recipe: Recipe = toml::from_str(&text).unwrap();
+            let tok = PgTokenizer::from_file(&recipe.data.tokenizer).unwrap();
+            let model = build_model(&recipe, &tok, Device::Cpu).unwrap();
+            let decoder_kernels = model.params().iter().filter(|p| p.name.ends_with("_proj.weight")).count();
+            let vision_kernels = 4 * model.config.vision.num_hidden_layers;
+            assert_eq!(decoder_kernels - vision_kernels, if base == "int8" { 0 } else { 7 * model.num_layers() });
+            let before: Vec<(String, Tensor)> = model.parameters().into_iter().map(|(n, t)| (n, t.copy())).collect();
+            let schedule = Schedule { warmup_steps: 0, total_steps: 2, shape: Default::default() };
+            let mut group = Group::single();
+            let mut trainer = Trainer::new(model, &recipe, schedule, 0, tok.text_ids(), &mut group).unwrap();
+            let trains = |name: &str| name.contains(".lora_") || name.starts_with("multi_modal_projector.");
+            for p in trainer.model.params() {
+                assert_eq!(p.tensor.requires_grad(), trains(&p.name), "{}", p.name);
+            }
+            let n_image = trainer.model.config.vision.num_patches();
+            let example = pg2_data::EncodedExample::new(&tok, n_image, "caption en", Some("a red circle"));
+            let pixels = Tensor::rand([1, 3, 28, 28], (Kind::Float, Device::Cpu)) * 2.0 - 1.0;
+            let batch = Batch::collate(&[example], Some(pixels), tok.pad_id, Device::Cpu);
+            let targets = batch.loss_mask.sum(Kind::Int64).int64_value(&[]) as usize;
+            for _ in 0..2 {
+                trainer.step(&[&batch], targets, &mut group).unwrap();
+            }
+            for ((name, old), (_, new)) in before.iter().zip(trainer.model.parameters()) {
+                assert_eq!(!old.equal(&new), trains(name), "{base}: {name}: only the trained parameters move");
+            }
         }
     }
 

@@ -92,6 +92,9 @@ pub enum BenchCommand {
         /// The accelerator's dense peak in TFLOP/s for the utilisation figure (H100/H200 bf16: 989).
         #[arg(long, default_value_t = 989.0)]
         peak_tflops: f64,
+        /// With --train: train LoRA adapters alone (and the projector) on the frozen model.
+        #[command(flatten)]
+        lora: crate::plan::LoraArgs,
     },
     /// Training steps/s, first-step loss and peak memory of a random PaliGemma 2 on the CPU,
     /// against transformers + torch.optim.AdamW on the same checkpoint, batch and threads.
@@ -200,6 +203,7 @@ pub fn run(command: &BenchCommand) -> Result<()> {
             recompute,
             lean_attention,
             peak_tflops,
+            lora,
         } => model(&ModelBench {
             size_b: *size,
             resolution: *resolution,
@@ -214,6 +218,7 @@ pub fn run(command: &BenchCommand) -> Result<()> {
             recompute: *recompute,
             lean_attention: *lean_attention,
             peak_tflops: *peak_tflops,
+            lora: lora.lora(),
         }),
         BenchCommand::Train { shape, batch, steps, recompute, lean_attention, sides } => train(&TrainBench {
             shape: *shape,
@@ -352,6 +357,8 @@ pub struct ModelBench {
     /// With `train`: soft-capped attention recomputes its scores in the backward pass.
     pub lean_attention: bool,
     pub peak_tflops: f64,
+    /// With `train`: LoRA adapters train (and the parts they name), the rest frozen.
+    pub lora: Option<(pg2_model::LoraConfig, pg2_model::BaseDtype)>,
 }
 
 /// `pg2 bench model`: forward (and backward) time of a released-shape PaliGemma 2 with
@@ -370,12 +377,17 @@ pub fn model(b: &ModelBench) -> Result<()> {
         lean_attention: b.lean_attention,
         ..RunOptions::default()
     };
-    let model = PaliGemma::new(config.clone(), Weights::random(b.device, b.kind), options)?;
-    let mut params = model.parameters();
-    let count =
-        |prefix: &str| params.iter().filter(|(n, _)| n.starts_with(prefix)).map(|(_, p)| p.numel() as f64).sum::<f64>();
-    let (vision_params, text_params) =
-        (count("vision_tower"), count("language_model") + count("multi_modal_projector"));
+    let mut weights = Weights::random(b.device, b.kind);
+    if let Some((lora, base)) = &b.lora {
+        weights = weights.with_lora(pg2_model::Lora::fresh(lora.clone()).on_base(*base))?;
+    }
+    let model = PaliGemma::new(config.clone(), weights, options)?;
+    // The parameters that train: all, or with LoRA the adapters and the parts it names.
+    let trains = |p: &pg2_model::Param| model.lora().is_none_or(|l| pg2_model::lora::is_saved(l, p));
+    let mut params: Vec<(String, Tensor)> =
+        model.params().iter().filter(|p| trains(p)).map(|p| (p.name.clone(), p.tensor.shallow_clone())).collect();
+    let counts = config.parameter_counts().map(|(part, n)| (part, n as f64));
+    let (vision_params, text_params) = (counts[0].1, counts[1].1 + counts[2].1);
     println!(
         "PaliGemma 2 {}B at {} px: {:.3}B parameters, built in {:.1}s on {:?} in {:?}",
         b.size_b,
@@ -448,7 +460,13 @@ pub fn model(b: &ModelBench) -> Result<()> {
     let text = 2.0 * (text_params - embed) * seq as f64
         + 2.0 * embed * targets
         + 4.0 * (seq as f64).powi(2) * (t.num_attention_heads * t.head_dim * t.num_hidden_layers) as f64;
-    let flops = bt * (vision + text) * if b.train { 3.0 } else { 1.0 };
+    // Backward computes the inputs' gradients and the weights'; a frozen base's, the first alone.
+    let passes = match (b.train, &b.lora) {
+        (false, _) => 1.0,
+        (true, None) => 3.0,
+        (true, Some(_)) => 2.0,
+    };
+    let flops = bt * (vision + text) * passes;
     println!(
         "{} of batch {} x {} tokens: {:.1} ms/step, {:.0} tokens/s, {:.1} TFLOP/s = {:.1}% of {} TFLOP/s peak",
         match (b.train, b.optimizer) {
@@ -474,7 +492,7 @@ pub fn model(b: &ModelBench) -> Result<()> {
         // What `pg2 plan` expects of this step: weights, gradients, the optimizer's state
         // and the activations kept for backward.
         let params = config.parameter_counts().iter().map(|c| c.1).sum();
-        let shape = crate::plan::StepShape {
+        let mut shape = crate::plan::StepShape {
             config: config.clone(),
             params,
             trained: params,
@@ -487,7 +505,12 @@ pub fn model(b: &ModelBench) -> Result<()> {
             soft_caps: !b.no_soft_caps,
             gpus: 1,
             accumulation: 1,
+            recompute: true,
+            lora: None,
         };
+        if let Some((lora, base)) = &b.lora {
+            shape = shape.with_lora(lora, *base);
+        }
         let state = shape.state(pg2_train::recipe::Sharding::None);
         let optimizer = if b.optimizer { state.optimizer } else { 0.0 };
         let keep = match (b.recompute, b.lean_attention) {
