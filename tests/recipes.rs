@@ -142,6 +142,47 @@ fn transfer_recipes_draw_targets_as_big_vision() {
     assert_eq!(transfer("ocrvqa").data.mixture[0].suffix_from, None, "one answer per question");
 }
 
+/// ScienceQA's training source reshuffles what `pg2 convert scienceqa` writes: in the
+/// identity order its templates give the converter's own texts, and in every drawn order the
+/// answer's letter still names the right choice.
+#[test]
+fn scienceqa_trains_on_converted_records_with_choices_reshuffled() {
+    use pg2_data::convert::{convert, ConvertArgs};
+    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/convert/scienceqa");
+    let root = std::env::temp_dir().join(format!("pg2-recipes-scienceqa-{}", std::process::id()));
+    let output = root.join("scienceqa/train.jsonl");
+    let args = ConvertArgs {
+        format: Format::ScienceQa,
+        inputs: vec![fixtures.join("problems.json"), fixtures.join("pid_splits.json")],
+        images: fixtures.join("images"),
+        output: output.clone(),
+        split: Some("train".into()),
+        skip_missing: false,
+    };
+    convert(&args).unwrap();
+    let file = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../recipes/transfer/scienceqa.toml");
+    let recipe = Recipe::load(&file, &[format!("data.root={:?}", root.display().to_string())]).unwrap().0;
+    let mut mixture = pg2_train::input::mixture(&recipe).unwrap();
+    let records = pg2_data::source::read_jsonl(&output).unwrap();
+    let mut identity = 0;
+    for _ in 0..40 {
+        let (s, record) = mixture.next_example().unwrap();
+        let prompt = mixture.sources()[s].format.prompt(&record).unwrap();
+        let suffix = record.suffix.clone().unwrap();
+        let letter = suffix.strip_prefix("The answer is ").unwrap().trim_end_matches('.');
+        let choices = record.extra["choices"].as_array().unwrap();
+        let right = choices[record.extra["answer"].as_u64().unwrap() as usize].as_str().unwrap();
+        assert!(prompt.contains(&format!("({letter}) {right}")), "{prompt} / {suffix}");
+        let converted = records.iter().find(|r| r.extra["id"] == record.extra["id"]).unwrap();
+        if prompt == converted.prefix {
+            assert_eq!(Some(suffix), converted.suffix);
+            identity += 1;
+        }
+    }
+    assert!((1..40).contains(&identity), "some visits keep the dataset's order, most do not: {identity}");
+    std::fs::remove_dir_all(root).unwrap();
+}
+
 /// A transfer source's `make` hint that runs `pg2 convert` is a command to run: a known
 /// format, `--input`, `--images`, `--split` only where the format takes one, and the very
 /// file the source reads as `--output` (or made from it by a following command). The tasks still without a converter are exactly these.

@@ -382,13 +382,22 @@ fn shuffle_choices(record: &mut Record, field: &str, seed: u64, visit: u64) -> R
     let answer = answer.ok_or_else(|| bad("expected `answer`, the index of the right one"))? as usize;
     let mut order: Vec<usize> = (0..choices.len()).collect();
     order.shuffle(&mut rng_for(seed ^ record_key(record), CHOICES_STREAM, visit));
-    let letter = |i: usize| char::from(b'A' + i as u8);
-    let indexed: Vec<String> =
-        order.iter().enumerate().map(|(i, &c)| format!("({}) {}", letter(i), choices[c])).collect();
+    let indexed = lettered_choices(order.iter().map(|&c| choices[c].as_str()));
     let position = order.iter().position(|&c| c == answer).expect("the order holds every index");
-    record.extra.insert("indexed_choices".into(), indexed.join(", ").into());
-    record.extra.insert("indexed_answer".into(), letter(position).to_string().into());
+    record.extra.insert("indexed_choices".into(), indexed.into());
+    record.extra.insert("indexed_answer".into(), choice_letter(position).to_string().into());
     Ok(())
+}
+
+/// Choices as `sci_qa_choices_shuffle` writes them: `(A) x, (B) y, ...` (at most 26).
+pub(crate) fn lettered_choices<'a>(choices: impl Iterator<Item = &'a str>) -> String {
+    let lettered: Vec<String> = choices.enumerate().map(|(i, c)| format!("({}) {c}", choice_letter(i))).collect();
+    lettered.join(", ")
+}
+
+/// The letter of choice `i` (0 is `A`).
+pub(crate) fn choice_letter(i: usize) -> char {
+    char::from(b'A' + i as u8)
 }
 
 /// FNV-1a of the record's file and line: a stable key, the same on every machine and build.

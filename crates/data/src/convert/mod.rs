@@ -59,8 +59,6 @@ mod vqav2;
 mod vsr;
 mod write;
 
-pub use scienceqa::scienceqa_texts;
-
 use std::collections::BTreeSet;
 use std::fmt;
 use std::path::{Path, PathBuf};

@@ -7,6 +7,7 @@ use serde_json::json;
 
 use super::json::{read_json, Walk};
 use super::{fields, required_split, wrong_inputs, Example, Format};
+use crate::mixture::{choice_letter, lettered_choices};
 use crate::DataError;
 
 /// `scienceqa`: ScienceQA's `problems.json` (pid -> problem) and `pid_splits.json` (split name
@@ -74,18 +75,17 @@ pub(super) fn scienceqa(inputs: &[PathBuf], split: Option<&str>) -> Result<Vec<E
 /// ScienceQA's prompt and target as big_vision's `science_qa.py` writes them (prompt format
 /// `QCM`, answer format `A`), the choices in the order given:
 /// prefix `Question: {question}\nContext: {hint}\nOptions: (A) {choice 0}, (B) {choice 1}, ...\nAnswer:`
-/// and suffix `The answer is {letter of choice answer}.` (`sci_qa_choices_shuffle` letters
-/// the choices `(A)` to `(Z)` and joins them with `, `). A per-visit shuffle permutes `choices`,
-/// moves `answer` with them and calls this again. `None` when there are more than 26 choices
-/// or `answer` is not an index of `choices`.
-pub fn scienceqa_texts(question: &str, hint: &str, choices: &[String], answer: usize) -> Option<(String, String)> {
+/// and suffix `The answer is {letter of choice answer}.` (lettered and joined as
+/// `sci_qa_choices_shuffle` does; a source's `shuffle_choices` writes the same texts in a fresh
+/// order each visit). `None` when there are more than 26 choices or `answer` is not an index
+/// of `choices`.
+fn scienceqa_texts(question: &str, hint: &str, choices: &[String], answer: usize) -> Option<(String, String)> {
     if choices.len() > 26 || answer >= choices.len() {
         return None;
     }
-    let letter = |i: usize| char::from(b'A' + i as u8);
-    let options: Vec<String> = choices.iter().enumerate().map(|(i, c)| format!("({}) {c}", letter(i))).collect();
-    let prefix = format!("Question: {question}\nContext: {hint}\nOptions: {}\nAnswer:", options.join(", "));
-    Some((prefix, format!("The answer is {}.", letter(answer))))
+    let options = lettered_choices(choices.iter().map(String::as_str));
+    let prefix = format!("Question: {question}\nContext: {hint}\nOptions: {options}\nAnswer:");
+    Some((prefix, format!("The answer is {}.", choice_letter(answer))))
 }
 
 #[cfg(test)]
