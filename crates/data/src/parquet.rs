@@ -429,15 +429,21 @@ mod tests {
     /// image fails when loaded, named so.
     #[test]
     fn bad_rows_name_file_and_row() {
-        let plain = fixture("plain.parquet");
+        for name in ["plain.parquet", "plain-zstd.parquet"] {
+            bad_rows_of(name);
+        }
+    }
+
+    fn bad_rows_of(name: &str) {
+        let plain = fixture(name);
         let err = read(&plain, &Columns::default(), OnBadLine::Error).unwrap_err().to_string();
-        assert!(err.ends_with("plain.parquet:2: `image`: no image (null)"), "{err}");
+        assert!(err.ends_with(&format!("{name}:2: `image`: no image (null)")), "{err}");
         let records = read(&plain, &Columns::default(), OnBadLine::Skip).unwrap();
         assert_eq!(records.len(), 2);
         assert_eq!((records[0].prefix.as_str(), records[0].suffix.as_deref()), ("caption en", Some("a red square")));
         assert_eq!(records[0].load_image().unwrap().get_pixel(0, 0).0, [255, 0, 0]);
         let err = records[1].load_image().unwrap_err().to_string();
-        assert!(err.contains("plain.parquet:3: row 3:"), "{err}");
+        assert!(err.contains(&format!("{name}:3: row 3:")), "{err}");
     }
 
     /// Records written as parquet read back the same: texts, list and number fields, images.

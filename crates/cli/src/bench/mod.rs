@@ -46,8 +46,9 @@ pub enum BenchCommand {
         /// Python with transformers and pillow, for the baseline.
         #[arg(long, default_value = "python3")]
         python: String,
-        /// The tokenizer of the pipeline table (the embedded demo data's by default).
-        #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/../../data/synth/tokenizer.json"))]
+        /// The tokenizer of the pipeline table: by default the small one of the test fixtures;
+        /// a checkpoint's `tokenizer.json` tokenizes as Gemma's 256k vocabulary does.
+        #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/fixtures/paligemma/tokenizer.json"))]
         tokenizer: PathBuf,
     },
     /// Step time and FLOP utilisation of a released-shape PaliGemma 2 with random weights.

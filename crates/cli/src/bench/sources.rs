@@ -119,8 +119,10 @@ mod tests {
             .collect();
         let sources = write_sources(&images, &dir.join("sources")).unwrap();
         let tok = Arc::new(
-            PgTokenizer::from_file(&Path::new(env!("CARGO_MANIFEST_DIR")).join("../../data/synth/tokenizer.json"))
-                .unwrap(),
+            PgTokenizer::from_file(
+                &Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/paligemma/tokenizer.json"),
+            )
+            .unwrap(),
         );
         for (name, path) in &sources {
             let records: Vec<_> =
