@@ -59,11 +59,10 @@ pub fn run(args: &ConvertArgs) -> Result<()> {
             std::fs::remove_file(&jsonl)?;
             let shards = written?;
             eprintln!(
-                "pg2 convert: wrote {} records in {} shard(s); use them as `path = \"{}/shard-{{000000..{:06}}}.tar\"`",
+                "pg2 convert: wrote {} records in {} shard(s); use them as `path = \"{}\"`",
                 summary.records,
                 shards.len(),
-                args.output.display(),
-                shards.len().saturating_sub(1)
+                webdataset::shards_pattern(&args.output, shards.len()).display()
             );
         }
     }

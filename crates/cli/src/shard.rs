@@ -48,19 +48,21 @@ pub fn run(args: &ShardArgs) -> Result<()> {
     let records = stream::records(&args.source, policy, &columns)?;
     let bar = indicatif::ProgressBar::new_spinner().with_message("samples written");
     let (per_shard, records) = (args.shard_size as usize, bar.wrap_iter(records));
-    let (shards, pattern) = match args.format {
-        ShardFormat::Tar => (webdataset::write_shards(records, &args.output, per_shard)?, "shard-{000000..%}.tar"),
-        ShardFormat::Parquet => (parquet::write_files(records, &args.output, per_shard)?, "part-{00000..%}.parquet"),
+    let (written, pattern) = match args.format {
+        ShardFormat::Tar => {
+            let n = webdataset::write_shards(records, &args.output, per_shard)?.len();
+            (n, webdataset::shards_pattern(&args.output, n))
+        }
+        ShardFormat::Parquet => {
+            let n = parquet::write_files(records, &args.output, per_shard)?.len();
+            (n, parquet::files_pattern(&args.output, n))
+        }
     };
     bar.finish_and_clear();
-    let last = shards.len().saturating_sub(1);
-    let width = if args.format == ShardFormat::Tar { 6 } else { 5 };
-    let pattern = pattern.replace('%', &format!("{last:0width$}"));
     eprintln!(
-        "pg2 shard: {} samples in {} file(s); use them as `path = \"{}/{pattern}\"`",
+        "pg2 shard: {} samples in {written} file(s); use them as `path = \"{}\"`",
         bar.position(),
-        shards.len(),
-        args.output.display(),
+        pattern.display()
     );
     Ok(())
 }
@@ -95,7 +97,9 @@ mod tests {
             stream::records(spec, OnBadLine::Error, columns).unwrap().collect::<Result<_, _>>().unwrap()
         };
         let before = read(&args.source, &mapping);
-        let after = read(&output.join("shard-{000000..000002}.tar"), &Columns::default());
+        let pattern = webdataset::shards_pattern(&output, 3);
+        assert!(pattern.ends_with("shard-{000000..000002}.tar"), "{}", pattern.display());
+        let after = read(&pattern, &Columns::default());
         assert_eq!(after.len(), 5);
         for (a, b) in before.iter().zip(&after) {
             assert_eq!((&a.prefix, &a.suffix), (&b.prefix, &b.suffix));

@@ -297,6 +297,12 @@ pub fn write_files(
     Ok(written)
 }
 
+/// The source path naming the `count` files [`write_files`] wrote in `dir`
+/// (`dir/part-{00000..00002}.parquet`).
+pub fn files_pattern(dir: &Path, count: usize) -> PathBuf {
+    dir.join(format!("part-{{00000..{:05}}}.parquet", count.saturating_sub(1)))
+}
+
 /// A parquet file being written.
 struct OpenFile {
     path: PathBuf,
@@ -454,7 +460,9 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("pg2-parquet-write-{}", std::process::id()));
         let files = write_files(records.clone().into_iter().map(Ok), &dir, 2).unwrap();
         assert_eq!(files.len(), 3);
-        let back = read(&dir.join("part-*.parquet"), &Columns::default(), OnBadLine::Error).unwrap();
+        let pattern = files_pattern(&dir, files.len());
+        assert!(pattern.ends_with("part-{00000..00002}.parquet"), "{}", pattern.display());
+        let back = read(&pattern, &Columns::default(), OnBadLine::Error).unwrap();
         assert_eq!(back.len(), records.len());
         for (a, b) in records.iter().zip(&back) {
             assert_eq!((&a.prefix, &a.suffix, &a.extra), (&b.prefix, &b.suffix, &b.extra));

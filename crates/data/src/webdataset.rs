@@ -414,6 +414,12 @@ fn pax_path(data: &[u8]) -> Option<String> {
     text.lines().find_map(|record| record.split_once(' ')?.1.strip_prefix("path=").map(str::to_string))
 }
 
+/// The source path naming the `count` shards [`write_shards`] wrote in `dir`
+/// (`dir/shard-{000000..000003}.tar`).
+pub fn shards_pattern(dir: &Path, count: usize) -> PathBuf {
+    dir.join(format!("shard-{{000000..{:06}}}.tar", count.saturating_sub(1)))
+}
+
 /// Writes `records` as tar shards of `per_shard` samples in `dir` (`shard-000000.tar`, ...,
 /// each written atomically): per sample its image as `KEY.EXT` and `KEY.json` holding
 /// `prefix`, `suffix` and every other field, the keys numbering the samples. Returns the

@@ -60,18 +60,14 @@ fn write_sources(images: &[PathBuf], dir: &Path) -> Result<Vec<(&'static str, Pa
     std::fs::write(&jsonl, lines.join("\n") + "\n")?;
     let per_file = images.len().div_ceil(4).max(1);
     let records = || stream::records(&jsonl, OnBadLine::Error, &Columns::default());
-    let tar = webdataset::write_shards(records()?, &dir.join("tar"), per_file)?;
-    let parquet = parquet::write_files(records()?, &dir.join("parquet"), per_file)?;
+    let (tar, parquet) = (dir.join("tar"), dir.join("parquet"));
+    let shards = webdataset::write_shards(records()?, &tar, per_file)?.len();
+    let files = parquet::write_files(records()?, &parquet, per_file)?.len();
     Ok(vec![
         ("jsonl + files", jsonl),
-        ("tar", pattern(&tar, "shard-{000000..", "}.tar", 6)),
-        ("parquet", pattern(&parquet, "part-{00000..", "}.parquet", 5)),
+        ("tar", webdataset::shards_pattern(&tar, shards)),
+        ("parquet", parquet::files_pattern(&parquet, files)),
     ])
-}
-
-fn pattern(files: &[PathBuf], head: &str, tail: &str, width: usize) -> PathBuf {
-    let dir = files[0].parent().expect("files lie in a folder");
-    dir.join(format!("{head}{:0width$}{tail}", files.len() - 1))
 }
 
 /// Examples/s the pipeline delivers from `path` with one decoding thread, over `count`
