@@ -158,6 +158,7 @@ fn scienceqa_trains_on_converted_records_with_choices_reshuffled() {
         output: output.clone(),
         split: Some("train".into()),
         skip_missing: false,
+        mask_vae: None,
     };
     convert(&args).unwrap();
     let file = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../recipes/transfer/scienceqa.toml");
@@ -215,7 +216,9 @@ fn transfer_hints_are_convert_commands_writing_the_source() {
             let target = source.path.to_string_lossy().replacen("/data", "$DATA", 1);
             let made = flag("--output") == [target.as_str()] || make.contains(&format!("> {target}"));
             assert!(made, "{name}: {make} does not write {target}");
-            let known = |w: &&str| !w.starts_with("--") || ["--input", "--images", "--split", "--output"].contains(w);
+            let known = |w: &&str| {
+                !w.starts_with("--") || ["--input", "--images", "--split", "--mask-vae", "--output"].contains(w)
+            };
             assert!(words.iter().all(known), "{name}: {make}");
         }
     }

@@ -300,6 +300,72 @@ fn tar_shards_and_parquet_mixed_with_jsonl_train_and_resume_exactly() {
     std::fs::remove_dir_all(dir).unwrap();
 }
 
+/// RefCOCO converted with mask tokens (the fixture VQ-VAE standing in for big_vision's
+/// `vae-oid.npz`) trains, and `refcoco_seg` decodes the run's predictions with the VQ-VAE.
+#[test]
+fn referring_segmentation_trains_on_mask_tokens_and_scores_masks() {
+    let dir = setup("seg", 2, 2);
+    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures");
+    let (refcoco, vae) = (fixtures.join("convert/refcoco"), fixtures.join("segmentation/vae-tiny.npz"));
+    let records = dir.join("refcoco.jsonl");
+    let convert = Command::new(env!("CARGO_BIN_EXE_pg2"))
+        .args(["convert", "refcoco", "--input"])
+        .arg(refcoco.join("instances.json"))
+        .arg("--input")
+        .arg(refcoco.join("refs.json"))
+        .arg("--images")
+        .arg(refcoco.join("train2014"))
+        .arg("--mask-vae")
+        .arg(&vae)
+        .arg("--output")
+        .arg(&records)
+        .output()
+        .unwrap();
+    assert!(convert.status.success(), "{}", String::from_utf8_lossy(&convert.stderr));
+    let first: Value =
+        serde_json::from_str(std::fs::read_to_string(&records).unwrap().lines().next().unwrap()).unwrap();
+    assert_eq!(first["suffix"].as_str().unwrap().matches("<seg").count(), 16, "{first}");
+    let sets = [
+        format!("data.mixture=[{{path = {records:?}, weight = 1.0}}]"),
+        format!("eval.data={records:?}"),
+        "eval.metric=\"refcoco_seg\"".into(),
+        format!("eval.mask_vae={vae:?}"),
+        "eval.max_len=24".into(),
+    ];
+    let args: Vec<&str> = sets.iter().flat_map(|s| ["--set", s.as_str()]).collect();
+    let out = launch(&dir, &args);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let evals: Vec<Value> = metric_lines(&dir).into_iter().filter(|v| v.get("eval/miou").is_some()).collect();
+    assert!(!evals.is_empty(), "no refcoco_seg evaluation logged");
+    for eval in &evals {
+        let share = |k: &str| eval[k].as_f64().unwrap();
+        assert!((0.0..=1.0).contains(&share("eval/miou")) && (0.0..=1.0).contains(&share("eval/invalid")), "{eval}");
+        assert!(eval.get("eval/box_accuracy@0.5").is_some(), "{eval}");
+    }
+    // `pg2 metric` scores the written predictions as the run did.
+    let predictions = dir.join("run/eval/step-000002.jsonl");
+    let metric = |extra: &[&std::ffi::OsStr]| {
+        Command::new(env!("CARGO_BIN_EXE_pg2"))
+            .args(["metric", "--metric", "refcoco_seg", "--predictions"])
+            .arg(&predictions)
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    let out = metric(&["--mask-vae".as_ref(), vae.as_os_str()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let scores: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(scores["miou"], evals.last().unwrap()["eval/miou"]);
+    let out = metric(&[]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--mask-vae"), "{}", String::from_utf8_lossy(&out.stderr));
+    // Without the VQ-VAE the recipe is refused before anything runs.
+    let out = launch(&dir, &[&args[..6], &["--overwrite"]].concat());
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("eval.mask_vae") && err.contains("refcoco_seg"), "{err}");
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
 #[test]
 fn frozen_parts_stay_bit_identical() {
     let dir = setup("freeze", 2, 2);

@@ -33,6 +33,10 @@ pub struct ConvertArgs {
     /// Leave out records whose image is missing instead of failing.
     #[arg(long)]
     pub skip_missing: bool,
+    /// refcoco: big_vision's mask VQ-VAE (`vae-oid.npz`); targets then hold the object's
+    /// mask as 16 `<seg>` tokens after its box, for referring segmentation.
+    #[arg(long)]
+    pub mask_vae: Option<PathBuf>,
 }
 
 pub fn run(args: &ConvertArgs) -> Result<()> {
@@ -48,6 +52,7 @@ pub fn run(args: &ConvertArgs) -> Result<()> {
         output: jsonl.clone(),
         split: args.split.clone(),
         skip_missing: args.skip_missing,
+        mask_vae: args.mask_vae.clone(),
     })?;
     match args.shard_size {
         None => eprintln!("pg2 convert: wrote {} records to {}", summary.records, args.output.display()),
@@ -95,6 +100,7 @@ mod tests {
             shard_size: None,
             split: None,
             skip_missing: false,
+            mask_vae: None,
         };
         run(&args).unwrap();
         let read = |spec: &std::path::Path| -> Vec<pg2_data::Record> {

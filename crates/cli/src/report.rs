@@ -29,7 +29,9 @@ pub fn run(args: &ReportArgs) -> Result<()> {
 fn row(run: &RunDir) -> Result<String> {
     let recipe = run.recipe()?;
     let eval = recipe.eval.as_ref().with_context(|| format!("{}: the recipe has no [eval]", run.root().display()))?;
-    let last = run.last_evaluation()?.with_context(|| format!("{}: no evaluation logged yet", run.root().display()))?;
+    let last = run
+        .last_evaluation(Some(eval.metric.primary()))?
+        .with_context(|| format!("{}: no evaluation logged yet", run.root().display()))?;
     let config = run.latest()?.and_then(|dir| PaliGemmaConfig::from_file(&dir.join("config.json")).ok());
     let shape = config
         .map(|c| format!("{}-{}", Preset::released_size(&c).unwrap_or_else(|| "custom".into()), c.vision.image_size));

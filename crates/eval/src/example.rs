@@ -47,6 +47,11 @@ impl<'a> Example<'a> {
         self.field("boxes")?.as_array().and_then(|b| b.first()).and_then(pixel_box).ok_or_else(bad)
     }
 
+    /// A mask stored as COCO's uncompressed RLE (`mask`).
+    pub fn mask(&self, name: &'static str) -> Result<crate::mask::Mask, EvalError> {
+        crate::mask::Mask::from_json(self.field(name)?).map_err(|problem| self.error(name, &problem))
+    }
+
     /// A list (possibly empty) of `{"text": "...", "box": [y1, x1, y2, x2]}` words (`words`).
     pub fn words(&self, name: &'static str) -> Result<Vec<Word<'a>>, EvalError> {
         let bad = || self.error(name, "is not a list of {\"text\", \"box\": [y1, x1, y2, x2]} words");

@@ -15,6 +15,7 @@
 //! | `tallyqa` | `answers`: list of strings | `tallyqa` (big_vision's TallyQA evaluator: number words up to "twenty" read as numerals, then exact) |
 //! | `scienceqa` | `answers`: list of strings (`"The answer is B."`) | `scienceqa` (big_vision's ScienceQA evaluator: the letters read by `the answer is ([a-z])\.` compared) |
 //! | `refcoco` | `boxes`: list of `[y1, x1, y2, x2]` (pixels; the first is used), `width`, `height` | `accuracy` (IoU >= 0.5), `mean_iou` |
+//! | `refcoco_seg` | `mask`: the reference mask as COCO's uncompressed RLE, `boxes` (as `refcoco`) | `miou` (mean mask IoU, the paper's RefCOCO number), `box_accuracy@0.5`, `box_accuracy@0.75`, `invalid` (share of predictions that are not 4 box + 16 mask tokens) |
 //! | `teds` | `html`: the reference table's HTML | `teds` (PubTabNet's TEDS; a prediction without a `<table>` scores 0) |
 //! | `teds_struct` | `html` | `teds_struct` (S-TEDS: structure only) |
 //! | `ocr_f1` | `words`: list of `{"text": "...", "box": [y1, x1, y2, x2]}` (pixels), `width`, `height` | `precision`, `recall`, `f1` (HierText's word-level end-to-end scores: IoU >= 0.5 and exact text; `###` words and the predictions on them left out) |
@@ -25,6 +26,8 @@
 //! computed from the match, prediction and reference counts summed over all examples.
 //!
 //! Predictions are the model's text: for `refcoco`, a box as four `<locNNNN>` tokens; for
+//! `refcoco_seg`, those followed by sixteen `<segNNN>` mask codes (see [`segmentation`]:
+//! scoring them needs the mask VQ-VAE's decoder, [`score_with`]); for
 //! `ocr_f1`, `<locY1><locX1><locY2><locX2> word` segments separated by `" ; "` (see [`ocr`]);
 //! for the table metrics, HTML (see [`teds`]).
 //!
@@ -53,10 +56,12 @@ pub(crate) fn python_split(text: &str) -> impl Iterator<Item = &str> {
 pub mod anls;
 pub mod caption;
 pub mod example;
+pub mod mask;
 pub mod ocr;
 pub mod ptb;
 pub mod qa;
 pub mod refcoco;
+pub mod segmentation;
 pub mod teds;
 
 use std::fmt;
@@ -90,6 +95,8 @@ pub enum Metric {
     ScienceQa,
     /// Referring expression detection: accuracy at IoU >= 0.5 and mean IoU.
     RefCoco,
+    /// Referring expression segmentation: mean mask IoU, box accuracy (big_vision's).
+    RefCocoSeg,
     /// PubTabNet's table tree-edit-distance similarity, cell content included.
     Teds,
     /// TEDS on the table structure alone (S-TEDS).
@@ -100,7 +107,7 @@ pub enum Metric {
 
 impl Metric {
     /// Every metric with its name, in declaration order.
-    pub const ALL: [(Metric, &'static str); 13] = [
+    pub const ALL: [(Metric, &'static str); 14] = [
         (Metric::Cider, "cider"),
         (Metric::Bleu4, "bleu4"),
         (Metric::Vqa, "vqa"),
@@ -111,10 +118,22 @@ impl Metric {
         (Metric::TallyQa, "tallyqa"),
         (Metric::ScienceQa, "scienceqa"),
         (Metric::RefCoco, "refcoco"),
+        (Metric::RefCocoSeg, "refcoco_seg"),
         (Metric::Teds, "teds"),
         (Metric::TedsStruct, "teds_struct"),
         (Metric::OcrF1, "ocr_f1"),
     ];
+
+    /// The score the paper reports, of those the metric returns: what `pg2 report` shows and
+    /// sweeps compare by default.
+    pub fn primary(self) -> &'static str {
+        match self {
+            Metric::RefCoco => "accuracy",
+            Metric::RefCocoSeg => "miou",
+            Metric::OcrF1 => "f1",
+            other => other.name(),
+        }
+    }
 
     /// The metric's name, as `FromStr` accepts it.
     pub fn name(self) -> &'static str {
@@ -156,6 +175,10 @@ pub enum EvalError {
     Field { index: usize, field: &'static str, problem: String },
     #[error("{}: {source}", path.display())]
     Io { path: PathBuf, source: std::io::Error },
+    #[error("refcoco_seg turns mask tokens into masks with big_vision's VQ-VAE: give its vae-oid.npz (`eval.mask_vae` in a recipe, `--mask-vae` for pg2 metric)")]
+    NoMaskDecoder,
+    #[error("decoding masks: {0}")]
+    MaskDecoder(String),
     /// A line of a JSONL file that is not JSON or not a valid example; `line` counts from 1.
     #[error("{}:{line}: {message}", path.display())]
     Line { path: PathBuf, line: usize, message: String },
@@ -166,6 +189,15 @@ pub enum EvalError {
 /// Returns the metric's named scores and `n`, the number of examples; an empty list is an
 /// error rather than a NaN score.
 pub fn score(metric: Metric, examples: &[Value]) -> Result<Map<String, Value>, EvalError> {
+    score_with(metric, examples, None)
+}
+
+/// [`score`], with the mask VQ-VAE's decoder `refcoco_seg` needs.
+pub fn score_with(
+    metric: Metric,
+    examples: &[Value],
+    masks: Option<segmentation::DecodeMasks>,
+) -> Result<Map<String, Value>, EvalError> {
     if examples.is_empty() {
         return Err(EvalError::Empty);
     }
@@ -184,6 +216,7 @@ pub fn score(metric: Metric, examples: &[Value]) -> Result<Map<String, Value>, E
         Metric::TallyQa => vec![("tallyqa", mean_over(&examples, "answers", qa::tallyqa_accuracy)?)],
         Metric::ScienceQa => vec![("scienceqa", mean_over(&examples, "answers", qa::scienceqa_accuracy)?)],
         Metric::RefCoco => refcoco_scores(&examples)?,
+        Metric::RefCocoSeg => segmentation_scores(&examples, masks.ok_or(EvalError::NoMaskDecoder)?)?,
         Metric::Teds => vec![("teds", mean_teds(&examples, false)?)],
         Metric::TedsStruct => vec![("teds_struct", mean_teds(&examples, true)?)],
         Metric::OcrF1 => ocr_scores(&examples)?,
@@ -196,7 +229,11 @@ pub fn score(metric: Metric, examples: &[Value]) -> Result<Map<String, Value>, E
 /// Scores a JSONL file of examples (one JSON object a line; blank lines are skipped).
 ///
 /// Errors name the file and the 1-based line of the offending example.
-pub fn score_file(metric: Metric, path: &Path) -> Result<Map<String, Value>, EvalError> {
+pub fn score_file(
+    metric: Metric,
+    path: &Path,
+    masks: Option<segmentation::DecodeMasks>,
+) -> Result<Map<String, Value>, EvalError> {
     let text = std::fs::read_to_string(path).map_err(|source| EvalError::Io { path: path.into(), source })?;
     let line_error = |line: usize, message: String| EvalError::Line { path: path.into(), line, message };
     let mut lines = Vec::new();
@@ -205,7 +242,7 @@ pub fn score_file(metric: Metric, path: &Path) -> Result<Map<String, Value>, Eva
         examples.push(serde_json::from_str(line).map_err(|e| line_error(i + 1, e.to_string()))?);
         lines.push(i + 1);
     }
-    score(metric, &examples).map_err(|e| match e {
+    score_with(metric, &examples, masks).map_err(|e| match e {
         EvalError::Field { index, field, problem } => line_error(lines[index], format!("field `{field}` {problem}")),
         EvalError::Empty => line_error(0, "no examples to score".into()),
         e => e,
@@ -233,6 +270,25 @@ fn refcoco_scores(examples: &[Example]) -> Result<Vec<(&'static str, f64)>, Eval
         .collect::<Result<Vec<f64>, EvalError>>()?;
     let hits: Vec<f64> = ious.iter().map(|&iou| f64::from(u8::from(iou >= refcoco::IOU_THRESHOLD))).collect();
     Ok(vec![("accuracy", mean(&hits)), ("mean_iou", mean(&ious))])
+}
+
+fn segmentation_scores(
+    examples: &[Example],
+    decode: segmentation::DecodeMasks,
+) -> Result<Vec<(&'static str, f64)>, EvalError> {
+    let predictions =
+        examples.iter().map(|e| Ok(segmentation::Prediction::parse(e.prediction()?))).collect::<Result<Vec<_>, _>>()?;
+    let references = examples.iter().map(|e| Ok((e.mask("mask")?, e.first_box()?))).collect::<Result<Vec<_>, _>>()?;
+    let scored = segmentation::score(&predictions, &references, decode).map_err(EvalError::MaskDecoder)?;
+    let share = |f: &dyn Fn(&segmentation::Scored) -> bool| {
+        mean(&scored.iter().map(|s| f64::from(u8::from(f(s)))).collect::<Vec<_>>())
+    };
+    Ok(vec![
+        ("miou", mean(&scored.iter().map(|s| s.iou).collect::<Vec<_>>())),
+        ("box_accuracy@0.5", share(&|s| s.box_iou >= 0.5)),
+        ("box_accuracy@0.75", share(&|s| s.box_iou >= 0.75)),
+        ("invalid", share(&|s| s.invalid)),
+    ])
 }
 
 fn mean_teds(examples: &[Example], structure_only: bool) -> Result<f64, EvalError> {

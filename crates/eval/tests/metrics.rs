@@ -38,7 +38,7 @@ fn assert_close(got: &[f64], want: &[f64], what: &str) {
 }
 
 fn file_score(metric: Metric, file: &str, key: &str) -> f64 {
-    score_file(metric, &fixtures().join(file)).unwrap()[key].as_f64().unwrap()
+    score_file(metric, &fixtures().join(file), None).unwrap()[key].as_f64().unwrap()
 }
 
 /// `(prediction, answers)` of a QA fixture file.
@@ -90,7 +90,7 @@ fn cider_matches_pycocoevalcap() {
 
 #[test]
 fn bleu_matches_pycocoevalcap() {
-    let out = score_file(Metric::Bleu4, &fixtures().join("captions.jsonl")).unwrap();
+    let out = score_file(Metric::Bleu4, &fixtures().join("captions.jsonl"), None).unwrap();
     let got: Vec<f64> = ["bleu1", "bleu2", "bleu3", "bleu4"].iter().map(|k| out[*k].as_f64().unwrap()).collect();
     assert_close(&got, &floats(&expected()["bleu"]["score"]), "bleu");
     assert_eq!(out["n"], 10);
@@ -134,7 +134,7 @@ fn refcoco_iou_and_accuracy() {
         })
         .collect();
     assert_close(&got, &floats(&want["per_example"]), "refcoco iou");
-    let out = score_file(Metric::RefCoco, &fixtures().join("refcoco.jsonl")).unwrap();
+    let out = score_file(Metric::RefCoco, &fixtures().join("refcoco.jsonl"), None).unwrap();
     assert_close(&[out["accuracy"].as_f64().unwrap()], &[want["accuracy"].as_f64().unwrap()], "accuracy");
     assert_close(&[out["mean_iou"].as_f64().unwrap()], &[want["mean_iou"].as_f64().unwrap()], "mean_iou");
 }
@@ -297,7 +297,10 @@ fn metric_names_round_trip() {
     }
     let err = "ciderd".parse::<Metric>().unwrap_err();
     assert!(matches!(err, EvalError::UnknownMetric(_)));
-    assert!(err.to_string().ends_with("exact_cased, tallyqa, scienceqa, refcoco, teds, teds_struct, ocr_f1)"), "{err}");
+    assert!(
+        err.to_string().ends_with("exact_cased, tallyqa, scienceqa, refcoco, refcoco_seg, teds, teds_struct, ocr_f1)"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -324,10 +327,13 @@ fn file_errors_name_file_and_line() {
         "{\"prediction\": \"a\", \"answers\": [\"a\"]}\n\n{\"prediction\": 3, \"answers\": [\"a\"]}\n",
     )
     .unwrap();
-    let err = score_file(Metric::Exact, &path).unwrap_err().to_string();
+    let err = score_file(Metric::Exact, &path, None).unwrap_err().to_string();
     assert_eq!(err, format!("{}:3: field `prediction` is not a string", path.display()));
     std::fs::write(&path, "{not json\n").unwrap();
-    assert!(score_file(Metric::Exact, &path).unwrap_err().to_string().starts_with(&format!("{}:1: ", path.display())));
+    assert!(score_file(Metric::Exact, &path, None)
+        .unwrap_err()
+        .to_string()
+        .starts_with(&format!("{}:1: ", path.display())));
     std::fs::remove_dir_all(&dir).unwrap();
 }
 

@@ -17,6 +17,7 @@ pub mod nn;
 pub mod paligemma;
 pub mod recompute;
 pub mod siglip;
+pub mod vqvae;
 
 pub use autocast::autocast;
 pub use checkpoint::Part;

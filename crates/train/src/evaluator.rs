@@ -8,6 +8,8 @@ use anyhow::{bail, Context, Result};
 use pg2_data::layout::DEFAULT_MAX_TOKENS;
 use pg2_data::{stream, InferenceBatch, OnBadLine, PgTokenizer, Record, Resize, TaskFormat, TextLimits};
 use pg2_dist::Group;
+use pg2_eval::segmentation::DecodeMasks;
+use pg2_model::vqvae::MaskVae;
 use pg2_model::{generate, DecodeOptions, PaliGemma, RunOptions};
 use serde_json::{Map, Value};
 use tch::Device;
@@ -25,6 +27,8 @@ pub struct Evaluator {
     text_len: Option<usize>,
     records: Vec<Record>,
     tokenizer: Arc<PgTokenizer>,
+    /// `eval.mask_vae`, for `refcoco_seg`.
+    mask_vae: Option<MaskVae>,
 }
 
 impl Evaluator {
@@ -36,7 +40,8 @@ impl Evaluator {
             .take(spec.max_examples.unwrap_or(usize::MAX))
             .collect::<Result<_, _>>()?;
         let antialias = spec.antialias.unwrap_or(data.antialias);
-        Ok(Evaluator { spec: spec.clone(), antialias, text_len: data.text_len, records, tokenizer })
+        let mask_vae = spec.mask_vae.as_deref().map(MaskVae::load).transpose()?;
+        Ok(Evaluator { spec: spec.clone(), antialias, text_len: data.text_len, records, tokenizer, mask_vae })
     }
 
     /// Whether the run evaluates after update `done` of `total`.
@@ -87,8 +92,14 @@ impl Evaluator {
         let lines: String = parts.iter().map(|p| String::from_utf8_lossy(p)).collect();
         let rows = lines.lines().map(serde_json::from_str).collect::<Result<Vec<Value>, _>>()?;
         run.write_predictions(step, lines.as_bytes())?;
-        Ok(Some(pg2_eval::score(spec.metric, &rows)?))
+        let decode = self.mask_vae.as_ref().map(mask_decoder);
+        Ok(Some(pg2_eval::score_with(spec.metric, &rows, decode.as_ref().map(|d| d as DecodeMasks))?))
     }
+}
+
+/// The VQ-VAE's decoder as the `refcoco_seg` metric calls it.
+pub fn mask_decoder(vae: &MaskVae) -> impl Fn(&[[u8; 16]]) -> Result<Vec<Vec<f32>>, String> + '_ {
+    |codes| vae.decode_lists(codes).map_err(|e| e.to_string())
 }
 
 /// `pg2 eval`: evaluates a checkpoint (a model folder or a run) with a recipe's `[eval]`

@@ -95,8 +95,11 @@ pub struct EvalSection {
     /// JSONL records with the fields the metric needs (`answers`, `references`, ...).
     pub data: PathBuf,
     /// `cider`, `bleu4`, `vqa`, `anls`, `relaxed`, `exact` (case ignored), `exact_cased`,
-    /// `tallyqa`, `scienceqa`, `refcoco`, `teds`, `teds_struct` or `ocr_f1`.
+    /// `tallyqa`, `scienceqa`, `refcoco`, `refcoco_seg`, `teds`, `teds_struct` or `ocr_f1`.
     pub metric: Metric,
+    /// big_vision's mask VQ-VAE (`vae-oid.npz`), whose decoder `refcoco_seg` turns the
+    /// predicted `<seg>` tokens into masks with; `$DATA/...` or relative to the recipe.
+    pub mask_vae: Option<PathBuf>,
     /// Prompt template, as a source's `prefix`; the records' own prefix by default.
     pub prefix: Option<String>,
     /// For parquet files: how their columns make records, as a source's `columns`.
@@ -567,7 +570,7 @@ pub struct RecipeError {
 }
 
 /// Keys whose relative paths resolve against the folder of the file that sets them.
-const PATH_KEYS: [(&str, &str); 7] = [
+const PATH_KEYS: [(&str, &str); 8] = [
     ("model", "init"),
     ("model", "vision_init"),
     ("model", "text_init"),
@@ -575,6 +578,7 @@ const PATH_KEYS: [(&str, &str); 7] = [
     ("data", "synth"),
     ("data", "root"),
     ("eval", "data"),
+    ("eval", "mask_vae"),
 ];
 
 /// Reads `path` and the chain of its `base` recipes into one table, resolving each file's
@@ -728,6 +732,9 @@ impl Recipe {
         }
         if let Some(eval) = &mut recipe.eval {
             place(&mut eval.data)?;
+            if let Some(vae) = &mut eval.mask_vae {
+                place(vae)?;
+            }
         }
         Ok((recipe, table))
     }
@@ -770,6 +777,14 @@ impl Recipe {
             }
             if prefix.is_some() && columns.0.contains_key("prefix") {
                 return Err(format!("{key} of {} sets both prefix and columns.prefix; keep one", path.display()));
+            }
+        }
+        if let Some(eval) = &self.eval {
+            if (eval.metric == Metric::RefCocoSeg) != eval.mask_vae.is_some() {
+                return Err(format!(
+                    "eval.mask_vae (big_vision's vae-oid.npz) goes with eval.metric = \"refcoco_seg\", which needs it; the metric is {}",
+                    eval.metric
+                ));
             }
         }
         if self.model.resolution == 0 {

@@ -254,11 +254,13 @@ impl RunDir {
         Ok(steps)
     }
 
-    /// The newest logged `eval/<metric>` value, if any.
-    pub fn last_evaluation(&self) -> Result<Option<Evaluation>> {
+    /// The newest logged `eval/<score>` value, if any: of `score` when given (a metric's
+    /// [`pg2_eval::Metric::primary`]), else of the first score in name order.
+    pub fn last_evaluation(&self, score: Option<&str>) -> Result<Option<Evaluation>> {
         let metrics = self.metrics()?;
+        let wanted = |k: &str| score.map_or(k.starts_with("eval/"), |s| k.strip_prefix("eval/") == Some(s));
         Ok(metrics.iter().rev().find_map(|(&step, fields)| {
-            let (key, value) = fields.iter().find(|(k, _)| k.starts_with("eval/"))?;
+            let (key, value) = fields.iter().find(|(k, _)| wanted(k))?;
             Some(Evaluation { metric: key.trim_start_matches("eval/").to_string(), value: value.as_f64()?, step })
         }))
     }
@@ -406,11 +408,11 @@ mod tests {
     #[test]
     fn metrics_merge_by_step_and_the_last_evaluation_is_found() {
         let run = scratch("metrics");
-        assert_eq!(run.last_evaluation().unwrap(), None);
+        assert_eq!(run.last_evaluation(None).unwrap(), None);
         let lines = [
             r#"{"step": 0, "eval/cider": 0.0}"#,
             r#"{"step": 10, "loss": 2.0}"#,
-            r#"{"step": 10, "eval/cider": 0.5}"#,
+            r#"{"step": 10, "eval/cider": 0.5, "eval/bleu1": 0.7}"#,
             r#"{"step": 20, "loss": 1.5}"#,
             r#"{"step": 10, "loss": 1.9}"#,
             r#"{"step": 30, "lo"#,
@@ -419,7 +421,10 @@ mod tests {
         let metrics = run.metrics().unwrap();
         assert_eq!(metrics.keys().copied().collect::<Vec<_>>(), [0, 10, 20]);
         assert_eq!(metrics[&10]["loss"], 1.9, "a resumed run's later line wins");
-        assert_eq!(run.last_evaluation().unwrap(), Some(Evaluation { metric: "cider".into(), value: 0.5, step: 10 }));
+        let cider = Evaluation { metric: "cider".into(), value: 0.5, step: 10 };
+        assert_eq!(run.last_evaluation(Some("cider")).unwrap(), Some(cider));
+        let first = Evaluation { metric: "bleu1".into(), value: 0.7, step: 10 };
+        assert_eq!(run.last_evaluation(None).unwrap(), Some(first));
         std::fs::remove_dir_all(run.root()).unwrap();
     }
 }

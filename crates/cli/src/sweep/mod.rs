@@ -26,6 +26,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, ensure, Context, Result};
 
 use grid::{grid_points, Axis};
+use pg2_train::RunDir;
 
 #[derive(clap::Parser)]
 #[command(
@@ -50,8 +51,9 @@ pub struct SweepCli {
     /// Write a job script for this scheduler instead of training.
     #[arg(long, value_enum)]
     pub emit: Option<Emit>,
-    /// The metric to compare (default: the first `eval/...` key of the runs' metrics.jsonl, else
-    /// `loss`); lower is better for a name ending in `loss`, higher for any other.
+    /// The metric to compare (default: the recipe's eval metric's main score, e.g. `eval/cider`
+    /// or `eval/miou`, else the first `eval/...` key of the runs' metrics.jsonl, else `loss`);
+    /// lower is better for a name ending in `loss`, higher for any other.
     #[arg(long)]
     pub metric: Option<String>,
     /// Passed to launch: cpu, cuda, cuda:N or auto (launch's default).
@@ -78,7 +80,8 @@ pub fn run(cli: &SweepCli) -> Result<()> {
 
     let statuses = run::run_points(cli, &points)?;
     let runs: Vec<_> = points.iter().map(|p| results::read_metrics(&p.dir)).collect();
-    let metric = cli.metric.clone().unwrap_or_else(|| results::default_metric(&runs));
+    let primary = points.iter().find_map(|p| Some(RunDir::new(&p.dir).recipe().ok()?.eval?.metric.primary()));
+    let metric = cli.metric.clone().unwrap_or_else(|| results::default_metric(&runs, primary));
     let rows: Vec<results::Row> = points
         .iter()
         .zip(statuses)

@@ -15,12 +15,14 @@ pub(super) fn read_metrics(run: &Path) -> Metrics {
     RunDir::new(run).metrics().unwrap_or_default()
 }
 
-/// The first `eval/...` key of the runs, else `loss`.
-pub(super) fn default_metric(runs: &[Metrics]) -> String {
-    runs.iter()
-        .flat_map(|run| run.values())
-        .flat_map(|fields| fields.keys())
-        .find(|k| k.starts_with("eval/"))
+/// `eval/<primary>` (the recipe metric's [`pg2_eval::Metric::primary`] score) when the runs
+/// logged it, else their first `eval/...` key, else `loss`.
+pub(super) fn default_metric(runs: &[Metrics], primary: Option<&str>) -> String {
+    let keys = || runs.iter().flat_map(|run| run.values()).flat_map(|fields| fields.keys());
+    let primary = primary.map(|p| format!("eval/{p}"));
+    keys()
+        .find(|k| Some(*k) == primary.as_ref())
+        .or_else(|| keys().find(|k| k.starts_with("eval/")))
         .cloned()
         .unwrap_or_else(|| "loss".into())
 }
@@ -155,4 +157,20 @@ pub(super) fn table(rows: &[Row], metric: &str, best: Option<usize>) -> String {
         out += if best == Some(i) { "  <- best\n" } else { "\n" };
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_default_metric_is_the_recipe_metrics_main_score() {
+        let fields = |keys: &[&str]| keys.iter().map(|k| (k.to_string(), json!(0.5))).collect::<Map<String, Value>>();
+        let runs: Vec<Metrics> =
+            vec![[(10, fields(&["loss"]))].into(), [(10, fields(&["eval/box_accuracy@0.5", "eval/miou"]))].into()];
+        assert_eq!(default_metric(&runs, Some("miou")), "eval/miou");
+        assert_eq!(default_metric(&runs, None), "eval/box_accuracy@0.5");
+        assert_eq!(default_metric(&runs, Some("cider")), "eval/box_accuracy@0.5", "not logged: the first");
+        assert_eq!(default_metric(&runs[..1], Some("miou")), "loss");
+    }
 }

@@ -14,7 +14,7 @@
 //! | `vqav2` | questions json, annotations json (left out for test) | `IMAGES/COCO_{subtype}_{image_id:012}.jpg` | `answer en {question}` | `multiple_choice_answer` |
 //! | `textvqa` | `TextVQA_0.5.1_*.json` | `IMAGES/{image_id}.jpg` | `answer en {question}` | most common answer |
 //! | `ocrvqa` | `dataset.json` | `IMAGES/{id}{extension of imageURL}` | `answer en {question}` | the answer |
-//! | `refcoco` | COCO `instances.json`, refs as JSON | `IMAGES/{file_name}` | the sentence | `<locY1><locX1><locY2><locX2>` |
+//! | `refcoco` | COCO `instances.json`, refs as JSON | `IMAGES/{file_name}` | the sentence | `<locY1><locX1><locY2><locX2>`, then with `mask_vae` 16 `<segNNN>` |
 //! | `docvqa` | `*_v1.0.json` | `IMAGES/{image}` | the question | first answer |
 //! | `chartqa` | `*_human.json` or `*_augmented.json` | `IMAGES/{imgname}` | the query | the label |
 //! | `ai2d` | `questions/` folder, `ai2d_test_ids.csv` | `IMAGES/{imageName}` | `answer en  {question} choose from: {a} \t {b} ...` | the correct option |
@@ -280,6 +280,9 @@ pub struct ConvertArgs {
     pub split: Option<String>,
     /// Leave out records whose image file is missing (counted in the summary) instead of failing.
     pub skip_missing: bool,
+    /// big_vision's mask VQ-VAE (`vae-oid.npz`), for `refcoco` targets with the mask's
+    /// `<seg>` tokens (an error for the other formats).
+    pub mask_vae: Option<PathBuf>,
 }
 
 /// What [`convert`] wrote.
@@ -304,13 +307,16 @@ pub fn convert(args: &ConvertArgs) -> Result<ConvertSummary, DataError> {
         let names: Vec<_> = Format::ALL.iter().filter(|f| f.takes_split()).map(|f| f.name()).collect();
         return Err(usage_error(format, &format!("--split only applies to {}", names.join(", "))));
     }
+    if args.mask_vae.is_some() && format != Format::RefCoco {
+        return Err(usage_error(format, "--mask-vae only applies to refcoco"));
+    }
     let split = args.split.as_deref();
     let examples = match format {
         Format::CocoCaptions => coco_captions::coco_captions(&args.inputs, split)?,
         Format::Vqa => vqav2::vqav2(&args.inputs)?,
         Format::TextVqa => textvqa::textvqa(&args.inputs)?,
         Format::OcrVqa => ocrvqa::ocrvqa(&args.inputs, split)?,
-        Format::RefCoco => refcoco::refcoco(&args.inputs, split)?,
+        Format::RefCoco => refcoco::refcoco(&args.inputs, split, args.mask_vae.as_deref())?,
         Format::DocVqa => docvqa::docvqa(&args.inputs)?,
         Format::ChartQa => chartqa::chartqa(&args.inputs)?,
         Format::Ai2d => ai2d::ai2d(&args.inputs, split)?,
