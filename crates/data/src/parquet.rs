@@ -171,10 +171,19 @@ impl ParquetReader {
         json.write(&rest).map_err(|e| file_err(format!("rows after {}: {e}", self.rows)))?;
         json.finish().map_err(|e| file_err(e.to_string()))?;
         let text = json.into_inner();
-        let lines = text.split(|&b| b == b'\n').filter(|l| !l.is_empty());
+        let lines: Vec<&[u8]> = text.split(|&b| b == b'\n').filter(|l| !l.is_empty()).collect();
+        if lines.len() != batch.num_rows() {
+            // Never lose rows silently: each row, even one without fields, is a `{}` line.
+            return Err(file_err(format!(
+                "rows after {}: {} rows read as {} objects",
+                self.rows,
+                batch.num_rows(),
+                lines.len()
+            )));
+        }
         let dir = self.path.parent().unwrap_or(Path::new(".")).to_path_buf();
         let mut out = Vec::with_capacity(batch.num_rows());
-        for (i, line) in lines.enumerate() {
+        for (i, line) in lines.into_iter().enumerate() {
             let row = self.rows + i + 1;
             let record_err = |msg: String| DataError::Record { path: self.path.display().to_string(), line: row, msg };
             let fields = match serde_json::from_slice::<Value>(line) {
@@ -473,6 +482,36 @@ mod tests {
         let first_group = std::iter::repeat_n(records[0].clone(), ROWS_PER_GROUP);
         let err = write_files(first_group.chain([odd]).map(Ok), &dir, 1000).unwrap_err().to_string();
         assert!(err.contains("part-00000.parquet") && err.contains("extra_field"), "{err}");
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    /// A file of images alone (an unlabelled set, prompts from the source's template) gives
+    /// one record per row, with no fields.
+    #[test]
+    fn a_file_of_images_alone_reads_every_row() {
+        let dir = std::env::temp_dir().join(format!("pg2-parquet-images-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("images.parquet");
+        let png = |v: u8| {
+            let mut bytes = std::io::Cursor::new(Vec::new());
+            image::RgbImage::from_pixel(2, 2, image::Rgb([v, 0, 0]))
+                .write_to(&mut bytes, image::ImageFormat::Png)
+                .unwrap();
+            bytes.into_inner()
+        };
+        let pngs: Vec<Vec<u8>> = (0..3).map(|i| png(i * 100)).collect();
+        let column = arrow_array::BinaryArray::from_iter_values(pngs.iter());
+        let batch = RecordBatch::try_from_iter([("image", Arc::new(column) as arrow_array::ArrayRef)]).unwrap();
+        let mut writer =
+            parquet::arrow::ArrowWriter::try_new(File::create(&path).unwrap(), batch.schema(), None).unwrap();
+        writer.write(&batch).unwrap();
+        writer.close().unwrap();
+        let records = read(&path, &Columns::default(), OnBadLine::Error).unwrap();
+        assert_eq!(records.len(), 3);
+        for (i, record) in records.iter().enumerate() {
+            assert_eq!(record.load_image().unwrap().get_pixel(1, 1).0, [i as u8 * 100, 0, 0]);
+            assert!(record.extra.is_empty() && record.prefix.is_empty() && record.suffix.is_none(), "{record:?}");
+        }
         std::fs::remove_dir_all(dir).unwrap();
     }
 
