@@ -33,6 +33,10 @@ pub struct ConvertArgs {
     /// Leave out records whose image is missing instead of failing.
     #[arg(long)]
     pub skip_missing: bool,
+    /// Bin the `<loc>` tokens of box targets (OCR and table formats) on the image padded with
+    /// white to a square, for recipes with `data.pad_to_square = true`.
+    #[arg(long)]
+    pub pad_to_square: bool,
 }
 
 pub fn run(args: &ConvertArgs) -> Result<()> {
@@ -48,6 +52,7 @@ pub fn run(args: &ConvertArgs) -> Result<()> {
         output: jsonl.clone(),
         split: args.split.clone(),
         skip_missing: args.skip_missing,
+        pad_to_square: args.pad_to_square,
     })?;
     match args.shard_size {
         None => eprintln!("pg2 convert: wrote {} records to {}", summary.records, args.output.display()),
@@ -95,6 +100,7 @@ mod tests {
             shard_size: None,
             split: None,
             skip_missing: false,
+            pad_to_square: false,
         };
         run(&args).unwrap();
         let read = |spec: &std::path::Path| -> Vec<pg2_data::Record> {

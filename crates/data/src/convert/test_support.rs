@@ -37,6 +37,7 @@ pub(super) fn args(format: Format, inputs: &[&str], images: &str, output: &Path)
         output: output.to_path_buf(),
         split: None,
         skip_missing: false,
+        pad_to_square: false,
     }
 }
 
