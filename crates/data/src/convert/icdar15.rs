@@ -25,7 +25,7 @@ pub(super) fn icdar15(inputs: &[PathBuf], images: &Path, square: bool) -> Result
         let image = PathBuf::from(format!("{stem}.jpg"));
         let size = frame(image_size(images, &image)?, square);
         let words = read_words(&path, Layout::Icdar15)?;
-        let words: Vec<(String, [f64; 4])> = words.into_iter().map(|(text, corners, _)| (text, corners)).collect();
+        let words: Vec<(String, [f64; 4])> = words.into_iter().map(|w| (w.text, w.corners)).collect();
         examples.push(ocr_example(image, stem, &words, size));
     }
     Ok(examples)
@@ -62,8 +62,8 @@ pub(super) fn mlt(inputs: &[PathBuf], images: &Path, square: bool) -> Result<Vec
         }
         let size = frame(image_size(images, &image)?, square);
         let words = read_words(&path, Layout::Mlt)?;
-        let scripts: Vec<&str> = words.iter().map(|w| w.2.as_deref().unwrap_or_default()).collect();
-        let texts: Vec<(String, [f64; 4])> = words.iter().map(|(text, b, _)| (text.clone(), *b)).collect();
+        let scripts: Vec<&str> = words.iter().map(|w| w.script.as_deref().unwrap_or_default()).collect();
+        let texts: Vec<(String, [f64; 4])> = words.iter().map(|w| (w.text.clone(), w.corners)).collect();
         let mut example = ocr_example(image, stem, &texts, size);
         example.extra.insert("script".into(), serde_json::json!(scripts));
         examples.push(example);
@@ -80,8 +80,17 @@ enum Layout {
     Mlt,
 }
 
-/// The words of a ground-truth file: text, enclosing box `[y1, x1, y2, x2]` and (MLT) script.
-fn read_words(path: &Path, layout: Layout) -> Result<Vec<(String, [f64; 4], Option<String>)>, DataError> {
+/// A line of ground truth.
+struct Word {
+    text: String,
+    /// The enclosing box `[y1, x1, y2, x2]`.
+    corners: [f64; 4],
+    /// MLT's script.
+    script: Option<String>,
+}
+
+/// The words of a ground-truth file.
+fn read_words(path: &Path, layout: Layout) -> Result<Vec<Word>, DataError> {
     let error = |msg: String| DataError::File { path: path.display().to_string(), msg };
     let text = std::fs::read_to_string(path).map_err(|e| error(e.to_string()))?;
     let mut words = Vec::new();
@@ -103,7 +112,7 @@ fn read_words(path: &Path, layout: Layout) -> Result<Vec<(String, [f64; 4], Opti
         let numbers = numbers.ok_or_else(bad)?;
         let script = (columns == 10).then(|| fields[8].to_owned());
         let corners = enclosing_box(numbers.chunks(2).map(|p| (p[0], p[1])));
-        words.push((fields[columns - 1].to_owned(), corners, script));
+        words.push(Word { text: fields[columns - 1].to_owned(), corners, script });
     }
     Ok(words)
 }
