@@ -19,10 +19,11 @@ pub(super) enum Render {
     Distorted,
 }
 
-/// `grandstaff` / `grandstaff-distorted`: a GrandStaff partition list
-/// (`partitions_grandstaff/types/{train,val,test}.txt`: one score a line, its path relative to
-/// the dataset's folder, `grandstaff_dataset/{composer}/{work}/{movement}/{name}.krn`, the
-/// extension as the list gives it) with `--images` the folder those paths are relative to.
+/// `grandstaff` / `grandstaff-distorted`: a GrandStaff partition list, as the Sheet Music
+/// Transformer's download has them (`partitions_grandstaff/types/{train,val,test}.txt`: one
+/// score a line, its path relative to the dataset's folder,
+/// `grandstaff_dataset/{composer}/{work}/{movement}/{name}.krn`, the extension as the list
+/// gives it), with `--images` the folder those paths are relative to.
 /// Beside each score lie its `**kern` transcription `{name}.krn` (also `.bekrn`/`.ekrn`, the
 /// Sheet Music Transformer's encodings, not read) and its renders `{name}.jpg` and
 /// `{name}_distorted.jpg`. One record per listed score in list order, image the original
