@@ -227,6 +227,11 @@ mod tests {
                          <tbody><tr><td colspan=\"2\">$ 1,2</td></tr></tbody></table></body></html>";
         assert_eq!((&records[0].extra["html"], &records[0].extra["id"]), (&json!(reference), &json!(81273)));
         assert_image(&records[0], f, "tables/81273.png");
+        // Padded to 64 x 64 below the crop: y is binned on 64 rows (2 -> 32, 14 -> 223.8 -> 224).
+        let mut square = a.clone();
+        square.pad_to_square = true;
+        let records = convert_and_read(&square);
+        assert!(texts(&records[0]).1.unwrap().contains("coords=\"<loc0064><loc0032><loc0480><loc0224>\""));
 
         let bad = tmp.0.join("FinTabNet_1.0.0_cell_val.jsonl");
         let line = r#"{"filename": "a.pdf", "table_id": 1, "bbox": [10, 20, 5, 30], "html": {"structure": {"tokens": []}, "cells": []}}"#;
