@@ -93,6 +93,23 @@ fn transfer_recipes_resize_as_big_vision() {
     }
 }
 
+/// The paper pads OCR, table, molecule and music images to a square with white; no other
+/// transfer pads.
+#[test]
+fn transfer_recipes_pad_to_square_where_the_paper_does() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../recipes/transfer");
+    let mut files = Vec::new();
+    recipes(&dir, &mut files);
+    let mut padded: Vec<String> = files
+        .iter()
+        .map(|f| f.file_stem().unwrap().to_string_lossy().into_owned())
+        .filter(|name| !name.starts_with("base") && transfer(name).data.pad_to_square)
+        .collect();
+    padded.sort();
+    let want = ["grandstaff", "molecules", "ocr-icdar15", "ocr-totaltext", "tables-fintabnet", "tables-pubtabnet"];
+    assert_eq!(padded, want);
+}
+
 /// One text budget as big_vision's `text_len`, decoded up to `max_decode_len = text_len`,
 /// for every task with a big_vision transfer config.
 #[test]
@@ -159,6 +176,7 @@ fn scienceqa_trains_on_converted_records_with_choices_reshuffled() {
         split: Some("train".into()),
         skip_missing: false,
         mask_vae: None,
+        pad_to_square: false,
     };
     convert(&args).unwrap();
     let file = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../recipes/transfer/scienceqa.toml");
@@ -185,8 +203,10 @@ fn scienceqa_trains_on_converted_records_with_choices_reshuffled() {
 }
 
 /// A transfer source's `make` hint that runs `pg2 convert` is a command to run: a known
-/// format, `--input`, `--images`, `--split` only where the format takes one, and the very
-/// file the source reads as `--output` (or made from it by a following command). The tasks still without a converter are exactly these.
+/// format, `--input`, `--images`, `--split` only where the format takes one,
+/// `--pad-to-square` exactly where the recipe pads images and the format bins boxes, and the
+/// very file the source reads as `--output` (or made from it by a following command). The tasks
+/// still without a converter are exactly these.
 #[test]
 fn transfer_hints_are_convert_commands_writing_the_source() {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../recipes/transfer");
@@ -198,7 +218,8 @@ fn transfer_hints_are_convert_commands_writing_the_source() {
         if name.starts_with("base") {
             continue; // placeholders whose hint says to run a task
         }
-        for source in transfer(&name).data.mixture {
+        let recipe = transfer(&name);
+        for source in recipe.data.mixture {
             let make = source.make.as_deref().unwrap_or_else(|| panic!("{name}: a source without `make`"));
             let Some(command) = make.strip_prefix("pg2 convert ") else {
                 assert!(make.starts_with("no converter yet: "), "{name}: {make}");
@@ -212,18 +233,20 @@ fn transfer_hints_are_convert_commands_writing_the_source() {
             let flag = |flag: &str| -> Vec<&str> { words.windows(2).filter(|w| w[0] == flag).map(|w| w[1]).collect() };
             assert!(!flag("--input").is_empty() && flag("--images").len() == 1, "{name}: {make}");
             assert!(flag("--split").len() <= usize::from(format.takes_split()), "{name}: {make}");
+            let padded = words.contains(&"--pad-to-square");
+            assert_eq!(padded, recipe.data.pad_to_square && format.bins_boxes(), "{name}: {make}");
             // The source is the converter's output, or what a following command makes of it.
             let target = source.path.to_string_lossy().replacen("/data", "$DATA", 1);
             let made = flag("--output") == [target.as_str()] || make.contains(&format!("> {target}"));
             assert!(made, "{name}: {make} does not write {target}");
-            let known = |w: &&str| {
-                !w.starts_with("--") || ["--input", "--images", "--split", "--mask-vae", "--output"].contains(w)
-            };
+            let flags = ["--input", "--images", "--split", "--output", "--pad-to-square", "--mask-vae"];
+            let known = |w: &&str| !w.starts_with("--") || flags.contains(w);
             assert!(words.iter().all(known), "{name}: {make}");
         }
     }
     without.sort();
     without.dedup();
-    let expected = ["grandstaff", "molecules", "ocr-icdar15", "ocr-totaltext", "tables-fintabnet", "tables-pubtabnet"];
+    // IntelOCR: no public release format to read.
+    let expected = ["ocr-icdar15", "ocr-totaltext"];
     assert_eq!(without, expected);
 }

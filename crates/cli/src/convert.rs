@@ -37,6 +37,10 @@ pub struct ConvertArgs {
     /// mask as 16 `<seg>` tokens after its box, for referring segmentation.
     #[arg(long)]
     pub mask_vae: Option<PathBuf>,
+    /// Bin the `<loc>` tokens of box targets (OCR and table formats) on the image padded with
+    /// white to a square, for recipes with `data.pad_to_square = true`.
+    #[arg(long)]
+    pub pad_to_square: bool,
 }
 
 pub fn run(args: &ConvertArgs) -> Result<()> {
@@ -53,6 +57,7 @@ pub fn run(args: &ConvertArgs) -> Result<()> {
         split: args.split.clone(),
         skip_missing: args.skip_missing,
         mask_vae: args.mask_vae.clone(),
+        pad_to_square: args.pad_to_square,
     })?;
     match args.shard_size {
         None => eprintln!("pg2 convert: wrote {} records to {}", summary.records, args.output.display()),
@@ -101,6 +106,7 @@ mod tests {
             split: None,
             skip_missing: false,
             mask_vae: None,
+            pad_to_square: false,
         };
         run(&args).unwrap();
         let read = |spec: &std::path::Path| -> Vec<pg2_data::Record> {

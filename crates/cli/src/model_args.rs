@@ -90,6 +90,10 @@ pub struct RecordArgs {
     /// big_vision's `resize(res)`.
     #[arg(long)]
     pub antialias: bool,
+    /// Pad images with white to a square (below or to the right) before resizing them, as a
+    /// recipe's `data.pad_to_square`.
+    #[arg(long)]
+    pub pad_to_square: bool,
 }
 
 impl RecordArgs {
@@ -104,7 +108,8 @@ impl RecordArgs {
         mut each: impl FnMut(&InferenceBatch) -> Result<Vec<Value>>,
     ) -> Result<()> {
         let records = source::read_jsonl(&self.data)?;
-        let resize = Resize { size: model.config.vision.image_size as u32, antialias: self.antialias };
+        let size = model.config.vision.image_size as u32;
+        let resize = Resize { size, antialias: self.antialias, pad_to_square: self.pad_to_square };
         let image = (resize, model.config.vision.num_patches());
         let bar = progress(records.len(), what);
         for chunk in records.chunks(self.batch_size as usize) {

@@ -8,6 +8,9 @@
 //! in f32 operation for operation. With `antialias=True` it is a triangle filter widened
 //! by the downscale factor, Pillow's algorithm, which pg2 runs with fast_image_resize's
 //! convolution at 16 bits before truncating.
+//!
+//! With [`Resize::pad_to_square`] the decoded image is first padded with white to a square
+//! (the PaliGemma 2 paper's OCR, table, molecule and music transfers).
 
 use std::path::Path;
 
@@ -24,6 +27,12 @@ pub struct Resize {
     /// Low-pass filter before downscaling (big_vision's `resize(res, antialias=True)`);
     /// off is big_vision's default.
     pub antialias: bool,
+    /// Pad the image with white (255, 255, 255) to a square of its longer side before the
+    /// resize, as the paper does for OCR, tables, molecules and music. The padding goes below
+    /// and to the right of the image (big_vision's `pad_to_shape` pads `after` by default; the
+    /// paper does not say where), so a pixel keeps its coordinates and `<loc>` tokens binned on
+    /// the square's side stay right (`pg2 convert --pad-to-square`).
+    pub pad_to_square: bool,
 }
 
 /// Decodes a JPEG or PNG file to RGB; the error says what went wrong with it.
@@ -42,6 +51,13 @@ pub fn decode_rgb(data: &[u8]) -> Result<RgbImage, String> {
 
 /// Resizes to a square and returns channel-first pixels in [-1, 1] (`3 * size * size`).
 pub fn preprocess(img: &RgbImage, resize: Resize) -> Vec<f32> {
+    let padded;
+    let img = if resize.pad_to_square && img.width() != img.height() {
+        padded = pad_to_square(img);
+        &padded
+    } else {
+        img
+    };
     let levels = if resize.antialias { antialiased(img, resize.size) } else { bilinear(img, resize.size) };
     let plane = (resize.size * resize.size) as usize;
     let mut chw = vec![0f32; 3 * plane];
@@ -51,6 +67,14 @@ pub fn preprocess(img: &RgbImage, resize: Resize) -> Vec<f32> {
         }
     }
     chw
+}
+
+/// The image padded with white below or to its right to a square of its longer side.
+fn pad_to_square(img: &RgbImage) -> RgbImage {
+    let side = img.width().max(img.height());
+    let mut square = RgbImage::from_pixel(side, side, image::Rgb([255, 255, 255]));
+    image::imageops::replace(&mut square, img, 0, 0);
+    square
 }
 
 /// Back to 8 bits as `tf.cast(float -> uint8)`: truncated (after big_vision's clip).
@@ -124,8 +148,8 @@ pub fn stack(images: &[Vec<f32>], res: u32) -> Tensor {
 mod tests {
     use super::*;
 
-    const SHARP: Resize = Resize { size: 0, antialias: false };
-    const SMOOTH: Resize = Resize { size: 0, antialias: true };
+    const SHARP: Resize = Resize { size: 0, antialias: false, pad_to_square: false };
+    const SMOOTH: Resize = Resize { size: 0, antialias: true, pad_to_square: false };
 
     #[test]
     fn uniform_image_maps_to_the_value_range() {
@@ -136,6 +160,33 @@ mod tests {
                 assert_eq!(px.len(), 3 * 14 * 14);
                 assert!(px.iter().all(|&p| (p - want).abs() < 1e-6), "{resize:?} {v}: {:?}", &px[..3]);
             }
+        }
+    }
+
+    #[test]
+    fn pad_to_square_fills_below_or_right_with_white_before_the_resize() {
+        // Resizing to the padded square's own side is the identity: the pixels are the square.
+        let level = |px: &[f32], plane: usize, i: usize| ((px[plane * 16 + i] + 1.0) * 127.5).round() as u8;
+        for resize in [SHARP, SMOOTH] {
+            let pad = Resize { size: 4, pad_to_square: true, ..resize };
+            // 4 wide, 2 high: rows 0 and 1 are the image, rows 2 and 3 white.
+            let wide = RgbImage::from_fn(4, 2, |x, y| image::Rgb([(10 * x + 100 * y) as u8, 7, 0]));
+            let px = preprocess(&wide, pad);
+            for (i, (y, x)) in (0..4).flat_map(|y| (0..4).map(move |x| (y, x))).enumerate() {
+                let want = if y < 2 { [(10 * x + 100 * y) as u8, 7, 0] } else { [255; 3] };
+                assert_eq!([0, 1, 2].map(|c| level(&px, c, i)), want, "{resize:?} wide ({y}, {x})");
+            }
+            // 1 wide, 4 high: column 0 is the image, the others white.
+            let tall = RgbImage::from_fn(1, 4, |_, y| image::Rgb([0, 0, (50 * y) as u8]));
+            let px = preprocess(&tall, pad);
+            for (i, (y, x)) in (0..4).flat_map(|y| (0..4).map(move |x| (y, x))).enumerate() {
+                let want = if x == 0 { [0, 0, (50 * y) as u8] } else { [255; 3] };
+                assert_eq!([0, 1, 2].map(|c| level(&px, c, i)), want, "{resize:?} tall ({y}, {x})");
+            }
+            // A square image is left as it is; without the option the image is stretched.
+            let square = RgbImage::from_fn(4, 4, |x, y| image::Rgb([x as u8, y as u8, 9]));
+            assert_eq!(preprocess(&square, pad), preprocess(&square, Resize { size: 4, ..resize }));
+            assert_ne!(preprocess(&wide, pad), preprocess(&wide, Resize { size: 4, ..resize }));
         }
     }
 

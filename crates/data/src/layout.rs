@@ -271,7 +271,7 @@ mod tests {
         let ids = |text_len| {
             let format =
                 TaskFormat { limits: TextLimits { text_len, ..TextLimits::default() }, ..TaskFormat::default() };
-            let resize = image::Resize { size: 14, antialias: false };
+            let resize = image::Resize { size: 14, antialias: false, pad_to_square: false };
             let batch = InferenceBatch::new(
                 std::slice::from_ref(&record),
                 &tok,

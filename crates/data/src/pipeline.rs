@@ -307,7 +307,7 @@ mod tests {
 
     fn config(on_bad_record: OnBadRecord) -> PipelineConfig {
         PipelineConfig {
-            resize: Resize { size: 4, antialias: false },
+            resize: Resize { size: 4, antialias: false, pad_to_square: false },
             image_tokens: 2,
             batch_size: 2,
             accumulation: 1,

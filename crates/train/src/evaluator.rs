@@ -22,6 +22,9 @@ pub struct Evaluator {
     spec: EvalSection,
     /// Whether images are antialiased as they are resized.
     antialias: bool,
+    /// Whether images are padded to a square first (always as in training, `data.pad_to_square`:
+    /// the `<loc>` tokens of the targets depend on it).
+    pad_to_square: bool,
     /// The training data's `text_len`: prompts are cut to it as in training
     /// (big_vision's `combine_and_keep_eval(text_len)`).
     text_len: Option<usize>,
@@ -33,15 +36,24 @@ pub struct Evaluator {
 
 impl Evaluator {
     /// Reads the first `max_examples` records of `spec.data`; images are antialiased as
-    /// `spec.antialias` says, else as in training (`data.antialias`), and prompts are cut to
-    /// `data.text_len`.
+    /// `spec.antialias` says, else as in training (`data.antialias`), padded to a square as in
+    /// training (`data.pad_to_square`), and prompts are cut to `data.text_len`.
     pub fn new(spec: &EvalSection, data: &DataSection, tokenizer: Arc<PgTokenizer>) -> Result<Evaluator> {
         let records = stream::records(&spec.data, OnBadLine::Error, &spec.columns)?
             .take(spec.max_examples.unwrap_or(usize::MAX))
             .collect::<Result<_, _>>()?;
         let antialias = spec.antialias.unwrap_or(data.antialias);
+        let pad_to_square = data.pad_to_square;
         let mask_vae = spec.mask_vae.as_deref().map(MaskVae::load).transpose()?;
-        Ok(Evaluator { spec: spec.clone(), antialias, text_len: data.text_len, records, tokenizer, mask_vae })
+        Ok(Evaluator {
+            spec: spec.clone(),
+            antialias,
+            pad_to_square,
+            text_len: data.text_len,
+            records,
+            tokenizer,
+            mask_vae,
+        })
     }
 
     /// Whether the run evaluates after update `done` of `total`.
@@ -62,7 +74,8 @@ impl Evaluator {
         let (spec, tok) = (&self.spec, &self.tokenizer);
         let (rank, world) = (group.rank(), group.world());
         let records = &self.records[self.records.len() * rank / world..self.records.len() * (rank + 1) / world];
-        let resize = Resize { size: model.config.vision.image_size as u32, antialias: self.antialias };
+        let size = model.config.vision.image_size as u32;
+        let resize = Resize { size, antialias: self.antialias, pad_to_square: self.pad_to_square };
         let image = (resize, model.config.vision.num_patches());
         let decode = DecodeOptions {
             max_new_tokens: spec.max_len,
@@ -160,7 +173,10 @@ mod tests {
             let mut section: DataSection =
                 toml::from_str("tokenizer = \"t.json\"\nmixture = [{ path = \"d.jsonl\", weight = 1.0 }]").unwrap();
             section.antialias = data;
-            assert_eq!(Evaluator::new(&spec, &section, tok.clone()).unwrap().antialias, want, "{eval:?} {data}");
+            section.pad_to_square = data;
+            let evaluator = Evaluator::new(&spec, &section, tok.clone()).unwrap();
+            assert_eq!(evaluator.antialias, want, "{eval:?} {data}");
+            assert_eq!(evaluator.pad_to_square, data, "padded as in training, whatever eval.antialias");
         }
         std::fs::remove_dir_all(dir).unwrap();
     }

@@ -63,7 +63,7 @@ pub fn worker_batch(recipe: &Recipe, world: usize) -> Result<usize> {
 pub fn pipeline_config(recipe: &Recipe, model: &PaliGemmaConfig, rank: usize, world: usize) -> Result<PipelineConfig> {
     let (t, d) = (&recipe.train, &recipe.data);
     Ok(PipelineConfig {
-        resize: Resize { size: model.vision.image_size as u32, antialias: d.antialias },
+        resize: Resize { size: model.vision.image_size as u32, antialias: d.antialias, pad_to_square: d.pad_to_square },
         image_tokens: model.vision.num_patches(),
         batch_size: worker_batch(recipe, world)?,
         accumulation: t.grad_accumulation,
@@ -82,14 +82,16 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_recipe_s_antialias_reaches_the_pipeline() {
+    fn the_recipe_s_antialias_and_padding_reach_the_pipeline() {
         let text = "[model]\ninit = \"tiny\"\nresolution = 32\n[data]\ntokenizer = \"t.json\"\n\
                     mixture = [{ path = \"d.jsonl\", weight = 1.0 }]\n[train]\nsteps = 1\nbatch_size = 1\nlr = 1e-3\n";
         let model = PaliGemmaConfig::tiny(40, 39, 32).unwrap();
-        for (extra, antialias) in [("", false), ("antialias = true\n", true)] {
+        for (extra, antialias, pad_to_square) in
+            [("", false, false), ("antialias = true\n", true, false), ("pad_to_square = true\n", false, true)]
+        {
             let recipe: Recipe = toml::from_str(&text.replace("[train]", &format!("{extra}[train]"))).unwrap();
             let config = pipeline_config(&recipe, &model, 0, 1).unwrap();
-            assert_eq!(config.resize, Resize { size: 32, antialias }, "{extra:?}");
+            assert_eq!(config.resize, Resize { size: 32, antialias, pad_to_square }, "{extra:?}");
         }
     }
 }

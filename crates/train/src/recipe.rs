@@ -278,6 +278,12 @@ pub struct DataSection {
     /// configs use. Off is big_vision's default `resize(res)`: TF's plain bilinear.
     #[serde(default)]
     pub antialias: bool,
+    /// Pad images with white to a square of their longer side (below or to the right) before
+    /// resizing them, in training and evaluation alike: the paper's set-up for OCR, tables,
+    /// molecules and music. `<loc>` targets must then be binned on the square: `pg2 convert
+    /// --pad-to-square` writes them so. Off: images are stretched to the square.
+    #[serde(default)]
+    pub pad_to_square: bool,
     /// Sort each update's examples by length before dealing them out to the micro-batches
     /// of `train.grad_accumulation` and to the workers, so that short-text examples are not
     /// padded to the longest of a mixed batch. The update sees the same examples; this only

@@ -76,7 +76,7 @@ fn rate(path: &Path, tok: &Arc<PgTokenizer>, res: u32, count: usize) -> Result<f
     let data = SourceData::Stream(StreamSource::open(path, 1000, OnBadLine::Error, &Columns::default())?);
     let source = MixtureSource { name: path.display().to_string(), data, weight: 1.0, format: TaskFormat::default() };
     let config = PipelineConfig {
-        resize: Resize { size: res, antialias: false },
+        resize: Resize { size: res, antialias: false, pad_to_square: false },
         image_tokens: (res as usize / 14).pow(2),
         batch_size: BATCH,
         accumulation: 1,

@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use super::json::{read_json, Node, Walk};
-use super::{enclosing_box, ocr_example, wrong_inputs, Example, Format, DONT_CARE};
+use super::{enclosing_box, frame, ocr_example, wrong_inputs, Example, Format, DONT_CARE};
 use crate::DataError;
 
 /// `hiertext`: HierText's `train.jsonl` or `validation.jsonl` (gunzipped; despite the name one
@@ -13,7 +13,7 @@ use crate::DataError;
 /// words in reading order (paragraph, line, word), each with its polygon's enclosing box and
 /// illegible ones as `###`, as [`ocr_example`] writes them; `id` = `image_id`, the image
 /// `{image_id}.jpg`.
-pub(super) fn hiertext(inputs: &[PathBuf]) -> Result<Vec<Example>, DataError> {
+pub(super) fn hiertext(inputs: &[PathBuf], square: bool) -> Result<Vec<Example>, DataError> {
     let [path] = inputs else {
         return Err(wrong_inputs(Format::HierText, inputs));
     };
@@ -31,7 +31,7 @@ pub(super) fn hiertext(inputs: &[PathBuf]) -> Result<Vec<Example>, DataError> {
                 }
             }
         }
-        examples.push(ocr_example(format!("{id}.jpg").into(), id, &words, Some(size)));
+        examples.push(ocr_example(format!("{id}.jpg").into(), id, &words, frame(Some(size), square)));
         Ok(())
     })?;
     Ok(examples)

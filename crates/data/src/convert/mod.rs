@@ -30,6 +30,18 @@
 //! | `totaltext` | the `poly_gt_imgN.txt` folder | `IMAGES/imgN.jpg` (or `.JPG`) | `ocr` | as `icdar15` |
 //! | `mimic-cxr` | `mimic-cxr-2.0.0-split.csv`, the reports' `files/` | `IMAGES/files/pXX/pSUBJECT/sSTUDY/DICOM.jpg` | `INDICATION: ...` | `FINDINGS: ... IMPRESSION: ...` |
 //! | `pubtabnet` | `PubTabNet_2.0.0.jsonl` | `IMAGES/{split}/{filename}` | `table html` | the table's HTML, cells with `coords` |
+//! | `mlt` | the `gt_img_N.txt` (MLT17) or `tr_img_N.txt` (MLT19) folder | `IMAGES/img_N.{jpg,png}` | `ocr` | as `icdar15` |
+//! | `textocr` | `TextOCR_0.1_{train,val}.json` | `IMAGES/{id}.jpg` | `ocr` | as `icdar15` |
+//! | `fintabnet` | `FinTabNet_1.0.0_cell_*.jsonl` | `IMAGES/{table_id}.png` (crops rendered from the PDF pages) | `table html` | as `pubtabnet` |
+//! | `grandstaff` | a `partitions_grandstaff/` list | `IMAGES/{score}.jpg` | `music kern` | the `**kern` file |
+//! | `grandstaff-distorted` | as `grandstaff` | `IMAGES/{score}_distorted.jpg` | `music kern` | as `grandstaff` |
+//! | `molscribe` | a MolScribe csv (`image_id,file_path,SMILES`) | `IMAGES/{file_path}` | `molecule smiles` | the SMILES |
+//!
+//! With `pad_to_square` (`--pad-to-square`, for recipes with `data.pad_to_square`) the
+//! formats with box targets (the OCR and table ones, [`Format::bins_boxes`]) bin their `<loc>`
+//! tokens on the image padded below or to the right to a square of its longer side, and write
+//! that side as `width` and `height` (OCR), the frame `ocr_f1` decodes predictions in: pixels
+//! keep their coordinates.
 //!
 //! Records come out in input order. Nothing is written unless the whole conversion succeeds:
 //! the output goes to a temporary file beside it, renamed at the end.
@@ -40,10 +52,12 @@ mod coco_captions;
 mod docci;
 mod docvqa;
 mod gqa;
+mod grandstaff;
 mod hiertext;
 mod icdar15;
 mod json;
 mod mimic_cxr;
+mod molscribe;
 mod ocrvqa;
 mod pubtabnet;
 mod refcoco;
@@ -52,6 +66,7 @@ mod stvqa;
 mod tallyqa;
 #[cfg(test)]
 mod test_support;
+mod textocr;
 mod textvqa;
 mod totaltext;
 mod vizwiz;
@@ -114,11 +129,25 @@ pub enum Format {
     /// MIMIC-CXR: one record per X-ray of a split, suffix = its report's findings and
     /// impression.
     MimicCxr,
+    /// ICDAR 2017 / 2019 multi-lingual scene text: one record per image, suffix = its words
+    /// with boxes.
+    Mlt,
+    /// TextOCR: one record per image, suffix = its words with boxes.
+    TextOcr,
+    /// FinTabNet: one record per table (crops rendered beforehand), suffix = its HTML with
+    /// cell boxes.
+    FinTabNet,
+    /// GrandStaff: one record per score, its original render, suffix = its `**kern`.
+    GrandStaff,
+    /// GrandStaff: one record per score, its distorted render, suffix = its `**kern`.
+    GrandStaffDistorted,
+    /// MolScribe's csv files: one record per molecule image, suffix = its SMILES.
+    MolScribe,
 }
 
 impl Format {
     /// Every format, in the order `--help` lists them.
-    pub const ALL: [Format; 20] = [
+    pub const ALL: [Format; 26] = [
         Format::CocoCaptions,
         Format::Vqa,
         Format::TextVqa,
@@ -139,6 +168,12 @@ impl Format {
         Format::HierText,
         Format::TotalText,
         Format::MimicCxr,
+        Format::Mlt,
+        Format::TextOcr,
+        Format::FinTabNet,
+        Format::GrandStaff,
+        Format::GrandStaffDistorted,
+        Format::MolScribe,
     ];
 
     /// The name the CLI takes.
@@ -164,6 +199,12 @@ impl Format {
             Format::HierText => "hiertext",
             Format::TotalText => "totaltext",
             Format::MimicCxr => "mimic-cxr",
+            Format::Mlt => "mlt",
+            Format::TextOcr => "textocr",
+            Format::FinTabNet => "fintabnet",
+            Format::GrandStaff => "grandstaff",
+            Format::GrandStaffDistorted => "grandstaff-distorted",
+            Format::MolScribe => "molscribe",
         }
     }
 
@@ -221,6 +262,26 @@ impl Format {
                 "mimic-cxr-2.0.0-split.csv (gunzipped) and the reports' files/ folder; images: the MIMIC-CXR-JPG \
                  folder holding files/; --split train|validate|test"
             }
+            Format::Mlt => {
+                "the ground-truth folder (MLT17: ch8_training_localization_transcription_gt_v2/ or \
+                 ch8_validation_localization_transcription_gt_v2/; MLT19: train_gt_t13/); images: the folder \
+                 holding all of that set's images (MLT17's ch8_training_images_{1..8}.zip unzipped into one; \
+                 MLT19's ImagesPart1/ and ImagesPart2/ merged)"
+            }
+            Format::TextOcr => "TextOCR_0.1_train.json or TextOCR_0.1_val.json; images: TextVQA's train_images/",
+            Format::FinTabNet => {
+                "FinTabNet_1.0.0_cell_{train,val,test}.jsonl; images: a folder of the table crops {table_id}.png \
+                 rendered beforehand from pdf/{filename}, clipped to the record's bbox (PDF points, y up from the \
+                 page's bottom)"
+            }
+            Format::GrandStaff | Format::GrandStaffDistorted => {
+                "partitions_grandstaff/types/{train,val,test}.txt; images: the folder the listed paths are \
+                 relative to (holding grandstaff_dataset/)"
+            }
+            Format::MolScribe => {
+                "a MolScribe csv (synthetic/chemdraw.csv, real/acs.csv, ...: file_path, SMILES, image_id columns); \
+                 images: the folder file_path is relative to (MolScribe's data/)"
+            }
         }
     }
 
@@ -240,9 +301,24 @@ impl Format {
         )
     }
 
+    /// Whether [`ConvertArgs::pad_to_square`] applies: the OCR and table formats, whose
+    /// `<loc>` boxes it bins on the padded square (RefCOCO's recipes do not pad).
+    pub fn bins_boxes(self) -> bool {
+        matches!(
+            self,
+            Format::Icdar15
+                | Format::HierText
+                | Format::TotalText
+                | Format::Mlt
+                | Format::TextOcr
+                | Format::PubTabNet
+                | Format::FinTabNet
+        )
+    }
+
     /// One line per format, name and usage, for `--help`.
     pub fn help() -> String {
-        Format::ALL.iter().map(|f| format!("  {:<14} {}\n", f.name(), f.usage())).collect()
+        Format::ALL.iter().map(|f| format!("  {:<21} {}\n", f.name(), f.usage())).collect()
     }
 }
 
@@ -264,7 +340,7 @@ impl FromStr for Format {
 }
 
 /// What to convert: `pg2 convert FORMAT --input FILE... --images DIR --output FILE.jsonl
-/// [--split NAME] [--skip-missing]`.
+/// [--split NAME] [--skip-missing] [--pad-to-square]`.
 #[derive(Debug, Clone)]
 pub struct ConvertArgs {
     /// The format of `inputs`.
@@ -283,6 +359,9 @@ pub struct ConvertArgs {
     /// big_vision's mask VQ-VAE (`vae-oid.npz`), for `refcoco` targets with the mask's
     /// `<seg>` tokens (an error for the other formats).
     pub mask_vae: Option<PathBuf>,
+    /// Bin `<loc>` tokens on the image padded to a square (formats with [`Format::bins_boxes`];
+    /// an error for the others), for recipes with `data.pad_to_square`.
+    pub pad_to_square: bool,
 }
 
 /// What [`convert`] wrote.
@@ -310,7 +389,12 @@ pub fn convert(args: &ConvertArgs) -> Result<ConvertSummary, DataError> {
     if args.mask_vae.is_some() && format != Format::RefCoco {
         return Err(usage_error(format, "--mask-vae only applies to refcoco"));
     }
+    if args.pad_to_square && !format.bins_boxes() {
+        let names: Vec<_> = Format::ALL.iter().filter(|f| f.bins_boxes()).map(|f| f.name()).collect();
+        return Err(usage_error(format, &format!("--pad-to-square only applies to {}", names.join(", "))));
+    }
     let split = args.split.as_deref();
+    let square = args.pad_to_square;
     let examples = match format {
         Format::CocoCaptions => coco_captions::coco_captions(&args.inputs, split)?,
         Format::Vqa => vqav2::vqav2(&args.inputs)?,
@@ -327,11 +411,19 @@ pub fn convert(args: &ConvertArgs) -> Result<ConvertSummary, DataError> {
         Format::StVqa => stvqa::stvqa(&args.inputs)?,
         Format::Vsr => vsr::vsr(&args.inputs)?,
         Format::Docci => docci::docci(&args.inputs, split)?,
-        Format::PubTabNet => pubtabnet::pubtabnet(&args.inputs, &args.images, split)?,
-        Format::Icdar15 => icdar15::icdar15(&args.inputs, &args.images)?,
-        Format::HierText => hiertext::hiertext(&args.inputs)?,
-        Format::TotalText => totaltext::totaltext(&args.inputs, &args.images)?,
+        Format::PubTabNet => pubtabnet::pubtabnet(&args.inputs, &args.images, split, square)?,
+        Format::Icdar15 => icdar15::icdar15(&args.inputs, &args.images, square)?,
+        Format::HierText => hiertext::hiertext(&args.inputs, square)?,
+        Format::TotalText => totaltext::totaltext(&args.inputs, &args.images, square)?,
         Format::MimicCxr => mimic_cxr::mimic_cxr(&args.inputs, split)?,
+        Format::Mlt => icdar15::mlt(&args.inputs, &args.images, square)?,
+        Format::TextOcr => textocr::textocr(&args.inputs, square)?,
+        Format::FinTabNet => pubtabnet::fintabnet(&args.inputs, &args.images, square)?,
+        Format::GrandStaff => grandstaff::grandstaff(&args.inputs, &args.images, grandstaff::Render::Original)?,
+        Format::GrandStaffDistorted => {
+            grandstaff::grandstaff(&args.inputs, &args.images, grandstaff::Render::Distorted)?
+        }
+        Format::MolScribe => molscribe::molscribe(&args.inputs)?,
     };
     write::write_jsonl(args, &examples)
 }
@@ -392,7 +484,8 @@ const DONT_CARE: &str = "###";
 /// size) and its text, joined by ` ; ` (the format `ocr_f1` reads; the paper gives none);
 /// `words` = all of them as `{text, box}`, the unreadable ones included (the metric leaves them
 /// and the predictions on them out), with the image's `width` and `height`. Without a size
-/// (the image is missing) there is no suffix.
+/// (the image is missing) there is no suffix. `size` is the frame of the tokens ([`frame`]:
+/// with padding to a square, its side both ways).
 fn ocr_example(image: PathBuf, id: &str, words: &[(String, [f64; 4])], size: Option<(f64, f64)>) -> Example {
     let suffix = size.map(|(width, height)| {
         let readable = words.iter().filter(|(text, _)| text != DONT_CARE);
@@ -413,6 +506,12 @@ fn ocr_example(image: PathBuf, id: &str, words: &[(String, [f64; 4])], size: Opt
             "height": size.map(|(_, h)| h),
         })),
     }
+}
+
+/// The frame `<loc>` tokens are binned on: the image's size `(width, height)`, or with
+/// `square` the side of the square it is padded to (below or to the right), both ways.
+fn frame(size: Option<(f64, f64)>, square: bool) -> Option<(f64, f64)> {
+    size.map(|(width, height)| if square { (width.max(height), width.max(height)) } else { (width, height) })
 }
 
 /// The enclosing box `[y1, x1, y2, x2]` of the points `(x, y)`.

@@ -38,6 +38,7 @@ pub(super) fn args(format: Format, inputs: &[&str], images: &str, output: &Path)
         split: None,
         skip_missing: false,
         mask_vae: None,
+        pad_to_square: false,
     }
 }
 

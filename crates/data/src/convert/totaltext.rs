@@ -2,7 +2,7 @@
 
 use std::path::{Path, PathBuf};
 
-use super::{enclosing_box, folder_files, image_size, ocr_example, wrong_inputs, Example, Format, DONT_CARE};
+use super::{enclosing_box, folder_files, frame, image_size, ocr_example, wrong_inputs, Example, Format, DONT_CARE};
 use crate::DataError;
 
 /// `totaltext`: Total-Text's ground truth in its text format (`txt_format/{Train,Test}/`:
@@ -12,7 +12,7 @@ use crate::DataError;
 /// natural order, its words in the file's order, each with its polygon's enclosing box and
 /// unreadable ones as `###`, as [`ocr_example`] writes them (the image's size read from its
 /// header); `id` = `imgN`.
-pub(super) fn totaltext(inputs: &[PathBuf], images: &Path) -> Result<Vec<Example>, DataError> {
+pub(super) fn totaltext(inputs: &[PathBuf], images: &Path, square: bool) -> Result<Vec<Example>, DataError> {
     let [gt_dir] = inputs else {
         return Err(wrong_inputs(Format::TotalText, inputs));
     };
@@ -23,7 +23,7 @@ pub(super) fn totaltext(inputs: &[PathBuf], images: &Path) -> Result<Vec<Example
         };
         let upper = PathBuf::from(format!("{stem}.JPG"));
         let image = if images.join(&upper).is_file() { upper } else { PathBuf::from(format!("{stem}.jpg")) };
-        let size = image_size(images, &image)?;
+        let size = frame(image_size(images, &image)?, square);
         examples.push(ocr_example(image, stem, &read_entries(&path)?, size));
     }
     Ok(examples)
