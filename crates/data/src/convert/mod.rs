@@ -32,6 +32,7 @@
 //! | `pubtabnet` | `PubTabNet_2.0.0.jsonl` | `IMAGES/{split}/{filename}` | `table html` | the table's HTML, cells with `coords` |
 //! | `mlt` | the `gt_img_N.txt` (MLT17) or `tr_img_N.txt` (MLT19) folder | `IMAGES/img_N.{jpg,png}` | `ocr` | as `icdar15` |
 //! | `textocr` | `TextOCR_0.1_{train,val}.json` | `IMAGES/{id}.jpg` | `ocr` | as `icdar15` |
+//! | `intelocr` | `text_spotting_openimages_v5_*.json` (one or more) | `IMAGES/{file_name}` | `ocr` | as `icdar15` |
 //! | `fintabnet` | `FinTabNet_1.0.0_cell_*.jsonl` | `IMAGES/{table_id}.png` (crops rendered from the PDF pages) | `table html` | as `pubtabnet` |
 //! | `grandstaff` | a `partitions_grandstaff/` list | `IMAGES/{score}.jpg` | `music kern` | the `**kern` file |
 //! | `grandstaff-distorted` | as `grandstaff` | `IMAGES/{score}_distorted.jpg` | `music kern` | as `grandstaff` |
@@ -55,6 +56,7 @@ mod gqa;
 mod grandstaff;
 mod hiertext;
 mod icdar15;
+mod intelocr;
 mod json;
 mod mimic_cxr;
 mod molscribe;
@@ -134,6 +136,9 @@ pub enum Format {
     Mlt,
     /// TextOCR: one record per image, suffix = its words with boxes.
     TextOcr,
+    /// Open Images V5 text (the paper's IntelOCR): one record per image, suffix = its words
+    /// with boxes.
+    IntelOcr,
     /// FinTabNet: one record per table (crops rendered beforehand), suffix = its HTML with
     /// cell boxes.
     FinTabNet,
@@ -147,7 +152,7 @@ pub enum Format {
 
 impl Format {
     /// Every format, in the order `--help` lists them.
-    pub const ALL: [Format; 26] = [
+    pub const ALL: [Format; 27] = [
         Format::CocoCaptions,
         Format::Vqa,
         Format::TextVqa,
@@ -170,6 +175,7 @@ impl Format {
         Format::MimicCxr,
         Format::Mlt,
         Format::TextOcr,
+        Format::IntelOcr,
         Format::FinTabNet,
         Format::GrandStaff,
         Format::GrandStaffDistorted,
@@ -201,6 +207,7 @@ impl Format {
             Format::MimicCxr => "mimic-cxr",
             Format::Mlt => "mlt",
             Format::TextOcr => "textocr",
+            Format::IntelOcr => "intelocr",
             Format::FinTabNet => "fintabnet",
             Format::GrandStaff => "grandstaff",
             Format::GrandStaffDistorted => "grandstaff-distorted",
@@ -269,6 +276,11 @@ impl Format {
                  MLT19's ImagesPart1/ and ImagesPart2/ merged)"
             }
             Format::TextOcr => "TextOCR_0.1_train.json or TextOCR_0.1_val.json; images: TextVQA's train_images/",
+            Format::IntelOcr => {
+                "text_spotting_openimages_v5_train_{1,2,5,f}.json (any of them, repeat --input) or \
+                 text_spotting_openimages_v5_validation.json; images: the folder their file_name paths are \
+                 relative to (Open Images' train_{1,2,5,f} and validation tars unpacked there)"
+            }
             Format::FinTabNet => {
                 "FinTabNet_1.0.0_cell_{train,val,test}.jsonl; images: a folder of the table crops {table_id}.png \
                  rendered beforehand from pdf/{filename}, clipped to the record's bbox (PDF points, y up from the \
@@ -311,6 +323,7 @@ impl Format {
                 | Format::TotalText
                 | Format::Mlt
                 | Format::TextOcr
+                | Format::IntelOcr
                 | Format::PubTabNet
                 | Format::FinTabNet
         )
@@ -418,6 +431,7 @@ pub fn convert(args: &ConvertArgs) -> Result<ConvertSummary, DataError> {
         Format::MimicCxr => mimic_cxr::mimic_cxr(&args.inputs, split)?,
         Format::Mlt => icdar15::mlt(&args.inputs, &args.images, square)?,
         Format::TextOcr => textocr::textocr(&args.inputs, square)?,
+        Format::IntelOcr => intelocr::intelocr(&args.inputs, square)?,
         Format::FinTabNet => pubtabnet::fintabnet(&args.inputs, &args.images, square)?,
         Format::GrandStaff => grandstaff::grandstaff(&args.inputs, &args.images, grandstaff::Render::Original)?,
         Format::GrandStaffDistorted => {
