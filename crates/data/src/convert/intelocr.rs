@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::path::PathBuf;
 
-use super::json::{read_json, Node, Walk};
+use super::json::{self, read_json, Node, Walk};
 use super::{enclosing_box, frame, ocr_example, wrong_inputs, Example, Format, DONT_CARE};
 use crate::DataError;
 
@@ -56,11 +56,7 @@ fn word(node: &Node) -> Result<(String, [f64; 4]), DataError> {
     };
     let mut points = Vec::new();
     for polygon in node.opt("segmentation").map(|s| s.items()).transpose()?.unwrap_or_default() {
-        let numbers = polygon.items()?.iter().map(Node::number).collect::<Result<Vec<_>, _>>()?;
-        if numbers.len() % 2 != 0 {
-            return Err(polygon.error(format!("expected [x1, y1, x2, y2, ...], found {} numbers", numbers.len())));
-        }
-        points.extend(numbers.chunks(2).map(|p| (p[0], p[1])));
+        points.extend(json::points(&polygon)?);
     }
     if points.is_empty() {
         let bbox = node.field("bbox")?;

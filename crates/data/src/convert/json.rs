@@ -119,6 +119,15 @@ where
     Ok(())
 }
 
+/// A flat `[x1, y1, x2, y2, ...]` polygon (COCO's, TextOCR's) as points.
+pub(super) fn points(node: &Node) -> Result<Vec<(f64, f64)>, DataError> {
+    let numbers = node.items()?.iter().map(Node::number).collect::<Result<Vec<_>, _>>()?;
+    if numbers.is_empty() || numbers.len() % 2 != 0 {
+        return Err(node.error(format!("expected [x1, y1, x2, y2, ...], found {} numbers", numbers.len())));
+    }
+    Ok(numbers.chunks(2).map(|p| (p[0], p[1])).collect())
+}
+
 /// Reads a whole (small) JSON file as one value, for [`Node::root`].
 pub(super) fn read_value(path: &Path) -> Result<Value, DataError> {
     let file_error = |msg: String| DataError::File { path: path.display().to_string(), msg };

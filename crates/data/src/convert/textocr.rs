@@ -2,7 +2,7 @@
 
 use std::path::{Path, PathBuf};
 
-use super::json::{read_value, Node};
+use super::json::{self, read_value, Node};
 use super::{enclosing_box, frame, ocr_example, wrong_inputs, Example, Format, DONT_CARE};
 use crate::DataError;
 
@@ -34,20 +34,11 @@ pub(super) fn textocr(inputs: &[PathBuf], square: bool) -> Result<Vec<Example>, 
             let ann = anns.field(ann_id.str()?)?;
             let text = ann.field("utf8_string")?.str()?;
             let text = if text == "." { DONT_CARE } else { text };
-            words.push((text.to_owned(), enclosing_box(points(&ann.field("points")?)?)));
+            words.push((text.to_owned(), enclosing_box(json::points(&ann.field("points")?)?)));
         }
         examples.push(ocr_example(image, id, &words, frame(Some(size), square)));
     }
     Ok(examples)
-}
-
-/// A flat `[x1, y1, x2, y2, ...]` polygon as points.
-fn points(node: &Node) -> Result<Vec<(f64, f64)>, DataError> {
-    let numbers = node.items()?.iter().map(Node::number).collect::<Result<Vec<_>, _>>()?;
-    if numbers.is_empty() || numbers.len() % 2 != 0 {
-        return Err(node.error(format!("expected [x1, y1, x2, y2, ...], found {} numbers", numbers.len())));
-    }
-    Ok(numbers.chunks(2).map(|p| (p[0], p[1])).collect())
 }
 
 #[cfg(test)]
