@@ -47,7 +47,7 @@ impl<'a> Example<'a> {
         self.field("boxes")?.as_array().and_then(|b| b.first()).and_then(pixel_box).ok_or_else(bad)
     }
 
-    /// A mask stored as COCO's uncompressed RLE (`mask`).
+    /// A mask stored as COCO's RLE, its counts a list or pycocotools' compressed string (`mask`).
     pub fn mask(&self, name: &'static str) -> Result<crate::mask::Mask, EvalError> {
         crate::mask::Mask::from_json(self.field(name)?).map_err(|problem| self.error(name, &problem))
     }

@@ -15,7 +15,7 @@
 //! | `tallyqa` | `answers`: list of strings | `tallyqa` (big_vision's TallyQA evaluator: number words up to "twenty" read as numerals, then exact) |
 //! | `scienceqa` | `answers`: list of strings (`"The answer is B."`) | `scienceqa` (big_vision's ScienceQA evaluator: the letters read by `the answer is ([a-z])\.` compared) |
 //! | `refcoco` | `boxes`: list of `[y1, x1, y2, x2]` (pixels; the first is used), `width`, `height` | `accuracy` (IoU >= 0.5), `mean_iou` |
-//! | `refcoco_seg` | `mask`: the reference mask as COCO's uncompressed RLE, `boxes` (as `refcoco`) | `miou` (mean mask IoU, the paper's RefCOCO number), `box_accuracy@0.5`, `box_accuracy@0.75`, `invalid` (share of predictions that are not 4 box + 16 mask tokens) |
+//! | `refcoco_seg` | `mask`: the reference mask as COCO's RLE (`{"size": [h, w], "counts": ...}`, counts a list or compressed), `boxes` (as `refcoco`) | `miou` (mean mask IoU, the paper's RefCOCO number), `box_accuracy@0.5`, `box_accuracy@0.75`, `invalid` (share of predictions that are not 4 box + 16 mask tokens) |
 //! | `teds` | `html`: the reference table's HTML | `teds` (PubTabNet's TEDS; a prediction without a `<table>` scores 0) |
 //! | `teds_struct` | `html` | `teds_struct` (S-TEDS: structure only) |
 //! | `ocr_f1` | `words`: list of `{"text": "...", "box": [y1, x1, y2, x2]}` (pixels), `width`, `height` | `precision`, `recall`, `f1` (HierText's word-level end-to-end scores: IoU >= 0.5 and exact text; `###` words and the predictions on them left out) |

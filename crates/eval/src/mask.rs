@@ -1,8 +1,9 @@
 //! Binary object masks as the COCO API (pycocotools' `maskApi.c`) makes and stores them:
 //! polygons rasterised the COCO way, and run-length encoding over the pixels in column-major
-//! order (`{"size": [height, width], "counts": [zeros, ones, zeros, ...]}`, COCO's
-//! uncompressed RLE), plus the bilinear resampling masks go through on their way into and
-//! out of PaliGemma's 64 x 64 mask codes.
+//! order, `{"size": [height, width], "counts": ...}` with the runs (zeros, ones, zeros, ...)
+//! as a list (COCO's uncompressed RLE) or as pycocotools' compressed string, plus the
+//! bilinear resampling masks go through on their way into and out of PaliGemma's 64 x 64
+//! mask codes.
 
 use fast_image_resize::images::Image;
 use fast_image_resize::{FilterType, PixelType, ResizeAlg, ResizeOptions, Resizer};
@@ -73,18 +74,26 @@ impl Mask {
         counts
     }
 
-    /// The mask as COCO's uncompressed RLE object.
+    /// The mask as COCO's RLE object with compressed counts (what `pycocotools.mask.encode`
+    /// returns, a few times shorter than the list).
     pub fn to_json(&self) -> Value {
-        json!({"size": [self.height, self.width], "counts": self.counts()})
+        json!({"size": [self.height, self.width], "counts": compress(&self.counts())})
     }
 
-    /// Reads COCO's uncompressed RLE object (`{"size": [h, w], "counts": [...]}`).
+    /// Reads COCO's RLE object, `{"size": [h, w], "counts": ...}` with the counts as a list or
+    /// as pycocotools' compressed string.
     pub fn from_json(value: &Value) -> Result<Mask, String> {
-        let bad = || "is not COCO's uncompressed RLE {\"size\": [height, width], \"counts\": [...]}".to_string();
-        let numbers =
-            |key: &str| -> Option<Vec<u64>> { value.get(key)?.as_array()?.iter().map(Value::as_u64).collect() };
-        let (Some(size), Some(counts)) = (numbers("size"), numbers("counts")) else { return Err(bad()) };
-        let [height, width] = size[..] else { return Err(bad()) };
+        let bad = || "is not COCO's RLE {\"size\": [height, width], \"counts\": [...] or \"...\"}".to_string();
+        let size: Option<Vec<u64>> =
+            value.get("size").and_then(Value::as_array).and_then(|s| s.iter().map(Value::as_u64).collect());
+        let Some([height, width]) = size.as_deref().and_then(|s| <[u64; 2]>::try_from(s).ok()) else {
+            return Err(bad());
+        };
+        let counts = match value.get("counts") {
+            Some(Value::String(text)) => decompress(text)?,
+            Some(Value::Array(list)) => list.iter().map(Value::as_u64).collect::<Option<_>>().ok_or_else(bad)?,
+            _ => return Err(bad()),
+        };
         Mask::from_counts(&counts, height as usize, width as usize)
     }
 
@@ -121,6 +130,54 @@ pub fn resize_bilinear(pixels: &[f32], from: (usize, usize), to: (usize, usize))
     let options = ResizeOptions::new().resize_alg(ResizeAlg::Convolution(FilterType::Bilinear));
     Resizer::new().resize(&src, &mut dst, &options).expect("same pixel type");
     dst.buffer().chunks_exact(4).map(|v| f32::from_ne_bytes([v[0], v[1], v[2], v[3]])).collect()
+}
+
+/// pycocotools' `rleToString`: each count (from the fourth on, less the count two before
+/// it) in 5-bit groups, low first, with a continuation bit, as characters from `0`.
+pub fn compress(counts: &[u64]) -> String {
+    let mut text = String::new();
+    for (i, &count) in counts.iter().enumerate() {
+        let mut x = count as i64 - if i > 2 { counts[i - 2] as i64 } else { 0 };
+        loop {
+            let mut c = (x & 0x1f) as u8;
+            x >>= 5;
+            let more = if c & 0x10 != 0 { x != -1 } else { x != 0 };
+            if more {
+                c |= 0x20;
+            }
+            text.push(char::from(c + 48));
+            if !more {
+                break;
+            }
+        }
+    }
+    text
+}
+
+/// pycocotools' `rleFrString`: the counts of a compressed string.
+pub fn decompress(text: &str) -> Result<Vec<u64>, String> {
+    let mut counts: Vec<u64> = Vec::new();
+    let mut bytes = text.bytes();
+    while let Some(first) = bytes.next() {
+        let (mut x, mut shift, mut byte) = (0i64, 0, first);
+        loop {
+            let c = byte.checked_sub(48).filter(|c| *c < 64).ok_or("a character outside 0..o in RLE counts")?;
+            x |= i64::from(c & 0x1f) << shift;
+            shift += 5;
+            if c & 0x20 == 0 {
+                if c & 0x10 != 0 {
+                    x |= -1 << shift;
+                }
+                break;
+            }
+            byte = bytes.next().ok_or("RLE counts end inside a number")?;
+        }
+        if counts.len() > 2 {
+            x += counts[counts.len() - 2] as i64;
+        }
+        counts.push(u64::try_from(x).map_err(|_| "a negative run in RLE counts")?);
+    }
+    Ok(counts)
 }
 
 /// pycocotools' `rleFrPoly`: the RLE counts of one polygon.

@@ -31,7 +31,14 @@ fn polygons_rasterise_as_pycocotools() {
         assert_eq!(mask.counts(), counts, "case {i}");
         assert_eq!(Mask::from_counts(&counts, mask.height, mask.width).unwrap(), mask, "case {i}");
         assert_eq!(Mask::from_json(&mask.to_json()).unwrap(), mask, "case {i}");
+        // pycocotools' compressed counts, both ways.
+        let compressed = case["compressed"].as_str().unwrap();
+        assert_eq!(pg2_eval::mask::compress(&counts), compressed, "case {i}");
+        assert_eq!(pg2_eval::mask::decompress(compressed).unwrap(), counts, "case {i}");
+        assert_eq!(mask.to_json()["counts"], compressed, "case {i}");
     }
+    assert!(pg2_eval::mask::decompress("0d?\u{7f}").is_err());
+    assert!(pg2_eval::mask::decompress("0d?2b").unwrap_err().contains("end inside a number"));
     let err = Mask::from_counts(&[3, 4], 2, 4).unwrap_err();
     assert_eq!(err, "RLE counts cover 7 pixels, not 2 x 4");
     assert!(Mask::from_json(&serde_json::json!({"size": [2], "counts": [8]})).is_err());

@@ -24,7 +24,8 @@ use crate::DataError;
 /// `vae-oid.npz`) the suffix goes on with the mask's 16 codes as `<segNNN>` (see
 /// [`mask_codes`]), without it the suffix is the box alone. Every record keeps
 /// `boxes` = `[[y1, x1, y2, x2]]` in pixels and `mask`, the object's mask (its COCO polygons
-/// rasterised as pycocotools does, or its RLE) as COCO's uncompressed RLE, for the metrics.
+/// rasterised as pycocotools does, or its RLE) as COCO's RLE with compressed counts, for the
+/// metrics.
 pub(super) fn refcoco(
     inputs: &[PathBuf],
     split: Option<&str>,
@@ -110,7 +111,8 @@ pub(super) fn refcoco(
     Ok(examples)
 }
 
-/// An annotation's `segmentation`: COCO polygons, or (crowd regions) uncompressed RLE.
+/// An annotation's `segmentation`: COCO polygons, or (crowd regions) RLE, its counts a list
+/// or a compressed string.
 enum Segmentation {
     Polygons(Vec<Vec<f64>>),
     Counts(Vec<u64>),
@@ -119,9 +121,10 @@ enum Segmentation {
 impl Segmentation {
     fn read(node: &Node) -> Result<Segmentation, DataError> {
         if let Some(counts) = node.opt("counts") {
-            let counts = counts.items()?.iter().map(Node::u64).collect::<Result<_, _>>().map_err(|_| {
-                node.error("compressed RLE (a `counts` string) is not supported: decode it to a list of counts")
-            })?;
+            let counts = match counts.value.as_str() {
+                Some(text) => pg2_eval::mask::decompress(text).map_err(|e| counts.error(e))?,
+                None => counts.items()?.iter().map(Node::u64).collect::<Result<_, _>>()?,
+            };
             return Ok(Segmentation::Counts(counts));
         }
         let polygon = |p: &Node| p.items()?.iter().map(Node::number).collect::<Result<Vec<f64>, _>>();
@@ -227,8 +230,10 @@ mod tests {
             let codes: Vec<u8> = serde_json::from_value(object["codes"].clone()).unwrap();
             let seg: String = codes.iter().map(|c| format!("<seg{c:03}>")).collect();
             assert_eq!(record.suffix.as_deref().unwrap(), format!("{}{seg}", plain.suffix.as_deref().unwrap()));
-            // The mask for the metric, in both conversions: pycocotools' rasterisation as RLE.
-            assert_eq!(record.extra["mask"]["counts"], object["counts"]);
+            // The mask for the metric, in both conversions: pycocotools' rasterisation as RLE
+            // (compressed as pycocotools compresses it).
+            let counts = pg2_eval::mask::decompress(record.extra["mask"]["counts"].as_str().unwrap()).unwrap();
+            assert_eq!(json!(counts), object["counts"]);
             assert_eq!(plain.extra["mask"], record.extra["mask"]);
         }
         assert_eq!(records[0].extra["mask"]["size"], json!([480, 640]));
@@ -240,6 +245,26 @@ mod tests {
         a.mask_vae = Some(segmentation.join("segmentation.json"));
         let err = convert(&a).unwrap_err().to_string();
         assert!(err.contains("segmentation.json") && err.contains("cannot read the mask VQ-VAE"), "{err}");
+    }
+
+    /// Crowd annotations hold RLE, its counts a list or pycocotools' compressed string.
+    #[test]
+    fn rle_segmentations_rasterise_from_either_counts() {
+        use super::Segmentation;
+        use crate::convert::json::Node;
+        let path = std::path::Path::new("instances.json");
+        let mask = |value: serde_json::Value| {
+            Segmentation::read(&Node::root(path, &value))?
+                .rasterise(2, 2)
+                .map_err(|e| crate::DataError::File { path: "instances.json".into(), msg: e })
+        };
+        // Runs 1, 2, 1 down the columns: (1, 0) and (0, 1) inside.
+        for counts in [json!([1, 2, 1]), json!("121")] {
+            let mask = mask(json!({"size": [2, 2], "counts": counts})).unwrap();
+            assert_eq!(mask.pixels, [false, true, true, false]);
+        }
+        let err = mask(json!({"size": [2, 2], "counts": "12\u{7f}"})).unwrap_err().to_string();
+        assert!(err.contains("instances.json") && err.contains("outside 0..o"), "{err}");
     }
 
     #[test]
