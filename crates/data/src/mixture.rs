@@ -123,18 +123,17 @@ struct StreamEpoch {
 
 impl StreamSource {
     /// Opens a JSONL file, a folder of JSONL shards, tar shards or parquet files (mapped by
-    /// `columns`), counting its records once.
+    /// `columns`), counting its records once: parquet files by their footers unless bad rows
+    /// are skipped (a bad row then stops the run when it is reached), the others by reading
+    /// them through.
     pub fn open(path: &Path, buffer: usize, policy: OnBadLine, columns: &Columns) -> Result<Self, DataError> {
         let files = SourceFile::all(path)?;
         let columns = Arc::new(columns.clone());
-        let mut source = Self { files, buffer: buffer.max(1), policy, columns, len: 0, state: None };
-        let mut count = 0;
-        let mut epoch = source.start_epoch(0, 0)?;
-        while source.read_record(&mut epoch)?.is_some() {
-            count += 1;
+        let mut len = 0;
+        for file in &files {
+            len += file.open(policy, &columns)?.count()?;
         }
-        source.len = count;
-        Ok(source)
+        Ok(Self { files, buffer: buffer.max(1), policy, columns, len, state: None })
     }
 
     fn start_epoch(&self, seed: u64, epoch: u64) -> Result<StreamEpoch, DataError> {
@@ -610,6 +609,22 @@ mod stream_tests {
 
     fn prefixes(m: &mut Mixture, n: usize) -> Vec<String> {
         (0..n).map(|_| m.next_example().unwrap().1.prefix).collect()
+    }
+
+    /// Parquet files are counted from their footers, not by reading every row and image,
+    /// unless bad rows are skipped. `plain.parquet` has three rows, the second without an image.
+    #[test]
+    fn parquet_sources_are_counted_from_their_footers_unless_bad_rows_are_skipped() {
+        let plain = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/parquet/plain.parquet");
+        let columns = Columns::default();
+        let mut strict = StreamSource::open(&plain, 8, OnBadLine::Error, &columns).unwrap();
+        assert_eq!(strict.len, 3);
+        let err = (0..3).map(|k| strict.record(0, k)).find_map(Result::err).unwrap().to_string();
+        assert!(
+            err.ends_with("plain.parquet:2: `image`: no image (null)"),
+            "the bad row stops the run when reached: {err}"
+        );
+        assert_eq!(StreamSource::open(&plain, 8, OnBadLine::Skip, &columns).unwrap().len, 2);
     }
 
     #[test]

@@ -82,6 +82,8 @@ pub struct ParquetReader {
     pending: std::vec::IntoIter<Result<Record, DataError>>,
     /// Rows read so far (a record's `line` is its 1-based row number).
     rows: usize,
+    /// Rows in the file, from its footer.
+    total_rows: usize,
 }
 
 impl std::fmt::Debug for ParquetReader {
@@ -98,6 +100,7 @@ impl ParquetReader {
         let builder = ParquetRecordBatchReaderBuilder::try_new(file)
             .map_err(|e| err(format!("not a readable parquet file: {e}")))?;
         let schema = builder.schema().clone();
+        let total_rows = usize::try_from(builder.metadata().file_metadata().num_rows()).unwrap_or(0);
         let names: Vec<&str> = schema.fields().iter().map(|f| f.name().as_str()).collect();
         let image = columns.image();
         match schema.field_with_name(image).map(|f| f.data_type()) {
@@ -133,7 +136,15 @@ impl ParquetReader {
             batches: std::sync::Mutex::new(batches),
             pending: Vec::new().into_iter(),
             rows: 0,
+            total_rows,
         })
+    }
+
+    /// The records the file holds, from its footer without reading a row, when every row must
+    /// be one (`OnBadLine::Error`: a bad row stops the run when it is reached); `None` when
+    /// bad rows are skipped, since only reading tells how many are good.
+    pub fn known_records(&self) -> Option<usize> {
+        (self.policy == OnBadLine::Error).then_some(self.total_rows)
     }
 
     /// The next good row as a record, or `None` at the file's end. A row that is not a

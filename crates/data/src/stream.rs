@@ -59,6 +59,21 @@ pub(crate) enum Reading {
 }
 
 impl Reading {
+    /// How many records the file gives: from a parquet footer where that is exact, else by
+    /// reading it through (for tar and JSONL without their images).
+    pub(crate) fn count(mut self) -> Result<usize, DataError> {
+        if let Reading::Parquet(reader) = &self {
+            if let Some(records) = reader.known_records() {
+                return Ok(records);
+            }
+        }
+        let mut count = 0;
+        while self.next_record()?.is_some() {
+            count += 1;
+        }
+        Ok(count)
+    }
+
     /// The file's next good record, or `None` at its end.
     pub(crate) fn next_record(&mut self) -> Result<Option<Record>, DataError> {
         let (path, lines, policy) = match self {
