@@ -84,7 +84,8 @@ pub fn score(
     for (prediction, (reference, reference_box)) in predictions.iter().zip(references) {
         let (height, width) = (reference.height as f64, reference.width as f64);
         let Some(prediction) = prediction else {
-            scored.push(Scored { iou: 0.0, box_iou: Box::from_yxyx([0.0; 4]).iou(reference_box), invalid: true });
+            // big_vision scores an invalid prediction's box as all zeros: no overlap.
+            scored.push(Scored { iou: 0.0, box_iou: 0.0, invalid: true });
             continue;
         };
         let mask64 = masks.next().ok_or("the mask decoder returned fewer masks than codes")?;

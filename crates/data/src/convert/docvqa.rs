@@ -2,10 +2,10 @@
 
 use std::path::PathBuf;
 
-use serde_json::{json, Value};
+use serde_json::json;
 
 use super::json::{read_json, Walk};
-use super::{fields, wrong_inputs, Example, Format};
+use super::{answers_or_null, fields, wrong_inputs, Example, Format};
 use crate::DataError;
 
 /// `docvqa`: prefix = the question as it is (`docvqa.py` `copy(inkey="question",
@@ -26,7 +26,7 @@ pub(super) fn docvqa(inputs: &[PathBuf]) -> Result<Vec<Example>, DataError> {
             extra: fields(json!({
                 "id": node.field("questionId")?.value,
                 "doc_id": node.opt("docId").map(|n| n.value.clone()),
-                "answers": if answers.is_empty() { Value::Null } else { json!(answers) },
+                "answers": answers_or_null(&answers),
             })),
         });
         Ok(())

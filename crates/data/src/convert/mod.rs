@@ -458,6 +458,15 @@ fn fields(object: Value) -> Map<String, Value> {
     map
 }
 
+/// A record's `answers`: the list, or null (which [`fields`] leaves out) when there are none.
+fn answers_or_null(answers: &[String]) -> Value {
+    if answers.is_empty() {
+        Value::Null
+    } else {
+        Value::from(answers)
+    }
+}
+
 fn vqa_prompt(question: &str) -> String {
     format!("answer en {question}")
 }

@@ -2,10 +2,10 @@
 
 use std::path::PathBuf;
 
-use serde_json::{json, Value};
+use serde_json::json;
 
 use super::json::{read_json, Walk};
-use super::{fields, vqa_prompt, wrong_inputs, Example, Format};
+use super::{answers_or_null, fields, vqa_prompt, wrong_inputs, Example, Format};
 use crate::DataError;
 
 /// `stvqa`: ST-VQA's `train_task_3.json` or `test_task_3.json` (`data`: a list of `{file_path,
@@ -30,7 +30,7 @@ pub(super) fn stvqa(inputs: &[PathBuf]) -> Result<Vec<Example>, DataError> {
             extra: fields(json!({
                 "id": node.field("question_id")?.value,
                 "dataset": node.opt("dataset").map(|n| n.value.clone()),
-                "answers": if answers.is_empty() { Value::Null } else { json!(answers) },
+                "answers": answers_or_null(&answers),
             })),
         });
         Ok(())

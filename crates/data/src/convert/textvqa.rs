@@ -2,10 +2,10 @@
 
 use std::path::PathBuf;
 
-use serde_json::{json, Value};
+use serde_json::json;
 
 use super::json::{read_json, Walk};
-use super::{fields, most_common, vqa_prompt, wrong_inputs, Example, Format};
+use super::{answers_or_null, fields, most_common, vqa_prompt, wrong_inputs, Example, Format};
 use crate::DataError;
 
 /// `textvqa`: prefix `answer en {question}` (`textvqa.py`); suffix = the most common of the 10
@@ -26,7 +26,7 @@ pub(super) fn textvqa(inputs: &[PathBuf]) -> Result<Vec<Example>, DataError> {
             extra: fields(json!({
                 "id": node.field("question_id")?.value,
                 "image_id": node.field("image_id")?.value,
-                "answers": if answers.is_empty() { Value::Null } else { json!(answers) },
+                "answers": answers_or_null(&answers),
             })),
         });
         Ok(())

@@ -2,10 +2,10 @@
 
 use std::path::PathBuf;
 
-use serde_json::{json, Value};
+use serde_json::json;
 
 use super::json::{read_json, Walk};
-use super::{fields, most_common, vqa_prompt, wrong_inputs, Example, Format};
+use super::{answers_or_null, fields, most_common, vqa_prompt, wrong_inputs, Example, Format};
 use crate::DataError;
 
 /// `vizwiz`: VizWiz VQA's `Annotations/{train,val,test}.json` (a list of `{image, question,
@@ -35,7 +35,7 @@ pub(super) fn vizwiz(inputs: &[PathBuf]) -> Result<Vec<Example>, DataError> {
                 "id": image,
                 "answer_type": node.opt("answer_type").map(|n| n.value.clone()),
                 "answerable": node.opt("answerable").map(|n| n.value.clone()),
-                "answers": if answers.is_empty() { Value::Null } else { json!(answers) },
+                "answers": answers_or_null(&answers),
             })),
         });
         Ok(())
