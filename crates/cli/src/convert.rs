@@ -69,10 +69,10 @@ pub fn run(args: &ConvertArgs) -> Result<()> {
             std::fs::remove_file(&jsonl)?;
             let shards = written?;
             eprintln!(
-                "pg2 convert: wrote {} records in {} shard(s); use them as `path = \"{}\"`",
+                "pg2 convert: wrote {} records in {} shard(s); use them as {}",
                 summary.records,
                 shards.len(),
-                webdataset::shards_pattern(&args.output, shards.len()).display()
+                webdataset::use_as(&args.output, shards.len())
             );
         }
     }
@@ -115,14 +115,14 @@ mod tests {
         let jsonl = read(&args.output);
         (args.output, args.shard_size) = (out.join("shards"), Some(1));
         run(&args).unwrap();
-        let shards = read(&out.join("shards/shard-*.tar"));
+        let shards = read(&out.join("shards/index.json"));
         assert_eq!(shards.len(), jsonl.len());
         for (a, b) in jsonl.iter().zip(&shards) {
             assert_eq!((&a.prefix, &a.suffix, &a.extra["answers"]), (&b.prefix, &b.suffix, &b.extra["answers"]));
             assert_eq!(a.load_image().unwrap(), b.load_image().unwrap());
         }
         let names: Vec<_> = std::fs::read_dir(out.join("shards")).unwrap().map(|e| e.unwrap().file_name()).collect();
-        assert_eq!(names.len(), jsonl.len(), "only the shards: {names:?}");
+        assert_eq!(names.len(), jsonl.len() + 1, "only the shards and their index: {names:?}");
         std::fs::remove_dir_all(out).unwrap();
     }
 }

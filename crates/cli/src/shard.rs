@@ -48,22 +48,18 @@ pub fn run(args: &ShardArgs) -> Result<()> {
     let records = stream::records(&args.source, policy, &columns)?;
     let bar = indicatif::ProgressBar::new_spinner().with_message("samples written");
     let (per_shard, records) = (args.shard_size as usize, bar.wrap_iter(records));
-    let (written, pattern) = match args.format {
+    let (written, use_as) = match args.format {
         ShardFormat::Tar => {
             let n = webdataset::write_shards(records, &args.output, per_shard)?.len();
-            (n, webdataset::shards_pattern(&args.output, n))
+            (n, webdataset::use_as(&args.output, n))
         }
         ShardFormat::Parquet => {
             let n = parquet::write_files(records, &args.output, per_shard)?.len();
-            (n, parquet::files_pattern(&args.output, n))
+            (n, format!("`path = \"{}\"`", parquet::files_pattern(&args.output, n).display()))
         }
     };
     bar.finish_and_clear();
-    eprintln!(
-        "pg2 shard: {} samples in {written} file(s); use them as `path = \"{}\"`",
-        bar.position(),
-        pattern.display()
-    );
+    eprintln!("pg2 shard: {} samples in {written} file(s); use them as {use_as}", bar.position());
     Ok(())
 }
 

@@ -17,7 +17,7 @@ pub mod webdataset;
 
 pub use image::Resize;
 pub use layout::{Batch, EncodedExample, InferenceBatch, TextLimits, Truncation};
-pub use mixture::{Mixture, MixturePosition, MixtureSource, RunLength, SourceData, StreamSource, TaskFormat};
+pub use mixture::{Deal, Mixture, MixturePosition, MixtureSource, RunLength, SourceData, StreamSource, TaskFormat};
 pub use pipeline::{LoadedBatch, OnBadRecord, Pipeline, PipelineConfig};
 pub use source::{ImageData, OnBadLine, Record};
 pub use tokenizer::PgTokenizer;

@@ -1,11 +1,9 @@
 //! Weighted mixtures of sources: deterministic from a seed, resumable from a saved
 //! position, and shardable over data-parallel ranks.
 //!
-//! The global stream is a pure function of the seed: example `i` picks its source with a
-//! generator seeded by `(seed, i)`, and the `k`-th pick of a source takes element
-//! `k % len` of that source's permutation for epoch `k / len`. A [`MixturePosition`] (the
-//! next example index and how many examples each source has given) therefore restores the
-//! stream exactly, and every rank walks the same stream, keeping only its own share.
+//! The global stream is a pure function of the seed (see [`Mixture`]); each rank draws
+//! only its own share of it, and a [`MixturePosition`] (the next example index and how
+//! many examples each rank has taken from each source) restores every rank exactly.
 
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
@@ -98,52 +96,147 @@ impl SourceData {
 
 /// A source read lazily: each epoch visits the source's files (JSONL files, WebDataset
 /// tar shards or parquet files) in a shuffled order and emits records through a shuffle
-/// buffer, so only `buffer` records are held at a time. The order is a pure function of the
-/// seed and the epoch; seeking replays the current epoch up to the position (for JSONL and
-/// tar, reading records without their images).
+/// buffer, so only `buffer` records are held at a time. With several data-parallel ranks
+/// each epoch's files are dealt out among them ([`StreamSource::deal`]), so a rank opens
+/// only its own files. The order is a pure function of the seed, the rank and the epoch;
+/// seeking replays the rank's current epoch up to the position (for JSONL and tar, reading
+/// records without their images).
 #[derive(Debug)]
 pub struct StreamSource {
     files: Vec<SourceFile>,
+    /// Records in each file (good ones, under the policy).
+    counts: Vec<usize>,
     buffer: usize,
     policy: OnBadLine,
     columns: Arc<Columns>,
     len: usize,
+    rank: usize,
+    world: usize,
+    /// Whether ranks share the source by record rather than by file (fewer non-empty files
+    /// than ranks).
+    by_record: bool,
     state: Option<StreamEpoch>,
 }
 
+/// One epoch of this rank's share of a streamed source.
 #[derive(Debug)]
 struct StreamEpoch {
     epoch: u64,
+    /// How many records this rank had taken from the source before the epoch.
+    start: u64,
+    /// This rank's records in the epoch.
+    len: usize,
+    /// Records emitted so far in the epoch.
     emitted: usize,
     pending: std::vec::IntoIter<SourceFile>,
     reading: Option<Reading>,
+    /// Records read so far in the epoch, this rank's or not (for dealing by record).
+    read: usize,
     buffer: Vec<Record>,
     rng: ChaCha8Rng,
 }
 
+/// A rank's part of one epoch of a streamed source.
+struct EpochShare {
+    /// The files it opens, in order.
+    files: Vec<SourceFile>,
+    /// Its records.
+    len: usize,
+}
+
 impl StreamSource {
-    /// Opens a JSONL file, a folder of JSONL shards, tar shards or parquet files (mapped by
-    /// `columns`), counting its records once: parquet files by their footers unless bad rows
-    /// are skipped (a bad row then stops the run when it is reached), the others by reading
-    /// them through.
+    /// Opens a JSONL file, a folder of JSONL shards, tar shards (or their index) or parquet
+    /// files (mapped by `columns`), counting each file's records once: tar shards by their
+    /// index and parquet files by their footers unless bad records are skipped (a bad one
+    /// then stops the run when it is reached), the others by reading them through.
     pub fn open(path: &Path, buffer: usize, policy: OnBadLine, columns: &Columns) -> Result<Self, DataError> {
-        let files = SourceFile::all(path)?;
         let columns = Arc::new(columns.clone());
-        let mut len = 0;
-        for file in &files {
-            len += file.open(policy, &columns)?.count()?;
+        let (mut files, mut counts) = (vec![], vec![]);
+        for (file, indexed) in SourceFile::indexed(path)? {
+            counts.push(match indexed.filter(|_| policy == OnBadLine::Error) {
+                Some(count) => count,
+                None => file.open(policy, &columns)?.count()?,
+            });
+            files.push(file);
         }
-        Ok(Self { files, buffer: buffer.max(1), policy, columns, len, state: None })
+        let len = counts.iter().sum();
+        Ok(Self {
+            files,
+            counts,
+            buffer: buffer.max(1),
+            policy,
+            columns,
+            len,
+            rank: 0,
+            world: 1,
+            by_record: false,
+            state: None,
+        })
     }
 
-    fn start_epoch(&self, seed: u64, epoch: u64) -> Result<StreamEpoch, DataError> {
-        let mut rng = rng_for(seed, u64::MAX, epoch);
-        let mut files = self.files.clone();
-        files.shuffle(&mut rng);
-        Ok(StreamEpoch { epoch, emitted: 0, pending: files.into_iter(), reading: None, buffer: Vec::new(), rng })
+    /// Makes this the share of rank `rank` of `world`: each epoch, the shuffled files go one
+    /// by one to the rank with the fewest records so far, so ranks open disjoint files of
+    /// about equal size. A source with fewer non-empty files than ranks is dealt by record
+    /// instead: every rank reads every file and keeps every `world`-th record.
+    pub fn deal(&mut self, rank: usize, world: usize) -> Result<(), DataError> {
+        if self.len < world {
+            return Err(DataError::File {
+                path: self.files.first().map(SourceFile::name).unwrap_or_default(),
+                msg: format!("the source has {} records, fewer than the {world} workers that share it", self.len),
+            });
+        }
+        (self.rank, self.world, self.state) = (rank, world, None);
+        self.by_record = self.counts.iter().filter(|&&c| c > 0).count() < world;
+        Ok(())
     }
 
-    /// The next good record of the epoch's file order, or `None` at its end.
+    /// This rank's files and records in `epoch`.
+    fn share(&self, seed: u64, epoch: u64) -> EpochShare {
+        let mut order: Vec<usize> = (0..self.files.len()).collect();
+        order.shuffle(&mut rng_for(seed, u64::MAX, epoch));
+        if self.by_record {
+            let len = (self.len + self.world - 1 - self.rank) / self.world; // records i ≡ rank (mod world)
+            return EpochShare { files: order.iter().map(|&f| self.files[f].clone()).collect(), len };
+        }
+        let (mut load, mut files) = (vec![0; self.world], Vec::new());
+        for f in order {
+            let least = (0..self.world).min_by_key(|&r| load[r]).expect("at least one rank");
+            load[least] += self.counts[f];
+            if least == self.rank {
+                files.push(self.files[f].clone());
+            }
+        }
+        EpochShare { files, len: load[self.rank] }
+    }
+
+    fn start_epoch(&self, seed: u64, epoch: u64, start: u64) -> StreamEpoch {
+        let share = self.share(seed, epoch);
+        StreamEpoch {
+            epoch,
+            start,
+            len: share.len,
+            emitted: 0,
+            pending: share.files.into_iter(),
+            reading: None,
+            read: 0,
+            buffer: Vec::new(),
+            rng: rng_for(seed, SHUFFLE_BUFFER_STREAM - self.rank as u64, epoch),
+        }
+    }
+
+    /// The epoch holding this rank's `k`-th record, found by walking the epochs' shares.
+    fn epoch_of(&self, seed: u64, k: u64) -> StreamEpoch {
+        let (mut epoch, mut start) = (0, 0);
+        loop {
+            let len = self.share(seed, epoch).len as u64;
+            if k < start + len {
+                return self.start_epoch(seed, epoch, start);
+            }
+            (epoch, start) = (epoch + 1, start + len);
+        }
+    }
+
+    /// The next good record of this rank in the epoch's file order, or `None` at its end.
     fn read_record(&self, e: &mut StreamEpoch) -> Result<Option<Record>, DataError> {
         loop {
             if e.reading.is_none() {
@@ -153,19 +246,41 @@ impl StreamSource {
                 }
             }
             match e.reading.as_mut().expect("a file is open").next_record()? {
-                Some(record) => return Ok(Some(record)),
+                Some(record) => {
+                    e.read += 1;
+                    if !self.by_record || (e.read - 1) % self.world == self.rank {
+                        return Ok(Some(record));
+                    }
+                }
                 None => e.reading = None,
             }
         }
     }
 
-    /// The `k`-th record this source emits (`k` counts over all epochs).
-    fn record(&mut self, seed: u64, k: u64) -> Result<Record, DataError> {
-        let (epoch, offset) = (k / self.len as u64, (k % self.len as u64) as usize);
+    /// The error of an epoch whose files hold `more` or `fewer` records than counted.
+    fn miscounted(&self, e: &StreamEpoch, more: &str) -> DataError {
+        DataError::File {
+            path: self.files.first().map(SourceFile::name).unwrap_or_default(),
+            msg: format!(
+                "epoch {}: this worker's files hold {more} records than the {} counted at the start: was a file changed during the run, or is the shard index wrong?",
+                e.epoch, e.len
+            ),
+        }
+    }
+
+    /// This rank's `k`-th record from the source (`k` counts over all epochs), with the
+    /// epoch it belongs to.
+    fn record(&mut self, seed: u64, k: u64) -> Result<(Record, u64), DataError> {
         let mut state = match self.state.take() {
-            Some(s) if s.epoch == epoch && s.emitted <= offset => s,
-            _ => self.start_epoch(seed, epoch)?,
+            Some(s) if s.start + s.emitted as u64 <= k => s,
+            _ => self.epoch_of(seed, k),
         };
+        while k >= state.start + state.len as u64 {
+            if state.emitted == state.len && (!state.buffer.is_empty() || self.read_record(&mut state)?.is_some()) {
+                return Err(self.miscounted(&state, "more"));
+            }
+            state = self.start_epoch(seed, state.epoch + 1, state.start + state.len as u64);
+        }
         loop {
             while state.buffer.len() < self.buffer {
                 match self.read_record(&mut state)? {
@@ -173,12 +288,16 @@ impl StreamSource {
                     None => break,
                 }
             }
+            if state.buffer.is_empty() {
+                return Err(self.miscounted(&state, "fewer"));
+            }
             let pick = state.rng.random_range(0..state.buffer.len());
             let record = state.buffer.swap_remove(pick);
             state.emitted += 1;
-            if state.emitted > offset {
+            if state.start + state.emitted as u64 > k {
+                let epoch = state.epoch;
                 self.state = Some(state);
-                return Ok(record);
+                return Ok((record, epoch));
             }
         }
     }
@@ -206,21 +325,70 @@ impl RunLength {
     }
 }
 
-/// Where a mixture stands: saved with checkpoints, restored with [`Mixture::seek`].
+/// Where a mixture stands: saved with checkpoints, restored with [`Mixture::seek`]. Every
+/// rank keeps the whole position (it sees every pick of the global stream), so rank 0's
+/// copy restores them all.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MixturePosition {
     /// Index of the next example of the global stream.
     pub next: u64,
-    /// Examples taken from each source so far.
-    pub consumed: Vec<u64>,
+    /// Examples each rank has taken from each source so far: `consumed[rank][source]`.
+    /// (Checkpoints from before ranks were counted apart hold one list: one rank's.)
+    #[serde(deserialize_with = "by_rank")]
+    pub consumed: Vec<Vec<u64>>,
 }
 
-/// The global example stream of a list of weighted sources.
+/// Reads `consumed` as a list per rank, or as one list (one rank).
+fn by_rank<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<Vec<u64>>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Consumed {
+        ByRank(Vec<Vec<u64>>),
+        One(Vec<u64>),
+    }
+    Ok(match Consumed::deserialize(d)? {
+        Consumed::ByRank(rows) => rows,
+        Consumed::One(row) => vec![row],
+    })
+}
+
+/// Which examples of the global stream this process takes: the stream is cut into
+/// micro-batches of `world * batch` examples and rank `rank` takes the `rank`-th run of
+/// `batch` in each (the examples of an in-memory source are then those one process with
+/// the whole batch would see; a streamed source gives each rank records of its own files).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Deal {
+    pub rank: usize,
+    pub world: usize,
+    /// Examples per micro-batch on each rank.
+    pub batch: usize,
+}
+
+impl Deal {
+    /// One process taking every example.
+    pub const ALL: Deal = Deal { rank: 0, world: 1, batch: 1 };
+
+    /// The rank that takes global example `index`.
+    fn owner(&self, index: u64) -> usize {
+        ((index % (self.world * self.batch) as u64) / self.batch as u64) as usize
+    }
+}
+
+/// The global example stream of a list of weighted sources, and this rank's share of it.
+///
+/// Example `i` of the global stream picks its source with a generator seeded by
+/// `(seed, i)`, and goes to the rank the [`Deal`] names. An in-memory source's `k`-th pick
+/// (counted over all ranks) takes element `k % len` of that source's permutation for epoch
+/// `k / len`, so every rank holds the records and the ranks' shares interleave exactly as
+/// one process's stream. A streamed source is read apart by each rank, from its own files
+/// ([`StreamSource::deal`]), so no rank reads another's. The [`MixturePosition`] restores
+/// either exactly.
 pub struct Mixture {
     sources: Vec<MixtureSource>,
     /// Cumulative normalised weights, for picking a source.
     cumulative: Vec<f64>,
     seed: u64,
+    deal: Deal,
     position: MixturePosition,
     /// Each source's current epoch and its permutation.
     orders: Vec<Option<(u64, Vec<u32>)>>,
@@ -234,8 +402,8 @@ fn rng_for(seed: u64, stream: u64, index: u64) -> ChaCha8Rng {
 }
 
 impl Mixture {
-    /// A mixture starting at its first example. Sources need at least one record and a
-    /// positive weight.
+    /// A mixture starting at its first example, taking every example (see [`Mixture::deal`]).
+    /// Sources need at least one record and a positive weight.
     pub fn new(sources: Vec<MixtureSource>, seed: u64) -> Result<Self, DataError> {
         let total: f64 = sources.iter().map(|s| s.weight).sum();
         for s in &sources {
@@ -256,9 +424,45 @@ impl Mixture {
                 Some(*acc)
             })
             .collect();
-        let position = MixturePosition { next: 0, consumed: vec![0; sources.len()] };
+        let position = MixturePosition { next: 0, consumed: vec![vec![0; sources.len()]] };
         let orders = sources.iter().map(|_| None).collect();
-        Ok(Self { sources, cumulative, seed, position, orders })
+        Ok(Self { sources, cumulative, seed, deal: Deal::ALL, position, orders })
+    }
+
+    /// Makes this mixture rank `deal.rank`'s share of the stream. A position saved by
+    /// another number of ranks carries over when every source is in memory; a streamed
+    /// source continues only with as many ranks as saved it.
+    pub fn deal(&mut self, deal: Deal) -> Result<(), DataError> {
+        if deal.world == 0 || deal.batch == 0 || deal.rank >= deal.world {
+            return Err(DataError::File {
+                path: "mixture".into(),
+                msg: format!("no such share of the stream: {deal:?}"),
+            });
+        }
+        let saved = self.position.consumed.len();
+        if saved != deal.world {
+            if let Some(s) = self.sources.iter().find(|s| matches!(s.data, SourceData::Stream(_))) {
+                if self.position.next > 0 {
+                    return Err(DataError::File {
+                        path: s.name.clone(),
+                        msg: format!(
+                            "the run was saved by {saved} worker(s) and resumes with {}: a streamed source continues exactly only with as many workers; resume with {saved}",
+                            deal.world
+                        ),
+                    });
+                }
+            }
+            let totals = self.global_counts();
+            self.position.consumed = vec![vec![0; self.sources.len()]; deal.world];
+            self.position.consumed[0] = totals;
+        }
+        for s in &mut self.sources {
+            if let SourceData::Stream(stream) = &mut s.data {
+                stream.deal(deal.rank, deal.world)?;
+            }
+        }
+        self.deal = deal;
+        Ok(())
     }
 
     /// The sources, in recipe order.
@@ -276,20 +480,29 @@ impl Mixture {
         &self.position
     }
 
-    /// Continues from a saved position.
+    /// Continues from a saved position (deal out the stream after seeking).
     pub fn seek(&mut self, position: MixturePosition) -> Result<(), DataError> {
-        if position.consumed.len() != self.sources.len() {
+        if let Some(row) = position.consumed.iter().find(|row| row.len() != self.sources.len()) {
             return Err(DataError::File {
                 path: "mixture".into(),
-                msg: format!(
-                    "saved position has {} sources, the recipe {}",
-                    position.consumed.len(),
-                    self.sources.len()
-                ),
+                msg: format!("saved position has {} sources, the recipe {}", row.len(), self.sources.len()),
             });
         }
+        if position.consumed.is_empty() {
+            return Err(DataError::File { path: "mixture".into(), msg: "saved position has no ranks".into() });
+        }
         self.position = position;
+        for s in &mut self.sources {
+            if let SourceData::Stream(stream) = &mut s.data {
+                stream.state = None;
+            }
+        }
         Ok(())
+    }
+
+    /// Examples taken from each source by all ranks together.
+    fn global_counts(&self) -> Vec<u64> {
+        (0..self.sources.len()).map(|s| self.position.consumed.iter().map(|row| row[s]).sum()).collect()
     }
 
     /// Source index of global example `index`.
@@ -298,50 +511,63 @@ impl Mixture {
         self.cumulative.iter().position(|&c| u < c).unwrap_or(self.sources.len() - 1)
     }
 
-    /// The `k`-th example of source `s`.
-    fn element(&mut self, s: usize, k: u64) -> Result<Record, DataError> {
-        let seed = self.seed;
-        match &mut self.sources[s].data {
-            SourceData::Memory(records) => {
-                let len = records.len() as u64;
-                let epoch = k / len;
-                if self.orders[s].as_ref().is_none_or(|(e, _)| *e != epoch) {
-                    let mut order: Vec<u32> = (0..len as u32).collect();
-                    order.shuffle(&mut rng_for(seed, 1 + s as u64, epoch));
-                    self.orders[s] = Some((epoch, order));
-                }
-                Ok(records[self.orders[s].as_ref().unwrap().1[(k % len) as usize] as usize].clone())
-            }
-            SourceData::Stream(stream) => stream.record(seed ^ ((s as u64) << 32), k),
+    /// In-memory source `s`'s `k`-th example (counted over all ranks), with its epoch.
+    fn element(&mut self, s: usize, k: u64) -> (Record, u64) {
+        let SourceData::Memory(records) = &self.sources[s].data else { unreachable!("an in-memory source") };
+        let len = records.len() as u64;
+        let epoch = k / len;
+        if self.orders[s].as_ref().is_none_or(|(e, _)| *e != epoch) {
+            let mut order: Vec<u32> = (0..len as u32).collect();
+            order.shuffle(&mut rng_for(self.seed, 1 + s as u64, epoch));
+            self.orders[s] = Some((epoch, order));
         }
+        (records[self.orders[s].as_ref().unwrap().1[(k % len) as usize] as usize].clone(), epoch)
     }
 
-    /// The next example of the global stream, with the index of its source.
-    pub fn next_example(&mut self) -> Result<(usize, Record), DataError> {
-        let s = self.pick(self.position.next);
-        let k = self.position.consumed[s];
+    /// Takes the next example of the global stream: this rank's, with the index of its
+    /// source, or `None` when it goes to another rank.
+    fn draw(&mut self) -> Result<Option<(usize, Record)>, DataError> {
+        let index = self.position.next;
+        let (s, owner) = (self.pick(index), self.deal.owner(index));
+        let taken = self.position.consumed.iter().map(|row| row[s]).sum();
+        let own = self.position.consumed[owner][s];
         self.position.next += 1;
-        self.position.consumed[s] += 1;
-        let mut record = self.element(s, k)?;
-        // Each epoch of a source shows each of its records once.
-        let visit = k / self.sources[s].data.len() as u64;
+        self.position.consumed[owner][s] += 1;
+        if owner != self.deal.rank {
+            return Ok(None);
+        }
+        let seed = self.seed;
+        let (mut record, visit) = match &mut self.sources[s].data {
+            SourceData::Memory(_) => self.element(s, taken),
+            SourceData::Stream(stream) => stream.record(seed ^ ((s as u64) << 32), own)?,
+        };
+        // Each epoch of a source shows each of its records once: the epoch is the visit.
         let format = &self.sources[s].format;
         if let Some(field) = &format.suffix_from {
-            record.suffix = Some(draw_suffix(&record, field, self.seed, visit)?);
+            record.suffix = Some(draw_suffix(&record, field, seed, visit)?);
         }
         if let Some(field) = &format.shuffle_choices {
-            shuffle_choices(&mut record, field, self.seed, visit)?;
+            shuffle_choices(&mut record, field, seed, visit)?;
         }
         if let Some(template) = &format.suffix {
             record.suffix = Some(fill_record(template, &record)?);
         }
-        Ok((s, record))
+        Ok(Some((s, record)))
     }
 
-    /// The next `n` examples of the global stream (one optimizer update's worth: the
-    /// pipeline deals them out to micro-batches and ranks).
+    /// This rank's next example, with the index of its source.
+    pub fn next_example(&mut self) -> Result<(usize, Record), DataError> {
+        loop {
+            if let Some(example) = self.draw()? {
+                return Ok(example);
+            }
+        }
+    }
+
+    /// This rank's examples among the next `n` of the global stream (with `n` one
+    /// optimizer update's worth, the pipeline cuts them into micro-batches).
     pub fn next_examples(&mut self, n: usize) -> Result<Vec<(usize, Record)>, DataError> {
-        (0..n).map(|_| self.next_example()).collect()
+        (0..n).filter_map(|_| self.draw().transpose()).collect()
     }
 }
 
@@ -409,17 +635,19 @@ fn record_key(record: &Record) -> u64 {
         .fold(0xCBF2_9CE4_8422_2325_u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01B3))
 }
 
-/// The generator streams of target draws and choice orders (0 picks sources, `1 + s`
-/// orders source `s`, `u64::MAX` orders a streamed source's shards).
+/// The generator streams of target draws, choice orders and shuffle buffers (0 picks
+/// sources, `1 + s` orders source `s`, `u64::MAX` orders a streamed source's files, and
+/// rank `r`'s shuffle buffer takes `SHUFFLE_BUFFER_STREAM - r`).
 const SUFFIX_STREAM: u64 = u64::MAX - 1;
 const CHOICES_STREAM: u64 = u64::MAX - 2;
+const SHUFFLE_BUFFER_STREAM: u64 = u64::MAX - 16;
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::path::PathBuf;
 
-    fn source(name: &str, n: usize, weight: f64) -> MixtureSource {
+    pub(super) fn source(name: &str, n: usize, weight: f64) -> MixtureSource {
         let records = (0..n)
             .map(|i| Record {
                 image: crate::source::ImageData::File(PathBuf::from(format!("{name}-{i}.png"))),
@@ -489,6 +717,8 @@ mod tests {
             first.next_example().unwrap();
         }
         let saved = serde_json::to_string(first.position()).unwrap();
+        let flat: MixturePosition = serde_json::from_str(r#"{"next": 5, "consumed": [2, 3]}"#).unwrap();
+        assert_eq!(flat.consumed, [[2, 3]], "a checkpoint from before ranks were counted apart is one rank's");
         let mut resumed = mixture();
         resumed.seek(serde_json::from_str(&saved).unwrap()).unwrap();
         let rest: Vec<_> = (123..300).map(|_| key(resumed.next_example())).collect();
@@ -563,7 +793,7 @@ mod tests {
         let orders: std::collections::BTreeSet<_> = shown.iter().map(|(p, _)| p).collect();
         assert!(orders.len() > 4, "orders vary over visits: {orders:?}");
         let mut resumed = quiz();
-        resumed.seek(MixturePosition { next: 7, consumed: vec![7] }).unwrap();
+        resumed.seek(MixturePosition { next: 7, consumed: vec![vec![7]] }).unwrap();
         let (_, r) = resumed.next_example().unwrap();
         assert_eq!(r.suffix.unwrap(), shown[7].1);
         let mut m = quiz();
@@ -625,6 +855,159 @@ mod stream_tests {
             "the bad row stops the run when reached: {err}"
         );
         assert_eq!(StreamSource::open(&plain, 8, OnBadLine::Skip, &columns).unwrap().len, 2);
+    }
+
+    /// The scratch folder of [`written`] data called `name`.
+    fn scratch(name: &str) -> PathBuf {
+        std::env::temp_dir().join(format!("pg2-deal-{}-{name}", std::process::id()))
+    }
+
+    /// 23 records ("r0" to "r22", one tiny image) written as `kind` files of `per_file`
+    /// records: JSONL shards, tar shards or parquet files. Returns the source path.
+    fn written(name: &str, kind: &str, per_file: usize) -> PathBuf {
+        let dir = scratch(name);
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(dir.join("jsonl")).unwrap();
+        ::image::RgbImage::from_pixel(2, 2, ::image::Rgb([9, 9, 9])).save(dir.join("x.png")).unwrap();
+        let lines: Vec<String> = (0..23)
+            .map(|i| format!("{{\"image\": {:?}, \"prefix\": \"r{i}\"}}", dir.join("x.png").display().to_string()))
+            .collect();
+        for (f, chunk) in lines.chunks(per_file).enumerate() {
+            std::fs::write(dir.join(format!("jsonl/{f:02}.jsonl")), chunk.join("\n") + "\n").unwrap();
+        }
+        let records = || crate::stream::records(&dir.join("jsonl"), OnBadLine::Error, &Columns::default()).unwrap();
+        match kind {
+            "jsonl" => dir.join("jsonl"),
+            "tar" => {
+                let n = crate::webdataset::write_shards(records(), &dir.join("tar"), per_file).unwrap().len();
+                crate::webdataset::shards_pattern(&dir.join("tar"), n)
+            }
+            _ => {
+                let n = crate::parquet::write_files(records(), &dir.join("parquet"), per_file).unwrap().len();
+                crate::parquet::files_pattern(&dir.join("parquet"), n)
+            }
+        }
+    }
+
+    /// Rank `rank` of `world`'s records of `epoch` (prefix and file), and the epoch after
+    /// them holding its next record.
+    fn epoch_share(path: &Path, rank: usize, world: usize, epoch: u64) -> (Vec<(String, String)>, u64) {
+        let mut source = StreamSource::open(path, 4, OnBadLine::Error, &Columns::default()).unwrap();
+        source.deal(rank, world).unwrap();
+        let start: u64 = (0..epoch).map(|e| source.share(7, e).len as u64).sum();
+        let len = source.share(7, epoch).len as u64;
+        let records = (start..start + len)
+            .map(|k| {
+                let (record, e) = source.record(7, k).unwrap();
+                assert_eq!(e, epoch);
+                (record.prefix, record.file.display().to_string())
+            })
+            .collect();
+        (records, source.record(7, start + len).unwrap().1)
+    }
+
+    /// The issue's promise: ranks read disjoint files and together see every record once an
+    /// epoch, for JSONL, tar and parquet files; a source of fewer files than ranks is dealt
+    /// by record.
+    #[test]
+    fn ranks_read_disjoint_files_and_together_see_each_record_once_an_epoch() {
+        let all: std::collections::BTreeSet<String> = (0..23).map(|i| format!("r{i}")).collect();
+        for (kind, per_file, by_file) in
+            [("jsonl", 3, true), ("tar", 4, true), ("parquet", 5, true), ("tar", 12, false)]
+        {
+            let name = format!("{kind}-{per_file}");
+            let path = written(&name, kind, per_file);
+            let mut assignments = std::collections::BTreeSet::new();
+            for epoch in 0..3 {
+                let shares: Vec<_> = (0..3).map(|rank| epoch_share(&path, rank, 3, epoch)).collect();
+                let seen: Vec<String> = shares.iter().flat_map(|(s, _)| s.iter().map(|(p, _)| p.clone())).collect();
+                assert_eq!(seen.len(), 23, "{kind}: every record once: {seen:?}");
+                assert_eq!(seen.into_iter().collect::<std::collections::BTreeSet<_>>(), all, "{kind}");
+                let files: Vec<std::collections::BTreeSet<&String>> =
+                    shares.iter().map(|(s, _)| s.iter().map(|(_, f)| f).collect()).collect();
+                let lens: Vec<usize> = shares.iter().map(|(s, _)| s.len()).collect();
+                if by_file {
+                    for (a, b) in [(0, 1), (0, 2), (1, 2)] {
+                        assert!(files[a].is_disjoint(&files[b]), "{kind}: ranks {a} and {b} share files: {files:?}");
+                    }
+                    let spread = lens.iter().max().unwrap() - lens.iter().min().unwrap();
+                    assert!(spread <= per_file, "{kind}: balanced by records: {lens:?}");
+                } else {
+                    assert_eq!(lens, [8, 8, 7], "two files for three ranks: every third record");
+                }
+                assert!(shares.iter().all(|(_, next)| *next == epoch + 1));
+                assignments.insert(format!("{files:?}"));
+            }
+            assert!(!by_file || assignments.len() > 1, "{kind}: files are dealt anew each epoch");
+            std::fs::remove_dir_all(scratch(&name)).unwrap();
+        }
+    }
+
+    /// Two ranks over a tar source and an in-memory one: the ranks keep the same position,
+    /// each resumes its share exactly from the one rank 0 saves, and another number of
+    /// ranks is refused for the streamed source.
+    #[test]
+    fn each_rank_resumes_its_share_exactly_from_the_shared_position() {
+        let path = written("resume", "tar", 4);
+        let mixture = || {
+            let data = SourceData::Stream(StreamSource::open(&path, 3, OnBadLine::Error, &Columns::default()).unwrap());
+            let streamed = MixtureSource { name: "t".into(), data, weight: 1.0, format: TaskFormat::default() };
+            Mixture::new(vec![streamed, super::tests::source("m", 5, 1.0)], 3).unwrap()
+        };
+        let dealt = |rank: usize, position: Option<&MixturePosition>| {
+            let mut m = mixture();
+            if let Some(p) = position {
+                m.seek(p.clone()).unwrap();
+            }
+            m.deal(Deal { rank, world: 2, batch: 2 }).unwrap();
+            m
+        };
+        let take = |m: &mut Mixture, n: usize| -> Vec<String> {
+            m.next_examples(n).unwrap().into_iter().map(|(_, r)| r.prefix).collect()
+        };
+        let mut saved = vec![];
+        for rank in 0..2 {
+            let all = take(&mut dealt(rank, None), 80);
+            assert_eq!(all.len(), 40, "half of the global stream");
+            let mut first = dealt(rank, None);
+            take(&mut first, 28);
+            saved.push(first.position().clone());
+            assert_eq!(take(&mut dealt(rank, Some(&saved[0])), 52), all[14..], "rank {rank}");
+        }
+        assert_eq!(saved[0], saved[1], "every rank keeps the same position");
+        let mut three = mixture();
+        three.seek(saved[0].clone()).unwrap();
+        let err = three.deal(Deal { rank: 0, world: 3, batch: 2 }).unwrap_err().to_string();
+        assert!(err.contains("saved by 2 worker(s) and resumes with 3") && err.contains("resume with 2"), "{err}");
+        std::fs::remove_dir_all(scratch("resume")).unwrap();
+    }
+
+    /// A shard index gives the counts without reading a shard (a `pipe:` shard that would
+    /// fail is not run at the start); a wrong count is named when an epoch shows it, and
+    /// with bad records skipped the shards are read to count them.
+    #[test]
+    fn a_shard_index_counts_without_reading_and_a_wrong_count_is_named() {
+        written("index", "tar", 5);
+        let index = scratch("index").join("tar").join(crate::webdataset::INDEX_FILE);
+        let cols = Columns::default();
+        let source = StreamSource::open(&index, 4, OnBadLine::Error, &cols).unwrap();
+        assert_eq!((source.len, &source.counts[..]), (23, &[5, 5, 5, 5, 3][..]));
+        let text = std::fs::read_to_string(&index).unwrap();
+        let edited = |from: &str, to: &str| {
+            assert!(text.contains(from), "{text}");
+            std::fs::write(&index, text.replacen(from, to, 1)).unwrap();
+        };
+        edited("\"shard-000000.tar\"", "\"pipe:exit 3\"");
+        assert_eq!(StreamSource::open(&index, 4, OnBadLine::Error, &cols).unwrap().len, 23, "never run to count");
+        for (count, more) in [(6, "fewer"), (4, "more")] {
+            edited("\"nsamples\": 5", &format!("\"nsamples\": {count}"));
+            let mut source = StreamSource::open(&index, 4, OnBadLine::Error, &cols).unwrap();
+            let err = (0..30).find_map(|k| source.record(7, k).err()).expect("the epoch shows the count").to_string();
+            assert!(err.contains(&format!("hold {more} records than the {} counted", 18 + count)), "{err}");
+            let skipping = StreamSource::open(&index, 4, OnBadLine::Skip, &cols).unwrap();
+            assert_eq!(skipping.len, 23, "counted by reading");
+        }
+        std::fs::remove_dir_all(scratch("index")).unwrap();
     }
 
     #[test]

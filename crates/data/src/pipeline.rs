@@ -3,9 +3,9 @@
 //! the images of this rank's micro-batches in parallel, and finished batches wait in a
 //! bounded queue, so the training step never waits on data when the machine has the cores.
 //!
-//! Every rank draws and tokenizes the whole update (cheap beside the images), so each knows
-//! the update's target-token count without a collective, and length bucketing deals the
-//! same examples out the same way on all ranks.
+//! Each rank draws only its share of each update ([`Deal`]): records of in-memory sources
+//! are dealt out of the global stream, streamed sources are read from the rank's own
+//! files. The trainer sums the ranks' target-token counts.
 
 use std::sync::mpsc::{sync_channel, Receiver};
 use std::sync::Arc;
@@ -16,7 +16,7 @@ use tch::Device;
 
 use crate::image::{self, Resize};
 use crate::layout::{Batch, EncodedExample, Truncation, DEFAULT_MAX_TOKENS};
-use crate::mixture::{Mixture, MixturePosition};
+use crate::mixture::{Deal, Mixture, MixturePosition};
 use crate::source::Record;
 use crate::tokenizer::PgTokenizer;
 use crate::DataError;
@@ -44,9 +44,9 @@ pub struct PipelineConfig {
     pub batch_size: usize,
     /// Micro-batches per optimizer update (gradient accumulation).
     pub accumulation: usize,
-    /// Sort each update's examples by token count before dealing them out to micro-batches
-    /// and ranks: a micro-batch then holds examples of like length and pads little, and the
-    /// update still sees exactly the examples it would without sorting.
+    /// Sort this rank's share of each update by token count before cutting it into
+    /// micro-batches: a micro-batch then holds examples of like length and pads little, and
+    /// the update still sees exactly the examples it would without sorting.
     pub bucket_by_length: bool,
     /// This process's data-parallel rank and the number of ranks.
     pub rank: usize,
@@ -58,6 +58,13 @@ pub struct PipelineConfig {
     /// Pad every batch to at least this many tokens (`None`: to its longest example).
     pub pad_to: Option<usize>,
     pub on_bad_record: OnBadRecord,
+}
+
+impl PipelineConfig {
+    /// The share of the stream this rank takes.
+    pub fn deal(&self) -> Deal {
+        Deal { rank: self.rank, world: self.world, batch: self.batch_size }
+    }
 }
 
 /// Counters a batch adds to the run's totals.
@@ -80,10 +87,10 @@ pub struct LoadedBatch {
     /// Where the stream stands after this batch's update: save it with a checkpoint taken
     /// after that update.
     pub position: MixturePosition,
-    /// Target tokens of the whole update, all micro-batches and ranks (per-token loss
-    /// normalisation divides by it). Counted as drawn: a skipped record's stand-in is not
-    /// recounted.
-    pub update_targets: usize,
+    /// Target tokens of this rank's share of the update, all its micro-batches (summed over
+    /// the ranks, per-token loss normalisation divides by it). Counted as drawn: a skipped
+    /// record's stand-in is not recounted.
+    pub rank_targets: usize,
     pub stats: BatchStats,
 }
 
@@ -96,6 +103,7 @@ pub struct Pipeline {
 impl Pipeline {
     /// Starts producing batches from `mixture`'s current position.
     pub fn start(mut mixture: Mixture, tokenizer: Arc<PgTokenizer>, config: PipelineConfig) -> Result<Self, DataError> {
+        mixture.deal(config.deal())?;
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(config.workers.max(1))
             .thread_name(|i| format!("pg2-data-{i}"))
@@ -105,12 +113,12 @@ impl Pipeline {
         let producer = std::thread::Builder::new()
             .name("pg2-data".into())
             .spawn(move || loop {
-                let (micro_batches, update_targets) = match next_update(&mut mixture, &tokenizer, &config, &pool) {
+                let (micro_batches, rank_targets) = match next_update(&mut mixture, &tokenizer, &config, &pool) {
                     Ok(update) => update,
                     Err(e) => return drop(send.send(Err(e))),
                 };
                 for examples in micro_batches {
-                    let loaded = pool.install(|| load_batch(&mixture, &tokenizer, &config, examples, update_targets));
+                    let loaded = pool.install(|| load_batch(&mixture, &tokenizer, &config, examples, rank_targets));
                     let failed = loaded.is_err();
                     if send.send(loaded).is_err() || failed {
                         return; // the consumer hung up, or the run must stop on this error
@@ -148,18 +156,15 @@ enum Outcome {
     BadImage(DataError),
 }
 
-/// Draws the next update's examples (every rank's), tokenizes them, sorts them by length
-/// when bucketing, and returns this rank's micro-batches with the update's target count.
-/// Micro-batch `m` is the `m`-th run of `world * batch_size` examples; rank `r` takes the
-/// `r`-th slice of it, so together the ranks see what one process with the whole batch would.
+/// Draws this rank's share of the next update, tokenizes it, sorts it by length when
+/// bucketing, and returns it cut into micro-batches, with its target count.
 fn next_update(
     mixture: &mut Mixture,
     tok: &PgTokenizer,
     config: &PipelineConfig,
     pool: &rayon::ThreadPool,
 ) -> Result<(Vec<Vec<Encoded>>, usize), DataError> {
-    let per_micro_batch = config.batch_size * config.world;
-    let draws = mixture.next_examples(per_micro_batch * config.accumulation.max(1))?;
+    let draws = mixture.next_examples(config.batch_size * config.world * config.accumulation.max(1))?;
     let sources = mixture.sources();
     let mut update: Vec<Encoded> = pool.install(|| {
         draws
@@ -187,9 +192,7 @@ fn next_update(
         update.sort_by_key(|e| e.tokens.ids.len()); // stable: like lengths keep stream order
     }
     let targets = update.iter().map(|e| e.tokens.num_targets()).sum();
-    let slice = config.rank * config.batch_size..(config.rank + 1) * config.batch_size;
-    let mine = update.chunks(per_micro_batch).map(|micro_batch| micro_batch[slice.clone()].to_vec()).collect();
-    Ok((mine, targets))
+    Ok((update.chunks(config.batch_size).map(<[Encoded]>::to_vec).collect(), targets))
 }
 
 /// Token counts of a run of micro-batches.
@@ -209,6 +212,7 @@ pub fn count_tokens(
     config: &PipelineConfig,
     updates: usize,
 ) -> Result<TokenCounts, DataError> {
+    mixture.deal(config.deal())?;
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(config.workers.max(1))
         .build()
@@ -230,7 +234,7 @@ fn load_batch(
     tok: &PgTokenizer,
     config: &PipelineConfig,
     examples: Vec<Encoded>,
-    update_targets: usize,
+    rank_targets: usize,
 ) -> Result<LoadedBatch, DataError> {
     let outcomes: Vec<Outcome> = examples.into_par_iter().map(|example| prepare(config, example)).collect();
     let mut stats = BatchStats::default();
@@ -260,7 +264,7 @@ fn load_batch(
     let pixels = image::stack(&pixels, config.resize.size);
     let batch = Batch::collate_to(&tokens, Some(pixels), tok.pad_id, Device::Cpu, config.pad_to);
     stats.tokens = TokenCounts { real: tokens.iter().map(|t| t.ids.len()).sum(), padded: batch.inputs.ids.numel() };
-    Ok(LoadedBatch { batch, records, position: mixture.position().clone(), update_targets, stats })
+    Ok(LoadedBatch { batch, records, position: mixture.position().clone(), rank_targets, stats })
 }
 
 /// Decodes and resizes one example's image; a bad image is reported as such (the policy
@@ -445,19 +449,21 @@ mod tests {
         let (a, b) = (deal(&records, &plain, 2), deal(&records, &bucketed, 2));
         assert_eq!(a.len(), b.len(), "as many updates either way");
         for (plain, sorted) in a.iter().zip(&b) {
-            let flat = |u: &Vec<Vec<Vec<i64>>>| u.iter().flatten().flatten().copied().collect::<Vec<_>>();
-            let (mut unsorted, sorted) = (flat(plain), flat(sorted));
-            assert!(sorted.is_sorted(), "longer targets come later in the update: {sorted:?}");
-            unsorted.sort();
-            assert_eq!(unsorted, sorted, "the same examples");
+            let rank = |u: &Vec<Vec<Vec<i64>>>, r: usize| u.iter().flat_map(|m| m[r].clone()).collect::<Vec<_>>();
+            for r in 0..2 {
+                let (mut unsorted, sorted) = (rank(plain, r), rank(sorted, r));
+                assert!(sorted.is_sorted(), "longer targets come later in the rank's update: {sorted:?}");
+                unsorted.sort();
+                assert_eq!(unsorted, sorted, "the same examples");
+            }
         }
         // Padding: the micro-batches' padded tokens, summed over the first update.
         let padded = |config: &PipelineConfig| {
             let p = Pipeline::start(mixture(&records), tokenizer(), config.clone()).unwrap();
             let batches: Vec<LoadedBatch> = (0..3).map(|_| p.next_batch().unwrap()).collect();
             let targets: i64 = batches.iter().map(|b| b.batch.loss_mask.sum(tch::Kind::Int64).int64_value(&[])).sum();
-            assert!(batches.iter().all(|b| b.update_targets == batches[0].update_targets));
-            (batches.iter().map(|b| b.batch.inputs.ids.numel()).sum::<usize>(), targets, batches[0].update_targets)
+            assert!(batches.iter().all(|b| b.rank_targets == batches[0].rank_targets));
+            (batches.iter().map(|b| b.batch.inputs.ids.numel()).sum::<usize>(), targets, batches[0].rank_targets)
         };
         let world1 = |c: &PipelineConfig| PipelineConfig { batch_size: 4, world: 1, ..c.clone() };
         let ((plain_tokens, plain_targets, plain_update), (sorted_tokens, sorted_targets, sorted_update)) =

@@ -21,11 +21,17 @@ pub(crate) enum SourceFile {
 }
 
 impl SourceFile {
-    /// The files a source path names: tar shards and parquet files by pattern
-    /// ([`crate::webdataset::shards`]), a folder's `*.jsonl` shards, or one JSONL file.
-    pub(crate) fn all(spec: &Path) -> Result<Vec<SourceFile>, DataError> {
+    /// The files a source path names, with their record counts where an index gives them:
+    /// tar shards by a shard index ([`crate::webdataset::read_index`]), tar shards and
+    /// parquet files by pattern ([`crate::webdataset::shards`]), a folder's `*.jsonl` shards,
+    /// or one JSONL file.
+    pub(crate) fn indexed(spec: &Path) -> Result<Vec<(SourceFile, Option<usize>)>, DataError> {
         let text = spec.to_string_lossy();
-        Ok(if crate::webdataset::is_webdataset(&text) {
+        if crate::webdataset::is_index(&text) {
+            let shards = crate::webdataset::read_index(spec)?;
+            return Ok(shards.into_iter().map(|(shard, count)| (SourceFile::Tar(shard), Some(count))).collect());
+        }
+        let files = if crate::webdataset::is_webdataset(&text) {
             crate::webdataset::shards(&text)?.into_iter().map(SourceFile::Tar).collect()
         } else if crate::parquet::is_parquet(&text) {
             crate::parquet::files(&text)?.into_iter().map(SourceFile::Parquet).collect()
@@ -33,7 +39,21 @@ impl SourceFile {
             crate::source::shard_files(spec)?.into_iter().map(SourceFile::Jsonl).collect()
         } else {
             vec![SourceFile::Jsonl(spec.to_path_buf())]
-        })
+        };
+        Ok(files.into_iter().map(|file| (file, None)).collect())
+    }
+
+    /// The files a source path names, as [`SourceFile::indexed`] without the counts.
+    pub(crate) fn all(spec: &Path) -> Result<Vec<SourceFile>, DataError> {
+        Ok(Self::indexed(spec)?.into_iter().map(|(file, _)| file).collect())
+    }
+
+    /// The file's name, for messages.
+    pub(crate) fn name(&self) -> String {
+        match self {
+            SourceFile::Tar(shard) => shard.name(),
+            SourceFile::Jsonl(path) | SourceFile::Parquet(path) => path.display().to_string(),
+        }
     }
 
     /// Starts reading the file.

@@ -9,7 +9,8 @@
 //! memory with their sample.
 //!
 //! A source names its shards with brace ranges and lists (`shard-{000000..000575}.tar`,
-//! `{a,b}.tar`) and `*`/`?` globs in the file name.
+//! `{a,b}.tar`) and `*`/`?` globs in the file name, or by a shard index (see
+//! [`read_index`]) that also gives each shard's sample count.
 
 use std::fs::File;
 use std::io::{BufReader, Read, Seek, SeekFrom};
@@ -40,9 +41,70 @@ impl Shard {
     }
 }
 
-/// Whether a source path names tar shards (`pipe:` commands, or `.tar` files).
+/// Whether a source path names tar shards (`pipe:` commands, `.tar` files, or a shard index).
 pub fn is_webdataset(spec: &str) -> bool {
-    spec.starts_with("pipe:") || expand_braces(spec).is_ok_and(|all| all.iter().all(|s| s.ends_with(".tar")))
+    spec.starts_with("pipe:")
+        || expand_braces(spec).is_ok_and(|all| all.iter().all(|s| s.ends_with(".tar")))
+        || is_index(spec)
+}
+
+/// The file [`write_shards`] lists its shards in, beside them.
+pub const INDEX_FILE: &str = "index.json";
+
+/// Whether a source path is a shard index: a `.json` file holding an object with a
+/// `shardlist`.
+pub fn is_index(spec: &str) -> bool {
+    spec.ends_with(".json")
+        && std::fs::read(spec)
+            .is_ok_and(|bytes| serde_json::from_slice::<Value>(&bytes).is_ok_and(|v| v.get("shardlist").is_some()))
+}
+
+/// The shards of a shard index with their sample counts, in order. The index is webdataset's
+/// (wids) `{"__kind__": "wids-shard-index-v1", "shardlist": [{"url": "shard-000000.tar",
+/// "nsamples": 20}, ...]}`, as `widsindex create` and [`write_shards`] write it; a `url` is
+/// a path relative to the index's folder, an absolute path, or a `pipe:` command.
+pub fn read_index(path: &Path) -> Result<Vec<(Shard, usize)>, DataError> {
+    let err = |msg: String| DataError::File { path: path.display().to_string(), msg };
+    let text = std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?;
+    let index: Value = serde_json::from_str(&text).map_err(|e| err(format!("not a shard index: {e}")))?;
+    let list = index.get("shardlist").and_then(Value::as_array).ok_or_else(|| err("no `shardlist` list".into()))?;
+    let dir = path.parent().unwrap_or(Path::new(""));
+    let shards: Vec<(Shard, usize)> = list
+        .iter()
+        .enumerate()
+        .map(|(i, entry)| {
+            let bad = |what: &str| err(format!("shardlist[{i}]: {what}"));
+            let url = entry.get("url").and_then(Value::as_str).ok_or_else(|| bad("expected a `url` string"))?;
+            let count = entry.get("nsamples").and_then(Value::as_u64).ok_or_else(|| bad("expected `nsamples`"))?;
+            let shard = match url.strip_prefix("pipe:") {
+                Some(command) => Shard::Pipe(command.to_string()),
+                None => Shard::File(dir.join(url)),
+            };
+            Ok((shard, count as usize))
+        })
+        .collect::<Result<_, DataError>>()?;
+    if shards.is_empty() {
+        return Err(err("the shard list is empty".into()));
+    }
+    Ok(shards)
+}
+
+/// Writes the shard index of `shards` (paths in `dir`, with their sample counts) as
+/// `dir/index.json`, atomically.
+fn write_index(dir: &Path, shards: &[(PathBuf, usize)]) -> Result<(), DataError> {
+    let path = dir.join(INDEX_FILE);
+    let err = |e: std::io::Error| DataError::File { path: path.display().to_string(), msg: e.to_string() };
+    let list: Vec<Value> = shards
+        .iter()
+        .map(|(shard, count)| {
+            let url = shard.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+            serde_json::json!({ "url": url, "nsamples": count })
+        })
+        .collect();
+    let index = serde_json::json!({ "__kind__": "wids-shard-index-v1", "wids_version": 1, "shardlist": list });
+    let staged = crate::files::Staged::new(&path).map_err(err)?;
+    std::fs::write(staged.path(), serde_json::to_vec_pretty(&index).expect("JSON values serialise")).map_err(err)?;
+    staged.commit().map_err(err)
 }
 
 /// The shards a source path names, in order: brace ranges and lists expanded, `*` and `?`
@@ -77,7 +139,11 @@ pub fn shards(spec: &str) -> Result<Vec<Shard>, DataError> {
 
 /// Which of a source's local shards are missing (none for `pipe:` commands).
 pub fn missing_shards(spec: &str) -> Vec<String> {
-    match shards(spec) {
+    let listed = match is_index(spec) {
+        true => read_index(Path::new(spec)).map(|shards| shards.into_iter().map(|(shard, _)| shard).collect()),
+        false => shards(spec),
+    };
+    match listed {
         Ok(shards) => {
             shards.iter().filter(|s| matches!(s, Shard::File(path) if !path.is_file())).map(Shard::name).collect()
         }
@@ -420,10 +486,19 @@ pub fn shards_pattern(dir: &Path, count: usize) -> PathBuf {
     dir.join(format!("shard-{{000000..{:06}}}.tar", count.saturating_sub(1)))
 }
 
+/// How to name the `count` shards [`write_shards`] wrote in `dir` in a recipe, for messages.
+pub fn use_as(dir: &Path, count: usize) -> String {
+    format!(
+        "`path = \"{}\"` (their index: each shard's sample count, so no worker reads a shard to count it) or `path = \"{}\"`",
+        dir.join(INDEX_FILE).display(),
+        shards_pattern(dir, count).display()
+    )
+}
+
 /// Writes `records` as tar shards of `per_shard` samples in `dir` (`shard-000000.tar`, ...,
 /// each written atomically): per sample its image as `KEY.EXT` and `KEY.json` holding
-/// `prefix`, `suffix` and every other field, the keys numbering the samples. Returns the
-/// shards written.
+/// `prefix`, `suffix` and every other field, the keys numbering the samples; then the
+/// shards' index ([`INDEX_FILE`], see [`read_index`]). Returns the shards written.
 pub fn write_shards(
     records: impl IntoIterator<Item = Result<Record, DataError>>,
     dir: &Path,
@@ -433,11 +508,13 @@ pub fn write_shards(
     std::fs::create_dir_all(dir).map_err(|e| err(dir, e))?;
     let mut written = vec![];
     let mut open: Option<(crate::files::Staged, tar::Builder<File>)> = None;
+    let mut samples = 0;
     for (i, record) in records.into_iter().enumerate() {
         let record = record?;
+        samples += 1;
         if i % per_shard.max(1) == 0 {
             if let Some((staged, tar)) = open.take() {
-                written.push(finish_shard(staged, tar)?);
+                written.push((finish_shard(staged, tar)?, per_shard.max(1)));
             }
             let path = dir.join(format!("shard-{:06}.tar", written.len()));
             let staged = crate::files::Staged::new(&path).map_err(|e| err(&path, e))?;
@@ -470,9 +547,11 @@ pub fn write_shards(
         }
     }
     if let Some((staged, tar)) = open {
-        written.push(finish_shard(staged, tar)?);
+        let rest = samples - per_shard.max(1) * written.len();
+        written.push((finish_shard(staged, tar)?, rest));
     }
-    Ok(written)
+    write_index(dir, &written)?;
+    Ok(written.into_iter().map(|(shard, _)| shard).collect())
 }
 
 /// Ends a shard's archive and puts it in place.
@@ -555,6 +634,27 @@ mod tests {
         );
         assert!(is_webdataset("d/s-{000..009}.tar") && is_webdataset("pipe:gsutil cat gs://b/s.tar"));
         assert!(!is_webdataset("d/train.jsonl"));
+        let index = dir.join("index.json");
+        std::fs::write(
+            &index,
+            r#"{"__kind__": "wids-shard-index-v1", "shardlist": [{"url": "a.tar", "nsamples": 2}, {"url": "z.tar", "nsamples": 1}, {"url": "pipe:cat z.tar", "nsamples": 4}]}"#,
+        )
+        .unwrap();
+        assert!(is_webdataset(&index.display().to_string()));
+        assert_eq!(
+            read_index(&index).unwrap(),
+            [
+                (Shard::File(dir.join("a.tar")), 2),
+                (Shard::File(dir.join("z.tar")), 1),
+                (Shard::Pipe("cat z.tar".into()), 4)
+            ]
+        );
+        assert_eq!(missing_shards(&index.display().to_string()), [dir.join("z.tar").display().to_string()]);
+        std::fs::write(&index, r#"{"shardlist": [{"url": "a.tar"}]}"#).unwrap();
+        let err = read_index(&index).unwrap_err().to_string();
+        assert!(err.contains("index.json") && err.contains("shardlist[0]: expected `nsamples`"), "{err}");
+        std::fs::write(&index, r#"{"name": "not an index"}"#).unwrap();
+        assert!(!is_webdataset(&index.display().to_string()), "a JSON file without a shard list");
         assert_eq!(
             missing_shards(&format!("{}/{{a,z}}.tar", dir.display())),
             [dir.join("z.tar").display().to_string()]

@@ -94,7 +94,9 @@ pub fn train(recipe: &Recipe, resolved: &toml::Table, opts: &LaunchOptions, grou
         let update =
             (0..t.grad_accumulation).map(|_| pipeline.next_batch()).collect::<Result<Vec<LoadedBatch>, _>>()?;
         add_counts(&mut counts, &update);
-        if update[0].update_targets == 0 {
+        let targets = trainer.update_targets(update[0].rank_targets, group)?;
+        // The host reads the sum back only when this rank has no targets of its own.
+        if update[0].rank_targets == 0 && targets.double_value(&[]) == 0.0 {
             let sources: Vec<String> = recipe.data.mixture.iter().map(|s| s.path.display().to_string()).collect();
             bail!(
                 "update {}: none of its {} examples has a target token to train on: do the records of {} have a `suffix`?",
@@ -103,8 +105,7 @@ pub fn train(recipe: &Recipe, resolved: &toml::Table, opts: &LaunchOptions, grou
                 sources.join(", ")
             );
         }
-        let stats =
-            trainer.step(&update.iter().map(|l| &l.batch).collect::<Vec<_>>(), update[0].update_targets, group)?;
+        let stats = trainer.step(&update.iter().map(|l| &l.batch).collect::<Vec<_>>(), &targets, group)?;
         let done = stats.step;
         window_examples += t.batch_size * t.grad_accumulation;
         // The first step too, so the logged curve starts from the starting weights' loss.

@@ -317,7 +317,7 @@ mod tests {
         TrainerState {
             step,
             total_steps: Some(total),
-            position: MixturePosition { next: step, consumed: vec![step] },
+            position: MixturePosition { next: step, consumed: vec![vec![step]] },
             seed: 0,
         }
     }

@@ -364,12 +364,21 @@ impl Trainer {
         self.update.load_state(checkpoint, self.step)
     }
 
+    /// The update's target tokens from this rank's `rank_targets`, summed over the ranks:
+    /// a number on the device, summed there, so the host does not wait for the device.
+    pub fn update_targets(&self, rank_targets: usize, group: &mut Group) -> Result<Tensor> {
+        let targets = Tensor::from(rank_targets as f32).to_device(self.model.device());
+        group.all_reduce_sum(&targets)?;
+        Ok(targets)
+    }
+
     /// One update from `micro_batches` (the update's share of this rank, on the CPU or the
-    /// device), whose whole update across ranks holds `update_targets` target tokens.
+    /// device), whose whole update across ranks holds `update_targets` target tokens (a
+    /// number on the device: see [`Trainer::update_targets`]).
     /// Gradients of the micro-batches add up, are averaged over the ranks, clipped by the
     /// global norm, and the optimizer steps unless the loss or the norm is non-finite (then
     /// the weights stay as they were, decided on the device without waiting for it).
-    pub fn step(&mut self, micro_batches: &[&Batch], update_targets: usize, group: &mut Group) -> Result<StepStats> {
+    pub fn step(&mut self, micro_batches: &[&Batch], update_targets: &Tensor, group: &mut Group) -> Result<StepStats> {
         let s = &self.settings;
         if micro_batches.len() != s.accumulation {
             bail!(
@@ -395,8 +404,8 @@ impl Trainer {
             // Per token: the summed loss over the whole update's targets (all micro-batches
             // and ranks, as one big batch would; times `world`, for the ranks' gradients are
             // averaged). Per example: this micro-batch's mean, a 1/accumulation share.
-            let tokens = per_token.then(|| update_targets as f64 / world as f64);
-            let forward = || loss(&self.model, &batch, (s.label_smoothing, s.text_ids), tokens);
+            let tokens = per_token.then(|| update_targets.clamp_min(1.0) / world as f64);
+            let forward = || loss(&self.model, &batch, (s.label_smoothing, s.text_ids), tokens.as_ref());
             let loss = match s.autocast {
                 Some(kind) => pg2_model::autocast(device, kind, forward),
                 None => forward(),
@@ -449,11 +458,11 @@ impl Trainer {
 /// over `per_token` tokens (the whole update's target count over the number of workers, so
 /// that averaging their gradients divides by all the update's targets). With
 /// label smoothing `s` the target keeps `1 - s` and every other text id gets `s / (V - 1)`.
-fn loss(model: &PaliGemma, batch: &Batch, smoothing: (f64, i64), per_token: Option<f64>) -> Result<Tensor> {
+fn loss(model: &PaliGemma, batch: &Batch, smoothing: (f64, i64), per_token: Option<&Tensor>) -> Result<Tensor> {
     let targets = model.target_distributions(&batch.inputs, &batch.loss_mask)?;
     let nll = smoothed_nll(&targets.log_probs, &targets.targets, smoothing.0, smoothing.1);
     if let Some(tokens) = per_token {
-        return Ok(nll.sum(Kind::Float) / tokens.max(1.0));
+        return Ok(nll.sum(Kind::Float) / tokens);
     }
     let b = batch.inputs.ids.size()[0];
     let t = batch.inputs.ids.size()[1];
@@ -617,9 +626,9 @@ mod tests {
             let example = pg2_data::EncodedExample::new(&tok, n_image, "caption en", Some("a red circle"));
             let pixels = Tensor::rand([1, 3, 28, 28], (Kind::Float, Device::Cpu)) * 2.0 - 1.0;
             let batch = Batch::collate(&[example], Some(pixels), tok.pad_id, Device::Cpu);
-            let targets = batch.loss_mask.sum(Kind::Int64).int64_value(&[]) as usize;
+            let targets = batch.loss_mask.sum(Kind::Float);
             for _ in 0..2 {
-                trainer.step(&[&batch], targets, &mut group).unwrap();
+                trainer.step(&[&batch], &targets, &mut group).unwrap();
             }
             for ((name, old), (_, new)) in before.iter().zip(trainer.model.parameters()) {
                 assert_eq!(!old.equal(&new), trains(name), "{base}: {name}: only the trained parameters move");

@@ -91,10 +91,10 @@ fn worker(b: &OverlapBench, dir: &Path) -> Result<()> {
             &format!("overlap_reduction = {overlap}"),
         )?;
         let (mut trainer, batch, targets) = step_trainer(dir, &recipe, Device::Cpu, &mut group)?;
-        trainer.step(&[&batch], targets, &mut group)?; // warm-up
+        trainer.step(&[&batch], &targets, &mut group)?; // warm-up
         let start = Instant::now();
         for _ in 0..b.steps {
-            trainer.step(&[&batch], targets, &mut group)?.loss.double_value(&[]);
+            trainer.step(&[&batch], &targets, &mut group)?.loss.double_value(&[]);
         }
         per_step.push(start.elapsed().as_secs_f64() / b.steps as f64);
     }

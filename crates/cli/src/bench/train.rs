@@ -53,15 +53,15 @@ pub(super) fn step_trainer(
     recipe: &Recipe,
     device: tch::Device,
     group: &mut Group,
-) -> Result<(Trainer, Batch, usize)> {
+) -> Result<(Trainer, Batch, tch::Tensor)> {
     let model = PaliGemma::load(dir, device, Kind::Float, training_options(recipe))?;
     let inputs = read_inputs(dir, device)?;
     let loss_mask = inputs.layout.mask_ar.to_kind(Kind::Bool);
-    let targets = loss_mask.sum(Kind::Int64).int64_value(&[]) as usize * group.world();
     let schedule = Schedule { warmup_steps: 0, total_steps: u64::MAX, shape: DecayShape::Constant };
     // The benchmark shapes' `<image>` is their last id, past every text id.
     let text_ids = model.config.image_token_id as usize;
     let trainer = Trainer::new(model, recipe, schedule, 0, text_ids, group)?;
+    let targets = trainer.update_targets(loss_mask.sum(Kind::Int64).int64_value(&[]) as usize, group)?;
     Ok((trainer, Batch { inputs, loss_mask }, targets))
 }
 
@@ -145,7 +145,7 @@ fn pg2_side(b: &TrainBench, dir: &Path) -> Result<Value> {
     let mut group = Group::single();
     let (mut trainer, batch, targets) = step_trainer(dir, &recipe, device, &mut group)?;
     // Reading the loss each step waits for the device, as the baseline's `loss.item()`.
-    let mut step = || -> Result<f64> { Ok(trainer.step(&[&batch], targets, &mut group)?.loss.double_value(&[])) };
+    let mut step = || -> Result<f64> { Ok(trainer.step(&[&batch], &targets, &mut group)?.loss.double_value(&[])) };
     let first = step()?;
     let start = Instant::now();
     let mut last = first;
