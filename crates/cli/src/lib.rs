@@ -47,7 +47,8 @@ pub enum Command {
     Bench(bench::BenchCommand),
     /// Convert a public dataset's annotation files into pg2 JSONL.
     Convert(convert::ConvertArgs),
-    /// Write a source (JSONL, or tar shards) as WebDataset tar shards of --shard-size samples.
+    /// Re-shard a source (JSONL, tar shards or parquet) as WebDataset tar shards with their
+    /// index, or as parquet files, of --shard-size samples.
     Shard(shard::ShardArgs),
     /// The embedded demo data.
     #[command(subcommand)]

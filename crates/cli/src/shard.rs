@@ -28,7 +28,8 @@ pub struct ShardArgs {
     /// (`--column prefix="answer en {question}" --column suffix={answer}`); repeatable.
     #[arg(long = "column", value_name = "KEY=VALUE", value_parser = parse_column)]
     pub columns: Vec<(String, String)>,
-    /// The folder to write `shard-000000.tar`, ... (or `part-00000.parquet`, ...) into.
+    /// The folder to write `shard-000000.tar`, ... and their `index.json` (or
+    /// `part-00000.parquet`, ...) into.
     #[arg(long)]
     pub output: PathBuf,
     /// What to write.
