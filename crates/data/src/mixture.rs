@@ -134,6 +134,8 @@ struct StreamEpoch {
     read: usize,
     buffer: Vec<Record>,
     rng: ChaCha8Rng,
+    /// The last record emitted, the stand-in for skipped ones.
+    last: Option<Record>,
 }
 
 /// A rank's part of one epoch of a streamed source.
@@ -142,18 +144,24 @@ struct EpochShare {
     files: Vec<SourceFile>,
     /// Its records.
     len: usize,
+    /// The generator that shuffled the files, to draw from the shuffle buffer next (the
+    /// same on every rank, over buffers of different records).
+    rng: ChaCha8Rng,
 }
 
 impl StreamSource {
     /// Opens a JSONL file, a folder of JSONL shards, tar shards (or their index) or parquet
     /// files (mapped by `columns`), counting each file's records once: tar shards by their
-    /// index and parquet files by their footers unless bad records are skipped (a bad one
-    /// then stops the run when it is reached), the others by reading them through.
+    /// index and parquet files by their footers, the others by reading them through. A bad
+    /// record an index or footer counts stops the run when it is reached, or with
+    /// `OnBadLine::Skip` keeps its place: when this rank's epoch runs out of good records
+    /// early, its last good record stands in for each missing one, so every epoch has the
+    /// counted length and positions stay exact.
     pub fn open(path: &Path, buffer: usize, policy: OnBadLine, columns: &Columns) -> Result<Self, DataError> {
         let columns = Arc::new(columns.clone());
         let (mut files, mut counts) = (vec![], vec![]);
         for (file, indexed) in SourceFile::indexed(path)? {
-            counts.push(match indexed.filter(|_| policy == OnBadLine::Error) {
+            counts.push(match indexed {
                 Some(count) => count,
                 None => file.open(policy, &columns)?.count()?,
             });
@@ -177,7 +185,7 @@ impl StreamSource {
     /// Makes this the share of rank `rank` of `world`: each epoch, the shuffled files go one
     /// by one to the rank with the fewest records so far, so ranks open disjoint files of
     /// about equal size. A source with fewer non-empty files than ranks is dealt by record
-    /// instead: every rank reads every file and keeps every `world`-th record.
+    /// instead: every rank reads every file and keeps every `world`-th good record.
     pub fn deal(&mut self, rank: usize, world: usize) -> Result<(), DataError> {
         if self.len < world {
             return Err(DataError::File {
@@ -193,10 +201,11 @@ impl StreamSource {
     /// This rank's files and records in `epoch`.
     fn share(&self, seed: u64, epoch: u64) -> EpochShare {
         let mut order: Vec<usize> = (0..self.files.len()).collect();
-        order.shuffle(&mut rng_for(seed, u64::MAX, epoch));
+        let mut rng = rng_for(seed, u64::MAX, epoch);
+        order.shuffle(&mut rng);
         if self.by_record {
             let len = (self.len + self.world - 1 - self.rank) / self.world; // records i ≡ rank (mod world)
-            return EpochShare { files: order.iter().map(|&f| self.files[f].clone()).collect(), len };
+            return EpochShare { files: order.iter().map(|&f| self.files[f].clone()).collect(), len, rng };
         }
         let (mut load, mut files) = (vec![0; self.world], Vec::new());
         for f in order {
@@ -206,7 +215,7 @@ impl StreamSource {
                 files.push(self.files[f].clone());
             }
         }
-        EpochShare { files, len: load[self.rank] }
+        EpochShare { files, len: load[self.rank], rng }
     }
 
     fn start_epoch(&self, seed: u64, epoch: u64, start: u64) -> StreamEpoch {
@@ -220,7 +229,8 @@ impl StreamSource {
             reading: None,
             read: 0,
             buffer: Vec::new(),
-            rng: rng_for(seed, SHUFFLE_BUFFER_STREAM - self.rank as u64, epoch),
+            rng: share.rng,
+            last: None,
         }
     }
 
@@ -262,7 +272,7 @@ impl StreamSource {
         DataError::File {
             path: self.files.first().map(SourceFile::name).unwrap_or_default(),
             msg: format!(
-                "epoch {}: this worker's files hold {more} records than the {} counted at the start: was a file changed during the run, or is the shard index wrong?",
+                "epoch {}: this worker's share of the files holds {more} records than the {} counted at the start: was a file changed during the run, or is the shard index wrong?",
                 e.epoch, e.len
             ),
         }
@@ -288,11 +298,16 @@ impl StreamSource {
                     None => break,
                 }
             }
-            if state.buffer.is_empty() {
-                return Err(self.miscounted(&state, "fewer"));
-            }
-            let pick = state.rng.random_range(0..state.buffer.len());
-            let record = state.buffer.swap_remove(pick);
+            let record = if !state.buffer.is_empty() {
+                let pick = state.rng.random_range(0..state.buffer.len());
+                state.buffer.swap_remove(pick)
+            } else {
+                match (&state.last, self.policy) {
+                    (Some(last), OnBadLine::Skip) => last.clone(), // a skipped record's stand-in
+                    _ => return Err(self.miscounted(&state, "fewer")),
+                }
+            };
+            state.last = Some(record.clone());
             state.emitted += 1;
             if state.start + state.emitted as u64 > k {
                 let epoch = state.epoch;
@@ -446,7 +461,7 @@ impl Mixture {
                     return Err(DataError::File {
                         path: s.name.clone(),
                         msg: format!(
-                            "the run was saved by {saved} worker(s) and resumes with {}: a streamed source continues exactly only with as many workers; resume with {saved}",
+                            "the run was saved by {saved} worker(s) and resumes with {}: a streamed source continues exactly only with as many workers; resume with {saved} (a checkpoint from before workers read their own shards counts as 1, and continues only in one process)",
                             deal.world
                         ),
                     });
@@ -635,12 +650,11 @@ fn record_key(record: &Record) -> u64 {
         .fold(0xCBF2_9CE4_8422_2325_u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01B3))
 }
 
-/// The generator streams of target draws, choice orders and shuffle buffers (0 picks
-/// sources, `1 + s` orders source `s`, `u64::MAX` orders a streamed source's files, and
-/// rank `r`'s shuffle buffer takes `SHUFFLE_BUFFER_STREAM - r`).
+/// The generator streams of target draws and choice orders (0 picks sources, `1 + s`
+/// orders source `s`, `u64::MAX` orders a streamed source's files and then draws from its
+/// shuffle buffer).
 const SUFFIX_STREAM: u64 = u64::MAX - 1;
 const CHOICES_STREAM: u64 = u64::MAX - 2;
-const SHUFFLE_BUFFER_STREAM: u64 = u64::MAX - 16;
 
 #[cfg(test)]
 mod tests {
@@ -841,10 +855,11 @@ mod stream_tests {
         (0..n).map(|_| m.next_example().unwrap().1.prefix).collect()
     }
 
-    /// Parquet files are counted from their footers, not by reading every row and image,
-    /// unless bad rows are skipped. `plain.parquet` has three rows, the second without an image.
+    /// Parquet files are counted from their footers, not by reading every row and image;
+    /// a bad row stops the run when reached, or when skipped has a stand-in in its place.
+    /// `plain.parquet` has three rows, the second without an image.
     #[test]
-    fn parquet_sources_are_counted_from_their_footers_unless_bad_rows_are_skipped() {
+    fn parquet_sources_are_counted_from_their_footers_and_a_skipped_row_has_a_stand_in() {
         let plain = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/parquet/plain.parquet");
         let columns = Columns::default();
         let mut strict = StreamSource::open(&plain, 8, OnBadLine::Error, &columns).unwrap();
@@ -854,7 +869,10 @@ mod stream_tests {
             err.ends_with("plain.parquet:2: `image`: no image (null)"),
             "the bad row stops the run when reached: {err}"
         );
-        assert_eq!(StreamSource::open(&plain, 8, OnBadLine::Skip, &columns).unwrap().len, 2);
+        let mut skipping = StreamSource::open(&plain, 8, OnBadLine::Skip, &columns).unwrap();
+        assert_eq!(skipping.len, 3);
+        let lines: Vec<usize> = (0..3).map(|k| skipping.record(0, k).unwrap().0.line).collect();
+        assert_eq!((lines[2], lines[..2].contains(&2)), (lines[1], false), "the last good row stands in: {lines:?}");
     }
 
     /// The scratch folder of [`written`] data called `name`.
@@ -983,8 +1001,8 @@ mod stream_tests {
     }
 
     /// A shard index gives the counts without reading a shard (a `pipe:` shard that would
-    /// fail is not run at the start); a wrong count is named when an epoch shows it, and
-    /// with bad records skipped the shards are read to count them.
+    /// fail is not run at the start); a wrong count is named when an epoch shows it, except
+    /// that with bad records skipped a record counted but missing gets a stand-in.
     #[test]
     fn a_shard_index_counts_without_reading_and_a_wrong_count_is_named() {
         written("index", "tar", 5);
@@ -1003,9 +1021,13 @@ mod stream_tests {
             edited("\"nsamples\": 5", &format!("\"nsamples\": {count}"));
             let mut source = StreamSource::open(&index, 4, OnBadLine::Error, &cols).unwrap();
             let err = (0..30).find_map(|k| source.record(7, k).err()).expect("the epoch shows the count").to_string();
-            assert!(err.contains(&format!("hold {more} records than the {} counted", 18 + count)), "{err}");
-            let skipping = StreamSource::open(&index, 4, OnBadLine::Skip, &cols).unwrap();
-            assert_eq!(skipping.len, 23, "counted by reading");
+            assert!(err.contains(&format!("holds {more} records than the {} counted", 18 + count)), "{err}");
+            let mut skipping = StreamSource::open(&index, 4, OnBadLine::Skip, &cols).unwrap();
+            let shown = (0..30).map(|k| skipping.record(7, k).map(|(r, _)| r.prefix)).collect::<Result<Vec<_>, _>>();
+            match more {
+                "fewer" => assert_eq!(shown.unwrap()[..24].iter().collect::<std::collections::BTreeSet<_>>().len(), 23),
+                _ => assert!(shown.unwrap_err().to_string().contains("holds more records")),
+            }
         }
         std::fs::remove_dir_all(scratch("index")).unwrap();
     }

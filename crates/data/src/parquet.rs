@@ -140,11 +140,11 @@ impl ParquetReader {
         })
     }
 
-    /// The records the file holds, from its footer without reading a row, when every row must
-    /// be one (`OnBadLine::Error`: a bad row stops the run when it is reached); `None` when
-    /// bad rows are skipped, since only reading tells how many are good.
-    pub fn known_records(&self) -> Option<usize> {
-        (self.policy == OnBadLine::Error).then_some(self.total_rows)
+    /// The rows the file holds, from its footer without reading one. A bad row stops the
+    /// run when it is reached, or with `OnBadLine::Skip` keeps its place in the count (a
+    /// streamed source puts a stand-in there: see [`crate::StreamSource`]).
+    pub fn total_rows(&self) -> usize {
+        self.total_rows
     }
 
     /// The next good row as a record, or `None` at the file's end. A row that is not a

@@ -79,13 +79,11 @@ pub(crate) enum Reading {
 }
 
 impl Reading {
-    /// How many records the file gives: from a parquet footer where that is exact, else by
-    /// reading it through (for tar and JSONL without their images).
+    /// How many records the file holds: from a parquet footer (its rows, bad ones included),
+    /// else by reading it through (for tar and JSONL without their images; good records).
     pub(crate) fn count(mut self) -> Result<usize, DataError> {
         if let Reading::Parquet(reader) = &self {
-            if let Some(records) = reader.known_records() {
-                return Ok(records);
-            }
+            return Ok(reader.total_rows());
         }
         let mut count = 0;
         while self.next_record()?.is_some() {

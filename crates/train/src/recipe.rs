@@ -284,10 +284,10 @@ pub struct DataSection {
     /// --pad-to-square` writes them so. Off: images are stretched to the square.
     #[serde(default)]
     pub pad_to_square: bool,
-    /// Sort each update's examples by length before dealing them out to the micro-batches
-    /// of `train.grad_accumulation` and to the workers, so that short-text examples are not
-    /// padded to the longest of a mixed batch. The update sees the same examples; this only
-    /// pays when an update has several micro-batches.
+    /// Sort each worker's share of an update by length before cutting it into the
+    /// micro-batches of `train.grad_accumulation`, so that short-text examples are not padded
+    /// to the longest of a mixed batch. The update sees the same examples; this only pays
+    /// when an update has several micro-batches.
     #[serde(default)]
     pub bucket_by_length: bool,
     /// `"error"` (stop, naming the record) or `"skip"` (count and go on) for bad records:
