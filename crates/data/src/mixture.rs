@@ -544,17 +544,21 @@ impl Mixture {
     fn draw(&mut self) -> Result<Option<(usize, Record)>, DataError> {
         let index = self.position.next;
         let (s, owner) = (self.pick(index), self.deal.owner(index));
-        let taken = self.position.consumed.iter().map(|row| row[s]).sum();
-        let own = self.position.consumed[owner][s];
         self.position.next += 1;
         self.position.consumed[owner][s] += 1;
         if owner != self.deal.rank {
             return Ok(None);
         }
         let seed = self.seed;
+        // An in-memory source counts its picks over all ranks, a streamed one this rank's.
         let (mut record, visit) = match &mut self.sources[s].data {
-            SourceData::Memory(_) => self.element(s, taken),
-            SourceData::Stream(stream) => stream.record(seed ^ ((s as u64) << 32), own)?,
+            SourceData::Memory(_) => {
+                let taken: u64 = self.position.consumed.iter().map(|row| row[s]).sum();
+                self.element(s, taken - 1)
+            }
+            SourceData::Stream(stream) => {
+                stream.record(seed ^ ((s as u64) << 32), self.position.consumed[owner][s] - 1)?
+            }
         };
         // Each epoch of a source shows each of its records once: the epoch is the visit.
         let format = &self.sources[s].format;

@@ -509,10 +509,9 @@ pub fn write_shards(
     let mut written = vec![];
     let mut open: Option<(crate::files::Staged, tar::Builder<File>)> = None;
     let mut samples = 0;
-    for (i, record) in records.into_iter().enumerate() {
+    for record in records {
         let record = record?;
-        samples += 1;
-        if i % per_shard.max(1) == 0 {
+        if samples % per_shard.max(1) == 0 {
             if let Some((staged, tar)) = open.take() {
                 written.push((finish_shard(staged, tar)?, per_shard.max(1)));
             }
@@ -537,7 +536,7 @@ pub fn write_shards(
             fields.insert("suffix".into(), Value::String(suffix.clone()));
         }
         let json = serde_json::to_vec(&Value::Object(fields)).expect("JSON values serialise");
-        let key = format!("{i:09}");
+        let key = format!("{samples:09}");
         for (name, data) in [(format!("{key}.{extension}"), image), (format!("{key}.json"), json)] {
             let mut header = tar::Header::new_gnu();
             header.set_size(data.len() as u64);
@@ -545,6 +544,7 @@ pub fn write_shards(
             header.set_cksum();
             tar.append_data(&mut header, &name, data.as_slice()).map_err(|e| err(staged.path(), e))?;
         }
+        samples += 1;
     }
     if let Some((staged, tar)) = open {
         let rest = samples - per_shard.max(1) * written.len();

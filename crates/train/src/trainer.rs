@@ -396,15 +396,15 @@ impl Trainer {
             self.model.options.dropout = s.dropout;
             self.model.options.lora_dropout = s.lora_dropout;
         }
+        // Per token: the summed loss over the whole update's targets (all micro-batches
+        // and ranks, as one big batch would; times `world`, for the ranks' gradients are
+        // averaged). Per example: each micro-batch's mean, a 1/accumulation share.
+        let tokens = per_token.then(|| update_targets.clamp_min(1.0) / world as f64);
         let mut loss_sum = Tensor::zeros([], (Kind::Float, device));
         for (i, batch) in micro_batches.iter().enumerate() {
             let last = i + 1 == micro_batches.len();
             self.update.before_backward(last);
             let batch = batch.to_device(device);
-            // Per token: the summed loss over the whole update's targets (all micro-batches
-            // and ranks, as one big batch would; times `world`, for the ranks' gradients are
-            // averaged). Per example: this micro-batch's mean, a 1/accumulation share.
-            let tokens = per_token.then(|| update_targets.clamp_min(1.0) / world as f64);
             let forward = || loss(&self.model, &batch, (s.label_smoothing, s.text_ids), tokens.as_ref());
             let loss = match s.autocast {
                 Some(kind) => pg2_model::autocast(device, kind, forward),
